@@ -1,0 +1,331 @@
+//! `cluster.toml`: the one description of a Holdfast cluster, parsed and validated once.
+//!
+//! Everything downstream works with [`Cluster`], never with strings: a bad key is reported here
+//! with its path (`dn[1].pool`), and nothing later re-checks it.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::VerifyingKey;
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::lease::{parse_public_key, IssuerKeys};
+use crate::plan::{first_overlap, PoolPlan};
+
+pub const DEFAULT_PORT: u16 = 4433;
+pub const DEFAULT_LEASE_LIFETIME_SECS: u64 = 24 * 3600;
+pub const DEFAULT_DN_TUN: &str = "holdfast0";
+/// Upper bound of the inner MTU a DN's TUN is given; sessions with a smaller path MTU get ICMP
+/// "packet too big" for larger packets.
+pub const DEFAULT_DN_MTU: u16 = 1420;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    cluster: RawCluster,
+    #[serde(default)]
+    dn: Vec<RawDn>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    client_ca: PathBuf,
+    #[serde(default)]
+    client_routes: Vec<String>,
+    #[serde(default)]
+    revoked_clients: Vec<String>,
+    lease_lifetime_secs: Option<u64>,
+    block_prefix: Option<u8>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDn {
+    name: String,
+    endpoint: String,
+    listen: Option<String>,
+    pool: String,
+    public_key: String,
+    signing_key: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    tun: Option<String>,
+    mtu: Option<u16>,
+}
+
+/// A validated cluster description.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// PEM file of the CA that signs client certificates.
+    pub client_ca: PathBuf,
+    /// Networks every EN routes into the tunnel (e.g. the server network, or `0.0.0.0/0`).
+    pub client_routes: Vec<IpNet>,
+    /// Client identities or certificate SHA-256 fingerprints (hex) that are refused.
+    pub revoked_clients: Vec<String>,
+    pub lease_lifetime_secs: u64,
+    pub dns: Vec<DnSpec>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DnSpec {
+    pub name: String,
+    /// Where ENs reach this DN.
+    pub endpoint: SocketAddr,
+    /// The UDP address the DN binds.
+    pub listen: SocketAddr,
+    pub plan: PoolPlan,
+    pub public_key: VerifyingKey,
+    /// Files only the DN itself needs; `None` where this copy of the config omits them.
+    pub signing_key: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub tun: String,
+    pub mtu: u16,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot parse {path}: {message}")]
+    Syntax { path: String, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// A DN or client name: short, printable, safe in file names, interface names and logs.
+pub fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!("{name:?} must be 1-63 characters of letters, digits, '-', '_' or '.'"),
+        ))
+    }
+}
+
+fn parse_net(key: &str, text: &str) -> Result<IpNet, ConfigError> {
+    let net: IpNet = text
+        .parse()
+        .map_err(|_| invalid(key, format!("{text:?} is not a network like 10.0.0.0/24")))?;
+    if net.trunc() != net {
+        return Err(invalid(
+            key,
+            format!("{net} has host bits set; did you mean {}?", net.trunc()),
+        ));
+    }
+    Ok(net)
+}
+
+fn parse_socket(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    // An address without a port gets the default port.
+    text.parse::<std::net::IpAddr>()
+        .map(|ip| SocketAddr::new(ip, DEFAULT_PORT))
+        .map_err(|_| {
+            invalid(
+                key,
+                format!("{text:?} is not an address like 192.0.2.1:4433 or [2001:db8::1]:4433"),
+            )
+        })
+}
+
+impl Cluster {
+    /// Reads and validates `path`. Relative file names inside are relative to its directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Syntax {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, base).map_err(|e| match e {
+            ConfigError::Syntax { message, .. } => ConfigError::Syntax {
+                path: path.display().to_string(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates config text; `base` resolves relative file names.
+    pub fn parse(text: &str, base: &Path) -> Result<Self, ConfigError> {
+        let raw: RawFile = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: "cluster.toml".into(),
+            message: e.to_string(),
+        })?;
+        let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let c = raw.cluster;
+        let client_routes = c
+            .client_routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| parse_net(&format!("cluster.client_routes[{i}]"), r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let lease_lifetime_secs = c.lease_lifetime_secs.unwrap_or(DEFAULT_LEASE_LIFETIME_SECS);
+        if lease_lifetime_secs == 0 {
+            return Err(invalid("cluster.lease_lifetime_secs", "must be positive"));
+        }
+        if raw.dn.is_empty() {
+            return Err(invalid("dn", "the cluster needs at least one [[dn]]"));
+        }
+        let mut names = HashSet::new();
+        for (i, d) in raw.dn.iter().enumerate() {
+            check_name(&format!("dn[{i}].name"), &d.name)?;
+            if !names.insert(d.name.as_str()) {
+                return Err(invalid(
+                    format!("dn[{i}].name"),
+                    format!("{:?} is used by two DNs", d.name),
+                ));
+            }
+        }
+        let pools = raw
+            .dn
+            .iter()
+            .enumerate()
+            .map(|(i, d)| parse_net(&format!("dn[{i}].pool"), &d.pool))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some((i, j)) = first_overlap(&pools) {
+            return Err(invalid(
+                format!("dn[{j}].pool"),
+                format!(
+                    "{} ({}) overlaps {} of dn[{i}] ({})",
+                    pools[j], raw.dn[j].name, pools[i], raw.dn[i].name
+                ),
+            ));
+        }
+        let mut dns = Vec::with_capacity(raw.dn.len());
+        for (i, (d, pool)) in raw.dn.iter().zip(&pools).enumerate() {
+            let key = |field: &str| format!("dn[{i}].{field}");
+            let others: Vec<String> = raw
+                .dn
+                .iter()
+                .filter(|o| o.name != d.name)
+                .map(|o| o.name.clone())
+                .collect();
+            let plan = PoolPlan::new(*pool, &others, c.block_prefix)
+                .map_err(|e| invalid(key("pool"), e.to_string()))?;
+            let endpoint = parse_socket(&key("endpoint"), &d.endpoint)?;
+            let listen = match &d.listen {
+                Some(l) => parse_socket(&key("listen"), l)?,
+                None => SocketAddr::new(
+                    match endpoint {
+                        SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+                        SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+                    },
+                    endpoint.port(),
+                ),
+            };
+            let public_key = parse_public_key(&d.public_key)
+                .map_err(|e| invalid(key("public_key"), e.to_string()))?;
+            let tun = d.tun.clone().unwrap_or_else(|| DEFAULT_DN_TUN.to_owned());
+            if tun.is_empty() || tun.len() > 15 {
+                return Err(invalid(key("tun"), "interface names are 1-15 characters"));
+            }
+            let mtu = d.mtu.unwrap_or(DEFAULT_DN_MTU);
+            if !(1280..=9000).contains(&mtu) {
+                return Err(invalid(key("mtu"), format!("{mtu} is outside 1280..=9000")));
+            }
+            dns.push(DnSpec {
+                name: d.name.clone(),
+                endpoint,
+                listen,
+                plan,
+                public_key,
+                signing_key: d.signing_key.clone().map(resolve),
+                cert: d.cert.clone().map(resolve),
+                key: d.key.clone().map(resolve),
+                tun,
+                mtu,
+            });
+        }
+        Ok(Self {
+            client_ca: resolve(c.client_ca),
+            client_routes,
+            revoked_clients: c.revoked_clients,
+            lease_lifetime_secs,
+            dns,
+        })
+    }
+
+    pub fn dn(&self, name: &str) -> Option<&DnSpec> {
+        self.dns.iter().find(|d| d.name == name)
+    }
+
+    pub fn issuer_keys(&self) -> IssuerKeys {
+        let mut keys = IssuerKeys::default();
+        for d in &self.dns {
+            keys.insert(d.name.clone(), d.public_key);
+        }
+        keys
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> String {
+        let signing = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        crate::lease::encode_key(&signing.verifying_key().to_bytes())
+    }
+
+    fn cluster(dns: &str) -> String {
+        format!("[cluster]\nclient_ca = \"ca.pem\"\nclient_routes = [\"10.0.2.0/24\"]\n{dns}")
+    }
+
+    fn dn(name: &str, pool: &str) -> String {
+        format!("[[dn]]\nname = \"{name}\"\nendpoint = \"10.0.1.2\"\npool = \"{pool}\"\npublic_key = \"{}\"\ncert = \"dn.pem\"\n", key())
+    }
+
+    fn err(text: &str) -> String {
+        Cluster::parse(text, Path::new("/etc/holdfast"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn a_valid_cluster_parses_with_defaults() {
+        let text = cluster(&(dn("dn1", "10.200.0.0/24") + &dn("dn2", "10.201.0.0/24")));
+        let c = Cluster::parse(&text, Path::new("/etc/holdfast")).unwrap();
+        assert_eq!(c.client_ca, Path::new("/etc/holdfast/ca.pem"));
+        let d = c.dn("dn1").unwrap();
+        assert_eq!(d.endpoint.to_string(), "10.0.1.2:4433");
+        assert_eq!(d.listen.to_string(), "0.0.0.0:4433");
+        assert_eq!(d.plan.blocks[0].backup.as_deref(), Some("dn2"));
+        assert_eq!(d.cert.as_deref(), Some(Path::new("/etc/holdfast/dn.pem")));
+        assert_eq!(d.tun, DEFAULT_DN_TUN);
+        assert!(c.issuer_keys().get("dn2").is_some());
+    }
+
+    #[test]
+    fn errors_name_the_offending_key() {
+        let overlap = cluster(&(dn("dn1", "10.200.0.0/16") + &dn("dn2", "10.200.5.0/24")));
+        assert!(err(&overlap).starts_with("dn[1].pool: 10.200.5.0/24 (dn2) overlaps"));
+        let dup = cluster(&(dn("dn1", "10.200.0.0/24") + &dn("dn1", "10.201.0.0/24")));
+        assert!(err(&dup).starts_with("dn[1].name"));
+        let host_bits = cluster(&dn("dn1", "10.200.0.1/24"));
+        assert!(err(&host_bits).contains("did you mean 10.200.0.0/24"));
+        let bad_key = cluster(&dn("dn1", "10.200.0.0/24")).replace(&key(), "AAAA");
+        assert!(err(&bad_key).starts_with("dn[0].public_key"));
+        assert!(err(&cluster("")).starts_with("dn:"));
+        assert!(err("[cluster]\nclient_ca = 1\n").contains("cannot parse"));
+        let unknown = cluster(&dn("dn1", "10.200.0.0/24")) + "colour = \"red\"\n";
+        assert!(err(&unknown).contains("unknown field"));
+    }
+}

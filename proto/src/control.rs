@@ -1,0 +1,301 @@
+//! Control messages, carried on one bidirectional QUIC stream that the EN opens.
+//!
+//! Each frame is `type: u8, length: u16, body`. IP packets never travel here: they are QUIC
+//! DATAGRAM frames, one packet each.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::lease::{LeaseTicket, TicketError};
+use crate::wire::{DecodeError, Reader, Writer};
+
+const FRAME_HEADER: usize = 3;
+/// Largest body a frame may carry; bigger announced lengths are rejected before buffering.
+pub const MAX_BODY: usize = u16::MAX as usize;
+/// At most this many routes are pushed, so that a `Leased` frame always fits.
+pub const MAX_ROUTES: usize = 256;
+
+const T_ATTACH: u8 = 1;
+const T_LEASED: u8 = 2;
+const T_REFUSED: u8 = 3;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// EN -> DN, first message of a session: "carry me", with the ticket from an earlier lease
+    /// when the EN has one (reconnect, or a secondary session).
+    Attach { ticket: Option<LeaseTicket> },
+    /// DN -> EN: the lease. The address is `ticket.claim.address`.
+    Leased(Lease),
+    /// DN -> EN: the DN will not carry this client; the session closes after it.
+    Refused { code: RefuseCode, reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub ticket: LeaseTicket,
+    /// The DN's own address in its pool; source of ICMP errors about the tunnel.
+    pub gateway: IpAddr,
+    /// The largest inner packet the DN forwards to this client.
+    pub mtu: u16,
+    /// Networks the EN routes into the tunnel.
+    pub routes: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RefuseCode {
+    /// The ticket does not verify, is expired, or names another identity.
+    BadTicket = 1,
+    /// The ticket's address belongs to another client or is not this DN's to give.
+    AddressUnavailable = 2,
+    PoolExhausted = 3,
+    /// The client's certificate was revoked in `cluster.toml`.
+    Revoked = 4,
+    ProtocolError = 5,
+}
+
+impl RefuseCode {
+    fn from_u8(v: u8) -> Result<Self, DecodeError> {
+        Ok(match v {
+            1 => Self::BadTicket,
+            2 => Self::AddressUnavailable,
+            3 => Self::PoolExhausted,
+            4 => Self::Revoked,
+            5 => Self::ProtocolError,
+            tag => {
+                return Err(DecodeError::UnknownTag {
+                    what: "refuse code",
+                    tag,
+                })
+            }
+        })
+    }
+}
+
+fn ticket_error(e: TicketError) -> DecodeError {
+    match e {
+        TicketError::Malformed(d) => d,
+        other => DecodeError::Invalid {
+            what: "ticket",
+            detail: other.to_string(),
+        },
+    }
+}
+
+impl Message {
+    /// Appends one frame to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0; FRAME_HEADER]);
+        let mut w = Writer::new(out);
+        let kind = match self {
+            Message::Attach { ticket } => {
+                match ticket {
+                    Some(t) => {
+                        let bytes = t.encode();
+                        w.u16(bytes.len() as u16);
+                        w.bytes(&bytes);
+                    }
+                    None => w.u16(0),
+                }
+                T_ATTACH
+            }
+            Message::Leased(lease) => {
+                let bytes = lease.ticket.encode();
+                w.u16(bytes.len() as u16);
+                w.bytes(&bytes);
+                w.ip(lease.gateway);
+                w.u16(lease.mtu);
+                let routes = &lease.routes[..lease.routes.len().min(MAX_ROUTES)];
+                w.u16(routes.len() as u16);
+                for r in routes {
+                    w.net(*r);
+                }
+                T_LEASED
+            }
+            Message::Refused { code, reason } => {
+                w.u8(*code as u8);
+                // Keep the frame bounded whatever the reason's length.
+                w.long_str(&reason[..floor_char_boundary(reason, 1024)]);
+                T_REFUSED
+            }
+        };
+        let body_len = out.len() - start - FRAME_HEADER;
+        out[start] = kind;
+        out[start + 1..start + 3].copy_from_slice(&(body_len as u16).to_be_bytes());
+    }
+
+    /// Decodes the first frame of `buf`. `Ok(None)` means more bytes are needed; otherwise
+    /// returns the message and how many bytes it took.
+    pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, DecodeError> {
+        if buf.len() < FRAME_HEADER {
+            return Ok(None);
+        }
+        let kind = buf[0];
+        let len = u16::from_be_bytes([buf[1], buf[2]]) as usize;
+        if buf.len() < FRAME_HEADER + len {
+            return Ok(None);
+        }
+        let mut r = Reader::new(&buf[FRAME_HEADER..FRAME_HEADER + len]);
+        let msg = match kind {
+            T_ATTACH => {
+                let n = r.u16("ticket length")? as usize;
+                let ticket = match n {
+                    0 => None,
+                    n => Some(LeaseTicket::decode(r.take(n, "ticket")?).map_err(ticket_error)?),
+                };
+                Message::Attach { ticket }
+            }
+            T_LEASED => {
+                let n = r.u16("ticket length")? as usize;
+                let ticket = LeaseTicket::decode(r.take(n, "ticket")?).map_err(ticket_error)?;
+                let gateway = r.ip("gateway")?;
+                let mtu = r.u16("mtu")?;
+                let count = r.u16("route count")? as usize;
+                if count > MAX_ROUTES {
+                    return Err(DecodeError::Invalid {
+                        what: "route count",
+                        detail: format!("{count} > {MAX_ROUTES}"),
+                    });
+                }
+                let routes = (0..count)
+                    .map(|_| r.net("route"))
+                    .collect::<Result<_, _>>()?;
+                Message::Leased(Lease {
+                    ticket,
+                    gateway,
+                    mtu,
+                    routes,
+                })
+            }
+            T_REFUSED => Message::Refused {
+                code: RefuseCode::from_u8(r.u8("refuse code")?)?,
+                reason: r.long_str("refuse reason")?,
+            },
+            tag => {
+                return Err(DecodeError::UnknownTag {
+                    what: "control message",
+                    tag,
+                })
+            }
+        };
+        r.finish()?;
+        Ok(Some((msg, FRAME_HEADER + len)))
+    }
+}
+
+fn floor_char_boundary(s: &str, max: usize) -> usize {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::LeaseClaim;
+    use ed25519_dalek::SigningKey;
+    use proptest::prelude::*;
+
+    fn ticket(address: u32, expires_at: u64) -> LeaseTicket {
+        LeaseClaim {
+            identity: "laptop-1".into(),
+            address: std::net::Ipv4Addr::from(address).into(),
+            issuer: "dn1".into(),
+            block: "0.0.0.0/0".parse().unwrap(),
+            issued_at: 0,
+            expires_at,
+        }
+        .sign(&SigningKey::from_bytes(&[3; 32]))
+    }
+
+    fn arb_message() -> impl Strategy<Value = Message> {
+        let net = (any::<u32>(), 0u8..=32).prop_map(|(a, l)| {
+            IpNet::new(std::net::Ipv4Addr::from(a).into(), l)
+                .unwrap()
+                .trunc()
+        });
+        prop_oneof![
+            (any::<bool>(), any::<u32>(), any::<u64>()).prop_map(|(some, a, e)| Message::Attach {
+                ticket: some.then(|| ticket(a, e))
+            }),
+            (
+                any::<u32>(),
+                any::<u64>(),
+                any::<u128>(),
+                any::<u16>(),
+                proptest::collection::vec(net, 0..20)
+            )
+                .prop_map(|(a, e, gw, mtu, routes)| Message::Leased(Lease {
+                    ticket: ticket(a, e),
+                    gateway: std::net::Ipv6Addr::from(gw).into(),
+                    mtu,
+                    routes
+                })),
+            (1u8..=5, "\\PC{0,100}").prop_map(|(c, reason)| Message::Refused {
+                code: RefuseCode::from_u8(c).unwrap(),
+                reason
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn messages_round_trip_back_to_back(msgs in proptest::collection::vec(arb_message(), 1..4)) {
+            let mut buf = Vec::new();
+            for m in &msgs {
+                m.encode(&mut buf);
+            }
+            let mut at = 0;
+            for m in &msgs {
+                let (back, used) = Message::decode(&buf[at..]).unwrap().unwrap();
+                prop_assert_eq!(&back, m);
+                at += used;
+            }
+            prop_assert_eq!(at, buf.len());
+        }
+
+        #[test]
+        fn a_partial_frame_asks_for_more(m in arb_message(), cut in 0usize..1000) {
+            let mut buf = Vec::new();
+            m.encode(&mut buf);
+            let cut = cut % buf.len();
+            prop_assert_eq!(Message::decode(&buf[..cut]).unwrap(), None);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = Message::decode(&bytes);
+        }
+
+        #[test]
+        fn corrupted_bodies_are_errors_or_other_valid_messages(m in arb_message(), at in any::<usize>(), byte in any::<u8>()) {
+            let mut buf = Vec::new();
+            m.encode(&mut buf);
+            let at = FRAME_HEADER + at % (buf.len() - FRAME_HEADER);
+            buf[at] = byte;
+            // Must not panic; if it decodes, it must re-encode to the same bytes.
+            if let Ok(Some((back, used))) = Message::decode(&buf) {
+                let mut again = Vec::new();
+                back.encode(&mut again);
+                prop_assert_eq!(&again[..], &buf[..used]);
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_types_and_trailing_bytes_are_rejected() {
+        assert!(Message::decode(&[99, 0, 0]).is_err());
+        let mut buf = Vec::new();
+        Message::Attach { ticket: None }.encode(&mut buf);
+        buf[2] += 1;
+        buf.push(0);
+        assert!(matches!(
+            Message::decode(&buf),
+            Err(DecodeError::Trailing(1))
+        ));
+    }
+}

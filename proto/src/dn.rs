@@ -1,0 +1,334 @@
+//! The DN's address decisions: who may hold which address, and what ticket proves it.
+//!
+//! [`LeaseBook`] is consulted when a session attaches. It never trusts a claim without a ticket
+//! that verifies, keeps an address reserved for its holder until the lease expires (so a client
+//! that reconnects gets the same address back), and hands out free addresses block by block.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use ed25519_dalek::SigningKey;
+
+use crate::control::RefuseCode;
+use crate::lease::{IssuerKeys, LeaseClaim, LeaseTicket, TicketError};
+use crate::plan::PoolPlan;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AttachError {
+    #[error("{0}")]
+    BadTicket(#[from] TicketError),
+    #[error("address {address} is leased to another client until {until}")]
+    AddressTaken { address: IpAddr, until: u64 },
+    #[error("address {0} is not a client address of this DN's pool")]
+    NotLeasable(IpAddr),
+    #[error("no free address left in block {0}")]
+    PoolExhausted(ipnet::IpNet),
+}
+
+impl AttachError {
+    pub fn refuse_code(&self) -> RefuseCode {
+        match self {
+            AttachError::BadTicket(_) => RefuseCode::BadTicket,
+            AttachError::AddressTaken { .. } | AttachError::NotLeasable(_) => {
+                RefuseCode::AddressUnavailable
+            }
+            AttachError::PoolExhausted(_) => RefuseCode::PoolExhausted,
+        }
+    }
+}
+
+/// What an accepted attach gives the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Grant {
+    /// An address of this DN's own pool, with a freshly signed ticket (renewed expiry).
+    Home(LeaseTicket),
+    /// A valid ticket issued by another DN: this DN carries the client at that address without
+    /// owning it (a secondary session, or a client whose home DN is down).
+    Foreign(LeaseTicket),
+}
+
+impl Grant {
+    pub fn ticket(&self) -> &LeaseTicket {
+        match self {
+            Grant::Home(t) | Grant::Foreign(t) => t,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Held {
+    identity: String,
+    expires_at: u64,
+}
+
+pub struct LeaseBook {
+    name: String,
+    plan: PoolPlan,
+    signing_key: SigningKey,
+    keys: IssuerKeys,
+    lifetime_secs: u64,
+    by_address: HashMap<IpAddr, Held>,
+    by_identity: HashMap<String, IpAddr>,
+    /// Where the next search for a free address starts, per block.
+    cursors: Vec<u128>,
+}
+
+impl LeaseBook {
+    pub fn new(
+        name: impl Into<String>,
+        plan: PoolPlan,
+        signing_key: SigningKey,
+        keys: IssuerKeys,
+        lifetime_secs: u64,
+    ) -> Self {
+        let cursors = vec![0; plan.blocks.len()];
+        Self {
+            name: name.into(),
+            plan,
+            signing_key,
+            keys,
+            lifetime_secs,
+            by_address: HashMap::new(),
+            by_identity: HashMap::new(),
+            cursors,
+        }
+    }
+
+    pub fn plan(&self) -> &PoolPlan {
+        &self.plan
+    }
+
+    /// Number of unexpired leases of this DN's own pool.
+    pub fn active_leases(&self, now: u64) -> usize {
+        self.by_address
+            .values()
+            .filter(|h| h.expires_at > now)
+            .count()
+    }
+
+    /// Decides an attach by `identity` (already authenticated by its certificate), presenting
+    /// `ticket` if it has one.
+    pub fn attach(
+        &mut self,
+        identity: &str,
+        ticket: Option<&LeaseTicket>,
+        now: u64,
+    ) -> Result<Grant, AttachError> {
+        if let Some(ticket) = ticket {
+            let claim = ticket.verify_for(&self.keys, identity, now)?;
+            if claim.issuer != self.name {
+                return Ok(Grant::Foreign(ticket.clone()));
+            }
+            let address = claim.address;
+            if !self.plan.is_leasable(address) {
+                return Err(AttachError::NotLeasable(address));
+            }
+            if let Some(held) = self.by_address.get(&address) {
+                if held.identity != identity && held.expires_at > now {
+                    return Err(AttachError::AddressTaken {
+                        address,
+                        until: held.expires_at,
+                    });
+                }
+            }
+            return Ok(Grant::Home(self.lease(identity, address, now)));
+        }
+        if let Some(&address) = self.by_identity.get(identity) {
+            if self
+                .by_address
+                .get(&address)
+                .is_some_and(|h| h.expires_at > now)
+            {
+                return Ok(Grant::Home(self.lease(identity, address, now)));
+            }
+        }
+        let address = self.allocate(now)?;
+        Ok(Grant::Home(self.lease(identity, address, now)))
+    }
+
+    /// Records `identity` at `address` and signs a ticket for it.
+    fn lease(&mut self, identity: &str, address: IpAddr, now: u64) -> LeaseTicket {
+        let expires_at = now.saturating_add(self.lifetime_secs);
+        if let Some(old) = self.by_identity.insert(identity.to_owned(), address) {
+            if old != address {
+                self.by_address.remove(&old);
+            }
+        }
+        if let Some(prev) = self.by_address.insert(
+            address,
+            Held {
+                identity: identity.to_owned(),
+                expires_at,
+            },
+        ) {
+            // An expired lease of someone else at this address is gone for good.
+            if prev.identity != identity {
+                self.by_identity.remove(&prev.identity);
+            }
+        }
+        let block = self
+            .plan
+            .block_containing(address)
+            .map(|b| b.net)
+            .unwrap_or(self.plan.pool);
+        LeaseClaim {
+            identity: identity.to_owned(),
+            address,
+            issuer: self.name.clone(),
+            block,
+            issued_at: now,
+            expires_at,
+        }
+        .sign(&self.signing_key)
+    }
+
+    /// A free address from the least-used block.
+    fn allocate(&mut self, now: u64) -> Result<IpAddr, AttachError> {
+        let load = |net: ipnet::IpNet| {
+            self.by_address
+                .iter()
+                .filter(|(a, h)| net.contains(*a) && h.expires_at > now)
+                .count()
+        };
+        let (index, block) = self
+            .plan
+            .blocks
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, b)| load(b.net))
+            .map(|(i, b)| (i, b.clone()))
+            .ok_or(AttachError::PoolExhausted(self.plan.pool))?;
+        // Bounded so that a huge, nearly full IPv6 block cannot stall the DN.
+        const MAX_PROBES: usize = 1 << 20;
+        let found = self
+            .plan
+            .candidates(&block, self.cursors[index])
+            .take(MAX_PROBES)
+            .find(|a| self.by_address.get(a).is_none_or(|h| h.expires_at <= now));
+        let address = found.ok_or(AttachError::PoolExhausted(block.net))?;
+        self.cursors[index] = index_in(block.net, address) + 1;
+        Ok(address)
+    }
+}
+
+fn index_in(net: ipnet::IpNet, addr: IpAddr) -> u128 {
+    match (net.network(), addr) {
+        (IpAddr::V4(n), IpAddr::V4(a)) => u128::from(u32::from(a).wrapping_sub(u32::from(n))),
+        (IpAddr::V6(n), IpAddr::V6(a)) => u128::from(a).wrapping_sub(u128::from(n)),
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn book(name: &str, pool: &str) -> LeaseBook {
+        let mut keys = IssuerKeys::default();
+        keys.insert("dn1", SigningKey::from_bytes(&[1; 32]).verifying_key());
+        keys.insert("dn2", SigningKey::from_bytes(&[2; 32]).verifying_key());
+        let seed = if name == "dn1" { 1 } else { 2 };
+        let plan = PoolPlan::new(pool.parse().unwrap(), &["dnx".into()], None).unwrap();
+        LeaseBook::new(name, plan, SigningKey::from_bytes(&[seed; 32]), keys, 100)
+    }
+
+    fn address(g: &Grant) -> IpAddr {
+        g.ticket().claim.address
+    }
+
+    #[test]
+    fn clients_get_distinct_addresses_and_keep_them() {
+        let mut b = book("dn1", "10.200.0.0/24");
+        let a = b.attach("a", None, 0).unwrap();
+        let c = b.attach("c", None, 0).unwrap();
+        assert_ne!(address(&a), address(&c));
+        assert_eq!(address(&a).to_string(), "10.200.0.2");
+        // Reconnect with and without the ticket.
+        assert_eq!(
+            address(&b.attach("a", Some(a.ticket()), 50).unwrap()),
+            address(&a)
+        );
+        assert_eq!(address(&b.attach("a", None, 50).unwrap()), address(&a));
+        assert_eq!(b.active_leases(50), 2);
+    }
+
+    #[test]
+    fn a_ticket_for_someone_elses_address_is_refused() {
+        let mut b = book("dn1", "10.200.0.0/24");
+        let a = b.attach("a", None, 0).unwrap();
+        // "c" presents a's ticket: identity mismatch.
+        assert!(matches!(
+            b.attach("c", Some(a.ticket()), 1),
+            Err(AttachError::BadTicket(TicketError::WrongIdentity { .. }))
+        ));
+        // "c" holds a validly signed ticket for a's address (e.g. from an old lease).
+        let forged = LeaseClaim {
+            identity: "c".into(),
+            address: address(&a),
+            issuer: "dn1".into(),
+            block: "10.200.0.0/24".parse().unwrap(),
+            issued_at: 0,
+            expires_at: 1000,
+        }
+        .sign(&SigningKey::from_bytes(&[1; 32]));
+        assert!(matches!(
+            b.attach("c", Some(&forged), 1),
+            Err(AttachError::AddressTaken { .. })
+        ));
+    }
+
+    #[test]
+    fn expired_leases_free_their_address() {
+        let mut b = book("dn1", "10.200.0.0/30"); // one leasable address: .2
+        let a = b.attach("a", None, 0).unwrap();
+        assert!(matches!(
+            b.attach("c", None, 99),
+            Err(AttachError::PoolExhausted(_))
+        ));
+        let c = b.attach("c", None, 100).unwrap();
+        assert_eq!(address(&c), address(&a));
+        // a's old ticket has expired too.
+        assert!(b.attach("a", Some(a.ticket()), 100).is_err());
+    }
+
+    #[test]
+    fn foreign_tickets_are_carried_not_owned() {
+        let mut dn2 = book("dn2", "10.201.0.0/24");
+        let mut dn1 = book("dn1", "10.200.0.0/24");
+        let t = dn1.attach("a", None, 0).unwrap();
+        match dn2.attach("a", Some(t.ticket()), 1).unwrap() {
+            Grant::Foreign(f) => assert_eq!(&f, t.ticket()),
+            other => panic!("expected a foreign grant, got {other:?}"),
+        }
+        assert_eq!(dn2.active_leases(1), 0);
+    }
+
+    proptest! {
+        /// Whatever the order of attaches, no two identities ever hold the same address at once,
+        /// and every granted address is leasable.
+        #[test]
+        fn no_address_is_ever_shared(ops in proptest::collection::vec((0u8..6, any::<bool>(), 0u64..30), 1..60)) {
+            let mut b = book("dn1", "10.200.0.0/28");
+            let mut tickets: HashMap<String, LeaseTicket> = HashMap::new();
+            let mut now = 0;
+            for (who, with_ticket, dt) in ops {
+                now += dt;
+                let id = format!("c{who}");
+                let t = if with_ticket { tickets.get(&id).cloned() } else { None };
+                if let Ok(g) = b.attach(&id, t.as_ref(), now) {
+                    prop_assert!(b.plan().is_leasable(address(&g)));
+                    tickets.insert(id, g.ticket().clone());
+                }
+                let mut seen: HashMap<IpAddr, &str> = HashMap::new();
+                for (id, t) in &tickets {
+                    if t.claim.expires_at > now {
+                        if let Some(other) = seen.insert(t.claim.address, id) {
+                            prop_assert!(false, "{} and {} share {}", other, id, t.claim.address);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

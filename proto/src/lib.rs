@@ -1,0 +1,18 @@
+//! Holdfast's protocol core: everything that decides, nothing that does I/O.
+//!
+//! No sockets, no tokio, no clocks: time comes in as an argument (`now`, seconds or
+//! `std::time::Instant` supplied by the caller) and decisions go out as values. The `en` and
+//! `dn` crates are thin shells that perform what these types decide.
+
+pub mod backoff;
+pub mod cluster;
+pub mod control;
+pub mod dn;
+pub mod lease;
+pub mod packet;
+pub mod plan;
+pub mod wire;
+
+/// ALPN protocol identifier of Holdfast sessions; the version is part of it, so a peer that
+/// speaks another version fails the TLS handshake with a clear "no application protocol" alert.
+pub const ALPN: &[u8] = b"holdfast/1";

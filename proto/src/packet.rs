@@ -1,0 +1,270 @@
+//! The per-packet view of the data path: header fields and ICMP "packet too big" replies.
+//!
+//! Functions over byte slices with caller-owned output buffers; nothing here allocates per
+//! packet or panics on malformed input.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+const IPV4_HEADER_MIN: usize = 20;
+const IPV6_HEADER: usize = 40;
+const PROTO_ICMP: u8 = 1;
+const PROTO_ICMPV6: u8 = 58;
+/// RFC 1812: an ICMPv4 error carries as much of the original as fits in 576 bytes.
+const ICMPV4_ERROR_MAX: usize = 576;
+/// RFC 4443: an ICMPv6 error must not exceed the minimum IPv6 MTU.
+const ICMPV6_ERROR_MAX: usize = 1280;
+
+/// Source and destination of an IPv4 or IPv6 packet, or `None` if it is neither or truncated.
+pub fn addresses(pkt: &[u8]) -> Option<(IpAddr, IpAddr)> {
+    match pkt.first()? >> 4 {
+        4 if pkt.len() >= IPV4_HEADER_MIN => {
+            let src: [u8; 4] = pkt[12..16].try_into().ok()?;
+            let dst: [u8; 4] = pkt[16..20].try_into().ok()?;
+            Some((Ipv4Addr::from(src).into(), Ipv4Addr::from(dst).into()))
+        }
+        6 if pkt.len() >= IPV6_HEADER => {
+            let src: [u8; 16] = pkt[8..24].try_into().ok()?;
+            let dst: [u8; 16] = pkt[24..40].try_into().ok()?;
+            Some((Ipv6Addr::from(src).into(), Ipv6Addr::from(dst).into()))
+        }
+        _ => None,
+    }
+}
+
+pub fn destination(pkt: &[u8]) -> Option<IpAddr> {
+    addresses(pkt).map(|(_, d)| d)
+}
+
+pub fn source(pkt: &[u8]) -> Option<IpAddr> {
+    addresses(pkt).map(|(s, _)| s)
+}
+
+fn checksum(chunks: &[&[u8]]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut odd: Option<u8> = None;
+    for chunk in chunks {
+        for &b in *chunk {
+            match odd.take() {
+                Some(hi) => sum += u32::from(u16::from_be_bytes([hi, b])),
+                None => odd = Some(b),
+            }
+        }
+    }
+    if let Some(hi) = odd {
+        sum += u32::from(u16::from_be_bytes([hi, 0]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Whether an ICMP error may be sent about `pkt` (RFC 1122 / RFC 4443: never about an ICMP
+/// error, a non-first fragment, or a packet from an unspecified or multicast source).
+fn may_answer(pkt: &[u8], src: IpAddr) -> bool {
+    if src.is_unspecified() || src.is_multicast() {
+        return false;
+    }
+    match pkt[0] >> 4 {
+        4 => {
+            let ihl = usize::from(pkt[0] & 0x0f) * 4;
+            let fragment_offset = u16::from_be_bytes([pkt[6], pkt[7]]) & 0x1fff;
+            if fragment_offset != 0 || ihl < IPV4_HEADER_MIN || pkt.len() < ihl {
+                return false;
+            }
+            // ICMP errors (anything but echo request/reply and a few queries) are not answered.
+            !(pkt[9] == PROTO_ICMP && pkt.get(ihl).is_some_and(|t| ![0u8, 8, 13, 14].contains(t)))
+        }
+        _ => !(pkt[6] == PROTO_ICMPV6 && pkt.get(IPV6_HEADER).is_some_and(|t| *t < 128)),
+    }
+}
+
+/// Whether an IPv4 packet forbids fragmentation (IPv6 always does, in transit).
+pub fn dont_fragment(pkt: &[u8]) -> bool {
+    match pkt.first().map(|b| b >> 4) {
+        Some(4) => pkt.len() >= IPV4_HEADER_MIN && pkt[6] & 0x40 != 0,
+        Some(6) => true,
+        _ => false,
+    }
+}
+
+/// Writes into `out` an ICMP "fragmentation needed" (IPv4) or "packet too big" (IPv6) error
+/// about `pkt`, from `from` to `pkt`'s source, announcing `mtu`. Returns `false`, leaving `out`
+/// empty, when no error may be sent (see RFC 1122, RFC 4443) or the families do not match.
+pub fn packet_too_big(pkt: &[u8], mtu: u16, from: IpAddr, out: &mut Vec<u8>) -> bool {
+    out.clear();
+    let Some((src, _)) = addresses(pkt) else {
+        return false;
+    };
+    if !may_answer(pkt, src) {
+        return false;
+    }
+    match (src, from) {
+        (IpAddr::V4(to), IpAddr::V4(from)) => {
+            let quoted = &pkt[..pkt.len().min(ICMPV4_ERROR_MAX - IPV4_HEADER_MIN - 8)];
+            let total = (IPV4_HEADER_MIN + 8 + quoted.len()) as u16;
+            out.extend_from_slice(&[0x45, 0]);
+            out.extend_from_slice(&total.to_be_bytes());
+            out.extend_from_slice(&[0, 0, 0, 0, 64, PROTO_ICMP, 0, 0]);
+            out.extend_from_slice(&from.octets());
+            out.extend_from_slice(&to.octets());
+            let ip_sum = checksum(&[&out[..IPV4_HEADER_MIN]]);
+            out[10..12].copy_from_slice(&ip_sum.to_be_bytes());
+            // Type 3 code 4, unused, next-hop MTU (RFC 1191).
+            let mut icmp = [3u8, 4, 0, 0, 0, 0, 0, 0];
+            icmp[6..8].copy_from_slice(&mtu.to_be_bytes());
+            let sum = checksum(&[&icmp, quoted]);
+            icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+            out.extend_from_slice(&icmp);
+            out.extend_from_slice(quoted);
+            true
+        }
+        (IpAddr::V6(to), IpAddr::V6(from)) => {
+            let quoted = &pkt[..pkt.len().min(ICMPV6_ERROR_MAX - IPV6_HEADER - 8)];
+            let payload_len = (8 + quoted.len()) as u32;
+            out.extend_from_slice(&[0x60, 0, 0, 0]);
+            out.extend_from_slice(&(payload_len as u16).to_be_bytes());
+            out.extend_from_slice(&[PROTO_ICMPV6, 64]);
+            out.extend_from_slice(&from.octets());
+            out.extend_from_slice(&to.octets());
+            let mut icmp = [2u8, 0, 0, 0, 0, 0, 0, 0];
+            icmp[4..8].copy_from_slice(&u32::from(mtu.max(1280)).to_be_bytes());
+            let pseudo_len = payload_len.to_be_bytes();
+            let pseudo_next = [0, 0, 0, PROTO_ICMPV6];
+            let sum = checksum(&[
+                &from.octets(),
+                &to.octets(),
+                &pseudo_len,
+                &pseudo_next,
+                &icmp,
+                quoted,
+            ]);
+            icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+            out.extend_from_slice(&icmp);
+            out.extend_from_slice(quoted);
+            true
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn v4_tcp(len: usize, df: bool) -> Vec<u8> {
+        let mut p = vec![0u8; len];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        p[6] = if df { 0x40 } else { 0 };
+        p[8] = 64;
+        p[9] = 6;
+        p[12..16].copy_from_slice(&[10, 200, 0, 2]);
+        p[16..20].copy_from_slice(&[10, 0, 2, 10]);
+        p
+    }
+
+    #[test]
+    fn addresses_are_read() {
+        let p = v4_tcp(60, true);
+        assert_eq!(
+            addresses(&p),
+            Some(("10.200.0.2".parse().unwrap(), "10.0.2.10".parse().unwrap()))
+        );
+        assert!(dont_fragment(&p));
+        assert!(!dont_fragment(&v4_tcp(60, false)));
+        assert_eq!(addresses(&p[..19]), None);
+        assert_eq!(addresses(&[0x10; 60]), None);
+    }
+
+    #[test]
+    fn icmpv4_frag_needed_is_well_formed() {
+        let p = v4_tcp(1500, true);
+        let mut out = Vec::new();
+        assert!(packet_too_big(
+            &p,
+            1380,
+            "10.200.0.1".parse().unwrap(),
+            &mut out
+        ));
+        assert_eq!(out.len(), 576);
+        assert_eq!(checksum(&[&out[..20]]), 0, "IP header checksum");
+        assert_eq!(checksum(&[&out[20..]]), 0, "ICMP checksum");
+        assert_eq!(&out[20..22], &[3, 4]);
+        assert_eq!(u16::from_be_bytes([out[26], out[27]]), 1380);
+        assert_eq!(
+            addresses(&out),
+            Some(("10.200.0.1".parse().unwrap(), "10.200.0.2".parse().unwrap()))
+        );
+        assert_eq!(&out[28..48], &p[..20]);
+    }
+
+    #[test]
+    fn icmpv6_packet_too_big_is_well_formed() {
+        let mut p = vec![0u8; 1500];
+        p[0] = 0x60;
+        p[6] = 17;
+        p[8..24].copy_from_slice(&"fd00::2".parse::<Ipv6Addr>().unwrap().octets());
+        p[24..40].copy_from_slice(&"fd01::9".parse::<Ipv6Addr>().unwrap().octets());
+        let mut out = Vec::new();
+        let from: Ipv6Addr = "fd00::1".parse().unwrap();
+        assert!(packet_too_big(&p, 1300, from.into(), &mut out));
+        assert_eq!(out.len(), 1280);
+        let to = "fd00::2".parse::<Ipv6Addr>().unwrap().octets();
+        let len = ((out.len() - 40) as u32).to_be_bytes();
+        let sum = checksum(&[&from.octets(), &to, &len, &[0, 0, 0, 58], &out[40..]]);
+        assert_eq!(sum, 0);
+        assert_eq!(out[40], 2);
+    }
+
+    #[test]
+    fn errors_are_not_answered_with_errors() {
+        let mut p = v4_tcp(1500, true);
+        p[9] = PROTO_ICMP;
+        p[20] = 3; // destination unreachable
+        let mut out = Vec::new();
+        assert!(!packet_too_big(
+            &p,
+            1380,
+            "10.200.0.1".parse().unwrap(),
+            &mut out
+        ));
+        p[20] = 8; // echo request is answered
+        assert!(packet_too_big(
+            &p,
+            1380,
+            "10.200.0.1".parse().unwrap(),
+            &mut out
+        ));
+        let mut frag = v4_tcp(1500, true);
+        frag[7] = 10; // non-first fragment
+        assert!(!packet_too_big(
+            &frag,
+            1380,
+            "10.200.0.1".parse().unwrap(),
+            &mut out
+        ));
+        assert!(out.is_empty());
+        // Family mismatch.
+        assert!(!packet_too_big(
+            &v4_tcp(1500, true),
+            1380,
+            "fd00::1".parse().unwrap(),
+            &mut out
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_packets_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1600), mtu in any::<u16>()) {
+            let mut out = Vec::new();
+            let _ = addresses(&bytes);
+            let _ = dont_fragment(&bytes);
+            if packet_too_big(&bytes, mtu, "10.0.0.1".parse().unwrap(), &mut out) {
+                prop_assert!(out.len() <= ICMPV4_ERROR_MAX);
+                prop_assert_eq!(checksum(&[&out[..20]]), 0);
+            }
+        }
+    }
+}

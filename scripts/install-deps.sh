@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs every Debian package the lab, the tests and the benchmarks use. Idempotent; safe to run twice.
+set -euo pipefail
+packages=(iproute2 iputils-ping iperf3 wireguard-go wireguard-tools curl python3 procps)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# The Rust toolchain is the machine's own (rustup); nextest is optional.
+command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
