@@ -1,1 +1,4 @@
+//! Holdfast's decapsulation node: the `dn` binary's library.
 
+pub mod pki;
+pub mod server;

@@ -1,1 +1,4 @@
+//! Holdfast's encapsulation node: the `en` binary's library.
 
+pub mod client;
+pub mod config;

@@ -193,6 +193,28 @@ fn floor_char_boundary(s: &str, max: usize) -> usize {
     end
 }
 
+/// QUIC application close codes, so each end can tell the other (and its logs) why a session ended.
+pub mod close {
+    /// The DN refused the client (a `Refused` message says why).
+    pub const REFUSED: u32 = 1;
+    /// A newer session of the same client took over its address.
+    pub const REPLACED: u32 = 2;
+    /// The peer is shutting down in an orderly way.
+    pub const SHUTDOWN: u32 = 3;
+    /// The peer broke the control protocol.
+    pub const PROTOCOL: u32 = 4;
+
+    pub fn describe(code: u64) -> &'static str {
+        match code {
+            0x1 => "refused",
+            0x2 => "replaced by a newer session",
+            0x3 => "peer shut down",
+            0x4 => "protocol error",
+            _ => "unknown reason",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,163 @@
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+/// Holdfast decapsulation node (DN): accepts encrypted sessions from Holdfast clients (ENs),
+/// leases them addresses from this DN's pool and forwards their packets.
+///
+/// Run a DN:   dn --config /etc/holdfast/cluster.toml --node dn1
+///
+/// Status:     dn status --control /run/holdfast/dn-dn1.sock [--json]
+///
+/// First time: dn pki init --dir /etc/holdfast --dn dn1 --dn dn2 --client laptop
+///             writes CAs, certificates and lease keys and prints the keys for cluster.toml.
+#[derive(Parser)]
+#[command(version, verbatim_doc_comment)]
+struct Cli {
+    /// The cluster description (see README.md, "cluster.toml").
+    #[arg(long, short, global = true, default_value = "/etc/holdfast/cluster.toml")]
+    config: PathBuf,
+    /// Which [[dn]] of the cluster this process is.
+    #[arg(long, short)]
+    node: Option<String>,
+    /// The local status socket [default: /run/holdfast/dn-<node>.sock].
+    #[arg(long, global = true)]
+    control: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show the running DN's clients and counters.
+    Status {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create certificates and keys for a cluster.
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Create a server CA, a client CA, a TLS certificate and lease key per DN and a
+    /// certificate per client, in DIR. Prints the [[dn]] public_key lines for cluster.toml.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// A DN name (repeat for each DN).
+        #[arg(long = "dn", required = true)]
+        dns: Vec<String>,
+        /// A client identity (repeat for each client).
+        #[arg(long = "client")]
+        clients: Vec<String>,
+    },
+    /// Issue one more client certificate with the client CA in DIR.
+    AddClient {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The client's identity (its certificate's common name).
+        name: String,
+    },
+}
+
+fn control_path(explicit: Option<PathBuf>, node: Option<&str>) -> PathBuf {
+    explicit.unwrap_or_else(|| {
+        PathBuf::from(format!("/run/holdfast/dn-{}.sock", node.unwrap_or("dn")))
+    })
+}
+
+fn print_status(status: &serde_json::Value) {
+    let get = |k: &str| status[k].to_string();
+    println!(
+        "dn {}  listen {}  pool {}  tun {} (mtu {})",
+        status["node"].as_str().unwrap_or("?"),
+        get("listen").trim_matches('"'),
+        get("pool").trim_matches('"'),
+        status["tun"].as_str().unwrap_or("?"),
+        get("mtu")
+    );
+    println!(
+        "sessions {}  leases {}  refused {}  handshakes failed {}",
+        get("sessions"),
+        get("leases"),
+        get("sessions_refused"),
+        get("handshakes_failed")
+    );
+    println!(
+        "dropped: spoofed source {}  no session {}  too big {} (ICMP sent {})  malformed {}",
+        get("dropped_spoofed"),
+        get("dropped_no_session"),
+        get("dropped_too_big"),
+        get("icmp_too_big_sent"),
+        get("dropped_malformed")
+    );
+    if let Some(clients) = status["clients"].as_array() {
+        for c in clients {
+            let t = &c["traffic"];
+            println!(
+                "  {:<20} {:<16} from {:<22} rtt {:>6} us  rx {} pkts / {} B  tx {} pkts / {} B",
+                c["identity"].as_str().unwrap_or("?"),
+                c["address"].as_str().unwrap_or("?"),
+                c["remote"].as_str().unwrap_or("?"),
+                c["rtt_us"],
+                t["rx_packets"],
+                t["rx_bytes"],
+                t["tx_packets"],
+                t["tx_bytes"]
+            );
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Status { json }) => {
+            let path = control_path(cli.control, cli.node.as_deref());
+            let status = holdfast_shell::control::request(&path, "status").await?;
+            if json {
+                println!("{status}");
+            } else {
+                print_status(&status);
+            }
+            Ok(())
+        }
+        Some(Command::Pki { command }) => match command {
+            PkiCommand::Init { dir, dns, clients } => {
+                let dns: Vec<&str> = dns.iter().map(String::as_str).collect();
+                let clients: Vec<&str> = clients.iter().map(String::as_str).collect();
+                let keys = holdfast_dn::pki::generate(&dir, &dns, &clients)?;
+                println!("# wrote CAs, certificates and keys to {}", dir.display());
+                for (name, key) in keys {
+                    println!("# [[dn]] name = \"{name}\"\npublic_key = \"{key}\"");
+                }
+                Ok(())
+            }
+            PkiCommand::AddClient { dir, name } => {
+                holdfast_dn::pki::add_client(&dir, &name)?;
+                println!("wrote {0}/{name}.crt.pem and {0}/{name}.key.pem", dir.display());
+                Ok(())
+            }
+        },
+        None => {
+            holdfast_shell::init_logging();
+            let node = cli
+                .node
+                .context("--node NAME is required to run a DN (see --help)")?;
+            let control = control_path(cli.control, Some(&node));
+            holdfast_dn::server::run(holdfast_dn::server::Options {
+                config: cli.config,
+                node,
+                control,
+            })
+            .await
+        }
+    }
+}

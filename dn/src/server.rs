@@ -1,0 +1,420 @@
+//! The DN shell: accepts EN sessions over QUIC, asks the lease book, and moves packets between
+//! QUIC datagrams and the TUN device.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::BytesMut;
+use holdfast_proto::cluster::{Cluster, DnSpec};
+use holdfast_proto::control::{close, Lease, Message};
+use holdfast_proto::dn::{Grant, LeaseBook};
+use holdfast_proto::lease::parse_signing_key;
+use holdfast_proto::packet;
+use holdfast_shell::quic::{send_message, ControlReader};
+use holdfast_shell::{control, quic, tls, tun, unix_now};
+use serde::Serialize;
+use tracing::{debug, info, warn, Instrument};
+
+/// How long a client has after its handshake to send `Attach`.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Receive buffer slab; packets are split off it so that a read costs no allocation.
+const SLAB: usize = 256 * 1024;
+
+pub struct Options {
+    pub config: PathBuf,
+    pub node: String,
+    pub control: PathBuf,
+}
+
+#[derive(Default, Serialize)]
+struct Counters {
+    sessions_accepted: AtomicU64,
+    sessions_refused: AtomicU64,
+    handshakes_failed: AtomicU64,
+    /// Decapsulated packets whose source is not the session's leased address.
+    dropped_spoofed: AtomicU64,
+    /// Packets from the TUN device for an address no session holds.
+    dropped_no_session: AtomicU64,
+    /// Packets larger than the session's datagram size (answered with ICMP where allowed).
+    dropped_too_big: AtomicU64,
+    icmp_too_big_sent: AtomicU64,
+    dropped_malformed: AtomicU64,
+}
+
+#[derive(Default, Serialize)]
+struct Traffic {
+    rx_packets: AtomicU64,
+    rx_bytes: AtomicU64,
+    tx_packets: AtomicU64,
+    tx_bytes: AtomicU64,
+    dropped_spoofed: AtomicU64,
+}
+
+struct Session {
+    identity: String,
+    address: IpAddr,
+    conn: quinn::Connection,
+    traffic: Traffic,
+}
+
+struct Dn {
+    spec: DnSpec,
+    client_routes: Vec<ipnet::IpNet>,
+    book: Mutex<LeaseBook>,
+    /// The host table: leased address -> the session that carries it. O(1) per packet.
+    hosts: RwLock<HashMap<IpAddr, Arc<Session>>>,
+    tun: tun_rs::AsyncDevice,
+    counters: Counters,
+}
+
+fn read_signing_key(spec: &DnSpec) -> Result<ed25519_dalek::SigningKey> {
+    let path = spec.signing_key.as_ref().ok_or_else(|| {
+        anyhow!("dn {:?} has no signing_key file in the config", spec.name)
+    })?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read lease signing key {}", path.display()))?;
+    let key = parse_signing_key(&text)
+        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    if key.verifying_key() != spec.public_key {
+        bail!(
+            "{} does not match dn {:?}'s public_key in the config",
+            path.display(),
+            spec.name
+        );
+    }
+    Ok(key)
+}
+
+pub async fn run(opts: Options) -> Result<()> {
+    let cluster = Cluster::load(&opts.config)?;
+    let spec = cluster
+        .dn(&opts.node)
+        .ok_or_else(|| {
+            let names: Vec<&str> = cluster.dns.iter().map(|d| d.name.as_str()).collect();
+            anyhow!("no dn named {:?} in {} (it has: {})", opts.node, opts.config.display(), names.join(", "))
+        })?
+        .clone();
+    let signing_key = read_signing_key(&spec)?;
+    let (cert, key) = match (&spec.cert, &spec.key) {
+        (Some(c), Some(k)) => (c.clone(), k.clone()),
+        _ => bail!("dn {:?} needs both cert and key in the config", spec.name),
+    };
+    let tls = tls::server_config(&cert, &key, &cluster.client_ca, cluster.revoked_clients.clone())?;
+    let endpoint = quinn::Endpoint::server(quic::server_config(tls)?, spec.listen)
+        .with_context(|| format!("cannot listen on {}", spec.listen))?;
+    let plan = spec.plan.clone();
+    let tun = tun::open(&spec.tun, plan.gateway(), plan.pool.prefix_len(), spec.mtu)?;
+    let book = LeaseBook::new(
+        spec.name.clone(),
+        plan.clone(),
+        signing_key,
+        cluster.issuer_keys(),
+        cluster.lease_lifetime_secs,
+    );
+    let dn = Arc::new(Dn {
+        spec: spec.clone(),
+        client_routes: cluster.client_routes.clone(),
+        book: Mutex::new(book),
+        hosts: RwLock::new(HashMap::new()),
+        tun,
+        counters: Counters::default(),
+    });
+    let status_dn = dn.clone();
+    let _control = control::serve(opts.control.clone(), move |_req| status_dn.status()).await?;
+    info!(node = %spec.name, listen = %spec.listen, pool = %plan.pool, tun = %spec.tun, mtu = spec.mtu, control = %opts.control.display(), "dn up");
+
+    let mut reader = tokio::spawn(tun_to_sessions(dn.clone()));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let outcome = loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break Ok(()) };
+                let span = tracing::info_span!("session", remote = %incoming.remote_address());
+                tokio::spawn(serve_session(dn.clone(), incoming).instrument(span));
+            }
+            res = tokio::signal::ctrl_c() => { res?; info!("interrupted, shutting down"); break Ok(()); }
+            _ = term.recv() => { info!("terminated, shutting down"); break Ok(()); }
+            res = &mut reader => {
+                break Err(match res {
+                    Ok(Err(e)) => e,
+                    Ok(Ok(())) => anyhow!("the TUN reader stopped"),
+                    Err(e) => anyhow!("the TUN reader panicked: {e}"),
+                });
+            }
+        }
+    };
+    endpoint.close(close::SHUTDOWN.into(), b"dn shutting down");
+    endpoint.wait_idle().await;
+    let _ = std::fs::remove_file(&opts.control);
+    outcome
+}
+
+/// Identity of the authenticated client: its certificate's common name.
+fn peer_identity(conn: &quinn::Connection) -> Option<String> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    tls::identity_of(certs.first()?)
+}
+
+async fn serve_session(dn: Arc<Dn>, incoming: quinn::Incoming) {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(conn) => conn,
+        Err(e) => {
+            dn.counters.handshakes_failed.fetch_add(1, Relaxed);
+            warn!(%remote, error = %e, "handshake failed");
+            return;
+        }
+    };
+    let Some(identity) = peer_identity(&conn) else {
+        warn!(%remote, "client certificate has no common name; closing");
+        conn.close(close::REFUSED.into(), b"certificate names no identity");
+        return;
+    };
+    match attach(&dn, &conn, &identity, remote).await {
+        Ok(session) => {
+            let reason = carry(&dn, &session).await;
+            let mut hosts = dn.hosts.write().unwrap_or_else(|e| e.into_inner());
+            if hosts
+                .get(&session.address)
+                .is_some_and(|s| s.conn.stable_id() == conn.stable_id())
+            {
+                hosts.remove(&session.address);
+            }
+            drop(hosts);
+            info!(client = %identity, %remote, address = %session.address, %reason, "session ended");
+        }
+        Err(e) => {
+            dn.counters.sessions_refused.fetch_add(1, Relaxed);
+            warn!(client = %identity, %remote, error = %format!("{e:#}"), "session refused");
+        }
+    }
+}
+
+/// Reads `Attach`, decides with the lease book, answers `Leased` or `Refused`.
+async fn attach(
+    dn: &Dn,
+    conn: &quinn::Connection,
+    identity: &str,
+    remote: SocketAddr,
+) -> Result<Arc<Session>> {
+    let (mut send, recv) = tokio::time::timeout(ATTACH_TIMEOUT, conn.accept_bi())
+        .await
+        .context("no control stream within the attach timeout")?
+        .context("connection lost before attach")?;
+    let mut reader = ControlReader::new(recv);
+    let ticket = match tokio::time::timeout(ATTACH_TIMEOUT, reader.next()).await {
+        Ok(Ok(Some(Message::Attach { ticket }))) => ticket,
+        Ok(Ok(other)) => {
+            conn.close(close::PROTOCOL.into(), b"expected Attach");
+            bail!("expected Attach, got {other:?}");
+        }
+        Ok(Err(e)) => {
+            conn.close(close::PROTOCOL.into(), b"malformed control message");
+            return Err(e);
+        }
+        Err(_) => {
+            conn.close(close::PROTOCOL.into(), b"attach timeout");
+            bail!("no Attach within {ATTACH_TIMEOUT:?}");
+        }
+    };
+    let decision = dn
+        .book
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .attach(identity, ticket.as_ref(), unix_now());
+    let grant = match decision {
+        Ok(grant) => grant,
+        Err(e) => {
+            let reason = e.to_string();
+            let _ = send_message(
+                &mut send,
+                &Message::Refused {
+                    code: e.refuse_code(),
+                    reason: reason.clone(),
+                },
+            )
+            .await;
+            let _ = send.finish();
+            // Give the refusal a moment to arrive before the close overtakes it.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            conn.close(close::REFUSED.into(), reason.as_bytes());
+            return Err(e.into());
+        }
+    };
+    let ticket = grant.ticket().clone();
+    let address = ticket.claim.address;
+    let session = Arc::new(Session {
+        identity: identity.to_owned(),
+        address,
+        conn: conn.clone(),
+        traffic: Traffic::default(),
+    });
+    let replaced = dn
+        .hosts
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(address, session.clone());
+    if let Some(old) = replaced {
+        info!(client = %old.identity, %address, "replacing the client's older session");
+        old.conn.close(close::REPLACED.into(), b"replaced by a newer session");
+    }
+    let lease = Lease {
+        ticket,
+        gateway: dn.spec.plan.gateway(),
+        mtu: dn.spec.mtu,
+        routes: dn.client_routes.clone(),
+    };
+    send_message(&mut send, &Message::Leased(lease)).await?;
+    dn.counters.sessions_accepted.fetch_add(1, Relaxed);
+    let kind = match grant {
+        Grant::Home(_) => "home",
+        Grant::Foreign(_) => "foreign",
+    };
+    info!(client = %identity, %remote, %address, lease = kind, "client attached");
+    // Keep reading the control stream: the session needs no further messages today, and any
+    // malformed one ends it.
+    let watcher = conn.clone();
+    tokio::spawn(async move {
+        let _keep_send_open = send;
+        loop {
+            match reader.next().await {
+                Ok(Some(msg)) => debug!(?msg, "ignoring control message"),
+                Ok(None) => break,
+                Err(e) => {
+                    debug!(error = %format!("{e:#}"), "control stream ended");
+                    if watcher.close_reason().is_none() {
+                        watcher.close(close::PROTOCOL.into(), b"malformed control message");
+                    }
+                    break;
+                }
+            }
+        }
+        // Hold the send half until the connection ends so the EN sees no stream reset.
+        let _ = watcher.closed().await;
+    });
+    Ok(session)
+}
+
+/// Decapsulates the session's datagrams into the TUN device until the session ends.
+async fn carry(dn: &Dn, session: &Session) -> String {
+    let mut warned = false;
+    loop {
+        let datagram = match session.conn.read_datagram().await {
+            Ok(d) => d,
+            Err(e) => return e.to_string(),
+        };
+        if packet::source(&datagram) != Some(session.address) {
+            dn.counters.dropped_spoofed.fetch_add(1, Relaxed);
+            session.traffic.dropped_spoofed.fetch_add(1, Relaxed);
+            if !warned {
+                warned = true;
+                warn!(client = %session.identity, leased = %session.address, source = ?packet::source(&datagram), "dropping packets with a source that is not the client's address");
+            }
+            continue;
+        }
+        session.traffic.rx_packets.fetch_add(1, Relaxed);
+        session
+            .traffic
+            .rx_bytes
+            .fetch_add(datagram.len() as u64, Relaxed);
+        if let Err(e) = dn.tun.send(&datagram).await {
+            debug!(error = %e, "TUN write failed");
+        }
+    }
+}
+
+/// Routes every packet the kernel hands the TUN device to the session holding its destination.
+async fn tun_to_sessions(dn: Arc<Dn>) -> Result<()> {
+    let max_packet = usize::from(dn.spec.mtu) + 64;
+    let mut slab = BytesMut::with_capacity(SLAB);
+    let mut icmp = Vec::with_capacity(1280);
+    loop {
+        slab.reserve(max_packet);
+        slab.resize(max_packet, 0);
+        let n = dn.tun.recv(&mut slab).await.context("TUN read failed")?;
+        slab.truncate(n);
+        let pkt = slab.split().freeze();
+        let Some(dst) = packet::destination(&pkt) else {
+            dn.counters.dropped_malformed.fetch_add(1, Relaxed);
+            continue;
+        };
+        let session = dn
+            .hosts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&dst)
+            .cloned();
+        let Some(session) = session else {
+            dn.counters.dropped_no_session.fetch_add(1, Relaxed);
+            continue;
+        };
+        let len = pkt.len() as u64;
+        match session.conn.send_datagram(pkt.clone()) {
+            Ok(()) => {
+                session.traffic.tx_packets.fetch_add(1, Relaxed);
+                session.traffic.tx_bytes.fetch_add(len, Relaxed);
+            }
+            Err(quinn::SendDatagramError::TooLarge) => {
+                dn.counters.dropped_too_big.fetch_add(1, Relaxed);
+                let mtu = session.conn.max_datagram_size().unwrap_or(1200);
+                let mtu = u16::try_from(mtu).unwrap_or(u16::MAX);
+                if packet::dont_fragment(&pkt)
+                    && packet::packet_too_big(&pkt, mtu, dn.spec.plan.gateway(), &mut icmp)
+                {
+                    dn.counters.icmp_too_big_sent.fetch_add(1, Relaxed);
+                    let _ = dn.tun.send(&icmp).await;
+                }
+            }
+            Err(e) => debug!(error = %e, %dst, "datagram not sent"),
+        }
+    }
+}
+
+impl Dn {
+    fn status(&self) -> serde_json::Value {
+        let hosts = self.hosts.read().unwrap_or_else(|e| e.into_inner());
+        let mut clients: Vec<serde_json::Value> = hosts
+            .values()
+            .map(|s| {
+                serde_json::json!({
+                    "identity": s.identity,
+                    "address": s.address,
+                    "remote": s.conn.remote_address(),
+                    "rtt_us": s.conn.rtt().as_micros() as u64,
+                    "max_datagram": s.conn.max_datagram_size(),
+                    "traffic": s.traffic,
+                })
+            })
+            .collect();
+        clients.sort_by(|a, b| a["address"].to_string().cmp(&b["address"].to_string()));
+        let leases = self
+            .book
+            .lock()
+            .map(|b| b.active_leases(unix_now()))
+            .unwrap_or(0);
+        let mut status = serde_json::json!({
+            "node": self.spec.name,
+            "listen": self.spec.listen,
+            "pool": self.spec.plan.pool,
+            "tun": self.spec.tun,
+            "mtu": self.spec.mtu,
+            "leases": leases,
+            "sessions": clients.len(),
+            "clients": clients,
+        });
+        if let (Some(obj), Ok(serde_json::Value::Object(counters))) =
+            (status.as_object_mut(), serde_json::to_value(&self.counters))
+        {
+            obj.extend(counters);
+        }
+        status
+    }
+}

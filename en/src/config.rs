@@ -1,0 +1,127 @@
+//! `en.toml`: the client's configuration, parsed and validated once.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Deserialize;
+
+pub const DEFAULT_TUN: &str = "holdfast0";
+pub const DEFAULT_CONTROL: &str = "/run/holdfast/en.sock";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    cert: PathBuf,
+    key: PathBuf,
+    server_ca: PathBuf,
+    tun: Option<String>,
+    control_socket: Option<PathBuf>,
+    #[serde(default)]
+    dn: Vec<RawDn>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDn {
+    name: String,
+    endpoint: String,
+    server_name: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct EnConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub server_ca: PathBuf,
+    pub tun: String,
+    pub control_socket: PathBuf,
+    pub dns: Vec<DnEndpoint>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DnEndpoint {
+    pub name: String,
+    pub endpoint: SocketAddr,
+    /// The name the DN's certificate must carry.
+    pub server_name: String,
+}
+
+impl EnConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        Self::parse(&text, path.parent().unwrap_or(Path::new(".")))
+            .with_context(|| format!("in {}", path.display()))
+    }
+
+    pub fn parse(text: &str, base: &Path) -> Result<Self> {
+        let raw: Raw = toml::from_str(text).map_err(|e| anyhow!("{e}"))?;
+        let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        if raw.dn.is_empty() {
+            bail!("dn: list at least one [[dn]] to connect to");
+        }
+        let mut dns = Vec::new();
+        for (i, d) in raw.dn.into_iter().enumerate() {
+            holdfast_proto::cluster::check_name(&format!("dn[{i}].name"), &d.name)?;
+            let endpoint = d.endpoint.parse().or_else(|_| {
+                d.endpoint
+                    .parse::<std::net::IpAddr>()
+                    .map(|ip| SocketAddr::new(ip, holdfast_proto::cluster::DEFAULT_PORT))
+            });
+            let endpoint = endpoint.map_err(|_| {
+                anyhow!("dn[{i}].endpoint: {:?} is not an address like 192.0.2.1:4433", d.endpoint)
+            })?;
+            let server_name = d.server_name.unwrap_or_else(|| d.name.clone());
+            dns.push(DnEndpoint {
+                name: d.name,
+                endpoint,
+                server_name,
+            });
+        }
+        let tun = raw.tun.unwrap_or_else(|| DEFAULT_TUN.to_owned());
+        if tun.is_empty() || tun.len() > 15 {
+            bail!("tun: interface names are 1-15 characters");
+        }
+        Ok(Self {
+            cert: resolve(raw.cert),
+            key: resolve(raw.key),
+            server_ca: resolve(raw.server_ca),
+            tun,
+            control_socket: raw
+                .control_socket
+                .map(resolve)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL)),
+            dns,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_with_defaults_and_resolves_paths() {
+        let c = EnConfig::parse(
+            "cert = \"a.pem\"\nkey = \"/k.pem\"\nserver_ca = \"ca.pem\"\n[[dn]]\nname = \"dn1\"\nendpoint = \"10.0.1.2\"\n",
+            Path::new("/etc/holdfast"),
+        )
+        .unwrap();
+        assert_eq!(c.cert, Path::new("/etc/holdfast/a.pem"));
+        assert_eq!(c.key, Path::new("/k.pem"));
+        assert_eq!(c.dns[0].endpoint.to_string(), "10.0.1.2:4433");
+        assert_eq!(c.dns[0].server_name, "dn1");
+        assert_eq!(c.tun, DEFAULT_TUN);
+    }
+
+    #[test]
+    fn rejects_bad_input_with_the_key_named() {
+        let base = Path::new("/");
+        let head = "cert = \"a\"\nkey = \"b\"\nserver_ca = \"c\"\n";
+        let err = |t: &str| format!("{:#}", EnConfig::parse(t, base).unwrap_err());
+        assert!(err(head).contains("dn:"));
+        assert!(err(&format!("{head}[[dn]]\nname = \"x\"\nendpoint = \"nope\"\n")).contains("dn[0].endpoint"));
+        assert!(err(&format!("{head}colour = 1\n")).contains("unknown field"));
+    }
+}

@@ -1,0 +1,86 @@
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use holdfast_en::config::EnConfig;
+
+/// Holdfast client (EN): one virtual address, carried through a Holdfast DN cluster over QUIC.
+///
+/// Start the tunnel:   en --config /etc/holdfast/en.toml up
+/// Look at it:         en --config /etc/holdfast/en.toml status [--json]
+///
+/// `up` runs in the foreground (use your service manager to keep it running) and needs root or
+/// CAP_NET_ADMIN to create its TUN device. Stop it with Ctrl-C or SIGTERM.
+#[derive(Parser)]
+#[command(version, verbatim_doc_comment)]
+struct Cli {
+    /// The client configuration (see README.md, "en.toml").
+    #[arg(long, short, global = true, default_value = "/etc/holdfast/en.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Connect, create the TUN device and routes, forward traffic; reconnect when a session is lost.
+    Up,
+    /// Show the running client's address, sessions, RTT and traffic.
+    Status {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn print_status(s: &serde_json::Value) {
+    let t = &s["traffic"];
+    println!(
+        "address {}  tun {}  mtu {}  up {}s",
+        s["address"].as_str().unwrap_or("none (not connected)"),
+        s["tun"].as_str().unwrap_or("?"),
+        s["mtu"],
+        s["up_secs"]
+    );
+    println!(
+        "sent {} pkts / {} B   received {} pkts / {} B   dropped: no session {}  too big {}",
+        t["tx_packets"], t["tx_bytes"], t["rx_packets"], t["rx_bytes"], t["dropped_no_session"], t["dropped_too_big"]
+    );
+    if let Some(sessions) = s["sessions"].as_array() {
+        for x in sessions {
+            println!(
+                "  {:<10} {:<22} {:<10} {:<9} rtt {} us{}",
+                x["dn"].as_str().unwrap_or("?"),
+                x["endpoint"].as_str().unwrap_or("?"),
+                x["state"].as_str().unwrap_or("?"),
+                x["role"].as_str().unwrap_or("?"),
+                x.get("rtt_us").map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
+                x["last_error"]
+                    .as_str()
+                    .map(|e| format!("  last error: {e}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let config = EnConfig::load(&cli.config)?;
+    match cli.command {
+        Command::Up => {
+            holdfast_shell::init_logging();
+            holdfast_en::client::run(config).await
+        }
+        Command::Status { json } => {
+            let status = holdfast_shell::control::request(&config.control_socket, "status").await?;
+            if json {
+                println!("{status}");
+            } else {
+                print_status(&status);
+            }
+            Ok(())
+        }
+    }
+}

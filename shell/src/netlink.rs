@@ -1,0 +1,114 @@
+//! Kernel routes through rtnetlink. Every route Holdfast installs carries protocol number
+//! [`PROTO_HOLDFAST`] so that it can be recognised, listed and removed as ours (and so that the
+//! routing daemons, configured to, can pick up a DN's routes).
+
+use std::net::IpAddr;
+
+use anyhow::{anyhow, Context, Result};
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
+use rtnetlink::{Handle, RouteMessageBuilder};
+
+/// Our routing protocol number (name it `holdfast` in /etc/iproute2/rt_protos.d/).
+pub const PROTO_HOLDFAST: u8 = 200;
+
+pub struct Routes {
+    handle: Handle,
+}
+
+/// Where the kernel currently sends packets for an address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NextHop {
+    pub gateway: Option<IpAddr>,
+    pub oif: Option<u32>,
+}
+
+impl Routes {
+    /// Opens a netlink connection; its driver runs on the current tokio runtime.
+    pub fn connect() -> Result<Self> {
+        let (connection, handle, _) =
+            rtnetlink::new_connection().context("cannot open a netlink socket")?;
+        tokio::spawn(connection);
+        Ok(Self { handle })
+    }
+
+    fn message(dest: IpNet, oif: Option<u32>, gateway: Option<IpAddr>, metric: Option<u32>) -> Result<RouteMessage> {
+        let mut b = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(dest.addr(), dest.prefix_len())
+            .map_err(|e| anyhow!("bad route {dest}: {e}"))?
+            .protocol(RouteProtocol::Other(PROTO_HOLDFAST));
+        if let Some(oif) = oif {
+            b = b.output_interface(oif);
+        }
+        if let Some(gw) = gateway {
+            b = b.gateway(gw).map_err(|e| anyhow!("bad gateway {gw}: {e}"))?;
+        }
+        if let Some(metric) = metric {
+            b = b.priority(metric);
+        }
+        Ok(b.build())
+    }
+
+    /// Adds or replaces (same destination and metric) a route to `dest` out of `oif`.
+    pub async fn replace(&self, dest: IpNet, oif: u32, metric: Option<u32>) -> Result<()> {
+        let msg = Self::message(dest, Some(oif), None, metric)?;
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("cannot add route {dest} dev #{oif}"))
+    }
+
+    /// Adds or replaces a route to `dest` through `hop`.
+    pub async fn replace_via(&self, dest: IpNet, hop: &NextHop) -> Result<()> {
+        let msg = Self::message(dest, hop.oif, hop.gateway, None)?;
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("cannot add route {dest} via {hop:?}"))
+    }
+
+    pub async fn delete(&self, dest: IpNet, oif: Option<u32>, metric: Option<u32>) -> Result<()> {
+        let msg = Self::message(dest, oif, None, metric)?;
+        self.handle
+            .route()
+            .del(msg)
+            .execute()
+            .await
+            .with_context(|| format!("cannot delete route {dest}"))
+    }
+
+    /// Asks the kernel how it routes `addr` right now (like `ip route get`).
+    pub async fn lookup(&self, addr: IpAddr) -> Result<NextHop> {
+        let prefix = if addr.is_ipv4() { 32 } else { 128 };
+        let msg = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(addr, prefix)
+            .map_err(|e| anyhow!("bad address {addr}: {e}"))?
+            .build();
+        let mut replies = self.handle.route().get(msg).execute();
+        let reply = replies
+            .try_next()
+            .await
+            .with_context(|| format!("no route to {addr}"))?
+            .ok_or_else(|| anyhow!("no route to {addr}"))?;
+        let mut hop = NextHop {
+            gateway: None,
+            oif: None,
+        };
+        for attr in reply.attributes {
+            match attr {
+                RouteAttribute::Gateway(RouteAddress::Inet(a)) => hop.gateway = Some(a.into()),
+                RouteAttribute::Gateway(RouteAddress::Inet6(a)) => hop.gateway = Some(a.into()),
+                RouteAttribute::Oif(i) => hop.oif = Some(i),
+                _ => {}
+            }
+        }
+        Ok(hop)
+    }
+}

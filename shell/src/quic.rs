@@ -1,0 +1,85 @@
+//! QUIC transport settings shared by both ends.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+
+/// How long a silent session lives before QUIC declares it dead.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Keep-alives keep NAT bindings open and let both ends notice a dead peer within the idle timeout.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// Datagram buffers: large enough for a congestion window of full-size packets at gigabit
+/// rates, small enough not to add much queueing delay.
+const DATAGRAM_BUFFER: usize = 2 * 1024 * 1024;
+
+pub fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
+        IDLE_TIMEOUT.as_millis() as u32,
+    ))));
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.datagram_receive_buffer_size(Some(DATAGRAM_BUFFER));
+    t.datagram_send_buffer_size(DATAGRAM_BUFFER);
+    // The control stream is the only stream; packets ride in datagrams.
+    t.max_concurrent_uni_streams(0u32.into());
+    t.max_concurrent_bidi_streams(4u32.into());
+    Arc::new(t)
+}
+
+pub fn server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConfig> {
+    let crypto = QuicServerConfig::try_from(tls).context("TLS config unusable for QUIC")?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(transport());
+    Ok(config)
+}
+
+pub fn client_config(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig> {
+    let crypto = QuicClientConfig::try_from(tls).context("TLS config unusable for QUIC")?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(transport());
+    Ok(config)
+}
+
+/// Reads control frames from a QUIC stream, keeping partial frames between calls.
+pub struct ControlReader {
+    recv: quinn::RecvStream,
+    buf: Vec<u8>,
+}
+
+impl ControlReader {
+    pub fn new(recv: quinn::RecvStream) -> Self {
+        Self {
+            recv,
+            buf: Vec::new(),
+        }
+    }
+
+    /// The next message, or `None` when the peer finished the stream cleanly.
+    pub async fn next(&mut self) -> Result<Option<holdfast_proto::control::Message>> {
+        use holdfast_proto::control::{Message, MAX_BODY};
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some((msg, used)) = Message::decode(&self.buf).context("malformed control message")? {
+                self.buf.drain(..used);
+                return Ok(Some(msg));
+            }
+            if self.buf.len() > MAX_BODY + 3 {
+                anyhow::bail!("control frame larger than the protocol allows");
+            }
+            match self.recv.read(&mut chunk).await.context("control stream failed")? {
+                Some(n) => self.buf.extend_from_slice(&chunk[..n]),
+                None if self.buf.is_empty() => return Ok(None),
+                None => anyhow::bail!("control stream ended inside a frame"),
+            }
+        }
+    }
+}
+
+/// Sends one control message.
+pub async fn send_message(send: &mut quinn::SendStream, msg: &holdfast_proto::control::Message) -> Result<()> {
+    let mut out = Vec::with_capacity(256);
+    msg.encode(&mut out);
+    send.write_all(&out).await.context("cannot write to the control stream")
+}

@@ -1,0 +1,146 @@
+//! TLS 1.3 configuration for both ends, and the client identity a DN reads from a certificate.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context, Result};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore};
+use rustls_pki_types::pem::PemObject;
+use sha2::{Digest, Sha256};
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("cannot read certificates from {}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("bad PEM in {}", path.display()))?;
+    if certs.is_empty() {
+        return Err(anyhow!("{} holds no certificate", path.display()));
+    }
+    Ok(certs)
+}
+
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
+    PrivateKeyDer::from_pem_file(path)
+        .with_context(|| format!("cannot read a private key from {}", path.display()))
+}
+
+fn roots(path: &Path) -> Result<Arc<RootCertStore>> {
+    let mut store = RootCertStore::empty();
+    for cert in load_certs(path)? {
+        store
+            .add(cert)
+            .with_context(|| format!("{} is not a usable CA certificate", path.display()))?;
+    }
+    Ok(Arc::new(store))
+}
+
+/// The identity a client certificate names: its subject common name.
+pub fn identity_of(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let cn = parsed.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_owned)
+}
+
+/// Lower-case hex SHA-256 of the DER certificate, as listed in `revoked_clients`.
+pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    hex::encode(Sha256::digest(cert.as_ref()))
+}
+
+/// Checks client certificates against the cluster's client CA, then against the revocation list
+/// (identities or fingerprints). Refusals are logged here, where the reason is known.
+#[derive(Debug)]
+struct RevokingVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    revoked: Vec<String>,
+}
+
+impl ClientCertVerifier for RevokingVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let identity = identity_of(end_entity).unwrap_or_else(|| "<no common name>".into());
+        if let Err(e) = self.inner.verify_client_cert(end_entity, intermediates, now) {
+            tracing::warn!(client = %identity, error = %e, "client refused: certificate not accepted");
+            return Err(e);
+        }
+        let print = fingerprint(end_entity);
+        if self
+            .revoked
+            .iter()
+            .any(|r| *r == identity || r.eq_ignore_ascii_case(&print))
+        {
+            tracing::warn!(client = %identity, fingerprint = %print, "client refused: revoked in cluster.toml");
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The DN's TLS configuration: its own certificate, client certificates required.
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: &Path,
+    revoked: Vec<String>,
+) -> Result<rustls::ServerConfig> {
+    let inner = WebPkiClientVerifier::builder_with_provider(roots(client_ca)?, provider())
+        .build()
+        .context("cannot build the client certificate verifier")?;
+    let verifier = Arc::new(RevokingVerifier { inner, revoked });
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(cert)?, load_key(key)?)
+        .with_context(|| format!("{} does not match {}", key.display(), cert.display()))?;
+    config.alpn_protocols = vec![holdfast_proto::ALPN.to_vec()];
+    Ok(config)
+}
+
+/// The EN's TLS configuration: trusts the cluster's server CA, presents its own certificate.
+pub fn client_config(cert: &Path, key: &Path, server_ca: &Path) -> Result<rustls::ClientConfig> {
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(server_ca)?)
+        .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+        .with_context(|| format!("{} does not match {}", key.display(), cert.display()))?;
+    config.alpn_protocols = vec![holdfast_proto::ALPN.to_vec()];
+    Ok(config)
+}
