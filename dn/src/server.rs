@@ -105,8 +105,7 @@ pub async fn run(opts: Options) -> Result<()> {
         _ => bail!("dn {:?} needs both cert and key in the config", spec.name),
     };
     let tls = tls::server_config(&cert, &key, &cluster.client_ca, cluster.revoked_clients.clone())?;
-    let endpoint = quinn::Endpoint::server(quic::server_config(tls)?, spec.listen)
-        .with_context(|| format!("cannot listen on {}", spec.listen))?;
+    let endpoint = quic::endpoint(spec.listen, Some(quic::server_config(tls)?))?;
     let plan = spec.plan.clone();
     let tun = tun::open(&spec.tun, plan.gateway(), plan.pool.prefix_len(), spec.mtu)?;
     let book = LeaseBook::new(

@@ -84,7 +84,7 @@ pub async fn run(config: EnConfig) -> Result<()> {
     } else {
         "[::]:0".parse()?
     };
-    let mut endpoint = quinn::Endpoint::client(bind).context("cannot open a UDP socket")?;
+    let mut endpoint = quic::endpoint(bind, None)?;
     endpoint.set_default_client_config(quic::client_config(tls)?);
     let routes = Routes::connect()?;
     let (current, _) = watch::channel(None);
