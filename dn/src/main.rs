@@ -16,7 +16,12 @@ use clap::{Parser, Subcommand};
 #[command(version, verbatim_doc_comment)]
 struct Cli {
     /// The cluster description (see README.md, "cluster.toml").
-    #[arg(long, short, global = true, default_value = "/etc/holdfast/cluster.toml")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        default_value = "/etc/holdfast/cluster.toml"
+    )]
     config: PathBuf,
     /// Which [[dn]] of the cluster this process is.
     #[arg(long, short)]
@@ -67,9 +72,8 @@ enum PkiCommand {
 }
 
 fn control_path(explicit: Option<PathBuf>, node: Option<&str>) -> PathBuf {
-    explicit.unwrap_or_else(|| {
-        PathBuf::from(format!("/run/holdfast/dn-{}.sock", node.unwrap_or("dn")))
-    })
+    explicit
+        .unwrap_or_else(|| PathBuf::from(format!("/run/holdfast/dn-{}.sock", node.unwrap_or("dn"))))
 }
 
 fn print_status(status: &serde_json::Value) {
@@ -142,7 +146,10 @@ async fn main() -> Result<()> {
             }
             PkiCommand::AddClient { dir, name } => {
                 holdfast_dn::pki::add_client(&dir, &name)?;
-                println!("wrote {0}/{name}.crt.pem and {0}/{name}.key.pem", dir.display());
+                println!(
+                    "wrote {0}/{name}.crt.pem and {0}/{name}.key.pem",
+                    dir.display()
+                );
                 Ok(())
             }
         },

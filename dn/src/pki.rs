@@ -10,8 +10,8 @@ use anyhow::{Context, Result};
 use holdfast_proto::cluster::check_name;
 use holdfast_proto::lease::{encode_key, generate_signing_key};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
 };
 
 pub const SERVER_CA: &str = "server-ca.pem";
@@ -52,7 +52,10 @@ fn make_ca(dir: &Path, file: &str, common_name: &str) -> Result<Issuer<'static, 
     let key = KeyPair::generate()?;
     let cert = params.self_signed(&key)?;
     write_public(&dir.join(file), &cert.pem())?;
-    write_private(&dir.join(file.replace(".pem", ".key.pem")), &key.serialize_pem())?;
+    write_private(
+        &dir.join(file.replace(".pem", ".key.pem")),
+        &key.serialize_pem(),
+    )?;
     Ok(Issuer::new(params, key))
 }
 
@@ -98,10 +101,7 @@ pub fn generate(dir: &Path, dns: &[&str], clients: &[&str]) -> Result<Vec<(Strin
             &dir.join(format!("{dn}.lease.key")),
             &format!("{}\n", encode_key(&key.to_bytes())),
         )?;
-        public_keys.push((
-            dn.to_string(),
-            encode_key(&key.verifying_key().to_bytes()),
-        ));
+        public_keys.push((dn.to_string(), encode_key(&key.verifying_key().to_bytes())));
     }
     for client in clients {
         add_client_with(dir, client, &client_ca)?;

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use bytes::BytesMut;
+use futures::FutureExt;
 use holdfast_proto::cluster::{Cluster, DnSpec};
 use holdfast_proto::control::{close, Lease, Message};
 use holdfast_proto::dn::{Grant, LeaseBook};
@@ -22,8 +22,6 @@ use tracing::{debug, info, warn, Instrument};
 
 /// How long a client has after its handshake to send `Attach`.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
-/// Receive buffer slab; packets are split off it so that a read costs no allocation.
-const SLAB: usize = 256 * 1024;
 
 pub struct Options {
     pub config: PathBuf,
@@ -68,18 +66,18 @@ struct Dn {
     book: Mutex<LeaseBook>,
     /// The host table: leased address -> the session that carries it. O(1) per packet.
     hosts: RwLock<HashMap<IpAddr, Arc<Session>>>,
-    tun: tun_rs::AsyncDevice,
+    tun: tun::Tun,
     counters: Counters,
 }
 
 fn read_signing_key(spec: &DnSpec) -> Result<ed25519_dalek::SigningKey> {
-    let path = spec.signing_key.as_ref().ok_or_else(|| {
-        anyhow!("dn {:?} has no signing_key file in the config", spec.name)
-    })?;
+    let path = spec
+        .signing_key
+        .as_ref()
+        .ok_or_else(|| anyhow!("dn {:?} has no signing_key file in the config", spec.name))?;
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read lease signing key {}", path.display()))?;
-    let key = parse_signing_key(&text)
-        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let key = parse_signing_key(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
     if key.verifying_key() != spec.public_key {
         bail!(
             "{} does not match dn {:?}'s public_key in the config",
@@ -96,7 +94,12 @@ pub async fn run(opts: Options) -> Result<()> {
         .dn(&opts.node)
         .ok_or_else(|| {
             let names: Vec<&str> = cluster.dns.iter().map(|d| d.name.as_str()).collect();
-            anyhow!("no dn named {:?} in {} (it has: {})", opts.node, opts.config.display(), names.join(", "))
+            anyhow!(
+                "no dn named {:?} in {} (it has: {})",
+                opts.node,
+                opts.config.display(),
+                names.join(", ")
+            )
         })?
         .clone();
     let signing_key = read_signing_key(&spec)?;
@@ -104,7 +107,12 @@ pub async fn run(opts: Options) -> Result<()> {
         (Some(c), Some(k)) => (c.clone(), k.clone()),
         _ => bail!("dn {:?} needs both cert and key in the config", spec.name),
     };
-    let tls = tls::server_config(&cert, &key, &cluster.client_ca, cluster.revoked_clients.clone())?;
+    let tls = tls::server_config(
+        &cert,
+        &key,
+        &cluster.client_ca,
+        cluster.revoked_clients.clone(),
+    )?;
     let endpoint = quic::endpoint(spec.listen, Some(quic::server_config(tls)?))?;
     let plan = spec.plan.clone();
     let tun = tun::open(&spec.tun, plan.gateway(), plan.pool.prefix_len(), spec.mtu)?;
@@ -224,11 +232,11 @@ async fn attach(
             bail!("no Attach within {ATTACH_TIMEOUT:?}");
         }
     };
-    let decision = dn
-        .book
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .attach(identity, ticket.as_ref(), unix_now());
+    let decision = dn.book.lock().unwrap_or_else(|e| e.into_inner()).attach(
+        identity,
+        ticket.as_ref(),
+        unix_now(),
+    );
     let grant = match decision {
         Ok(grant) => grant,
         Err(e) => {
@@ -263,7 +271,8 @@ async fn attach(
         .insert(address, session.clone());
     if let Some(old) = replaced {
         info!(client = %old.identity, %address, "replacing the client's older session");
-        old.conn.close(close::REPLACED.into(), b"replaced by a newer session");
+        old.conn
+            .close(close::REPLACED.into(), b"replaced by a newer session");
     }
     let lease = Lease {
         ticket,
@@ -302,77 +311,98 @@ async fn attach(
     Ok(session)
 }
 
+/// Most datagrams taken from a session before one batched TUN write.
+const BATCH: usize = 64;
+
 /// Decapsulates the session's datagrams into the TUN device until the session ends.
 async fn carry(dn: &Dn, session: &Session) -> String {
     let mut warned = false;
+    let mut writer = tun::Writer::default();
+    let mut batch = Vec::with_capacity(BATCH);
     loop {
-        let datagram = match session.conn.read_datagram().await {
+        let first = match session.conn.read_datagram().await {
             Ok(d) => d,
             Err(e) => return e.to_string(),
         };
-        if packet::source(&datagram) != Some(session.address) {
-            dn.counters.dropped_spoofed.fetch_add(1, Relaxed);
-            session.traffic.dropped_spoofed.fetch_add(1, Relaxed);
-            if !warned {
-                warned = true;
-                warn!(client = %session.identity, leased = %session.address, source = ?packet::source(&datagram), "dropping packets with a source that is not the client's address");
+        // Take whatever else has already arrived, so the TUN write can coalesce it.
+        let mut next = Some(first);
+        while let Some(datagram) = next.take() {
+            if packet::source(&datagram) == Some(session.address) {
+                session.traffic.rx_packets.fetch_add(1, Relaxed);
+                session
+                    .traffic
+                    .rx_bytes
+                    .fetch_add(datagram.len() as u64, Relaxed);
+                batch.push(datagram);
+            } else {
+                dn.counters.dropped_spoofed.fetch_add(1, Relaxed);
+                session.traffic.dropped_spoofed.fetch_add(1, Relaxed);
+                if !warned {
+                    warned = true;
+                    warn!(client = %session.identity, leased = %session.address, source = ?packet::source(&datagram), "dropping packets with a source that is not the client's address");
+                }
             }
-            continue;
+            if batch.len() < BATCH {
+                next = session
+                    .conn
+                    .read_datagram()
+                    .now_or_never()
+                    .and_then(Result::ok);
+            }
         }
-        session.traffic.rx_packets.fetch_add(1, Relaxed);
-        session
-            .traffic
-            .rx_bytes
-            .fetch_add(datagram.len() as u64, Relaxed);
-        if let Err(e) = dn.tun.send(&datagram).await {
+        if let Err(e) = writer.send(&dn.tun, &batch).await {
             debug!(error = %e, "TUN write failed");
         }
+        batch.clear();
     }
 }
 
 /// Routes every packet the kernel hands the TUN device to the session holding its destination.
 async fn tun_to_sessions(dn: Arc<Dn>) -> Result<()> {
-    let max_packet = usize::from(dn.spec.mtu) + 64;
-    let mut slab = BytesMut::with_capacity(SLAB);
+    let mut reader = tun::Reader::default();
+    let mut writer = tun::Writer::default();
+    let mut batch = Vec::with_capacity(64);
     let mut icmp = Vec::with_capacity(1280);
     loop {
-        slab.reserve(max_packet);
-        slab.resize(max_packet, 0);
-        let n = dn.tun.recv(&mut slab).await.context("TUN read failed")?;
-        slab.truncate(n);
-        let pkt = slab.split().freeze();
-        let Some(dst) = packet::destination(&pkt) else {
-            dn.counters.dropped_malformed.fetch_add(1, Relaxed);
-            continue;
-        };
-        let session = dn
-            .hosts
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&dst)
-            .cloned();
-        let Some(session) = session else {
-            dn.counters.dropped_no_session.fetch_add(1, Relaxed);
-            continue;
-        };
-        let len = pkt.len() as u64;
-        match session.conn.send_datagram(pkt.clone()) {
-            Ok(()) => {
-                session.traffic.tx_packets.fetch_add(1, Relaxed);
-                session.traffic.tx_bytes.fetch_add(len, Relaxed);
-            }
-            Err(quinn::SendDatagramError::TooLarge) => {
-                dn.counters.dropped_too_big.fetch_add(1, Relaxed);
-                let mtu = session.conn.max_datagram_size().unwrap_or(1200);
-                let mtu = u16::try_from(mtu).unwrap_or(u16::MAX);
-                if packet::dont_fragment(&pkt)
-                    && packet::packet_too_big(&pkt, mtu, dn.spec.plan.gateway(), &mut icmp)
-                {
-                    dn.counters.icmp_too_big_sent.fetch_add(1, Relaxed);
-                    let _ = dn.tun.send(&icmp).await;
+        reader
+            .recv(&dn.tun, &mut batch)
+            .await
+            .context("TUN read failed")?;
+        for pkt in batch.drain(..) {
+            let Some(dst) = packet::destination(&pkt) else {
+                dn.counters.dropped_malformed.fetch_add(1, Relaxed);
+                continue;
+            };
+            let session = dn
+                .hosts
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&dst)
+                .cloned();
+            let Some(session) = session else {
+                dn.counters.dropped_no_session.fetch_add(1, Relaxed);
+                continue;
+            };
+            let len = pkt.len() as u64;
+            match session.conn.send_datagram(pkt.clone()) {
+                Ok(()) => {
+                    session.traffic.tx_packets.fetch_add(1, Relaxed);
+                    session.traffic.tx_bytes.fetch_add(len, Relaxed);
                 }
+                Err(quinn::SendDatagramError::TooLarge) => {
+                    dn.counters.dropped_too_big.fetch_add(1, Relaxed);
+                    let mtu = session.conn.max_datagram_size().unwrap_or(1200);
+                    let mtu = u16::try_from(mtu).unwrap_or(u16::MAX);
+                    if packet::dont_fragment(&pkt)
+                        && packet::packet_too_big(&pkt, mtu, dn.spec.plan.gateway(), &mut icmp)
+                    {
+                        dn.counters.icmp_too_big_sent.fetch_add(1, Relaxed);
+                        let reply = bytes::Bytes::copy_from_slice(&icmp);
+                        let _ = writer.send(&dn.tun, &[reply]).await;
+                    }
+                }
+                Err(e) => debug!(error = %e, %dst, "datagram not sent"),
             }
-            Err(e) => debug!(error = %e, %dst, "datagram not sent"),
         }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use bytes::BytesMut;
+use futures::FutureExt;
 use holdfast_proto::backoff::Backoff;
 use holdfast_proto::control::{close, Lease, Message, RefuseCode};
 use holdfast_proto::lease::LeaseTicket;
@@ -23,9 +23,6 @@ use tracing::{debug, info, warn};
 use crate::config::{DnEndpoint, EnConfig};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const SLAB: usize = 256 * 1024;
-/// Largest packet read from the TUN device; the device MTU is always below it.
-const MAX_PACKET: usize = 9000 + 64;
 /// How often the TUN MTU is re-derived from the session's path MTU.
 const MTU_CHECK: Duration = Duration::from_millis(500);
 
@@ -70,7 +67,7 @@ struct View {
 
 /// The TUN device and what was configured around it, created on the first lease.
 struct Tunnel {
-    dev: Arc<tun_rs::AsyncDevice>,
+    dev: Arc<tun::Tun>,
     address: IpAddr,
     gateway: IpAddr,
     /// Host routes that keep DN endpoints out of the tunnel, removed on exit.
@@ -109,7 +106,10 @@ pub async fn run(config: EnConfig) -> Result<()> {
         current,
     });
     let status_shared = shared.clone();
-    let _control = control::serve(config.control_socket.clone(), move |_| status_shared.status()).await?;
+    let _control = control::serve(config.control_socket.clone(), move |_| {
+        status_shared.status()
+    })
+    .await?;
     info!(control = %config.control_socket.display(), dns = config.dns.len(), "en starting");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -152,7 +152,10 @@ async fn maintain(
             Ok((conn, lease, control)) => {
                 ticket = Some(lease.ticket.clone());
                 if let Err(e) = ensure_tunnel(shared, routes, tunnel, &conn, &lease).await {
-                    conn.close(close::SHUTDOWN.into(), b"client could not configure its tunnel");
+                    conn.close(
+                        close::SHUTDOWN.into(),
+                        b"client could not configure its tunnel",
+                    );
                     return Err(e);
                 }
                 backoff.reset();
@@ -211,7 +214,10 @@ async fn connect(
             .with_context(|| format!("cannot start a connection to {}", dn.endpoint))?
             .await
             .with_context(|| format!("handshake with {} ({}) failed", dn.name, dn.endpoint))?;
-        let (mut send, recv) = conn.open_bi().await.context("cannot open the control stream")?;
+        let (mut send, recv) = conn
+            .open_bi()
+            .await
+            .context("cannot open the control stream")?;
         send_message(
             &mut send,
             &Message::Attach {
@@ -221,13 +227,26 @@ async fn connect(
         .await?;
         let mut reader = ControlReader::new(recv);
         match reader.next().await {
-            Ok(Some(Message::Leased(lease))) => Ok((conn, lease, ControlStream { _send: send, _reader: reader })),
+            Ok(Some(Message::Leased(lease))) => Ok((
+                conn,
+                lease,
+                ControlStream {
+                    _send: send,
+                    _reader: reader,
+                },
+            )),
             Ok(Some(Message::Refused { code, reason })) => Err(Failure::Refused(code, reason)),
-            Ok(other) => Err(Failure::Other(anyhow!("unexpected answer to Attach: {other:?}"))),
+            Ok(other) => Err(Failure::Other(anyhow!(
+                "unexpected answer to Attach: {other:?}"
+            ))),
             Err(e) => match conn.close_reason() {
                 Some(quinn::ConnectionError::ApplicationClosed(c)) => Err(Failure::Refused(
                     RefuseCode::ProtocolError,
-                    format!("{} ({})", close::describe(c.error_code.into_inner()), String::from_utf8_lossy(&c.reason)),
+                    format!(
+                        "{} ({})",
+                        close::describe(c.error_code.into_inner()),
+                        String::from_utf8_lossy(&c.reason)
+                    ),
                 )),
                 _ => Err(Failure::Other(e)),
             },
@@ -268,10 +287,9 @@ async fn ensure_tunnel(
         if t.address != address {
             // A new lease from a DN that lost our old one: move the device to the new address.
             warn!(old = %t.address, new = %address, "address changed");
-            match address {
-                IpAddr::V4(v4) => t.dev.set_network_address(v4, 32, None)?,
-                IpAddr::V6(v6) => t.dev.add_address_v6(v6, 128)?,
-            }
+            t.dev
+                .set_address(address)
+                .with_context(|| format!("cannot move {} to {address}", t.dev.name()))?;
             t.address = address;
         }
         t.gateway = lease.gateway;
@@ -279,7 +297,7 @@ async fn ensure_tunnel(
     }
     let prefix = if address.is_ipv4() { 32 } else { 128 };
     let dev = Arc::new(tun::open(&shared.config.tun, address, prefix, mtu)?);
-    let index = tun::index(&dev)?;
+    let index = dev.index()?;
     // Keep every DN endpoint that a pushed route would swallow on its current path.
     let mut exemptions = Vec::new();
     for dn in &shared.config.dns {
@@ -314,11 +332,16 @@ async fn ensure_tunnel(
 /// in place underneath (and comes back untouched when the tunnel goes).
 fn split_default(net: IpNet) -> Vec<IpNet> {
     if net.prefix_len() == 0 {
-        net.subnets(1).map(|s| s.collect()).unwrap_or_else(|_| vec![net])
+        net.subnets(1)
+            .map(|s| s.collect())
+            .unwrap_or_else(|_| vec![net])
     } else {
         vec![net]
     }
 }
+
+/// Most datagrams taken from the session before one batched TUN write.
+const BATCH: usize = 64;
 
 /// Carries the session's datagrams into the TUN device and keeps the MTU in step with the path
 /// until the session ends; returns why it ended.
@@ -326,18 +349,28 @@ async fn carry(shared: &Shared, tunnel: &Tunnel, conn: &quinn::Connection) -> St
     shared.current.send_replace(Some(conn.clone()));
     let mut mtu = inner_mtu(conn);
     let mut mtu_tick = tokio::time::interval(MTU_CHECK);
+    let mut writer = tun::Writer::default();
+    let mut batch = Vec::with_capacity(BATCH);
     loop {
         tokio::select! {
             datagram = conn.read_datagram() => {
-                let datagram = match datagram {
-                    Ok(d) => d,
+                let mut next = match datagram {
+                    Ok(d) => Some(d),
                     Err(e) => return describe_close(&e),
                 };
-                shared.traffic.rx_packets.fetch_add(1, Relaxed);
-                shared.traffic.rx_bytes.fetch_add(datagram.len() as u64, Relaxed);
-                if let Err(e) = tunnel.dev.send(&datagram).await {
+                // Take whatever else has already arrived, so the TUN write can coalesce it.
+                while let Some(d) = next.take() {
+                    shared.traffic.rx_packets.fetch_add(1, Relaxed);
+                    shared.traffic.rx_bytes.fetch_add(d.len() as u64, Relaxed);
+                    batch.push(d);
+                    if batch.len() < BATCH {
+                        next = conn.read_datagram().now_or_never().and_then(Result::ok);
+                    }
+                }
+                if let Err(e) = writer.send(&tunnel.dev, &batch).await {
                     debug!(error = %e, "TUN write failed");
                 }
+                batch.clear();
             }
             _ = mtu_tick.tick() => {
                 let now = inner_mtu(conn);
@@ -365,46 +398,49 @@ fn describe_close(e: &quinn::ConnectionError) -> String {
 }
 
 /// Sends every packet the kernel routes into the TUN device over the current session.
-async fn tun_to_session(shared: Arc<Shared>, dev: Arc<tun_rs::AsyncDevice>, gateway: IpAddr) {
+async fn tun_to_session(shared: Arc<Shared>, dev: Arc<tun::Tun>, gateway: IpAddr) {
     let traffic = &shared.traffic;
     let mut current = shared.current.subscribe();
-    let mut slab = BytesMut::with_capacity(SLAB);
+    let mut reader = tun::Reader::default();
+    let mut writer = tun::Writer::default();
+    let mut batch = Vec::with_capacity(BATCH);
     let mut icmp = Vec::with_capacity(1280);
     let mut conn = current.borrow_and_update().clone();
     loop {
-        slab.reserve(MAX_PACKET);
-        slab.resize(MAX_PACKET, 0);
-        let n = match dev.recv(&mut slab).await {
-            Ok(n) => n,
-            Err(e) => {
-                warn!(error = %e, "TUN read failed; stopping the TUN reader");
-                return;
-            }
-        };
-        slab.truncate(n);
-        let pkt = slab.split().freeze();
+        if let Err(e) = reader.recv(&dev, &mut batch).await {
+            warn!(error = %e, "TUN read failed; stopping the TUN reader");
+            return;
+        }
         if current.has_changed().unwrap_or(false) {
             conn = current.borrow_and_update().clone();
         }
         let Some(c) = conn.as_ref() else {
-            traffic.dropped_no_session.fetch_add(1, Relaxed);
+            traffic
+                .dropped_no_session
+                .fetch_add(batch.len() as u64, Relaxed);
+            batch.clear();
             continue;
         };
-        let len = pkt.len() as u64;
-        match c.send_datagram_wait(pkt.clone()).await {
-            Ok(()) => {
-                traffic.tx_packets.fetch_add(1, Relaxed);
-                traffic.tx_bytes.fetch_add(len, Relaxed);
-            }
-            Err(quinn::SendDatagramError::TooLarge) => {
-                traffic.dropped_too_big.fetch_add(1, Relaxed);
-                let mtu = inner_mtu(c);
-                if packet::dont_fragment(&pkt) && packet::packet_too_big(&pkt, mtu, gateway, &mut icmp) {
-                    traffic.icmp_too_big_sent.fetch_add(1, Relaxed);
-                    let _ = dev.send(&icmp).await;
+        for pkt in batch.drain(..) {
+            let len = pkt.len() as u64;
+            match c.send_datagram_wait(pkt.clone()).await {
+                Ok(()) => {
+                    traffic.tx_packets.fetch_add(1, Relaxed);
+                    traffic.tx_bytes.fetch_add(len, Relaxed);
                 }
+                Err(quinn::SendDatagramError::TooLarge) => {
+                    traffic.dropped_too_big.fetch_add(1, Relaxed);
+                    let mtu = inner_mtu(c);
+                    if packet::dont_fragment(&pkt)
+                        && packet::packet_too_big(&pkt, mtu, gateway, &mut icmp)
+                    {
+                        traffic.icmp_too_big_sent.fetch_add(1, Relaxed);
+                        let reply = bytes::Bytes::copy_from_slice(&icmp);
+                        let _ = writer.send(&dev, &[reply]).await;
+                    }
+                }
+                Err(e) => debug!(error = %e, "datagram not sent"),
             }
-            Err(e) => debug!(error = %e, "datagram not sent"),
         }
     }
 }

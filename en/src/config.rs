@@ -70,7 +70,10 @@ impl EnConfig {
                     .map(|ip| SocketAddr::new(ip, holdfast_proto::cluster::DEFAULT_PORT))
             });
             let endpoint = endpoint.map_err(|_| {
-                anyhow!("dn[{i}].endpoint: {:?} is not an address like 192.0.2.1:4433", d.endpoint)
+                anyhow!(
+                    "dn[{i}].endpoint: {:?} is not an address like 192.0.2.1:4433",
+                    d.endpoint
+                )
             })?;
             let server_name = d.server_name.unwrap_or_else(|| d.name.clone());
             dns.push(DnEndpoint {
@@ -121,7 +124,10 @@ mod tests {
         let head = "cert = \"a\"\nkey = \"b\"\nserver_ca = \"c\"\n";
         let err = |t: &str| format!("{:#}", EnConfig::parse(t, base).unwrap_err());
         assert!(err(head).contains("dn:"));
-        assert!(err(&format!("{head}[[dn]]\nname = \"x\"\nendpoint = \"nope\"\n")).contains("dn[0].endpoint"));
+        assert!(err(&format!(
+            "{head}[[dn]]\nname = \"x\"\nendpoint = \"nope\"\n"
+        ))
+        .contains("dn[0].endpoint"));
         assert!(err(&format!("{head}colour = 1\n")).contains("unknown field"));
     }
 }

@@ -44,7 +44,12 @@ fn print_status(s: &serde_json::Value) {
     );
     println!(
         "sent {} pkts / {} B   received {} pkts / {} B   dropped: no session {}  too big {}",
-        t["tx_packets"], t["tx_bytes"], t["rx_packets"], t["rx_bytes"], t["dropped_no_session"], t["dropped_too_big"]
+        t["tx_packets"],
+        t["tx_bytes"],
+        t["rx_packets"],
+        t["rx_bytes"],
+        t["dropped_no_session"],
+        t["dropped_too_big"]
     );
     if let Some(sessions) = s["sessions"].as_array() {
         for x in sessions {
@@ -54,7 +59,9 @@ fn print_status(s: &serde_json::Value) {
                 x["endpoint"].as_str().unwrap_or("?"),
                 x["state"].as_str().unwrap_or("?"),
                 x["role"].as_str().unwrap_or("?"),
-                x.get("rtt_us").map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
+                x.get("rtt_us")
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| "-".into()),
                 x["last_error"]
                     .as_str()
                     .map(|e| format!("  last error: {e}"))

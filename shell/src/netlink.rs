@@ -33,7 +33,12 @@ impl Routes {
         Ok(Self { handle })
     }
 
-    fn message(dest: IpNet, oif: Option<u32>, gateway: Option<IpAddr>, metric: Option<u32>) -> Result<RouteMessage> {
+    fn message(
+        dest: IpNet,
+        oif: Option<u32>,
+        gateway: Option<IpAddr>,
+        metric: Option<u32>,
+    ) -> Result<RouteMessage> {
         let mut b = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(dest.addr(), dest.prefix_len())
             .map_err(|e| anyhow!("bad route {dest}: {e}"))?
@@ -42,7 +47,9 @@ impl Routes {
             b = b.output_interface(oif);
         }
         if let Some(gw) = gateway {
-            b = b.gateway(gw).map_err(|e| anyhow!("bad gateway {gw}: {e}"))?;
+            b = b
+                .gateway(gw)
+                .map_err(|e| anyhow!("bad gateway {gw}: {e}"))?;
         }
         if let Some(metric) = metric {
             b = b.priority(metric);

@@ -62,14 +62,21 @@ impl ControlReader {
         use holdfast_proto::control::{Message, MAX_BODY};
         let mut chunk = [0u8; 4096];
         loop {
-            if let Some((msg, used)) = Message::decode(&self.buf).context("malformed control message")? {
+            if let Some((msg, used)) =
+                Message::decode(&self.buf).context("malformed control message")?
+            {
                 self.buf.drain(..used);
                 return Ok(Some(msg));
             }
             if self.buf.len() > MAX_BODY + 3 {
                 anyhow::bail!("control frame larger than the protocol allows");
             }
-            match self.recv.read(&mut chunk).await.context("control stream failed")? {
+            match self
+                .recv
+                .read(&mut chunk)
+                .await
+                .context("control stream failed")?
+            {
                 Some(n) => self.buf.extend_from_slice(&chunk[..n]),
                 None if self.buf.is_empty() => return Ok(None),
                 None => anyhow::bail!("control stream ended inside a frame"),
@@ -79,10 +86,15 @@ impl ControlReader {
 }
 
 /// Sends one control message.
-pub async fn send_message(send: &mut quinn::SendStream, msg: &holdfast_proto::control::Message) -> Result<()> {
+pub async fn send_message(
+    send: &mut quinn::SendStream,
+    msg: &holdfast_proto::control::Message,
+) -> Result<()> {
     let mut out = Vec::with_capacity(256);
     msg.encode(&mut out);
-    send.write_all(&out).await.context("cannot write to the control stream")
+    send.write_all(&out)
+        .await
+        .context("cannot write to the control stream")
 }
 
 /// Socket buffer size asked for on both ends. The kernel default (~200 KiB) overflows at
@@ -106,7 +118,8 @@ fn set_buffer(fd: std::os::fd::RawFd, force: libc::c_int, plain: libc::c_int) {
 /// A QUIC endpoint on `addr` with large socket buffers; a server if `server` is given.
 pub fn endpoint(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> Result<quinn::Endpoint> {
     use std::os::fd::AsRawFd;
-    let socket = std::net::UdpSocket::bind(addr).with_context(|| format!("cannot bind UDP {addr}"))?;
+    let socket =
+        std::net::UdpSocket::bind(addr).with_context(|| format!("cannot bind UDP {addr}"))?;
     set_buffer(socket.as_raw_fd(), libc::SO_RCVBUFFORCE, libc::SO_RCVBUF);
     set_buffer(socket.as_raw_fd(), libc::SO_SNDBUFFORCE, libc::SO_SNDBUF);
     let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;

@@ -75,7 +75,10 @@ impl ClientCertVerifier for RevokingVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let identity = identity_of(end_entity).unwrap_or_else(|| "<no common name>".into());
-        if let Err(e) = self.inner.verify_client_cert(end_entity, intermediates, now) {
+        if let Err(e) = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)
+        {
             tracing::warn!(client = %identity, error = %e, "client refused: certificate not accepted");
             return Err(e);
         }

@@ -1,14 +1,31 @@
 //! The TUN device: Linux today (`/dev/net/tun` through tun-rs, configured by ioctl, never by
 //! running `ip`). Other platforms get their own file beside this one.
+//!
+//! With offloads on (IFF_VNET_HDR), the kernel hands us TCP/UDP super-packets of up to 64 KiB
+//! that [`Reader`] splits into MTU-sized packets, and [`Writer`] coalesces the packets it writes
+//! (GRO), so that the kernel's TCP stack runs once per super-packet instead of once per packet.
 
+use std::io;
 use std::net::IpAddr;
 
 use anyhow::{Context, Result};
-use tun_rs::{AsyncDevice, DeviceBuilder};
+use bytes::{Bytes, BytesMut};
+use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
-/// Creates (or re-creates) the TUN device `name` with `address/prefix` and `mtu`, up.
-pub fn open(name: &str, address: IpAddr, prefix: u8, mtu: u16) -> Result<AsyncDevice> {
-    let builder = DeviceBuilder::new().name(name).mtu(mtu);
+/// Largest inner packet we ever carry (jumbo frames included), plus room for headers.
+const MAX_PACKET: usize = 9000 + 64;
+/// A super-packet read with offloads can be 64 KiB plus its virtio header.
+const MAX_READ: usize = VIRTIO_NET_HDR_LEN + 65535;
+const SLAB: usize = 512 * 1024;
+
+pub struct Tun {
+    dev: AsyncDevice,
+    name: String,
+}
+
+/// Creates the TUN device `name` with `address/prefix` and `mtu`, up, with offloads.
+pub fn open(name: &str, address: IpAddr, prefix: u8, mtu: u16) -> Result<Tun> {
+    let builder = DeviceBuilder::new().name(name).mtu(mtu).offload(true);
     let builder = match address {
         IpAddr::V4(v4) => builder.ipv4(v4, prefix, None),
         IpAddr::V6(v6) => builder.ipv6(v6, prefix),
@@ -24,10 +41,115 @@ pub fn open(name: &str, address: IpAddr, prefix: u8, mtu: u16) -> Result<AsyncDe
             tracing::debug!(error = %e, "cannot disable IPv6 on {name}");
         }
     }
-    Ok(dev)
+    Ok(Tun {
+        dev,
+        name: name.to_owned(),
+    })
 }
 
-/// Interface index of the device, for routes.
-pub fn index(dev: &AsyncDevice) -> Result<u32> {
-    dev.if_index().context("cannot read the TUN device's interface index")
+impl Tun {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Interface index of the device, for routes.
+    pub fn index(&self) -> Result<u32> {
+        self.dev
+            .if_index()
+            .context("cannot read the TUN device's interface index")
+    }
+
+    pub fn set_mtu(&self, mtu: u16) -> io::Result<()> {
+        self.dev.set_mtu(mtu)
+    }
+
+    /// Replaces the device's IPv4 address, or adds an IPv6 one.
+    pub fn set_address(&self, address: IpAddr) -> io::Result<()> {
+        match address {
+            IpAddr::V4(v4) => self.dev.set_network_address(v4, 32, None),
+            IpAddr::V6(v6) => self.dev.add_address_v6(v6, 128),
+        }
+    }
+}
+
+/// Reads packets from the device, splitting offloaded super-packets. One per reading task.
+pub struct Reader {
+    raw: Vec<u8>,
+    bufs: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    slab: BytesMut,
+}
+
+impl Default for Reader {
+    fn default() -> Self {
+        Self {
+            raw: vec![0; MAX_READ],
+            bufs: vec![vec![0; MAX_PACKET]; IDEAL_BATCH_SIZE],
+            sizes: vec![0; IDEAL_BATCH_SIZE],
+            slab: BytesMut::with_capacity(SLAB),
+        }
+    }
+}
+
+impl Reader {
+    /// Waits for the next read and appends its packets to `out`.
+    pub async fn recv(&mut self, tun: &Tun, out: &mut Vec<Bytes>) -> io::Result<()> {
+        let n = tun
+            .dev
+            .recv_multiple(&mut self.raw, &mut self.bufs, &mut self.sizes, 0)
+            .await?;
+        for i in 0..n {
+            // One copy into a shared slab: the packets then live as cheap `Bytes` handles
+            // without an allocation each.
+            let pkt = &self.bufs[i][..self.sizes[i]];
+            if self.slab.capacity() - self.slab.len() < pkt.len() {
+                self.slab = BytesMut::with_capacity(SLAB);
+            }
+            self.slab.extend_from_slice(pkt);
+            out.push(self.slab.split().freeze());
+        }
+        Ok(())
+    }
+}
+
+/// Writes batches of packets to the device, coalescing them where offloads allow. One per
+/// writing task.
+#[derive(Default)]
+pub struct Writer {
+    gro: GROTable,
+    bufs: Vec<BytesMut>,
+}
+
+impl Writer {
+    /// Writes `pkts` (whole IP packets). Packets the kernel refuses are dropped, as a link would.
+    pub async fn send(&mut self, tun: &Tun, pkts: &[Bytes]) -> io::Result<()> {
+        if pkts.is_empty() {
+            return Ok(());
+        }
+        // Each buffer needs headroom for the virtio header the device expects in front.
+        self.bufs.resize_with(pkts.len(), BytesMut::new);
+        for (buf, pkt) in self.bufs.iter_mut().zip(pkts) {
+            buf.clear();
+            buf.reserve(VIRTIO_NET_HDR_LEN + pkt.len());
+            buf.resize(VIRTIO_NET_HDR_LEN, 0);
+            buf.extend_from_slice(pkt);
+        }
+        let result = tun
+            .dev
+            .send_multiple(
+                &mut self.gro,
+                &mut self.bufs[..pkts.len()],
+                VIRTIO_NET_HDR_LEN,
+            )
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            // A malformed packet from a peer must not stop the data path.
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+                tracing::debug!(error = %e, "TUN rejected a packet");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
 }
