@@ -113,7 +113,11 @@ pub async fn run(opts: Options) -> Result<()> {
         &cluster.client_ca,
         cluster.revoked_clients.clone(),
     )?;
-    let endpoint = quic::endpoint(spec.listen, Some(quic::server_config(tls)?))?;
+    let endpoint = quic::endpoint(
+        spec.listen,
+        Some(quic::server_config(tls)?),
+        Some(&signing_key.to_bytes()),
+    )?;
     let plan = spec.plan.clone();
     let tun = tun::open(&spec.tun, plan.gateway(), plan.pool.prefix_len(), spec.mtu)?;
     let book = LeaseBook::new(

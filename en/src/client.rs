@@ -81,7 +81,7 @@ pub async fn run(config: EnConfig) -> Result<()> {
     } else {
         "[::]:0".parse()?
     };
-    let mut endpoint = quic::endpoint(bind, None)?;
+    let mut endpoint = quic::endpoint(bind, None, None)?;
     endpoint.set_default_client_config(quic::client_config(tls)?);
     let routes = Routes::connect()?;
     let (current, _) = watch::channel(None);

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use sha2::{Digest, Sha256};
 
 /// How long a silent session lives before QUIC declares it dead.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -116,13 +117,40 @@ fn set_buffer(fd: std::os::fd::RawFd, force: libc::c_int, plain: libc::c_int) {
 }
 
 /// A QUIC endpoint on `addr` with large socket buffers; a server if `server` is given.
-pub fn endpoint(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> Result<quinn::Endpoint> {
+///
+/// `reset_secret` keys stateless resets. A DN derives it from its long-lived lease key so that
+/// after a restart it can still reset its clients' old connections: they then reconnect at
+/// once instead of waiting for the idle timeout. `None` picks a random key.
+pub fn endpoint(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    reset_secret: Option<&[u8]>,
+) -> Result<quinn::Endpoint> {
     use std::os::fd::AsRawFd;
     let socket =
         std::net::UdpSocket::bind(addr).with_context(|| format!("cannot bind UDP {addr}"))?;
     set_buffer(socket.as_raw_fd(), libc::SO_RCVBUFFORCE, libc::SO_RCVBUF);
     set_buffer(socket.as_raw_fd(), libc::SO_SNDBUFFORCE, libc::SO_SNDBUF);
     let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
-    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
+    let config = match reset_secret {
+        Some(secret) => {
+            let mut material = b"holdfast stateless reset v1\0".to_vec();
+            material.extend_from_slice(secret);
+            let digest = Sha256::digest(&material);
+            let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &digest);
+            let mut config = quinn::EndpointConfig::new(Arc::new(key));
+            // Connection IDs carry a keyed check; the restarted DN must accept the old ones as
+            // "ours" to answer them with a reset, so that key must survive restarts too.
+            let mut cid_key = [0u8; 8];
+            cid_key.copy_from_slice(&digest[..8]);
+            let cid_key = u64::from_le_bytes(cid_key);
+            config.cid_generator(move || {
+                Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+            });
+            config
+        }
+        None => quinn::EndpointConfig::default(),
+    };
+    quinn::Endpoint::new(config, server, socket, runtime)
         .with_context(|| format!("cannot open a QUIC endpoint on {addr}"))
 }
