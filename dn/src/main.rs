@@ -138,9 +138,13 @@ async fn main() -> Result<()> {
                 let dns: Vec<&str> = dns.iter().map(String::as_str).collect();
                 let clients: Vec<&str> = clients.iter().map(String::as_str).collect();
                 let keys = holdfast_dn::pki::generate(&dir, &dns, &clients)?;
-                println!("# wrote CAs, certificates and keys to {}", dir.display());
+                println!(
+                    "wrote CAs, certificates and lease keys to {}",
+                    dir.display()
+                );
+                println!("put each DN's public lease key into its [[dn]] in cluster.toml:");
                 for (name, key) in keys {
-                    println!("# [[dn]] name = \"{name}\"\npublic_key = \"{key}\"");
+                    println!("  {name}: public_key = \"{key}\"");
                 }
                 Ok(())
             }

@@ -397,9 +397,7 @@ async fn tun_to_sessions(dn: Arc<Dn>) -> Result<()> {
                     dn.counters.dropped_too_big.fetch_add(1, Relaxed);
                     let mtu = session.conn.max_datagram_size().unwrap_or(1200);
                     let mtu = u16::try_from(mtu).unwrap_or(u16::MAX);
-                    if packet::dont_fragment(&pkt)
-                        && packet::packet_too_big(&pkt, mtu, dn.spec.plan.gateway(), &mut icmp)
-                    {
+                    if packet::dont_fragment(&pkt) && packet::packet_too_big(&pkt, mtu, &mut icmp) {
                         dn.counters.icmp_too_big_sent.fetch_add(1, Relaxed);
                         let reply = bytes::Bytes::copy_from_slice(&icmp);
                         let _ = writer.send(&dn.tun, &[reply]).await;

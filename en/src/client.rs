@@ -59,6 +59,8 @@ struct Shared {
 #[derive(Default)]
 struct View {
     address: Option<IpAddr>,
+    /// The primary DN's own address inside its pool.
+    gateway: Option<IpAddr>,
     lease_expires_at: Option<u64>,
     mtu: Option<u16>,
     up_since: Option<Instant>,
@@ -69,7 +71,6 @@ struct View {
 struct Tunnel {
     dev: Arc<tun::Tun>,
     address: IpAddr,
-    gateway: IpAddr,
     /// Host routes that keep DN endpoints out of the tunnel, removed on exit.
     exemptions: Vec<IpNet>,
 }
@@ -292,7 +293,6 @@ async fn ensure_tunnel(
                 .with_context(|| format!("cannot move {} to {address}", t.dev.name()))?;
             t.address = address;
         }
-        t.gateway = lease.gateway;
         return Ok(());
     }
     let prefix = if address.is_ipv4() { 32 } else { 128 };
@@ -320,10 +320,9 @@ async fn ensure_tunnel(
         dev,
 
         address,
-        gateway: lease.gateway,
         exemptions,
     };
-    tokio::spawn(tun_to_session(shared.clone(), t.dev.clone(), t.gateway));
+    tokio::spawn(tun_to_session(shared.clone(), t.dev.clone()));
     *tunnel = Some(t);
     Ok(())
 }
@@ -398,7 +397,7 @@ fn describe_close(e: &quinn::ConnectionError) -> String {
 }
 
 /// Sends every packet the kernel routes into the TUN device over the current session.
-async fn tun_to_session(shared: Arc<Shared>, dev: Arc<tun::Tun>, gateway: IpAddr) {
+async fn tun_to_session(shared: Arc<Shared>, dev: Arc<tun::Tun>) {
     let traffic = &shared.traffic;
     let mut current = shared.current.subscribe();
     let mut reader = tun::Reader::default();
@@ -431,9 +430,7 @@ async fn tun_to_session(shared: Arc<Shared>, dev: Arc<tun::Tun>, gateway: IpAddr
                 Err(quinn::SendDatagramError::TooLarge) => {
                     traffic.dropped_too_big.fetch_add(1, Relaxed);
                     let mtu = inner_mtu(c);
-                    if packet::dont_fragment(&pkt)
-                        && packet::packet_too_big(&pkt, mtu, gateway, &mut icmp)
-                    {
+                    if packet::dont_fragment(&pkt) && packet::packet_too_big(&pkt, mtu, &mut icmp) {
                         traffic.icmp_too_big_sent.fetch_add(1, Relaxed);
                         let reply = bytes::Bytes::copy_from_slice(&icmp);
                         let _ = writer.send(&dev, &[reply]).await;
@@ -465,6 +462,7 @@ impl Shared {
         info!(dn = %self.config.dns[index].name, address = %lease.ticket.claim.address, "session up");
         if let Ok(mut v) = self.view.lock() {
             v.address = Some(lease.ticket.claim.address);
+            v.gateway = Some(lease.gateway);
             v.lease_expires_at = Some(lease.ticket.claim.expires_at);
             v.up_since = Some(Instant::now());
             if let Some(s) = v.sessions.get_mut(index) {
@@ -494,6 +492,7 @@ impl Shared {
             .collect();
         serde_json::json!({
             "address": v.address,
+            "gateway": v.gateway,
             "tun": self.config.tun,
             "mtu": v.mtu.or_else(|| conn.as_ref().map(inner_mtu)),
             "up_secs": v.up_since.map(|t| t.elapsed().as_secs()),

@@ -89,11 +89,15 @@ pub fn dont_fragment(pkt: &[u8]) -> bool {
 }
 
 /// Writes into `out` an ICMP "fragmentation needed" (IPv4) or "packet too big" (IPv6) error
-/// about `pkt`, from `from` to `pkt`'s source, announcing `mtu`. Returns `false`, leaving `out`
-/// empty, when no error may be sent (see RFC 1122, RFC 4443) or the families do not match.
-pub fn packet_too_big(pkt: &[u8], mtu: u16, from: IpAddr, out: &mut Vec<u8>) -> bool {
+/// about `pkt`, to `pkt`'s source, announcing `mtu`. Returns `false`, leaving `out` empty, when
+/// no error may be sent (see RFC 1122, RFC 4443).
+///
+/// The error comes from `pkt`'s destination, as if the far end had sent it: it is written into
+/// the local TUN device, and a source that is one of the host's own addresses would be dropped
+/// as martian, one that does not route back through the tunnel by reverse-path filtering.
+pub fn packet_too_big(pkt: &[u8], mtu: u16, out: &mut Vec<u8>) -> bool {
     out.clear();
-    let Some((src, _)) = addresses(pkt) else {
+    let Some((src, from)) = addresses(pkt) else {
         return false;
     };
     if !may_answer(pkt, src) {
@@ -144,6 +148,7 @@ pub fn packet_too_big(pkt: &[u8], mtu: u16, from: IpAddr, out: &mut Vec<u8>) -> 
             out.extend_from_slice(quoted);
             true
         }
+        // A packet's addresses are always of one family.
         _ => false,
     }
 }
@@ -195,7 +200,7 @@ mod tests {
         assert_eq!(u16::from_be_bytes([out[26], out[27]]), 1380);
         assert_eq!(
             addresses(&out),
-            Some(("10.200.0.1".parse().unwrap(), "10.200.0.2".parse().unwrap()))
+            Some(("10.0.2.10".parse().unwrap(), "10.200.0.2".parse().unwrap()))
         );
         assert_eq!(&out[28..48], &p[..20]);
     }
@@ -208,8 +213,8 @@ mod tests {
         p[8..24].copy_from_slice(&"fd00::2".parse::<Ipv6Addr>().unwrap().octets());
         p[24..40].copy_from_slice(&"fd01::9".parse::<Ipv6Addr>().unwrap().octets());
         let mut out = Vec::new();
-        let from: Ipv6Addr = "fd00::1".parse().unwrap();
-        assert!(packet_too_big(&p, 1300, from.into(), &mut out));
+        let from: Ipv6Addr = "fd01::9".parse().unwrap();
+        assert!(packet_too_big(&p, 1300, &mut out));
         assert_eq!(out.len(), 1280);
         let to = "fd00::2".parse::<Ipv6Addr>().unwrap().octets();
         let len = ((out.len() - 40) as u32).to_be_bytes();
@@ -261,7 +266,7 @@ mod tests {
             let mut out = Vec::new();
             let _ = addresses(&bytes);
             let _ = dont_fragment(&bytes);
-            if packet_too_big(&bytes, mtu, "10.0.0.1".parse().unwrap(), &mut out) {
+            if packet_too_big(&bytes, mtu, &mut out) {
                 prop_assert!(out.len() <= ICMPV4_ERROR_MAX);
                 prop_assert_eq!(checksum(&[&out[..20]]), 0);
             }
