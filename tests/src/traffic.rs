@@ -1,0 +1,239 @@
+//! Real traffic through the lab: a Python HTTP server and curl, iperf3, ping.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+
+use crate::netns::{wait_until, Netns};
+
+pub const HTTP_PORT: u16 = 8080;
+
+/// A file of random bytes and its digest.
+pub struct Blob {
+    pub path: PathBuf,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// Writes `size` random bytes to `dir/name` (random so no layer can compress them away).
+pub fn make_blob(dir: &Path, name: &str, size: u64) -> Result<Blob> {
+    fs::create_dir_all(dir)?;
+    let path = dir.join(name);
+    let mut file = std::io::BufWriter::new(
+        fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?,
+    );
+    let mut hasher = Sha256::new();
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut left = size;
+    let mut rng = rand::thread_rng();
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        rng.fill_bytes(&mut chunk[..n]);
+        hasher.update(&chunk[..n]);
+        file.write_all(&chunk[..n])?;
+        left -= n as u64;
+    }
+    file.flush()?;
+    Ok(Blob {
+        path,
+        size,
+        sha256: hex::encode(hasher.finalize()),
+    })
+}
+
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut file =
+        fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Serves `dir` over HTTP on `addr:HTTP_PORT` in `role` (Python's http.server), ready on return.
+pub fn serve_http(net: &mut Netns, role: &str, dir: &Path, addr: &str) -> Result<()> {
+    let port = HTTP_PORT.to_string();
+    let dir_s = dir.display().to_string();
+    net.spawn(
+        role,
+        "http-server",
+        &[
+            "python3",
+            "-m",
+            "http.server",
+            "--bind",
+            addr,
+            "--directory",
+            &dir_s,
+            &port,
+        ],
+        &[],
+    )?;
+    let url = format!("http://{addr}:{port}/");
+    wait_until(Duration::from_secs(10), "the HTTP server", || {
+        net.try_exec(
+            role,
+            &["curl", "-s", "-o", "/dev/null", "--max-time", "1", &url],
+        )
+        .is_ok_and(|o| o.status.success())
+    })
+}
+
+/// A finished download.
+pub struct Download {
+    pub seconds: f64,
+    pub bytes: u64,
+}
+
+/// Downloads `url` with curl in `role` into `out`.
+pub fn download(
+    net: &Netns,
+    role: &str,
+    url: &str,
+    out: &Path,
+    timeout: Duration,
+) -> Result<Download> {
+    let out_s = out.display().to_string();
+    let max = timeout.as_secs().to_string();
+    let output = net.exec(
+        role,
+        &[
+            "curl",
+            "-sS",
+            "--fail",
+            "--max-time",
+            &max,
+            "-o",
+            &out_s,
+            "-w",
+            "%{time_total} %{size_download}",
+            url,
+        ],
+    )?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut parts = text.split_whitespace();
+    let seconds = parts
+        .next()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("curl printed no time: {text}"))?;
+    let bytes = parts
+        .next()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("curl printed no size: {text}"))?;
+    Ok(Download { seconds, bytes })
+}
+
+/// iperf3 TCP throughput from `client_role` to `server_addr` in `server_role`, in Mbit/s
+/// (what the receiver got).
+pub fn iperf3(
+    net: &mut Netns,
+    server_role: &str,
+    client_role: &str,
+    server_addr: &str,
+    seconds: u32,
+) -> Result<f64> {
+    let name = format!("iperf3-server-{}", rand::random::<u32>());
+    net.spawn(
+        server_role,
+        &name,
+        &["iperf3", "-s", "-1", "-B", server_addr],
+        &[],
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
+    let secs = seconds.to_string();
+    let out = net.exec(
+        client_role,
+        &[
+            "iperf3",
+            "-c",
+            server_addr,
+            "-t",
+            &secs,
+            "-O",
+            "1",
+            "--json",
+        ],
+    );
+    let _ = net.stop(&name, libc::SIGTERM);
+    let out = out?;
+    let json: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("iperf3 printed no JSON")?;
+    json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e6)
+        .ok_or_else(|| anyhow!("iperf3 JSON has no end.sum_received: {json}"))
+}
+
+/// Round-trip times in microseconds of `count` pings at `interval` seconds.
+pub fn ping_rtts(
+    net: &Netns,
+    role: &str,
+    target: &str,
+    count: u32,
+    interval: &str,
+) -> Result<Vec<f64>> {
+    let count_s = count.to_string();
+    let out = net.try_exec(
+        role,
+        &[
+            "ping", "-n", "-c", &count_s, "-i", interval, "-W", "1", target,
+        ],
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rtts: Vec<f64> = text
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|t| t.split_whitespace().next())
+        .filter_map(|ms| ms.parse::<f64>().ok())
+        .map(|ms| ms * 1000.0)
+        .collect();
+    if rtts.is_empty() {
+        bail!("no ping replies from {target}: {text}");
+    }
+    Ok(rtts)
+}
+
+/// The `p`-th percentile (0..=100) by nearest rank.
+pub fn percentile(values: &[f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), 50.0);
+        assert_eq!(percentile(&v, 99.0), 99.0);
+        assert_eq!(percentile(&[7.0], 99.0), 7.0);
+        assert!(percentile(&[], 50.0).is_nan());
+    }
+
+    #[test]
+    fn blobs_hash_what_they_wrote() {
+        let dir = std::env::temp_dir().join(format!("hf-blob-{}", std::process::id()));
+        let blob = make_blob(&dir, "b", 3 << 20 | 5).unwrap();
+        assert_eq!(sha256_file(&blob.path).unwrap(), blob.sha256);
+        assert_eq!(fs::metadata(&blob.path).unwrap().len(), blob.size);
+        fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,258 @@
+//! The tunnel, end to end: real `en` and `dn` binaries in network namespaces, real traffic.
+//!
+//! Each test builds its own lab and tears it down when it ends, passing or failing. They need
+//! root; run them one at a time (`--test-threads=1`): they share two cores.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use holdfast_lab::lab::{client_role, Credential, Lab, LabSpec, SERVER};
+use holdfast_lab::traffic;
+
+/// Labs are heavy; even if the harness runs tests in parallel, build one at a time.
+static ONE_LAB: Mutex<()> = Mutex::new(());
+
+fn root() -> bool {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: the lab needs root (network namespaces, TUN)");
+        return false;
+    }
+    true
+}
+
+fn with_lab(spec: LabSpec, body: impl FnOnce(&mut Lab) -> Result<()>) {
+    if !root() {
+        return;
+    }
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = Lab::start(&spec).expect("lab starts");
+    if let Err(e) = body(&mut lab) {
+        panic!("{e:#}\n\n{}", lab.net.logs());
+    }
+}
+
+const UP: Duration = Duration::from_secs(15);
+
+#[test]
+fn ping_reaches_the_server_through_the_tunnel() {
+    with_lab(LabSpec::default(), |lab| {
+        // Without the tunnel the server network is unreachable from the client.
+        let (_, before) = lab.ping("en1", SERVER, 2, &[])?;
+        ensure!(
+            before == 0,
+            "the client reached the server without the tunnel"
+        );
+        lab.start_client(1, &Credential::Issued("client1".into()))?;
+        let address = lab.wait_address(1, UP)?;
+        ensure!(
+            address.to_string().starts_with("10.200.0."),
+            "address {address} is not from the pool"
+        );
+        let (sent, received) = lab.ping("en1", SERVER, 20, &[])?;
+        ensure!(received == sent, "lost {} of {sent} pings", sent - received);
+        let dn = lab.dn_status()?;
+        ensure!(dn["clients"][0]["identity"] == "client1", "dn status: {dn}");
+        ensure!(
+            dn["clients"][0]["traffic"]["rx_packets"].as_u64() >= Some(20),
+            "dn status: {dn}"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn a_100_mb_transfer_arrives_intact() {
+    with_lab(LabSpec::default(), |lab| {
+        let www = lab.net.dir.join("www");
+        let blob = traffic::make_blob(&www, "blob", 100 << 20)?;
+        traffic::serve_http(&mut lab.net, "srv", &www, SERVER)?;
+        lab.start_client(1, &Credential::Issued("client1".into()))?;
+        lab.wait_address(1, UP)?;
+        let out = lab.net.dir.join("downloaded");
+        let url = format!("http://{SERVER}:{}/blob", traffic::HTTP_PORT);
+        let got = traffic::download(&lab.net, "en1", &url, &out, Duration::from_secs(120))?;
+        ensure!(
+            got.bytes == blob.size,
+            "downloaded {} of {} bytes",
+            got.bytes,
+            blob.size
+        );
+        let digest = traffic::sha256_file(&out)?;
+        ensure!(
+            digest == blob.sha256,
+            "SHA-256 differs: sent {} received {digest}",
+            blob.sha256
+        );
+        eprintln!(
+            "100 MB in {:.2} s ({:.0} Mbit/s)",
+            got.seconds,
+            blob.size as f64 * 8.0 / got.seconds / 1e6
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn a_second_client_gets_its_own_address() {
+    let spec = LabSpec {
+        clients: 2,
+        ..LabSpec::default()
+    };
+    with_lab(spec, |lab| {
+        lab.start_client(1, &Credential::Issued("client1".into()))?;
+        lab.start_client(2, &Credential::Issued("client2".into()))?;
+        let a = lab.wait_address(1, UP)?;
+        let b = lab.wait_address(2, UP)?;
+        ensure!(a != b, "both clients got {a}");
+        for i in 1..=2 {
+            let (sent, received) = lab.ping(&client_role(i), SERVER, 10, &[])?;
+            ensure!(
+                received == sent,
+                "client {i} lost {} pings",
+                sent - received
+            );
+        }
+        ensure!(
+            lab.dn_status()?["sessions"] == 2,
+            "the DN does not show two sessions"
+        );
+        Ok(())
+    });
+}
+
+/// Waits a while and checks that client 1 never got an address and cannot reach the server.
+fn assert_refused(lab: &mut Lab, reason_in_dn_log: &str) -> Result<()> {
+    std::thread::sleep(Duration::from_secs(3));
+    let status = lab.en_status(1)?;
+    ensure!(
+        status["address"].is_null(),
+        "a refused client got an address: {status}"
+    );
+    let (_, received) = lab.ping("en1", SERVER, 3, &[])?;
+    ensure!(received == 0, "a refused client reached the server");
+    let log = std::fs::read_to_string(lab.net.log_path("dn"))?;
+    ensure!(
+        log.contains(reason_in_dn_log),
+        "the DN log does not give the reason {reason_in_dn_log:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_client_with_a_certificate_from_another_ca_is_refused() {
+    with_lab(LabSpec::default(), |lab| {
+        lab.start_client(1, &Credential::Foreign("intruder".into()))?;
+        assert_refused(lab, "client refused: certificate not accepted")
+    });
+}
+
+#[test]
+fn a_revoked_client_is_refused() {
+    let spec = LabSpec {
+        revoked: vec!["stolen-laptop".into()],
+        ..LabSpec::default()
+    };
+    with_lab(spec, |lab| {
+        lab.start_client(1, &Credential::Issued("stolen-laptop".into()))?;
+        assert_refused(lab, "client refused: revoked")
+    });
+}
+
+#[test]
+fn a_forged_source_address_is_dropped_and_counted() {
+    with_lab(LabSpec::default(), |lab| {
+        lab.start_client(1, &Credential::Issued("client1".into()))?;
+        lab.wait_address(1, UP)?;
+        let before = lab.dn_status()?["dropped_spoofed"].as_u64().unwrap_or(0);
+        // A second address on the client's TUN device: the EN forwards what the kernel routes
+        // into the tunnel, so the DN is the one that must stop it.
+        lab.net.exec(
+            "en1",
+            &["ip", "addr", "add", "10.200.0.99/32", "dev", "holdfast0"],
+        )?;
+        let (_, received) = lab.ping("en1", SERVER, 5, &["-I", "10.200.0.99"])?;
+        ensure!(received == 0, "a packet with a forged source got through");
+        let after = lab.dn_status()?["dropped_spoofed"].as_u64().unwrap_or(0);
+        ensure!(
+            after >= before + 5,
+            "dropped_spoofed went from {before} to {after}"
+        );
+        // The real address still works.
+        let (sent, received) = lab.ping("en1", SERVER, 5, &[])?;
+        ensure!(received == sent, "the client's own traffic suffered");
+        Ok(())
+    });
+}
+
+#[test]
+fn an_oversized_packet_gets_packet_too_big_not_silence() {
+    with_lab(LabSpec::default(), |lab| {
+        lab.start_client(1, &Credential::Issued("client1".into()))?;
+        let address = lab.wait_address(1, UP)?.to_string();
+        // Let path MTU discovery settle, then read the session's datagram size.
+        std::thread::sleep(Duration::from_secs(2));
+        let dn = lab.dn_status()?;
+        let max = dn["clients"][0]["max_datagram"]
+            .as_u64()
+            .context("dn status has no max_datagram")?;
+        let dn_mtu = dn["mtu"].as_u64().context("dn status has no mtu")?;
+        ensure!(
+            max < dn_mtu,
+            "session datagrams ({max}) fit the DN's MTU ({dn_mtu}); nothing to test"
+        );
+        // From the server, a DF packet one byte larger than the session carries: the DN must
+        // answer "fragmentation needed" with the session's size.
+        let payload = (max + 1 - 28).to_string();
+        let out = lab.net.try_exec(
+            "srv",
+            &[
+                "ping", "-n", "-c", "1", "-M", "do", "-s", &payload, &address,
+            ],
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        ensure!(
+            text.contains(&format!("Frag needed and DF set (mtu = {max})")),
+            "no packet-too-big answer: {text}"
+        );
+        ensure!(
+            lab.dn_status()?["icmp_too_big_sent"].as_u64() >= Some(1),
+            "not counted"
+        );
+        // Within the size it goes through.
+        let fits = (max - 28).to_string();
+        let out = lab.net.try_exec(
+            "srv",
+            &["ping", "-n", "-c", "2", "-M", "do", "-s", &fits, &address],
+        )?;
+        ensure!(out.status.success(), "a fitting DF ping failed");
+        Ok(())
+    });
+}
+
+#[test]
+fn a_client_reconnects_with_its_address_after_the_dn_restarts() {
+    with_lab(LabSpec::default(), |lab| {
+        lab.start_client(1, &Credential::Issued("client1".into()))?;
+        let before = lab.wait_address(1, UP)?;
+        lab.net.stop("dn", libc::SIGKILL)?;
+        lab.start_dn()?;
+        // Traffic makes the EN hit the restarted DN, which resets the stale session.
+        let mut reached = false;
+        for _ in 0..100 {
+            if lab.ping("en1", SERVER, 1, &[])?.1 == 1 {
+                reached = true;
+                break;
+            }
+        }
+        ensure!(reached, "the client never came back");
+        let after = lab.wait_address(1, UP)?;
+        ensure!(before == after, "address changed from {before} to {after}");
+        let sessions = lab.en_status(1)?["sessions"].clone();
+        ensure!(
+            sessions[0]["connects"] == 2,
+            "expected a second connect: {sessions}"
+        );
+        Ok(())
+    });
+}
