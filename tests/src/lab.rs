@@ -297,7 +297,12 @@ impl Lab {
         argv.extend_from_slice(extra);
         argv.push(target);
         let out = self.net.try_exec(role, &argv)?;
-        parse_ping(&String::from_utf8_lossy(&out.stdout))
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() && !text.contains("packets transmitted") {
+            // No route at all ("Network is unreachable"): nothing could be sent or received.
+            return Ok((count, 0));
+        }
+        parse_ping(&text)
     }
 
     pub fn pki_dir(&self) -> &Path {
