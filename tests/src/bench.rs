@@ -190,7 +190,7 @@ fn veth(lab: &mut Lab, seconds: u32) -> Result<Figures> {
             &dn_address_for_client(1),
         ],
     )?;
-    let client_net = format!("{}/24", client_underlay_address(1));
+    let client_net = format!("{}/32", client_underlay_address(1));
     lab.net.exec(
         "srv",
         &["ip", "route", "replace", &client_net, "via", "10.0.2.1"],
