@@ -119,7 +119,7 @@ fn print_status(status: &serde_json::Value) {
     }
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {

@@ -71,7 +71,7 @@ fn print_status(s: &serde_json::Value) {
     }
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
     let config = EnConfig::load(&cli.config)?;
