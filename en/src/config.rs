@@ -119,6 +119,13 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_is_valid() {
+        let text = include_str!("../../examples/en.toml");
+        let c = EnConfig::parse(text, Path::new("/etc/holdfast")).unwrap();
+        assert_eq!(c.dns[0].endpoint.to_string(), "192.0.2.10:4433");
+    }
+
+    #[test]
     fn rejects_bad_input_with_the_key_named() {
         let base = Path::new("/");
         let head = "cert = \"a\"\nkey = \"b\"\nserver_ca = \"c\"\n";

@@ -314,6 +314,14 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_is_valid() {
+        let text = include_str!("../../examples/cluster.toml");
+        let c = Cluster::parse(text, Path::new("/etc/holdfast")).unwrap();
+        assert_eq!(c.dns[0].plan.gateway().to_string(), "10.200.0.1");
+        assert_eq!(c.revoked_clients, ["stolen-laptop"]);
+    }
+
+    #[test]
     fn errors_name_the_offending_key() {
         let overlap = cluster(&(dn("dn1", "10.200.0.0/16") + &dn("dn2", "10.200.5.0/24")));
         assert!(err(&overlap).starts_with("dn[1].pool: 10.200.5.0/24 (dn2) overlaps"));
