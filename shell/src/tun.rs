@@ -25,7 +25,12 @@ pub struct Tun {
 
 /// Creates the TUN device `name` with `address/prefix` and `mtu`, up, with offloads.
 pub fn open(name: &str, address: IpAddr, prefix: u8, mtu: u16) -> Result<Tun> {
-    let builder = DeviceBuilder::new().name(name).mtu(mtu).offload(true);
+    // Created down, so that nothing is sent before IPv6 is switched off below.
+    let builder = DeviceBuilder::new()
+        .name(name)
+        .mtu(mtu)
+        .offload(true)
+        .enable(false);
     let builder = match address {
         IpAddr::V4(v4) => builder.ipv4(v4, prefix, None),
         IpAddr::V6(v6) => builder.ipv6(v6, prefix),
@@ -41,6 +46,8 @@ pub fn open(name: &str, address: IpAddr, prefix: u8, mtu: u16) -> Result<Tun> {
             tracing::debug!(error = %e, "cannot disable IPv6 on {name}");
         }
     }
+    dev.enabled(true)
+        .with_context(|| format!("cannot bring {name} up"))?;
     Ok(Tun {
         dev,
         name: name.to_owned(),
