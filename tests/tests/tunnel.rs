@@ -256,3 +256,28 @@ fn a_client_reconnects_with_its_address_after_the_dn_restarts() {
         Ok(())
     });
 }
+
+#[test]
+fn a_pushed_default_route_keeps_the_dn_endpoint_outside_the_tunnel() {
+    let spec = LabSpec {
+        client_routes: vec!["0.0.0.0/0".into()],
+        ..LabSpec::default()
+    };
+    with_lab(spec, |lab| {
+        lab.start_client(1, &Credential::Issued("client1".into()))?;
+        lab.wait_address(1, UP)?;
+        let routes = lab.net.exec("en1", &["ip", "-4", "route", "show"])?;
+        let routes = String::from_utf8_lossy(&routes.stdout).to_string();
+        for want in [
+            "0.0.0.0/1 dev holdfast0",
+            "128.0.0.0/1 dev holdfast0",
+            "10.0.1.2 dev to-dn",
+        ] {
+            ensure!(routes.contains(want), "no route {want:?} in:\n{routes}");
+        }
+        // Everything goes through the tunnel, and the session itself still reaches the DN.
+        let (sent, received) = lab.ping("en1", SERVER, 20, &[])?;
+        ensure!(received == sent, "lost {} of {sent} pings", sent - received);
+        Ok(())
+    });
+}
