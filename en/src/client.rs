@@ -305,14 +305,18 @@ async fn ensure_tunnel(
         if lease.routes.iter().any(|r| r.contains(&ip)) {
             let hop: NextHop = routes.lookup(ip).await?;
             let host = IpNet::from(ip);
-            routes.replace_via(host, &hop).await?;
+            routes.replace(host, &hop, None).await?;
             info!(endpoint = %ip, ?hop, "keeping the DN endpoint outside the tunnel");
             exemptions.push(host);
         }
     }
+    let through_tunnel = NextHop {
+        gateway: None,
+        oif: Some(index),
+    };
     for net in &lease.routes {
         for part in split_default(*net) {
-            routes.replace(part, index, None).await?;
+            routes.replace(part, &through_tunnel, None).await?;
         }
     }
     info!(tun = %shared.config.tun, %address, mtu, routes = ?lease.routes, "tunnel configured");

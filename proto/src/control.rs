@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use crate::lease::{LeaseTicket, TicketError};
-use crate::wire::{DecodeError, Reader, Writer};
+use crate::wire::{truncate_str, DecodeError, Reader, Writer};
 
 const FRAME_HEADER: usize = 3;
 /// Largest body a frame may carry; bigger announced lengths are rejected before buffering.
@@ -117,7 +117,7 @@ impl Message {
             Message::Refused { code, reason } => {
                 w.u8(*code as u8);
                 // Keep the frame bounded whatever the reason's length.
-                w.long_str(&reason[..floor_char_boundary(reason, 1024)]);
+                w.long_str(truncate_str(reason, 1024));
                 T_REFUSED
             }
         };
@@ -183,14 +183,6 @@ impl Message {
         r.finish()?;
         Ok(Some((msg, FRAME_HEADER + len)))
     }
-}
-
-fn floor_char_boundary(s: &str, max: usize) -> usize {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    end
 }
 
 /// QUIC application close codes, so each end can tell the other (and its logs) why a session ended.

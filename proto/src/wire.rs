@@ -20,6 +20,15 @@ pub enum DecodeError {
 }
 
 const FAMILY_V4: u8 = 4;
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+pub fn truncate_str(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
 const FAMILY_V6: u8 = 6;
 
 /// Appends encoded values to a caller-owned buffer.
@@ -55,22 +64,16 @@ impl<'a> Writer<'a> {
     /// A string of at most 255 bytes; longer strings are cut at a character boundary so that
     /// encoding never fails (names are validated to be short where they enter the system).
     pub fn short_str(&mut self, s: &str) {
-        let mut end = s.len().min(u8::MAX as usize);
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        self.u8(end as u8);
-        self.bytes(&s.as_bytes()[..end]);
+        let s = truncate_str(s, u8::MAX as usize);
+        self.u8(s.len() as u8);
+        self.bytes(s.as_bytes());
     }
 
     /// A string of at most 65535 bytes, cut like [`Writer::short_str`].
     pub fn long_str(&mut self, s: &str) {
-        let mut end = s.len().min(u16::MAX as usize);
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        self.u16(end as u16);
-        self.bytes(&s.as_bytes()[..end]);
+        let s = truncate_str(s, u16::MAX as usize);
+        self.u16(s.len() as u16);
+        self.bytes(s.as_bytes());
     }
 
     pub fn ip(&mut self, ip: IpAddr) {

@@ -57,21 +57,9 @@ impl Routes {
         Ok(b.build())
     }
 
-    /// Adds or replaces (same destination and metric) a route to `dest` out of `oif`.
-    pub async fn replace(&self, dest: IpNet, oif: u32, metric: Option<u32>) -> Result<()> {
-        let msg = Self::message(dest, Some(oif), None, metric)?;
-        self.handle
-            .route()
-            .add(msg)
-            .replace()
-            .execute()
-            .await
-            .with_context(|| format!("cannot add route {dest} dev #{oif}"))
-    }
-
-    /// Adds or replaces a route to `dest` through `hop`.
-    pub async fn replace_via(&self, dest: IpNet, hop: &NextHop) -> Result<()> {
-        let msg = Self::message(dest, hop.oif, hop.gateway, None)?;
+    /// Adds or replaces (same destination and metric) a route to `dest` through `hop`.
+    pub async fn replace(&self, dest: IpNet, hop: &NextHop, metric: Option<u32>) -> Result<()> {
+        let msg = Self::message(dest, hop.oif, hop.gateway, metric)?;
         self.handle
             .route()
             .add(msg)
