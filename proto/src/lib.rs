@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod cluster;
 pub mod control;
 pub mod dn;
+pub mod en;
 pub mod lease;
 pub mod packet;
 pub mod plan;

@@ -1,0 +1,535 @@
+//! The EN's session decisions: which DNs to connect to, which session carries traffic, and what
+//! to do when one is lost.
+//!
+//! The client keeps a session to every configured DN. The first DN to answer `Attach` leases the
+//! address and becomes the primary; the lease ticket then attaches every other session as a
+//! secondary. When the primary is lost, the next live secondary takes over at once (no handshake
+//! at failover time), and lost sessions are re-established in the background with back-off and
+//! jitter so that the client again holds every session.
+//!
+//! [`Machine`] performs no I/O: the shell feeds it [`Event`]s with the current time and performs
+//! the [`Action`]s it returns; [`Machine::poll_timeout`] says when to call
+//! [`Machine::handle_timeout`].
+
+use std::time::{Duration, Instant};
+
+use crate::backoff::Backoff;
+use crate::control::{Lease, RefuseCode};
+use crate::lease::LeaseTicket;
+
+/// Index of a DN in the client's configuration.
+pub type Dn = usize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Primary,
+    Secondary,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionState {
+    /// Handshake under way.
+    Connecting,
+    /// Handshake done; waiting for the first lease (from another DN) before attaching.
+    Ready,
+    /// `Attach` sent, answer awaited.
+    Attaching,
+    Up(Role),
+    /// Lost or refused; the next attempt is due at `retry_at`.
+    Waiting {
+        retry_at: Instant,
+    },
+}
+
+/// Why a session ended, as the shell observed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Loss {
+    /// The handshake did not complete.
+    ConnectFailed(String),
+    /// The QUIC connection closed, was reset or timed out.
+    Closed(String),
+    /// The EN's own probes judged the DN dead.
+    ProbeTimeout,
+    /// The DN's port answered "unreachable".
+    Unreachable,
+    /// Another DN reported this one dead.
+    ReportedDead,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The handshake with DN `0` completed.
+    Connected(Dn),
+    /// DN `0` answered `Attach` with a lease.
+    Leased(Dn, Lease),
+    /// DN `0` refused to carry the client.
+    Refused(Dn, RefuseCode),
+    /// DN `0`'s session is gone.
+    Lost(Dn, Loss),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Start a handshake with the DN.
+    Connect(Dn),
+    /// Send `Attach` on the DN's session, with the ticket if the client has one.
+    Attach(Dn, Option<LeaseTicket>),
+    /// Give the TUN device this lease's address, MTU and routes.
+    Configure(Lease),
+    /// Send traffic through this DN's session from now on; `None`: no session can carry it.
+    UsePrimary(Option<Dn>),
+    /// Close the DN's session (e.g. it leased a different address).
+    Close(Dn),
+}
+
+struct Slot {
+    state: SessionState,
+    backoff: Backoff,
+    last_loss: Option<Loss>,
+}
+
+pub struct Machine {
+    slots: Vec<Slot>,
+    primary: Option<Dn>,
+    /// The session whose ticket-less `Attach` will lease the address.
+    leasing: Option<Dn>,
+    lease: Option<Lease>,
+    /// Deterministic jitter source (xorshift), seeded by the shell.
+    rng: u64,
+}
+
+pub const RETRY_BASE: Duration = Duration::from_millis(200);
+pub const RETRY_MAX: Duration = Duration::from_secs(10);
+
+impl Machine {
+    /// A machine for `dns` DNs; `seed` makes the retry jitter reproducible.
+    pub fn new(dns: usize, seed: u64) -> Self {
+        Self {
+            slots: (0..dns)
+                .map(|_| Slot {
+                    state: SessionState::Connecting,
+                    backoff: Backoff::new(RETRY_BASE, RETRY_MAX),
+                    last_loss: None,
+                })
+                .collect(),
+            primary: None,
+            leasing: None,
+            lease: None,
+            rng: seed | 1,
+        }
+    }
+
+    /// The first actions: connect to every DN at once.
+    pub fn start(&mut self) -> Vec<Action> {
+        (0..self.slots.len())
+            .map(|i| {
+                self.slots[i].state = SessionState::Connecting;
+                Action::Connect(i)
+            })
+            .collect()
+    }
+
+    pub fn primary(&self) -> Option<Dn> {
+        self.primary
+    }
+
+    pub fn lease(&self) -> Option<&Lease> {
+        self.lease.as_ref()
+    }
+
+    pub fn state(&self, dn: Dn) -> Option<&SessionState> {
+        self.slots.get(dn).map(|s| &s.state)
+    }
+
+    pub fn last_loss(&self, dn: Dn) -> Option<&Loss> {
+        self.slots.get(dn).and_then(|s| s.last_loss.as_ref())
+    }
+
+    fn jitter(&mut self) -> f64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        (self.rng >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn ticket(&self) -> Option<LeaseTicket> {
+        self.lease.as_ref().map(|l| l.ticket.clone())
+    }
+
+    pub fn handle(&mut self, event: Event, now: Instant) -> Vec<Action> {
+        let mut out = Vec::new();
+        let dn = match &event {
+            Event::Connected(d)
+            | Event::Leased(d, _)
+            | Event::Refused(d, _)
+            | Event::Lost(d, _) => *d,
+        };
+        if dn >= self.slots.len() {
+            return out;
+        }
+        match event {
+            Event::Connected(d) => {
+                if self.slots[d].state != SessionState::Connecting {
+                    return out;
+                }
+                if self.lease.is_some() {
+                    self.slots[d].state = SessionState::Attaching;
+                    out.push(Action::Attach(d, self.ticket()));
+                } else if self.leasing.is_none() {
+                    self.leasing = Some(d);
+                    self.slots[d].state = SessionState::Attaching;
+                    out.push(Action::Attach(d, None));
+                } else {
+                    self.slots[d].state = SessionState::Ready;
+                }
+            }
+            Event::Leased(d, lease) => self.on_leased(d, lease, now, &mut out),
+            Event::Refused(d, code) => {
+                let loss = Loss::Closed(format!("refused: {code:?}"));
+                if matches!(code, RefuseCode::BadTicket | RefuseCode::AddressUnavailable)
+                    && self.live_sessions() == 0
+                {
+                    // Nobody carries the old address any more and its ticket is no good: start
+                    // over with a fresh lease.
+                    self.lease = None;
+                }
+                self.lose(d, loss, now, &mut out);
+            }
+            Event::Lost(d, loss) => self.lose(d, loss, now, &mut out),
+        }
+        out
+    }
+
+    fn on_leased(&mut self, d: Dn, lease: Lease, now: Instant, out: &mut Vec<Action>) {
+        if self.slots[d].state != SessionState::Attaching {
+            return;
+        }
+        match &self.lease {
+            Some(ours) if ours.ticket.claim.address != lease.ticket.claim.address => {
+                // This DN would carry another address; the client has one already. Try again
+                // later: by then the DN may accept the ticket.
+                out.push(Action::Close(d));
+                let loss = Loss::Closed(format!("leased {} instead", lease.ticket.claim.address));
+                self.lose(d, loss, now, out);
+                return;
+            }
+            Some(ours) => {
+                // A renewed ticket (later expiry) replaces the old one.
+                if lease.ticket.claim.expires_at > ours.ticket.claim.expires_at {
+                    self.lease = Some(lease.clone());
+                }
+            }
+            None => {
+                self.lease = Some(lease.clone());
+                self.leasing = None;
+                out.push(Action::Configure(lease));
+                for (i, slot) in self.slots.iter_mut().enumerate() {
+                    if slot.state == SessionState::Ready {
+                        slot.state = SessionState::Attaching;
+                        out.push(Action::Attach(
+                            i,
+                            self.lease.as_ref().map(|l| l.ticket.clone()),
+                        ));
+                    }
+                }
+            }
+        }
+        self.slots[d].backoff.reset();
+        if self.primary.is_none() {
+            self.slots[d].state = SessionState::Up(Role::Primary);
+            self.primary = Some(d);
+            out.push(Action::UsePrimary(Some(d)));
+        } else {
+            self.slots[d].state = SessionState::Up(Role::Secondary);
+        }
+    }
+
+    fn live_sessions(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| matches!(s.state, SessionState::Up(_)))
+            .count()
+    }
+
+    fn lose(&mut self, d: Dn, loss: Loss, now: Instant, out: &mut Vec<Action>) {
+        if matches!(self.slots[d].state, SessionState::Waiting { .. }) {
+            return;
+        }
+        let jitter = self.jitter();
+        let slot = &mut self.slots[d];
+        slot.state = SessionState::Waiting {
+            retry_at: now + slot.backoff.next_delay(jitter),
+        };
+        slot.last_loss = Some(loss);
+        if self.leasing == Some(d) {
+            self.leasing = None;
+            // Another session that is ready asks for the lease instead.
+            if let Some(next) = self
+                .slots
+                .iter()
+                .position(|s| s.state == SessionState::Ready)
+            {
+                self.leasing = Some(next);
+                self.slots[next].state = SessionState::Attaching;
+                out.push(Action::Attach(next, None));
+            }
+        }
+        if self.primary == Some(d) {
+            self.primary = None;
+            // The next live session after the lost one, in configuration order.
+            let n = self.slots.len();
+            let next = (1..n)
+                .map(|k| (d + k) % n)
+                .find(|&i| self.slots[i].state == SessionState::Up(Role::Secondary));
+            if let Some(i) = next {
+                self.slots[i].state = SessionState::Up(Role::Primary);
+                self.primary = Some(i);
+            }
+            out.push(Action::UsePrimary(self.primary));
+        }
+    }
+
+    /// When [`Machine::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.slots
+            .iter()
+            .filter_map(|s| match s.state {
+                SessionState::Waiting { retry_at } => Some(retry_at),
+                _ => None,
+            })
+            .min()
+    }
+
+    /// Starts the reconnects that are due.
+    pub fn handle_timeout(&mut self, now: Instant) -> Vec<Action> {
+        let mut out = Vec::new();
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            if let SessionState::Waiting { retry_at } = slot.state {
+                if retry_at <= now {
+                    slot.state = SessionState::Connecting;
+                    out.push(Action::Connect(i));
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::LeaseClaim;
+    use ed25519_dalek::SigningKey;
+    use proptest::prelude::*;
+
+    fn lease(address: &str, expires_at: u64) -> Lease {
+        Lease {
+            ticket: LeaseClaim {
+                identity: "laptop".into(),
+                address: address.parse().unwrap(),
+                issuer: "dn0".into(),
+                block: "10.200.0.0/24".parse().unwrap(),
+                issued_at: 0,
+                expires_at,
+            }
+            .sign(&SigningKey::from_bytes(&[1; 32])),
+            gateway: "10.200.0.1".parse().unwrap(),
+            mtu: 1400,
+            routes: vec![],
+        }
+    }
+
+    #[test]
+    fn first_lease_wins_then_the_ticket_attaches_the_others() {
+        let t0 = Instant::now();
+        let mut m = Machine::new(3, 7);
+        assert_eq!(
+            m.start(),
+            vec![Action::Connect(0), Action::Connect(1), Action::Connect(2)]
+        );
+        assert_eq!(
+            m.handle(Event::Connected(1), t0),
+            vec![Action::Attach(1, None)]
+        );
+        assert_eq!(m.handle(Event::Connected(0), t0), vec![]);
+        let l = lease("10.200.0.2", 100);
+        let acts = m.handle(Event::Leased(1, l.clone()), t0);
+        assert_eq!(
+            acts,
+            vec![
+                Action::Configure(l.clone()),
+                Action::Attach(0, Some(l.ticket.clone())),
+                Action::UsePrimary(Some(1))
+            ]
+        );
+        assert_eq!(
+            m.handle(Event::Connected(2), t0),
+            vec![Action::Attach(2, Some(l.ticket.clone()))]
+        );
+        assert_eq!(m.handle(Event::Leased(0, l.clone()), t0), vec![]);
+        assert_eq!(m.state(0), Some(&SessionState::Up(Role::Secondary)));
+        // The primary dies: the next live session in order takes over at once.
+        assert_eq!(
+            m.handle(Event::Lost(1, Loss::ProbeTimeout), t0),
+            vec![Action::UsePrimary(Some(0))]
+        );
+        assert!(matches!(m.state(1), Some(SessionState::Waiting { .. })));
+        // And it is reconnected in the background.
+        let due = m.poll_timeout().unwrap();
+        assert!(due > t0 && due <= t0 + RETRY_BASE);
+        assert_eq!(m.handle_timeout(due), vec![Action::Connect(1)]);
+        assert_eq!(
+            m.handle(Event::Connected(1), due),
+            vec![Action::Attach(1, Some(l.ticket.clone()))]
+        );
+    }
+
+    #[test]
+    fn a_lease_for_another_address_is_closed() {
+        let t0 = Instant::now();
+        let mut m = Machine::new(2, 1);
+        m.start();
+        m.handle(Event::Connected(0), t0);
+        m.handle(Event::Leased(0, lease("10.200.0.2", 100)), t0);
+        m.handle(Event::Connected(1), t0);
+        assert_eq!(
+            m.handle(Event::Leased(1, lease("10.200.0.9", 100)), t0),
+            vec![Action::Close(1)]
+        );
+    }
+
+    #[test]
+    fn when_every_session_is_gone_nothing_carries_traffic_and_all_reconnect() {
+        let t0 = Instant::now();
+        let mut m = Machine::new(2, 3);
+        m.start();
+        let l = lease("10.200.0.2", 100);
+        m.handle(Event::Connected(0), t0);
+        m.handle(Event::Leased(0, l.clone()), t0);
+        m.handle(Event::Connected(1), t0);
+        m.handle(Event::Leased(1, l.clone()), t0);
+        assert_eq!(
+            m.handle(Event::Lost(0, Loss::Unreachable), t0),
+            vec![Action::UsePrimary(Some(1))]
+        );
+        assert_eq!(
+            m.handle(Event::Lost(1, Loss::Closed("reset".into())), t0),
+            vec![Action::UsePrimary(None)]
+        );
+        let later = t0 + RETRY_MAX;
+        assert_eq!(
+            m.handle_timeout(later),
+            vec![Action::Connect(0), Action::Connect(1)]
+        );
+        // The client still holds its ticket and presents it.
+        assert_eq!(
+            m.handle(Event::Connected(1), later),
+            vec![Action::Attach(1, Some(l.ticket.clone()))]
+        );
+        assert_eq!(
+            m.handle(Event::Leased(1, l), later),
+            vec![Action::UsePrimary(Some(1))]
+        );
+    }
+
+    /// What the simulated world does next.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// A pending handshake with DN i completes.
+        Connect(usize),
+        /// A pending Attach on DN i is answered.
+        Answer(usize),
+        /// DN i refuses a pending Attach.
+        Refuse(usize),
+        /// DN i's session (or attempt) dies.
+        Kill(usize),
+        /// Time passes.
+        Wait(u64),
+    }
+
+    fn step(n: usize) -> impl Strategy<Value = Step> {
+        prop_oneof![
+            3 => (0..n).prop_map(Step::Connect),
+            3 => (0..n).prop_map(Step::Answer),
+            1 => (0..n).prop_map(Step::Refuse),
+            2 => (0..n).prop_map(Step::Kill),
+            2 => (0u64..3000).prop_map(Step::Wait),
+        ]
+    }
+
+    proptest! {
+        /// Against a simulated cluster that connects, answers, refuses and kills sessions in
+        /// any order: exactly the primary carries traffic, the primary is always a live session,
+        /// a live session exists only with a lease, there is a primary whenever any session is
+        /// up, and every lost session is retried within the back-off cap.
+        #[test]
+        fn sessions_fail_over_and_come_back(n in 1usize..5, steps in proptest::collection::vec(step(4), 1..120), seed in any::<u64>()) {
+            let t0 = Instant::now();
+            let mut now = t0;
+            let mut m = Machine::new(n, seed);
+            let the_lease = lease("10.200.0.2", 1_000_000);
+            // What the world has been asked to do.
+            let mut connecting = vec![false; n];
+            let mut attaching = vec![false; n];
+            let mut carrier: Option<usize> = None;
+            let mut apply = |acts: Vec<Action>, connecting: &mut Vec<bool>, attaching: &mut Vec<bool>, carrier: &mut Option<usize>| {
+                for a in acts {
+                    match a {
+                        Action::Connect(i) => connecting[i] = true,
+                        Action::Attach(i, _) => attaching[i] = true,
+                        Action::UsePrimary(p) => *carrier = p,
+                        Action::Configure(_) | Action::Close(_) => {}
+                    }
+                }
+            };
+            let acts = m.start();
+            apply(acts, &mut connecting, &mut attaching, &mut carrier);
+            for s in steps {
+                let acts = match s.clone() {
+                    Step::Connect(i) if i < n && connecting[i] => { connecting[i] = false; m.handle(Event::Connected(i), now) }
+                    Step::Answer(i) if i < n && attaching[i] => { attaching[i] = false; m.handle(Event::Leased(i, the_lease.clone()), now) }
+                    Step::Refuse(i) if i < n && attaching[i] => { attaching[i] = false; m.handle(Event::Refused(i, RefuseCode::PoolExhausted), now) }
+                    Step::Kill(i) if i < n => { connecting[i] = false; attaching[i] = false; m.handle(Event::Lost(i, Loss::ProbeTimeout), now) }
+                    Step::Wait(ms) => { now += Duration::from_millis(ms); m.handle_timeout(now) }
+                    _ => continue,
+                };
+                apply(acts, &mut connecting, &mut attaching, &mut carrier);
+
+                // The shell's view (last UsePrimary) and the machine's agree.
+                prop_assert_eq!(carrier, m.primary());
+                let primaries: Vec<usize> = (0..n).filter(|&i| m.state(i) == Some(&SessionState::Up(Role::Primary))).collect();
+                match m.primary() {
+                    Some(p) => prop_assert_eq!(primaries, vec![p]),
+                    None => {
+                        prop_assert!(primaries.is_empty());
+                        prop_assert!((0..n).all(|i| !matches!(m.state(i), Some(SessionState::Up(_)))), "a live session but no primary");
+                    }
+                }
+                if (0..n).any(|i| matches!(m.state(i), Some(SessionState::Up(_)))) {
+                    prop_assert!(m.lease().is_some());
+                }
+                // Nothing waits longer than the cap to be retried.
+                if let Some(t) = m.poll_timeout() {
+                    prop_assert!(t <= now + RETRY_MAX);
+                }
+                // No retry is overdue once timeouts have been handled.
+                if matches!(s, Step::Wait(_)) {
+                    for i in 0..n {
+                        if let Some(SessionState::Waiting { retry_at }) = m.state(i) {
+                            prop_assert!(*retry_at > now, "an overdue retry");
+                        }
+                    }
+                }
+                // A session the world is not working on is waiting for a retry, or up.
+                for i in 0..n {
+                    let st = m.state(i).cloned();
+                    match st {
+                        Some(SessionState::Connecting) => prop_assert!(connecting[i]),
+                        Some(SessionState::Attaching) => prop_assert!(attaching[i]),
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+}
