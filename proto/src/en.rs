@@ -472,7 +472,7 @@ mod tests {
             let mut connecting = vec![false; n];
             let mut attaching = vec![false; n];
             let mut carrier: Option<usize> = None;
-            let mut apply = |acts: Vec<Action>, connecting: &mut Vec<bool>, attaching: &mut Vec<bool>, carrier: &mut Option<usize>| {
+            let apply = |acts: Vec<Action>, connecting: &mut [bool], attaching: &mut [bool], carrier: &mut Option<usize>| {
                 for a in acts {
                     match a {
                         Action::Connect(i) => connecting[i] = true,
