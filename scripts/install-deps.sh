@@ -12,5 +12,11 @@ if ((${#missing[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# Name our route protocol number so `ip route` shows "proto holdfast" (DNs install their routes
+# with protocol 200; see ARCHITECTURE.md).
+if [ -d /etc/iproute2 ] && [ ! -f /etc/iproute2/rt_protos.d/holdfast.conf ]; then
+  mkdir -p /etc/iproute2/rt_protos.d
+  echo "200 holdfast" > /etc/iproute2/rt_protos.d/holdfast.conf
+fi
 # The Rust toolchain is the machine's own (rustup); nextest is optional.
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }

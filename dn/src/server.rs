@@ -15,6 +15,8 @@ use holdfast_proto::control::{close, Lease, Message};
 use holdfast_proto::dn::{Grant, LeaseBook};
 use holdfast_proto::lease::parse_signing_key;
 use holdfast_proto::packet;
+use holdfast_proto::routes::standing;
+use holdfast_shell::netlink::{NextHop, Routes};
 use holdfast_shell::quic::{send_message, ControlReader};
 use holdfast_shell::{control, quic, tls, tun, unix_now};
 use serde::Serialize;
@@ -119,7 +121,21 @@ pub async fn run(opts: Options) -> Result<()> {
         Some(&signing_key.to_bytes()),
     )?;
     let plan = spec.plan.clone();
-    let tun = tun::open(&spec.tun, plan.gateway(), plan.pool.prefix_len(), spec.mtu)?;
+    // The device holds only the DN's own address; the pool reaches it through the routes below,
+    // which carry our protocol number for the routing daemon to export.
+    let host_prefix = if plan.gateway().is_ipv4() { 32 } else { 128 };
+    let tun = tun::open(&spec.tun, plan.gateway(), host_prefix, spec.mtu)?;
+    let routes = Routes::connect()?;
+    let through_tun = NextHop {
+        gateway: None,
+        oif: Some(tun.index()?),
+    };
+    for route in standing(&cluster, &spec.name) {
+        routes
+            .replace(route.net, &through_tun, Some(route.metric))
+            .await?;
+        info!(route = %route.net, metric = route.metric, reason = %route.reason, "route installed");
+    }
     let book = LeaseBook::new(
         spec.name.clone(),
         plan.clone(),

@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use crate::lease::{parse_public_key, IssuerKeys};
 use crate::plan::{first_overlap, PoolPlan};
+use crate::routes::Metrics;
 
 pub const DEFAULT_PORT: u16 = 4433;
 pub const DEFAULT_LEASE_LIFETIME_SECS: u64 = 24 * 3600;
@@ -39,6 +40,9 @@ struct RawCluster {
     revoked_clients: Vec<String>,
     lease_lifetime_secs: Option<u64>,
     block_prefix: Option<u8>,
+    active_metric: Option<u32>,
+    home_metric: Option<u32>,
+    standby_metric: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -66,6 +70,8 @@ pub struct Cluster {
     /// Client identities or certificate SHA-256 fingerprints (hex) that are refused.
     pub revoked_clients: Vec<String>,
     pub lease_lifetime_secs: u64,
+    /// Metrics of the routes DNs install.
+    pub metrics: Metrics,
     pub dns: Vec<DnSpec>,
 }
 
@@ -181,6 +187,21 @@ impl Cluster {
         if lease_lifetime_secs == 0 {
             return Err(invalid("cluster.lease_lifetime_secs", "must be positive"));
         }
+        let defaults = Metrics::default();
+        let metrics = Metrics {
+            active: c.active_metric.unwrap_or(defaults.active),
+            home: c.home_metric.unwrap_or(defaults.home),
+            standby: c.standby_metric.unwrap_or(defaults.standby),
+        };
+        if !(metrics.active < metrics.home && metrics.home < metrics.standby) {
+            return Err(invalid(
+                "cluster.active_metric",
+                format!(
+                    "metrics must rise from active ({}) to home ({}) to standby ({})",
+                    metrics.active, metrics.home, metrics.standby
+                ),
+            ));
+        }
         if raw.dn.is_empty() {
             return Err(invalid("dn", "the cluster needs at least one [[dn]]"));
         }
@@ -259,6 +280,7 @@ impl Cluster {
             client_routes,
             revoked_clients: c.revoked_clients,
             lease_lifetime_secs,
+            metrics,
             dns,
         })
     }
@@ -311,6 +333,35 @@ mod tests {
         assert_eq!(d.cert.as_deref(), Some(Path::new("/etc/holdfast/dn.pem")));
         assert_eq!(d.tun, DEFAULT_DN_TUN);
         assert!(c.issuer_keys().get("dn2").is_some());
+    }
+
+    #[test]
+    fn standing_routes_cover_own_blocks_and_backed_blocks() {
+        use crate::routes::{standing, Reason};
+        let text = cluster(
+            &(dn("dn1", "10.200.0.0/24")
+                + &dn("dn2", "10.201.0.0/24")
+                + &dn("dn3", "10.202.0.0/24")),
+        );
+        let c = Cluster::parse(&text, Path::new("/")).unwrap();
+        let routes = standing(&c, "dn2");
+        let show: Vec<String> = routes
+            .iter()
+            .map(|r| format!("{} {} {}", r.net, r.metric, r.reason))
+            .collect();
+        assert_eq!(
+            show,
+            [
+                "10.200.0.0/25 300 standby for dn1",
+                "10.201.0.0/25 200 own block",
+                "10.201.0.128/25 200 own block",
+                "10.202.0.128/25 300 standby for dn3",
+            ]
+        );
+        assert_eq!(routes[1].reason, Reason::Home);
+        assert!(standing(&c, "nobody").is_empty());
+        let bad = text.replace("[cluster]\n", "[cluster]\nhome_metric = 400\n");
+        assert!(err(&bad).starts_with("cluster.active_metric"));
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod en;
 pub mod lease;
 pub mod packet;
 pub mod plan;
+pub mod routes;
 pub mod wire;
 
 /// ALPN protocol identifier of Holdfast sessions; the version is part of it, so a peer that

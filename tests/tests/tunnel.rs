@@ -281,3 +281,32 @@ fn a_pushed_default_route_keeps_the_dn_endpoint_outside_the_tunnel() {
         Ok(())
     });
 }
+
+#[test]
+fn the_dn_routes_its_pool_with_our_protocol_and_the_routes_die_with_it() {
+    with_lab(LabSpec::default(), |lab| {
+        let show = |lab: &Lab| -> Result<String> {
+            let out = lab
+                .net
+                .exec("dn", &["ip", "-4", "route", "show", "proto", "200"])?;
+            Ok(String::from_utf8_lossy(&out.stdout).to_string())
+        };
+        let routes = show(lab)?;
+        ensure!(
+            routes.contains("10.200.0.0/24 dev holdfast0") && routes.contains("metric 200"),
+            "no home route for the pool:\n{routes}"
+        );
+        let log = std::fs::read_to_string(lab.net.log_path("dn"))?;
+        ensure!(
+            log.contains("route installed"),
+            "route changes are not logged"
+        );
+        lab.net.stop("dn", libc::SIGKILL)?;
+        let routes = show(lab)?;
+        ensure!(
+            routes.trim().is_empty(),
+            "routes outlived the DN:\n{routes}"
+        );
+        Ok(())
+    });
+}
