@@ -1,15 +1,19 @@
-//! The EN shell: holds a QUIC session to a DN, keeps the TUN device and its routes, forwards
-//! packets both ways and reconnects with its lease ticket when the session is lost.
+//! The EN shell: performs what [`holdfast_proto::en::Machine`] decides.
+//!
+//! It holds a QUIC session to every configured DN, keeps the TUN device and its routes, sends
+//! traffic through the primary session and writes what any session delivers into the TUN
+//! device. Sessions report their fate to the driver loop as events; the machine answers with
+//! actions (connect, attach, configure, switch the primary).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use futures::FutureExt;
-use holdfast_proto::backoff::Backoff;
 use holdfast_proto::control::{close, Lease, Message, RefuseCode};
+use holdfast_proto::en::{Action, Event, Loss, Machine, Role, SessionState};
 use holdfast_proto::lease::LeaseTicket;
 use holdfast_proto::packet;
 use holdfast_shell::netlink::{NextHop, Routes};
@@ -17,14 +21,16 @@ use holdfast_shell::quic::{send_message, ControlReader};
 use holdfast_shell::{control, quic, tls, tun};
 use ipnet::IpNet;
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::config::{DnEndpoint, EnConfig};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often the TUN MTU is re-derived from the session's path MTU.
+/// How often the TUN MTU is re-derived from the primary session's path MTU.
 const MTU_CHECK: Duration = Duration::from_millis(500);
+/// Most datagrams taken from a session before one batched TUN write.
+const BATCH: usize = 64;
 
 #[derive(Default, Serialize)]
 struct Traffic {
@@ -37,40 +43,72 @@ struct Traffic {
     icmp_too_big_sent: AtomicU64,
 }
 
-#[derive(Clone, Serialize)]
-struct SessionView {
-    dn: String,
-    endpoint: SocketAddr,
-    /// connecting | up | backoff | refused
-    state: &'static str,
-    role: &'static str,
-    last_error: Option<String>,
+/// What a session task reports to the driver. `generation` tells reports of a connection that
+/// has since been replaced from current ones.
+enum Report {
+    Connected(usize, u64, quinn::Connection),
+    Leased(usize, u64, Box<(Lease, ControlStream)>),
+    Refused(usize, u64, RefuseCode, String),
+    Lost(usize, u64, Loss),
+}
+
+/// The control stream stays open for the session's life.
+struct ControlStream {
+    _send: quinn::SendStream,
+    _reader: ControlReader,
+}
+
+#[derive(Default)]
+struct Slot {
+    generation: u64,
+    conn: Option<quinn::Connection>,
+    control: Option<ControlStream>,
     connects: u64,
+    /// Unix seconds when the session last came up.
+    up_since: Option<u64>,
 }
 
 struct Shared {
     config: EnConfig,
     traffic: Traffic,
-    view: Mutex<View>,
-    /// The session packets go out on; `None` while reconnecting.
+    /// The session packets go out on; `None` while no session can carry them.
     current: watch::Sender<Option<quinn::Connection>>,
+    /// The TUN device, once the first lease configured it.
+    tun: watch::Sender<Option<Arc<tun::Tun>>>,
+    status: Mutex<Snapshot>,
 }
 
+/// What the driver last published for `en status`; counters and RTTs are read live.
 #[derive(Default)]
-struct View {
-    address: Option<IpAddr>,
-    /// The primary DN's own address inside its pool.
-    gateway: Option<IpAddr>,
-    lease_expires_at: Option<u64>,
-    mtu: Option<u16>,
-    up_since: Option<Instant>,
-    sessions: Vec<SessionView>,
+struct Snapshot {
+    base: serde_json::Value,
+    conns: Vec<Option<quinn::Connection>>,
 }
 
-/// The TUN device and what was configured around it, created on the first lease.
+impl Shared {
+    fn status(&self) -> serde_json::Value {
+        let Ok(snapshot) = self.status.lock() else {
+            return serde_json::json!({"error": "status unavailable"});
+        };
+        let mut status = snapshot.base.clone();
+        status["traffic"] = serde_json::to_value(&self.traffic).unwrap_or_default();
+        if let Some(sessions) = status["sessions"].as_array_mut() {
+            for (view, conn) in sessions.iter_mut().zip(&snapshot.conns) {
+                if let Some(c) = conn {
+                    view["rtt_us"] = (c.rtt().as_micros() as u64).into();
+                    view["max_datagram"] = c.max_datagram_size().into();
+                }
+            }
+        }
+        status
+    }
+}
+
+/// The TUN device and what was configured around it.
 struct Tunnel {
     dev: Arc<tun::Tun>,
     address: IpAddr,
+    mtu: u16,
     /// Host routes that keep DN endpoints out of the tunnel, removed on exit.
     exemptions: Vec<IpNet>,
 }
@@ -85,26 +123,12 @@ pub async fn run(config: EnConfig) -> Result<()> {
     let mut endpoint = quic::endpoint(bind, None, None)?;
     endpoint.set_default_client_config(quic::client_config(tls)?);
     let routes = Routes::connect()?;
-    let (current, _) = watch::channel(None);
     let shared = Arc::new(Shared {
-        view: Mutex::new(View {
-            sessions: config
-                .dns
-                .iter()
-                .map(|d| SessionView {
-                    dn: d.name.clone(),
-                    endpoint: d.endpoint,
-                    state: "connecting",
-                    role: "candidate",
-                    last_error: None,
-                    connects: 0,
-                })
-                .collect(),
-            ..View::default()
-        }),
         config: config.clone(),
         traffic: Traffic::default(),
-        current,
+        current: watch::channel(None).0,
+        tun: watch::channel(None).0,
+        status: Mutex::new(Snapshot::default()),
     });
     let status_shared = shared.clone();
     let _control = control::serve(config.control_socket.clone(), move |_| {
@@ -113,18 +137,28 @@ pub async fn run(config: EnConfig) -> Result<()> {
     .await?;
     info!(control = %config.control_socket.display(), dns = config.dns.len(), "en starting");
 
+    let mut driver = Driver {
+        machine: Machine::new(config.dns.len(), rand::random()),
+        slots: (0..config.dns.len()).map(|_| Slot::default()).collect(),
+        shared: shared.clone(),
+        endpoint: endpoint.clone(),
+        routes: &routes,
+        tunnel: None,
+        reports: mpsc::unbounded_channel(),
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut tunnel: Option<Tunnel> = None;
     let outcome = tokio::select! {
-        res = maintain(&shared, &endpoint, &routes, &mut tunnel) => res,
+        res = driver.run() => res,
         res = tokio::signal::ctrl_c() => { res.context("signal handler")?; info!("interrupted, shutting down"); Ok(()) }
         _ = term.recv() => { info!("terminated, shutting down"); Ok(()) }
     };
-    if let Some(conn) = shared.current.borrow().clone() {
-        conn.close(close::SHUTDOWN.into(), b"en shutting down");
+    for slot in &driver.slots {
+        if let Some(conn) = &slot.conn {
+            conn.close(close::SHUTDOWN.into(), b"en shutting down");
+        }
     }
-    endpoint.wait_idle().await;
-    if let Some(t) = tunnel {
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    if let Some(t) = &driver.tunnel {
         for net in &t.exemptions {
             if let Err(e) = routes.delete(*net, None, None).await {
                 warn!(error = %format!("{e:#}"), "could not remove endpoint route");
@@ -135,200 +169,379 @@ pub async fn run(config: EnConfig) -> Result<()> {
     outcome
 }
 
-/// Keeps one session up, forever: connect, carry traffic until it dies, back off, repeat.
-async fn maintain(
-    shared: &Arc<Shared>,
-    endpoint: &quinn::Endpoint,
-    routes: &Routes,
-    tunnel: &mut Option<Tunnel>,
-) -> Result<()> {
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-    let mut ticket: Option<LeaseTicket> = None;
-    let mut next_dn = 0usize;
-    loop {
-        let index = next_dn % shared.config.dns.len();
-        let dn = shared.config.dns[index].clone();
-        shared.set_state(index, "connecting", None);
-        match connect(endpoint, &dn, ticket.as_ref()).await {
-            Ok((conn, lease, control)) => {
-                ticket = Some(lease.ticket.clone());
-                if let Err(e) = ensure_tunnel(shared, routes, tunnel, &conn, &lease).await {
-                    conn.close(
-                        close::SHUTDOWN.into(),
-                        b"client could not configure its tunnel",
-                    );
-                    return Err(e);
+struct Driver<'a> {
+    machine: Machine,
+    slots: Vec<Slot>,
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    routes: &'a Routes,
+    tunnel: Option<Tunnel>,
+    reports: (
+        mpsc::UnboundedSender<Report>,
+        mpsc::UnboundedReceiver<Report>,
+    ),
+}
+
+impl Driver<'_> {
+    async fn run(&mut self) -> Result<()> {
+        let actions = self.machine.start();
+        self.perform(actions).await?;
+        let mut mtu_tick = tokio::time::interval(MTU_CHECK);
+        loop {
+            self.publish_status();
+            let deadline = self.machine.poll_timeout();
+            let timer = async {
+                match deadline {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => futures::future::pending().await,
                 }
-                backoff.reset();
-                shared.on_up(index, &lease);
-                let Some(t) = tunnel.as_ref() else {
-                    bail!("tunnel missing after configuration");
-                };
-                let reason = carry(shared, t, &conn).await;
-                drop(control);
-                shared.current.send_replace(None);
-                warn!(dn = %dn.name, %reason, "session lost; reconnecting");
-                shared.set_state(index, "backoff", Some(reason));
-            }
-            Err(Failure::Refused(code, reason)) => {
-                warn!(dn = %dn.name, ?code, %reason, "DN refused this client");
-                if code == RefuseCode::BadTicket || code == RefuseCode::AddressUnavailable {
-                    // The ticket is no good here (e.g. expired): ask for a fresh lease next time.
-                    ticket = None;
+            };
+            tokio::select! {
+                report = self.reports.1.recv() => {
+                    let Some(report) = report else { return Err(anyhow!("session reports ended")) };
+                    if let Some(event) = self.accept(report) {
+                        let actions = self.machine.handle(event, Instant::now());
+                        self.perform(actions).await?;
+                    }
                 }
-                shared.set_state(index, "refused", Some(format!("{code:?}: {reason}")));
-                next_dn += 1;
-            }
-            Err(Failure::Other(e)) => {
-                let e = format!("{e:#}");
-                warn!(dn = %dn.name, error = %e, "cannot connect");
-                shared.set_state(index, "backoff", Some(e));
-                next_dn += 1;
+                _ = timer => {
+                    let actions = self.machine.handle_timeout(Instant::now());
+                    self.perform(actions).await?;
+                }
+                _ = mtu_tick.tick() => self.follow_mtu(),
             }
         }
-        let delay = backoff.next_delay(rand::random::<f64>());
-        debug!(?delay, "waiting before reconnecting");
-        tokio::time::sleep(delay).await;
+    }
+
+    /// Turns a session report into a machine event, dropping reports about connections that
+    /// have since been replaced.
+    fn accept(&mut self, report: Report) -> Option<Event> {
+        let (dn, generation) = match &report {
+            Report::Connected(d, g, _)
+            | Report::Leased(d, g, ..)
+            | Report::Refused(d, g, ..)
+            | Report::Lost(d, g, _) => (*d, *g),
+        };
+        if self.slots.get(dn)?.generation != generation {
+            return None;
+        }
+        let name = self.shared.config.dns[dn].name.clone();
+        Some(match report {
+            Report::Connected(_, _, conn) => {
+                self.watch(dn, generation, &conn);
+                self.slots[dn].conn = Some(conn);
+                Event::Connected(dn)
+            }
+            Report::Leased(_, _, leased) => {
+                let (lease, control) = *leased;
+                let slot = &mut self.slots[dn];
+                slot.control = Some(control);
+                slot.connects += 1;
+                slot.up_since = Some(holdfast_shell::unix_now());
+                info!(dn = %name, address = %lease.ticket.claim.address, "session up");
+                Event::Leased(dn, lease)
+            }
+            Report::Refused(_, _, code, reason) => {
+                warn!(dn = %name, ?code, %reason, "DN refused this client");
+                self.drop_session(dn);
+                Event::Refused(dn, code)
+            }
+            Report::Lost(_, _, loss) => {
+                warn!(dn = %name, ?loss, "session lost");
+                self.drop_session(dn);
+                Event::Lost(dn, loss)
+            }
+        })
+    }
+
+    fn drop_session(&mut self, dn: usize) {
+        let slot = &mut self.slots[dn];
+        slot.generation += 1;
+        slot.control = None;
+        slot.up_since = None;
+        if let Some(conn) = slot.conn.take() {
+            conn.close(close::SHUTDOWN.into(), b"session abandoned");
+        }
+    }
+
+    async fn perform(&mut self, actions: Vec<Action>) -> Result<()> {
+        for action in actions {
+            debug!(?action, "performing");
+            match action {
+                Action::Connect(dn) => self.connect(dn),
+                Action::Attach(dn, ticket) => self.attach(dn, ticket),
+                Action::Configure(lease) => self.configure(&lease).await?,
+                Action::UsePrimary(dn) => {
+                    let conn = dn.and_then(|d| self.slots[d].conn.clone());
+                    match dn {
+                        Some(d) => info!(dn = %self.shared.config.dns[d].name, "primary session"),
+                        None => warn!("no session can carry traffic"),
+                    }
+                    self.shared.current.send_replace(conn);
+                }
+                Action::Close(dn) => self.drop_session(dn),
+            }
+        }
+        Ok(())
+    }
+
+    fn connect(&mut self, dn: usize) {
+        let slot = &mut self.slots[dn];
+        slot.generation += 1;
+        let generation = slot.generation;
+        let target = self.shared.config.dns[dn].clone();
+        let endpoint = self.endpoint.clone();
+        let tx = self.reports.0.clone();
+        tokio::spawn(async move {
+            let report = match handshake(&endpoint, &target).await {
+                Ok(conn) => Report::Connected(dn, generation, conn),
+                Err(e) => Report::Lost(dn, generation, Loss::ConnectFailed(format!("{e:#}"))),
+            };
+            let _ = tx.send(report);
+        });
+    }
+
+    /// Reports the connection's end, and writes whatever it delivers into the TUN device: after
+    /// a failover, packets may still arrive on any live session.
+    fn watch(&self, dn: usize, generation: u64, conn: &quinn::Connection) {
+        let tx = self.reports.0.clone();
+        let watched = conn.clone();
+        tokio::spawn(async move {
+            let reason = watched.closed().await;
+            let _ = tx.send(Report::Lost(
+                dn,
+                generation,
+                Loss::Closed(describe_close(&reason)),
+            ));
+        });
+        tokio::spawn(session_to_tun(self.shared.clone(), conn.clone()));
+    }
+
+    fn attach(&mut self, dn: usize, ticket: Option<LeaseTicket>) {
+        let Some(conn) = self.slots[dn].conn.clone() else {
+            return;
+        };
+        let generation = self.slots[dn].generation;
+        let tx = self.reports.0.clone();
+        tokio::spawn(async move {
+            let _ = tx.send(match attach(&conn, ticket).await {
+                Ok(leased) => Report::Leased(dn, generation, Box::new(leased)),
+                Err(AttachFailure::Refused(code, reason)) => {
+                    Report::Refused(dn, generation, code, reason)
+                }
+                Err(AttachFailure::Other(e)) => {
+                    Report::Lost(dn, generation, Loss::Closed(format!("{e:#}")))
+                }
+            });
+        });
+    }
+
+    /// Creates the TUN device and routes on the first lease; afterwards follows the address.
+    async fn configure(&mut self, lease: &Lease) -> Result<()> {
+        let address = lease.ticket.claim.address;
+        if let Some(t) = self.tunnel.as_mut() {
+            if t.address != address {
+                warn!(old = %t.address, new = %address, "address changed");
+                t.dev
+                    .set_address(address)
+                    .with_context(|| format!("cannot move {} to {address}", t.dev.name()))?;
+                t.address = address;
+            }
+            return Ok(());
+        }
+        let mtu = self
+            .machine
+            .primary()
+            .or_else(|| self.slots.iter().position(|s| s.conn.is_some()))
+            .and_then(|d| self.slots[d].conn.as_ref())
+            .map(inner_mtu)
+            .unwrap_or(1280)
+            .min(lease.mtu);
+        let config = &self.shared.config;
+        let prefix = if address.is_ipv4() { 32 } else { 128 };
+        let dev = Arc::new(tun::open(&config.tun, address, prefix, mtu)?);
+        let index = dev.index()?;
+        // Keep every DN endpoint that a pushed route would swallow on its current path.
+        let mut exemptions = Vec::new();
+        for dn in &config.dns {
+            let ip = dn.endpoint.ip();
+            if lease.routes.iter().any(|r| r.contains(&ip)) {
+                let hop: NextHop = self.routes.lookup(ip).await?;
+                let host = IpNet::from(ip);
+                self.routes.replace(host, &hop, None).await?;
+                info!(endpoint = %ip, ?hop, "keeping the DN endpoint outside the tunnel");
+                exemptions.push(host);
+            }
+        }
+        let through_tunnel = NextHop {
+            gateway: None,
+            oif: Some(index),
+        };
+        for net in &lease.routes {
+            for part in split_default(*net) {
+                self.routes.replace(part, &through_tunnel, None).await?;
+            }
+        }
+        info!(tun = %config.tun, %address, mtu, routes = ?lease.routes, "tunnel configured");
+        tokio::spawn(tun_to_session(self.shared.clone(), dev.clone()));
+        self.shared.tun.send_replace(Some(dev.clone()));
+        self.tunnel = Some(Tunnel {
+            dev,
+            address,
+            mtu,
+            exemptions,
+        });
+        Ok(())
+    }
+
+    /// Keeps the TUN MTU equal to what the primary session's path carries.
+    fn follow_mtu(&mut self) {
+        let Some(conn) = self.shared.current.borrow().clone() else {
+            return;
+        };
+        let Some(t) = self.tunnel.as_mut() else {
+            return;
+        };
+        let now = inner_mtu(&conn);
+        if now != t.mtu {
+            match t.dev.set_mtu(now) {
+                Ok(()) => {
+                    info!(from = t.mtu, to = now, "path MTU changed; TUN MTU follows");
+                    t.mtu = now;
+                }
+                Err(e) => warn!(error = %e, "cannot set the TUN MTU"),
+            }
+        }
+    }
+
+    fn publish_status(&self) {
+        let sessions: Vec<serde_json::Value> = self
+            .shared
+            .config
+            .dns
+            .iter()
+            .enumerate()
+            .map(|(i, dn)| {
+                let (state, role) = match self.machine.state(i) {
+                    Some(SessionState::Up(Role::Primary)) => ("up", "primary"),
+                    Some(SessionState::Up(Role::Secondary)) => ("up", "secondary"),
+                    Some(SessionState::Connecting) => ("connecting", "-"),
+                    Some(SessionState::Ready) => ("ready", "-"),
+                    Some(SessionState::Attaching) => ("attaching", "-"),
+                    Some(SessionState::Waiting { .. }) | None => ("backoff", "-"),
+                };
+                let slot = &self.slots[i];
+                serde_json::json!({
+                    "dn": dn.name,
+                    "endpoint": dn.endpoint,
+                    "state": state,
+                    "role": role,
+                    "up_since": slot.up_since,
+                    "connects": slot.connects,
+                    "last_error": self.machine.last_loss(i).map(|l| format!("{l:?}")),
+                })
+            })
+            .collect();
+        let lease = self.machine.lease();
+        let status = serde_json::json!({
+            "address": lease.map(|l| l.ticket.claim.address),
+            "gateway": lease.map(|l| l.gateway),
+            "lease_expires_at": lease.map(|l| l.ticket.claim.expires_at),
+            "tun": self.shared.config.tun,
+            "mtu": self.tunnel.as_ref().map(|t| t.mtu),
+            "sessions": sessions,
+        });
+        let conns = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, slot)| {
+                slot.conn
+                    .clone()
+                    .filter(|_| matches!(self.machine.state(i), Some(SessionState::Up(_))))
+            })
+            .collect();
+        if let Ok(mut s) = self.shared.status.lock() {
+            *s = Snapshot {
+                base: status,
+                conns,
+            };
+        }
     }
 }
 
-enum Failure {
+async fn handshake(endpoint: &quinn::Endpoint, dn: &DnEndpoint) -> Result<quinn::Connection> {
+    let connecting = endpoint
+        .connect(dn.endpoint, &dn.server_name)
+        .with_context(|| format!("cannot start a connection to {}", dn.endpoint))?;
+    tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| {
+            anyhow!(
+                "no answer from {} ({}) within {CONNECT_TIMEOUT:?}",
+                dn.name,
+                dn.endpoint
+            )
+        })?
+        .with_context(|| format!("handshake with {} ({}) failed", dn.name, dn.endpoint))
+}
+
+enum AttachFailure {
     Refused(RefuseCode, String),
     Other(anyhow::Error),
 }
 
-impl<E: Into<anyhow::Error>> From<E> for Failure {
-    fn from(e: E) -> Self {
-        Failure::Other(e.into())
-    }
-}
-
-/// Handshake, `Attach`, and the DN's answer.
-async fn connect(
-    endpoint: &quinn::Endpoint,
-    dn: &DnEndpoint,
-    ticket: Option<&LeaseTicket>,
-) -> Result<(quinn::Connection, Lease, ControlStream), Failure> {
-    let attempt = async {
-        let conn = endpoint
-            .connect(dn.endpoint, &dn.server_name)
-            .with_context(|| format!("cannot start a connection to {}", dn.endpoint))?
-            .await
-            .with_context(|| format!("handshake with {} ({}) failed", dn.name, dn.endpoint))?;
+/// Sends `Attach` on a new control stream and reads the DN's answer.
+async fn attach(
+    conn: &quinn::Connection,
+    ticket: Option<LeaseTicket>,
+) -> Result<(Lease, ControlStream), AttachFailure> {
+    let exchange = async {
         let (mut send, recv) = conn
             .open_bi()
             .await
             .context("cannot open the control stream")?;
-        send_message(
-            &mut send,
-            &Message::Attach {
-                ticket: ticket.cloned(),
-            },
-        )
-        .await?;
+        send_message(&mut send, &Message::Attach { ticket }).await?;
         let mut reader = ControlReader::new(recv);
-        match reader.next().await {
-            Ok(Some(Message::Leased(lease))) => Ok((
-                conn,
-                lease,
-                ControlStream {
-                    _send: send,
-                    _reader: reader,
-                },
-            )),
-            Ok(Some(Message::Refused { code, reason })) => Err(Failure::Refused(code, reason)),
-            Ok(other) => Err(Failure::Other(anyhow!(
-                "unexpected answer to Attach: {other:?}"
-            ))),
-            Err(e) => match conn.close_reason() {
-                Some(quinn::ConnectionError::ApplicationClosed(c)) => Err(Failure::Refused(
-                    RefuseCode::ProtocolError,
-                    format!(
-                        "{} ({})",
-                        close::describe(c.error_code.into_inner()),
-                        String::from_utf8_lossy(&c.reason)
-                    ),
-                )),
-                _ => Err(Failure::Other(e)),
-            },
+        let answer = reader.next().await;
+        Ok::<_, anyhow::Error>((send, reader, answer))
+    };
+    let (send, reader, answer) = match tokio::time::timeout(CONNECT_TIMEOUT, exchange).await {
+        Ok(Ok(parts)) => parts,
+        Ok(Err(e)) => return Err(AttachFailure::Other(refusal_or(conn, e))),
+        Err(_) => {
+            return Err(AttachFailure::Other(anyhow!(
+                "no answer to Attach within {CONNECT_TIMEOUT:?}"
+            )))
         }
     };
-    match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
-        Ok(res) => res,
-        Err(_) => Err(Failure::Other(anyhow!(
-            "no answer from {} ({}) within {CONNECT_TIMEOUT:?}",
-            dn.name,
-            dn.endpoint
+    match answer {
+        Ok(Some(Message::Leased(lease))) => Ok((
+            lease,
+            ControlStream {
+                _send: send,
+                _reader: reader,
+            },
+        )),
+        Ok(Some(Message::Refused { code, reason })) => Err(AttachFailure::Refused(code, reason)),
+        Ok(other) => Err(AttachFailure::Other(anyhow!(
+            "unexpected answer to Attach: {other:?}"
         ))),
+        Err(e) => Err(AttachFailure::Other(refusal_or(conn, e))),
     }
 }
 
-/// The control stream stays open for the session's life.
-struct ControlStream {
-    _send: quinn::SendStream,
-    _reader: ControlReader,
+/// A DN that closed the connection said why; prefer its words to the stream error.
+fn refusal_or(conn: &quinn::Connection, e: anyhow::Error) -> anyhow::Error {
+    match conn.close_reason() {
+        Some(reason) => anyhow!(describe_close(&reason)),
+        None => e,
+    }
 }
 
 fn inner_mtu(conn: &quinn::Connection) -> u16 {
     let size = conn.max_datagram_size().unwrap_or(1200);
     u16::try_from(size).unwrap_or(u16::MAX).clamp(576, 9000)
-}
-
-/// Creates the TUN device and routes on the first lease; afterwards only checks the address.
-async fn ensure_tunnel(
-    shared: &Arc<Shared>,
-    routes: &Routes,
-    tunnel: &mut Option<Tunnel>,
-    conn: &quinn::Connection,
-    lease: &Lease,
-) -> Result<()> {
-    let address = lease.ticket.claim.address;
-    let mtu = inner_mtu(conn).min(lease.mtu);
-    if let Some(t) = tunnel.as_mut() {
-        if t.address != address {
-            // A new lease from a DN that lost our old one: move the device to the new address.
-            warn!(old = %t.address, new = %address, "address changed");
-            t.dev
-                .set_address(address)
-                .with_context(|| format!("cannot move {} to {address}", t.dev.name()))?;
-            t.address = address;
-        }
-        return Ok(());
-    }
-    let prefix = if address.is_ipv4() { 32 } else { 128 };
-    let dev = Arc::new(tun::open(&shared.config.tun, address, prefix, mtu)?);
-    let index = dev.index()?;
-    // Keep every DN endpoint that a pushed route would swallow on its current path.
-    let mut exemptions = Vec::new();
-    for dn in &shared.config.dns {
-        let ip = dn.endpoint.ip();
-        if lease.routes.iter().any(|r| r.contains(&ip)) {
-            let hop: NextHop = routes.lookup(ip).await?;
-            let host = IpNet::from(ip);
-            routes.replace(host, &hop, None).await?;
-            info!(endpoint = %ip, ?hop, "keeping the DN endpoint outside the tunnel");
-            exemptions.push(host);
-        }
-    }
-    let through_tunnel = NextHop {
-        gateway: None,
-        oif: Some(index),
-    };
-    for net in &lease.routes {
-        for part in split_default(*net) {
-            routes.replace(part, &through_tunnel, None).await?;
-        }
-    }
-    info!(tun = %shared.config.tun, %address, mtu, routes = ?lease.routes, "tunnel configured");
-    let t = Tunnel {
-        dev,
-
-        address,
-        exemptions,
-    };
-    tokio::spawn(tun_to_session(shared.clone(), t.dev.clone()));
-    *tunnel = Some(t);
-    Ok(())
 }
 
 /// A default route is installed as its two halves so that the original default route stays
@@ -343,52 +556,6 @@ fn split_default(net: IpNet) -> Vec<IpNet> {
     }
 }
 
-/// Most datagrams taken from the session before one batched TUN write.
-const BATCH: usize = 64;
-
-/// Carries the session's datagrams into the TUN device and keeps the MTU in step with the path
-/// until the session ends; returns why it ended.
-async fn carry(shared: &Shared, tunnel: &Tunnel, conn: &quinn::Connection) -> String {
-    shared.current.send_replace(Some(conn.clone()));
-    let mut mtu = inner_mtu(conn);
-    let mut mtu_tick = tokio::time::interval(MTU_CHECK);
-    let mut writer = tun::Writer::default();
-    let mut batch = Vec::with_capacity(BATCH);
-    loop {
-        tokio::select! {
-            datagram = conn.read_datagram() => {
-                let mut next = match datagram {
-                    Ok(d) => Some(d),
-                    Err(e) => return describe_close(&e),
-                };
-                // Take whatever else has already arrived, so the TUN write can coalesce it.
-                while let Some(d) = next.take() {
-                    shared.traffic.rx_packets.fetch_add(1, Relaxed);
-                    shared.traffic.rx_bytes.fetch_add(d.len() as u64, Relaxed);
-                    batch.push(d);
-                    if batch.len() < BATCH {
-                        next = conn.read_datagram().now_or_never().and_then(Result::ok);
-                    }
-                }
-                if let Err(e) = writer.send(&tunnel.dev, &batch).await {
-                    debug!(error = %e, "TUN write failed");
-                }
-                batch.clear();
-            }
-            _ = mtu_tick.tick() => {
-                let now = inner_mtu(conn);
-                if now != mtu {
-                    match tunnel.dev.set_mtu(now) {
-                        Ok(()) => { info!(from = mtu, to = now, "path MTU changed; TUN MTU follows"); mtu = now; }
-                        Err(e) => warn!(error = %e, "cannot set the TUN MTU"),
-                    }
-                    if let Ok(mut v) = shared.view.lock() { v.mtu = Some(mtu); }
-                }
-            }
-        }
-    }
-}
-
 fn describe_close(e: &quinn::ConnectionError) -> String {
     match e {
         quinn::ConnectionError::ApplicationClosed(c) => format!(
@@ -400,7 +567,36 @@ fn describe_close(e: &quinn::ConnectionError) -> String {
     }
 }
 
-/// Sends every packet the kernel routes into the TUN device over the current session.
+/// Writes what one session delivers into the TUN device until the session ends.
+async fn session_to_tun(shared: Arc<Shared>, conn: quinn::Connection) {
+    let mut tun_rx = shared.tun.subscribe();
+    let mut writer = tun::Writer::default();
+    let mut batch = Vec::with_capacity(BATCH);
+    loop {
+        let mut next = match conn.read_datagram().await {
+            Ok(d) => Some(d),
+            Err(_) => return,
+        };
+        // Take whatever else has already arrived, so the TUN write can coalesce it.
+        while let Some(d) = next.take() {
+            shared.traffic.rx_packets.fetch_add(1, Relaxed);
+            shared.traffic.rx_bytes.fetch_add(d.len() as u64, Relaxed);
+            batch.push(d);
+            if batch.len() < BATCH {
+                next = conn.read_datagram().now_or_never().and_then(Result::ok);
+            }
+        }
+        let dev = tun_rx.borrow_and_update().clone();
+        if let Some(dev) = dev {
+            if let Err(e) = writer.send(&dev, &batch).await {
+                debug!(error = %e, "TUN write failed");
+            }
+        }
+        batch.clear();
+    }
+}
+
+/// Sends every packet the kernel routes into the TUN device over the primary session.
 async fn tun_to_session(shared: Arc<Shared>, dev: Arc<tun::Tun>) {
     let traffic = &shared.traffic;
     let mut current = shared.current.subscribe();
@@ -443,66 +639,5 @@ async fn tun_to_session(shared: Arc<Shared>, dev: Arc<tun::Tun>) {
                 Err(e) => debug!(error = %e, "datagram not sent"),
             }
         }
-    }
-}
-
-impl Shared {
-    fn set_state(&self, index: usize, state: &'static str, error: Option<String>) {
-        if let Ok(mut v) = self.view.lock() {
-            if state != "up" {
-                v.up_since = None;
-            }
-            if let Some(s) = v.sessions.get_mut(index) {
-                s.state = state;
-                s.role = "candidate";
-                if error.is_some() {
-                    s.last_error = error;
-                }
-            }
-        }
-    }
-
-    fn on_up(&self, index: usize, lease: &Lease) {
-        info!(dn = %self.config.dns[index].name, address = %lease.ticket.claim.address, "session up");
-        if let Ok(mut v) = self.view.lock() {
-            v.address = Some(lease.ticket.claim.address);
-            v.gateway = Some(lease.gateway);
-            v.lease_expires_at = Some(lease.ticket.claim.expires_at);
-            v.up_since = Some(Instant::now());
-            if let Some(s) = v.sessions.get_mut(index) {
-                s.state = "up";
-                s.role = "primary";
-                s.connects += 1;
-            }
-        }
-    }
-
-    fn status(&self) -> serde_json::Value {
-        let conn = self.current.borrow().clone();
-        let Ok(v) = self.view.lock() else {
-            return serde_json::json!({"error": "status unavailable"});
-        };
-        let sessions: Vec<serde_json::Value> = v
-            .sessions
-            .iter()
-            .map(|s| {
-                let mut j = serde_json::to_value(s).unwrap_or_default();
-                if let (Some(c), true) = (&conn, s.state == "up") {
-                    j["rtt_us"] = (c.rtt().as_micros() as u64).into();
-                    j["max_datagram"] = c.max_datagram_size().into();
-                }
-                j
-            })
-            .collect();
-        serde_json::json!({
-            "address": v.address,
-            "gateway": v.gateway,
-            "tun": self.config.tun,
-            "mtu": v.mtu.or_else(|| conn.as_ref().map(inner_mtu)),
-            "up_secs": v.up_since.map(|t| t.elapsed().as_secs()),
-            "lease_expires_at": v.lease_expires_at,
-            "sessions": sessions,
-            "traffic": self.traffic,
-        })
     }
 }

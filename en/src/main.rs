@@ -36,11 +36,10 @@ enum Command {
 fn print_status(s: &serde_json::Value) {
     let t = &s["traffic"];
     println!(
-        "address {}  tun {}  mtu {}  up {}s",
+        "address {}  tun {}  mtu {}",
         s["address"].as_str().unwrap_or("none (not connected)"),
         s["tun"].as_str().unwrap_or("?"),
         s["mtu"],
-        s["up_secs"]
     );
     println!(
         "sent {} pkts / {} B   received {} pkts / {} B   dropped: no session {}  too big {}",
@@ -51,21 +50,31 @@ fn print_status(s: &serde_json::Value) {
         t["dropped_no_session"],
         t["dropped_too_big"]
     );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     if let Some(sessions) = s["sessions"].as_array() {
         for x in sessions {
+            let up = x["up_since"]
+                .as_u64()
+                .filter(|_| x["state"] == "up")
+                .map(|t| format!("  up {}s", now.saturating_sub(t)))
+                .unwrap_or_default();
+            let rtt = x["rtt_us"]
+                .as_u64()
+                .map(|r| format!("  rtt {r} us"))
+                .unwrap_or_default();
+            let error = x["last_error"]
+                .as_str()
+                .map(|e| format!("  last loss: {e}"))
+                .unwrap_or_default();
             println!(
-                "  {:<10} {:<22} {:<10} {:<9} rtt {} us{}",
+                "  {:<10} {:<22} {:<10} {:<9}{rtt}{up}{error}",
                 x["dn"].as_str().unwrap_or("?"),
                 x["endpoint"].as_str().unwrap_or("?"),
                 x["state"].as_str().unwrap_or("?"),
                 x["role"].as_str().unwrap_or("?"),
-                x.get("rtt_us")
-                    .map(|v| v.to_string())
-                    .unwrap_or_else(|| "-".into()),
-                x["last_error"]
-                    .as_str()
-                    .map(|e| format!("  last error: {e}"))
-                    .unwrap_or_default()
             );
         }
     }
