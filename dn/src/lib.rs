@@ -1,4 +1,5 @@
 //! Holdfast's decapsulation node: the `dn` binary's library.
 
 pub mod pki;
+pub mod routes;
 pub mod server;

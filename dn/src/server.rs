@@ -14,11 +14,11 @@ use holdfast_proto::cluster::{Cluster, DnSpec};
 use holdfast_proto::control::{close, Lease, Message};
 use holdfast_proto::dn::{Grant, LeaseBook};
 use holdfast_proto::lease::parse_signing_key;
-use holdfast_proto::packet;
-use holdfast_proto::routes::standing;
-use holdfast_shell::netlink::{NextHop, Routes};
+use holdfast_proto::{packet, probe};
 use holdfast_shell::quic::{send_message, ControlReader};
 use holdfast_shell::{control, quic, tls, tun, unix_now};
+
+use crate::routes::RouteInjector;
 use serde::Serialize;
 use tracing::{debug, info, warn, Instrument};
 
@@ -60,6 +60,12 @@ struct Session {
     address: IpAddr,
     conn: quinn::Connection,
     traffic: Traffic,
+    /// For a client of another DN's pool: that DN and the block (a secondary session).
+    foreign: Option<(String, ipnet::IpNet)>,
+    /// Set once the client's traffic arrived here on a foreign session.
+    promoted: std::sync::atomic::AtomicBool,
+    /// The DN's half of the control stream.
+    control: tokio::sync::Mutex<quinn::SendStream>,
 }
 
 struct Dn {
@@ -69,6 +75,7 @@ struct Dn {
     /// The host table: leased address -> the session that carries it. O(1) per packet.
     hosts: RwLock<HashMap<IpAddr, Arc<Session>>>,
     tun: tun::Tun,
+    routes: tokio::sync::Mutex<RouteInjector>,
     counters: Counters,
 }
 
@@ -125,17 +132,7 @@ pub async fn run(opts: Options) -> Result<()> {
     // which carry our protocol number for the routing daemon to export.
     let host_prefix = if plan.gateway().is_ipv4() { 32 } else { 128 };
     let tun = tun::open(&spec.tun, plan.gateway(), host_prefix, spec.mtu)?;
-    let routes = Routes::connect()?;
-    let through_tun = NextHop {
-        gateway: None,
-        oif: Some(tun.index()?),
-    };
-    for route in standing(&cluster, &spec.name) {
-        routes
-            .replace(route.net, &through_tun, Some(route.metric))
-            .await?;
-        info!(route = %route.net, metric = route.metric, reason = %route.reason, "route installed");
-    }
+    let routes = RouteInjector::start(&cluster, &spec.name, tun.index()?).await?;
     let book = LeaseBook::new(
         spec.name.clone(),
         plan.clone(),
@@ -149,6 +146,7 @@ pub async fn run(opts: Options) -> Result<()> {
         book: Mutex::new(book),
         hosts: RwLock::new(HashMap::new()),
         tun,
+        routes: tokio::sync::Mutex::new(routes),
         counters: Counters::default(),
     });
     let status_dn = dn.clone();
@@ -208,14 +206,21 @@ async fn serve_session(dn: Arc<Dn>, incoming: quinn::Incoming) {
     match attach(&dn, &conn, &identity, remote).await {
         Ok(session) => {
             let reason = carry(&dn, &session).await;
-            let mut hosts = dn.hosts.write().unwrap_or_else(|e| e.into_inner());
-            if hosts
-                .get(&session.address)
-                .is_some_and(|s| s.conn.stable_id() == conn.stable_id())
-            {
-                hosts.remove(&session.address);
+            let gone = {
+                let mut hosts = dn.hosts.write().unwrap_or_else(|e| e.into_inner());
+                if hosts
+                    .get(&session.address)
+                    .is_some_and(|s| s.conn.stable_id() == conn.stable_id())
+                {
+                    hosts.remove(&session.address);
+                }
+                !hosts.contains_key(&session.address)
+            };
+            if gone && session.promoted.load(Relaxed) {
+                if let Err(e) = dn.routes.lock().await.release(session.address).await {
+                    warn!(error = %format!("{e:#}"), "cannot withdraw the client's route");
+                }
             }
-            drop(hosts);
             info!(client = %identity, %remote, address = %session.address, %reason, "session ended");
         }
         Err(e) => {
@@ -278,11 +283,25 @@ async fn attach(
     };
     let ticket = grant.ticket().clone();
     let address = ticket.claim.address;
+    let lease = Lease {
+        ticket,
+        gateway: dn.spec.plan.gateway(),
+        mtu: dn.spec.mtu,
+        routes: dn.client_routes.clone(),
+    };
+    send_message(&mut send, &Message::Leased(lease)).await?;
+    let foreign = match &grant {
+        Grant::Home(_) => None,
+        Grant::Foreign(t) => Some((t.claim.issuer.clone(), t.claim.block)),
+    };
     let session = Arc::new(Session {
         identity: identity.to_owned(),
         address,
         conn: conn.clone(),
         traffic: Traffic::default(),
+        foreign,
+        promoted: std::sync::atomic::AtomicBool::new(false),
+        control: tokio::sync::Mutex::new(send),
     });
     let replaced = dn
         .hosts
@@ -294,24 +313,16 @@ async fn attach(
         old.conn
             .close(close::REPLACED.into(), b"replaced by a newer session");
     }
-    let lease = Lease {
-        ticket,
-        gateway: dn.spec.plan.gateway(),
-        mtu: dn.spec.mtu,
-        routes: dn.client_routes.clone(),
-    };
-    send_message(&mut send, &Message::Leased(lease)).await?;
     dn.counters.sessions_accepted.fetch_add(1, Relaxed);
     let kind = match grant {
         Grant::Home(_) => "home",
-        Grant::Foreign(_) => "foreign",
+        Grant::Foreign(_) => "foreign (secondary)",
     };
     info!(client = %identity, %remote, %address, lease = kind, "client attached");
     // Keep reading the control stream: the session needs no further messages today, and any
     // malformed one ends it.
     let watcher = conn.clone();
     tokio::spawn(async move {
-        let _keep_send_open = send;
         loop {
             match reader.next().await {
                 Ok(Some(msg)) => debug!(?msg, "ignoring control message"),
@@ -325,8 +336,6 @@ async fn attach(
                 }
             }
         }
-        // Hold the send half until the connection ends so the EN sees no stream reset.
-        let _ = watcher.closed().await;
     });
     Ok(session)
 }
@@ -347,7 +356,13 @@ async fn carry(dn: &Dn, session: &Session) -> String {
         // Take whatever else has already arrived, so the TUN write can coalesce it.
         let mut next = Some(first);
         while let Some(datagram) = next.take() {
-            if packet::source(&datagram) == Some(session.address) {
+            if probe::is_probe(&datagram) {
+                if let Some(echo) = probe::echo_for(&datagram) {
+                    let _ = session
+                        .conn
+                        .send_datagram(bytes::Bytes::copy_from_slice(&echo));
+                }
+            } else if packet::source(&datagram) == Some(session.address) {
                 session.traffic.rx_packets.fetch_add(1, Relaxed);
                 session
                     .traffic
@@ -370,10 +385,36 @@ async fn carry(dn: &Dn, session: &Session) -> String {
                     .and_then(Result::ok);
             }
         }
+        if !batch.is_empty() && session.foreign.is_some() && !session.promoted.load(Relaxed) {
+            promote(dn, session).await;
+        }
         if let Err(e) = writer.send(&dn.tun, &batch).await {
             debug!(error = %e, "TUN write failed");
         }
         batch.clear();
+    }
+}
+
+/// The client's traffic arrived on a secondary session: it has made this DN its primary, so
+/// this DN now routes its address (no control round trip first) and says so.
+async fn promote(dn: &Dn, session: &Session) {
+    let Some((owner, block)) = &session.foreign else {
+        return;
+    };
+    session.promoted.store(true, Relaxed);
+    info!(client = %session.identity, address = %session.address, home = %owner, "client's traffic arrived here: promoted to its primary");
+    if let Err(e) = dn
+        .routes
+        .lock()
+        .await
+        .serve(session.address, owner, *block)
+        .await
+    {
+        warn!(error = %format!("{e:#}"), "cannot route the promoted client");
+    }
+    let mut control = session.control.lock().await;
+    if let Err(e) = send_message(&mut control, &Message::Promoted).await {
+        debug!(error = %format!("{e:#}"), "cannot tell the client it was promoted");
     }
 }
 
@@ -447,7 +488,18 @@ impl Dn {
             .lock()
             .map(|b| b.active_leases(unix_now()))
             .unwrap_or(0);
+        let routes: Vec<serde_json::Value> = self
+            .routes
+            .try_lock()
+            .map(|r| {
+                r.installed()
+                    .iter()
+                    .map(|x| serde_json::json!({"net": x.net, "metric": x.metric, "reason": x.reason.to_string()}))
+                    .collect()
+            })
+            .unwrap_or_default();
         let mut status = serde_json::json!({
+            "routes": routes,
             "node": self.spec.name,
             "listen": self.spec.listen,
             "pool": self.spec.plan.pool,

@@ -16,6 +16,7 @@ use holdfast_proto::control::{close, Lease, Message, RefuseCode};
 use holdfast_proto::en::{Action, Event, Loss, Machine, Role, SessionState};
 use holdfast_proto::lease::LeaseTicket;
 use holdfast_proto::packet;
+use holdfast_proto::probe::{self, encode_probe, ProbeConfig, Prober, Verdict};
 use holdfast_shell::netlink::{NextHop, Routes};
 use holdfast_shell::quic::{send_message, ControlReader};
 use holdfast_shell::{control, quic, tls, tun};
@@ -52,14 +53,18 @@ enum Report {
     Lost(usize, u64, Loss),
 }
 
-/// The control stream stays open for the session's life.
+/// The EN's half of the control stream, kept open for the session's life.
 struct ControlStream {
     _send: quinn::SendStream,
-    _reader: ControlReader,
 }
+
+/// A session's prober, shared by the probing task and the reader that sees the echoes; `None`
+/// until the session is up.
+type SharedProber = Arc<Mutex<Option<Prober>>>;
 
 #[derive(Default)]
 struct Slot {
+    prober: SharedProber,
     generation: u64,
     conn: Option<quinn::Connection>,
     control: Option<ControlStream>,
@@ -234,6 +239,9 @@ impl Driver<'_> {
             }
             Report::Leased(_, _, leased) => {
                 let (lease, control) = *leased;
+                if let Some(conn) = &self.slots[dn].conn {
+                    self.probe(dn, generation, conn);
+                }
                 let slot = &mut self.slots[dn];
                 slot.control = Some(control);
                 slot.connects += 1;
@@ -303,7 +311,7 @@ impl Driver<'_> {
 
     /// Reports the connection's end, and writes whatever it delivers into the TUN device: after
     /// a failover, packets may still arrive on any live session.
-    fn watch(&self, dn: usize, generation: u64, conn: &quinn::Connection) {
+    fn watch(&mut self, dn: usize, generation: u64, conn: &quinn::Connection) {
         let tx = self.reports.0.clone();
         let watched = conn.clone();
         tokio::spawn(async move {
@@ -314,7 +322,53 @@ impl Driver<'_> {
                 Loss::Closed(describe_close(&reason)),
             ));
         });
-        tokio::spawn(session_to_tun(self.shared.clone(), conn.clone()));
+        let prober = Arc::new(Mutex::new(None));
+        self.slots[dn].prober = prober.clone();
+        tokio::spawn(session_to_tun(self.shared.clone(), conn.clone(), prober));
+    }
+
+    /// Probes the DN on this session until it stops answering, then reports it dead.
+    fn probe(&self, dn: usize, generation: u64, conn: &quinn::Connection) {
+        let prober = self.slots[dn].prober.clone();
+        if let Ok(mut p) = prober.lock() {
+            *p = Some(Prober::new(
+                ProbeConfig::default(),
+                Instant::now(),
+                Some(conn.rtt()),
+            ));
+        }
+        let tx = self.reports.0.clone();
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            loop {
+                let (verdict, next) = {
+                    let Ok(mut guard) = prober.lock() else { return };
+                    let Some(p) = guard.as_mut() else { return };
+                    (p.poll(Instant::now()), p.poll_timeout())
+                };
+                match verdict {
+                    Verdict::Send(seq) => {
+                        let probe = bytes::Bytes::copy_from_slice(&encode_probe(seq));
+                        if conn.send_datagram(probe).is_err() {
+                            return;
+                        }
+                    }
+                    Verdict::Dead { silence } => {
+                        warn!(?silence, "DN stopped answering probes");
+                        let _ = tx.send(Report::Lost(dn, generation, Loss::ProbeTimeout));
+                        return;
+                    }
+                    Verdict::Wait => {}
+                }
+                if conn.close_reason().is_some() {
+                    return;
+                }
+                match next {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => return,
+                }
+            }
+        });
     }
 
     fn attach(&mut self, dn: usize, ticket: Option<LeaseTicket>) {
@@ -516,18 +570,32 @@ async fn attach(
         }
     };
     match answer {
-        Ok(Some(Message::Leased(lease))) => Ok((
-            lease,
-            ControlStream {
-                _send: send,
-                _reader: reader,
-            },
-        )),
+        Ok(Some(Message::Leased(lease))) => {
+            tokio::spawn(follow_control(reader, conn.remote_address()));
+            Ok((lease, ControlStream { _send: send }))
+        }
         Ok(Some(Message::Refused { code, reason })) => Err(AttachFailure::Refused(code, reason)),
         Ok(other) => Err(AttachFailure::Other(anyhow!(
             "unexpected answer to Attach: {other:?}"
         ))),
         Err(e) => Err(AttachFailure::Other(refusal_or(conn, e))),
+    }
+}
+
+/// Reads what the DN says after the lease, for the session's life.
+async fn follow_control(mut reader: ControlReader, dn: SocketAddr) {
+    loop {
+        match reader.next().await {
+            Ok(Some(Message::Promoted)) => {
+                info!(%dn, "the DN made itself this client's primary and routes its address")
+            }
+            Ok(Some(other)) => debug!(%dn, ?other, "ignoring control message"),
+            Ok(None) => return,
+            Err(e) => {
+                debug!(%dn, error = %format!("{e:#}"), "control stream ended");
+                return;
+            }
+        }
     }
 }
 
@@ -568,7 +636,7 @@ fn describe_close(e: &quinn::ConnectionError) -> String {
 }
 
 /// Writes what one session delivers into the TUN device until the session ends.
-async fn session_to_tun(shared: Arc<Shared>, conn: quinn::Connection) {
+async fn session_to_tun(shared: Arc<Shared>, conn: quinn::Connection, prober: SharedProber) {
     let mut tun_rx = shared.tun.subscribe();
     let mut writer = tun::Writer::default();
     let mut batch = Vec::with_capacity(BATCH);
@@ -578,12 +646,28 @@ async fn session_to_tun(shared: Arc<Shared>, conn: quinn::Connection) {
             Err(_) => return,
         };
         // Take whatever else has already arrived, so the TUN write can coalesce it.
+        let now = Instant::now();
         while let Some(d) = next.take() {
-            shared.traffic.rx_packets.fetch_add(1, Relaxed);
-            shared.traffic.rx_bytes.fetch_add(d.len() as u64, Relaxed);
-            batch.push(d);
+            if probe::is_probe(&d) {
+                if let (Some(seq), Ok(mut p)) = (probe::parse_echo(&d), prober.lock()) {
+                    if let Some(p) = p.as_mut() {
+                        p.on_echo(seq, now);
+                    }
+                }
+            } else {
+                shared.traffic.rx_packets.fetch_add(1, Relaxed);
+                shared.traffic.rx_bytes.fetch_add(d.len() as u64, Relaxed);
+                batch.push(d);
+            }
             if batch.len() < BATCH {
                 next = conn.read_datagram().now_or_never().and_then(Result::ok);
+            }
+        }
+        if !batch.is_empty() {
+            if let Ok(mut p) = prober.lock() {
+                if let Some(p) = p.as_mut() {
+                    p.on_traffic(now);
+                }
             }
         }
         let dev = tun_rx.borrow_and_update().clone();

@@ -19,6 +19,7 @@ pub const MAX_ROUTES: usize = 256;
 const T_ATTACH: u8 = 1;
 const T_LEASED: u8 = 2;
 const T_REFUSED: u8 = 3;
+const T_PROMOTED: u8 = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -29,6 +30,9 @@ pub enum Message {
     Leased(Lease),
     /// DN -> EN: the DN will not carry this client; the session closes after it.
     Refused { code: RefuseCode, reason: String },
+    /// DN -> EN, on a secondary session: the client's traffic arrived here, so this DN has made
+    /// itself the client's primary and now routes its address (thesis 4.2).
+    Promoted,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,6 +124,7 @@ impl Message {
                 w.long_str(truncate_str(reason, 1024));
                 T_REFUSED
             }
+            Message::Promoted => T_PROMOTED,
         };
         let body_len = out.len() - start - FRAME_HEADER;
         out[start] = kind;
@@ -173,6 +178,7 @@ impl Message {
                 code: RefuseCode::from_u8(r.u8("refuse code")?)?,
                 reason: r.long_str("refuse reason")?,
             },
+            T_PROMOTED => Message::Promoted,
             tag => {
                 return Err(DecodeError::UnknownTag {
                     what: "control message",
@@ -253,6 +259,7 @@ mod tests {
                 code: RefuseCode::from_u8(c).unwrap(),
                 reason
             }),
+            Just(Message::Promoted),
         ]
     }
 
@@ -289,6 +296,7 @@ mod tests {
         fn corrupted_bodies_are_errors_or_other_valid_messages(m in arb_message(), at in any::<usize>(), byte in any::<u8>()) {
             let mut buf = Vec::new();
             m.encode(&mut buf);
+            prop_assume!(buf.len() > FRAME_HEADER);
             let at = FRAME_HEADER + at % (buf.len() - FRAME_HEADER);
             buf[at] = byte;
             // Must not panic; if it decodes, it must re-encode to the same bytes.
@@ -298,6 +306,14 @@ mod tests {
                 prop_assert_eq!(&again[..], &buf[..used]);
             }
         }
+    }
+
+    #[test]
+    fn promoted_has_no_body_and_rejects_one() {
+        let mut buf = Vec::new();
+        Message::Promoted.encode(&mut buf);
+        assert_eq!(buf, [T_PROMOTED, 0, 0]);
+        assert!(Message::decode(&[T_PROMOTED, 0, 1, 0]).is_err());
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod en;
 pub mod lease;
 pub mod packet;
 pub mod plan;
+pub mod probe;
 pub mod routes;
 pub mod wire;
 

@@ -39,6 +39,10 @@ pub enum Reason {
     Home,
     /// A block of `owner`'s pool that this DN backs.
     Standby { owner: String },
+    /// A backed block of `owner`'s whose clients this DN now carries.
+    Active { owner: String },
+    /// A client of `owner`'s whose block another DN backs, carried here.
+    Host { owner: String },
 }
 
 impl fmt::Display for Reason {
@@ -46,6 +50,8 @@ impl fmt::Display for Reason {
         match self {
             Reason::Home => write!(f, "own block"),
             Reason::Standby { owner } => write!(f, "standby for {owner}"),
+            Reason::Active { owner } => write!(f, "serving for {owner}"),
+            Reason::Host { owner } => write!(f, "host for {owner}"),
         }
     }
 }
@@ -82,4 +88,166 @@ pub fn standing(cluster: &Cluster, me: &str) -> Vec<RouteSpec> {
         }
     }
     out
+}
+
+/// A DN's route decisions over time: the standing routes, plus what serving clients of other
+/// DNs adds. The shell applies the difference between successive [`RoutePlan::desired`] sets.
+#[derive(Debug, Clone)]
+pub struct RoutePlan {
+    me: String,
+    metrics: Metrics,
+    standing: Vec<RouteSpec>,
+    /// Blocks of other DNs that this DN backs, by block.
+    backed: Vec<(IpNet, String)>,
+    /// Clients of other DNs this DN actively carries: address -> (owner, block).
+    active: std::collections::BTreeMap<std::net::IpAddr, (String, IpNet)>,
+}
+
+impl RoutePlan {
+    pub fn new(cluster: &Cluster, me: &str) -> Self {
+        let standing = standing(cluster, me);
+        let backed = standing
+            .iter()
+            .filter_map(|r| match &r.reason {
+                Reason::Standby { owner } => Some((r.net, owner.clone())),
+                _ => None,
+            })
+            .collect();
+        Self {
+            me: me.to_owned(),
+            metrics: cluster.metrics,
+            standing,
+            backed,
+            active: Default::default(),
+        }
+    }
+
+    /// This DN now carries `address` (of `owner`'s pool, in `block`) for a client whose
+    /// primary it has become. Own clients change nothing: their blocks are routed already.
+    pub fn serve(&mut self, address: std::net::IpAddr, owner: &str, block: IpNet) {
+        if owner != self.me {
+            self.active.insert(address, (owner.to_owned(), block));
+        }
+    }
+
+    /// The client at `address` has left this DN.
+    pub fn release(&mut self, address: std::net::IpAddr) {
+        self.active.remove(&address);
+    }
+
+    /// Every route the DN should have now. One route per destination.
+    pub fn desired(&self) -> Vec<RouteSpec> {
+        let mut out: Vec<RouteSpec> = Vec::with_capacity(self.standing.len() + self.active.len());
+        for r in &self.standing {
+            let serving = match &r.reason {
+                Reason::Standby { .. } => self.active.values().any(|(_, b)| *b == r.net),
+                _ => false,
+            };
+            out.push(match (&r.reason, serving) {
+                (Reason::Standby { owner }, true) => RouteSpec {
+                    net: r.net,
+                    metric: self.metrics.active,
+                    reason: Reason::Active {
+                        owner: owner.clone(),
+                    },
+                },
+                _ => r.clone(),
+            });
+        }
+        for (address, (owner, block)) in &self.active {
+            if !self.backed.iter().any(|(b, _)| b == block) {
+                out.push(RouteSpec {
+                    net: IpNet::from(*address),
+                    metric: self.metrics.active,
+                    reason: Reason::Host {
+                        owner: owner.clone(),
+                    },
+                });
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn cluster(n: usize) -> Cluster {
+        let key = crate::lease::encode_key(
+            &ed25519_dalek::SigningKey::from_bytes(&[9; 32])
+                .verifying_key()
+                .to_bytes(),
+        );
+        let mut text = "[cluster]\nclient_ca = \"ca.pem\"\n".to_owned();
+        for i in 1..=n {
+            text += &format!(
+                "[[dn]]\nname = \"dn{i}\"\nendpoint = \"10.0.0.{i}\"\npool = \"10.20{i}.0.0/24\"\npublic_key = \"{key}\"\n"
+            );
+        }
+        Cluster::parse(&text, Path::new("/")).unwrap()
+    }
+
+    fn show(plan: &RoutePlan) -> Vec<String> {
+        plan.desired()
+            .iter()
+            .map(|r| format!("{} {} {}", r.net, r.metric, r.reason))
+            .collect()
+    }
+
+    #[test]
+    fn serving_a_backed_block_raises_it_and_the_last_client_lowers_it() {
+        let mut plan = RoutePlan::new(&cluster(3), "dn2");
+        let standby = show(&plan);
+        // dn1's block backed by dn2 is 10.201.0.0/25.
+        let block: IpNet = "10.201.0.0/25".parse().unwrap();
+        plan.serve("10.201.0.5".parse().unwrap(), "dn1", block);
+        plan.serve("10.201.0.6".parse().unwrap(), "dn1", block);
+        assert!(show(&plan).contains(&"10.201.0.0/25 100 serving for dn1".to_owned()));
+        plan.release("10.201.0.5".parse().unwrap());
+        assert!(show(&plan).contains(&"10.201.0.0/25 100 serving for dn1".to_owned()));
+        plan.release("10.201.0.6".parse().unwrap());
+        assert_eq!(show(&plan), standby);
+    }
+
+    #[test]
+    fn a_client_beyond_its_blocks_backup_gets_a_host_route() {
+        let mut plan = RoutePlan::new(&cluster(3), "dn2");
+        // dn1's second block is backed by dn3; dn2 carries one of its clients anyway.
+        plan.serve(
+            "10.201.0.130".parse().unwrap(),
+            "dn1",
+            "10.201.0.128/25".parse().unwrap(),
+        );
+        assert!(show(&plan).contains(&"10.201.0.130/32 100 host for dn1".to_owned()));
+        // Own clients add nothing.
+        let before = show(&plan);
+        plan.serve(
+            "10.202.0.7".parse().unwrap(),
+            "dn2",
+            "10.202.0.0/25".parse().unwrap(),
+        );
+        assert_eq!(show(&plan), before);
+    }
+
+    #[test]
+    fn one_route_per_destination() {
+        let mut plan = RoutePlan::new(&cluster(4), "dn3");
+        for (i, r) in plan.clone().desired().iter().enumerate() {
+            if let Reason::Standby { owner } = &r.reason {
+                plan.serve(r.net.addr(), owner, r.net);
+            }
+            plan.serve(
+                format!("10.204.0.{}", 200 + i).parse().unwrap(),
+                "dn4",
+                "10.204.0.192/26".parse().unwrap(),
+            );
+        }
+        let routes = plan.desired();
+        let mut nets: Vec<IpNet> = routes.iter().map(|r| r.net).collect();
+        nets.sort();
+        nets.dedup();
+        assert_eq!(nets.len(), routes.len());
+    }
 }

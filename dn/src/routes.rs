@@ -1,0 +1,83 @@
+//! Keeps the kernel's routes equal to what the DN's [`RoutePlan`] wants, through netlink, with
+//! protocol number 200 for the routing daemon to export. Every change is logged with its reason.
+
+use std::net::IpAddr;
+
+use anyhow::Result;
+use holdfast_proto::cluster::Cluster;
+use holdfast_proto::routes::{RoutePlan, RouteSpec};
+use holdfast_shell::netlink::{NextHop, Routes};
+use ipnet::IpNet;
+use tracing::{info, warn};
+
+pub struct RouteInjector {
+    netlink: Routes,
+    through_tun: NextHop,
+    plan: RoutePlan,
+    installed: Vec<RouteSpec>,
+}
+
+impl RouteInjector {
+    /// Installs the DN's standing routes into the TUN device `oif`.
+    pub async fn start(cluster: &Cluster, me: &str, oif: u32) -> Result<Self> {
+        let mut injector = Self {
+            netlink: Routes::connect()?,
+            through_tun: NextHop {
+                gateway: None,
+                oif: Some(oif),
+            },
+            plan: RoutePlan::new(cluster, me),
+            installed: Vec::new(),
+        };
+        injector.sync().await?;
+        Ok(injector)
+    }
+
+    /// This DN became the primary of a client of `owner`'s pool.
+    pub async fn serve(&mut self, address: IpAddr, owner: &str, block: IpNet) -> Result<()> {
+        self.plan.serve(address, owner, block);
+        self.sync().await
+    }
+
+    /// The client at `address` left this DN.
+    pub async fn release(&mut self, address: IpAddr) -> Result<()> {
+        self.plan.release(address);
+        self.sync().await
+    }
+
+    pub fn installed(&self) -> &[RouteSpec] {
+        &self.installed
+    }
+
+    /// Adds what is missing first, then removes what is no longer wanted, so that a route
+    /// changing metric is never absent in between.
+    async fn sync(&mut self) -> Result<()> {
+        let desired = self.plan.desired();
+        for route in &desired {
+            if !self.installed.contains(route) {
+                self.netlink
+                    .replace(route.net, &self.through_tun, Some(route.metric))
+                    .await?;
+                info!(route = %route.net, metric = route.metric, reason = %route.reason, "route installed");
+            }
+        }
+        for old in &self.installed {
+            if !desired.contains(old) {
+                match self
+                    .netlink
+                    .delete(old.net, self.through_tun.oif, Some(old.metric))
+                    .await
+                {
+                    Ok(()) => {
+                        info!(route = %old.net, metric = old.metric, was = %old.reason, "route removed")
+                    }
+                    Err(e) => {
+                        warn!(route = %old.net, error = %format!("{e:#}"), "cannot remove route")
+                    }
+                }
+            }
+        }
+        self.installed = desired;
+        Ok(())
+    }
+}
