@@ -67,20 +67,20 @@ fn holdfast(lab: &mut Lab, seconds: u32) -> Result<Figures> {
     lab.wait_address(1, Duration::from_secs(15))?;
     // Let path MTU discovery reach full-size datagrams before measuring.
     std::thread::sleep(Duration::from_secs(2));
-    let pids: Vec<u32> = ["en1", "dn"]
+    let pids: Vec<u32> = ["en1", "dn1"]
         .iter()
         .filter_map(|n| lab.net.pid(n))
         .collect();
     let figures = measure(lab, seconds, &pids)?;
     lab.net.stop("en1", libc::SIGTERM)?;
-    lab.net.stop("dn", libc::SIGTERM)?;
+    lab.net.stop("dn1", libc::SIGTERM)?;
     Ok(figures)
 }
 
 fn wg_key(lab: &Lab) -> Result<(String, String)> {
-    let private = lab.net.exec("dn", &["wg", "genkey"])?;
+    let private = lab.net.exec("dn1", &["wg", "genkey"])?;
     let private = String::from_utf8_lossy(&private.stdout).trim().to_owned();
-    let mut cmd = lab.net.command("dn", &["wg", "pubkey"]);
+    let mut cmd = lab.net.command("dn1", &["wg", "pubkey"]);
     cmd.stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped());
     let mut child = cmd.spawn()?;
@@ -110,14 +110,14 @@ fn wireguard_go(lab: &mut Lab, seconds: u32) -> Result<Figures> {
         &[],
     )?;
     lab.net.spawn(
-        "dn",
+        "dn1",
         "wireguard-go-dn",
         &["wireguard-go", "-f", &dn_if],
         &[],
     )?;
     wait_until(Duration::from_secs(5), "wireguard-go interfaces", || {
         lab.net.exec("en1", &["ip", "link", "show", &en_if]).is_ok()
-            && lab.net.exec("dn", &["ip", "link", "show", &dn_if]).is_ok()
+            && lab.net.exec("dn1", &["ip", "link", "show", &dn_if]).is_ok()
     })?;
     let en_key = dir.join("wg-en.key").display().to_string();
     let dn_key = dir.join("wg-dn.key").display().to_string();
@@ -139,7 +139,7 @@ fn wireguard_go(lab: &mut Lab, seconds: u32) -> Result<Figures> {
         ],
     )?;
     lab.net.exec(
-        "dn",
+        "dn1",
         &[
             "wg",
             "set",
@@ -162,10 +162,12 @@ fn wireguard_go(lab: &mut Lab, seconds: u32) -> Result<Figures> {
         .exec("en1", &["ip", "link", "set", &en_if, "mtu", "1420", "up"])?;
     lab.net
         .exec("en1", &["ip", "route", "add", SERVER_NET, "dev", &en_if])?;
+    lab.net.exec(
+        "dn1",
+        &["ip", "addr", "add", "10.200.0.1/24", "dev", &dn_if],
+    )?;
     lab.net
-        .exec("dn", &["ip", "addr", "add", "10.200.0.1/24", "dev", &dn_if])?;
-    lab.net
-        .exec("dn", &["ip", "link", "set", &dn_if, "mtu", "1420", "up"])?;
+        .exec("dn1", &["ip", "link", "set", &dn_if, "mtu", "1420", "up"])?;
     let pids: Vec<u32> = ["wireguard-go-en", "wireguard-go-dn"]
         .iter()
         .filter_map(|n| lab.net.pid(n))
@@ -174,7 +176,7 @@ fn wireguard_go(lab: &mut Lab, seconds: u32) -> Result<Figures> {
     lab.net.stop("wireguard-go-en", libc::SIGTERM)?;
     lab.net.stop("wireguard-go-dn", libc::SIGTERM)?;
     let _ = lab.net.exec("en1", &["ip", "link", "del", &en_if]);
-    let _ = lab.net.exec("dn", &["ip", "link", "del", &dn_if]);
+    let _ = lab.net.exec("dn1", &["ip", "link", "del", &dn_if]);
     figures
 }
 

@@ -2,11 +2,13 @@
 //!
 //! ```text
 //!  en1 10.0.1.10 ──veth── 10.0.1.2  ┐
-//!  en2 10.0.3.10 ──veth── 10.0.3.2  ├ dn (ip_forward; TUN holdfast0 10.200.0.1/24)
-//!  ...                              ┘ 10.0.2.1 ──veth── 10.0.2.10 srv (route 10.200.0.0/24 via dn)
+//!  en2 10.0.3.10 ──veth── 10.0.3.2  ├ dn1 (pool 10.200.0.0/24) 10.0.2.1 ─┐
+//!  ...                              ┘                                    ├ bridge in srv, 10.0.2.10
+//!  en1 10.1.1.10 ──veth── 10.1.1.2  ─ dn2 (pool 10.201.0.0/24) 10.0.2.2 ─┘
 //! ```
-//! The clients have no route to the server network except the one the DN pushes through the
-//! tunnel.
+//! Client i reaches DN k over its own link 10.(k-1).(2i-1).0/24. The server routes each pool
+//! to its DN. The clients have no route to the server network except the one the DNs push
+//! through the tunnel.
 
 use std::fs;
 use std::net::IpAddr;
@@ -21,8 +23,19 @@ use crate::netns::{run, wait_until, Netns};
 pub const SERVER: &str = "10.0.2.10";
 pub const SERVER_NET: &str = "10.0.2.0/24";
 pub const POOL: &str = "10.200.0.0/24";
-pub const DN: &str = "dn1";
-const DN_ON_SERVER_NET: &str = "10.0.2.1";
+
+/// DN k's name, which is also its namespace role and its process's name.
+pub fn dn_role(k: usize) -> String {
+    format!("dn{k}")
+}
+
+pub fn dn_pool(k: usize) -> String {
+    format!("10.{}.0.0/24", 199 + k)
+}
+
+fn dn_on_server_net(k: usize) -> String {
+    format!("10.0.2.{k}")
+}
 
 /// Where the product binaries are: `HOLDFAST_BIN_DIR`, or beside this executable (tests run
 /// from `target/<profile>/deps/`, so its parent too).
@@ -61,6 +74,8 @@ pub struct LabSpec {
     pub revoked: Vec<String>,
     /// Networks the DN pushes to clients.
     pub client_routes: Vec<String>,
+    /// DNs dn1..dnN.
+    pub dns: usize,
 }
 
 impl Default for LabSpec {
@@ -69,12 +84,14 @@ impl Default for LabSpec {
             clients: 1,
             revoked: Vec::new(),
             client_routes: vec![SERVER_NET.to_owned()],
+            dns: 1,
         }
     }
 }
 
 pub struct Lab {
     pub net: Netns,
+    dns: usize,
     bins: PathBuf,
     pki: PathBuf,
     /// Identities with certificates from the cluster's client CA.
@@ -91,12 +108,24 @@ fn client_subnet(i: usize) -> u8 {
     (2 * i - 1) as u8
 }
 
+/// Client i's address on its link to DN 1.
 pub fn client_underlay_address(i: usize) -> String {
-    format!("10.0.{}.10", client_subnet(i))
+    client_address_towards(i, 1)
 }
 
+/// Client i's address on its link to DN k.
+pub fn client_address_towards(i: usize, k: usize) -> String {
+    format!("10.{}.{}.10", k - 1, client_subnet(i))
+}
+
+/// DN 1's address on client i's link.
 pub fn dn_address_for_client(i: usize) -> String {
-    format!("10.0.{}.2", client_subnet(i))
+    dn_address_towards(i, 1)
+}
+
+/// DN k's address on client i's link.
+pub fn dn_address_towards(i: usize, k: usize) -> String {
+    format!("10.{}.{}.2", k - 1, client_subnet(i))
 }
 
 impl Lab {
@@ -105,75 +134,108 @@ impl Lab {
     pub fn start(spec: &LabSpec) -> Result<Self> {
         let bins = bin_dir()?;
         let mut net = Netns::new()?;
-        net.add("dn")?;
         net.add("srv")?;
-        net.link(
-            ("dn", "to-srv", &format!("{DN_ON_SERVER_NET}/24")),
-            ("srv", "to-dn", &format!("{SERVER}/24")),
-        )?;
+        net.exec("srv", &["ip", "link", "add", "br0", "type", "bridge"])?;
         net.exec(
             "srv",
-            &["ip", "route", "add", POOL, "via", DN_ON_SERVER_NET],
+            &["ip", "addr", "add", &format!("{SERVER}/24"), "dev", "br0"],
         )?;
-        net.exec("dn", &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        net.exec("srv", &["ip", "link", "set", "br0", "up"])?;
+        for k in 1..=spec.dns {
+            let dn = dn_role(k);
+            net.add(&dn)?;
+            let port = format!("to-{dn}");
+            net.link(
+                (&dn, "to-srv", &format!("{}/24", dn_on_server_net(k))),
+                ("srv", &port, &format!("{}/32", dn_on_server_net(100 + k))),
+            )?;
+            net.exec("srv", &["ip", "addr", "flush", "dev", &port])?;
+            net.exec("srv", &["ip", "link", "set", &port, "master", "br0"])?;
+            net.exec(
+                "srv",
+                &[
+                    "ip",
+                    "route",
+                    "add",
+                    &dn_pool(k),
+                    "via",
+                    &dn_on_server_net(k),
+                ],
+            )?;
+            net.exec(&dn, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        }
         for i in 1..=spec.clients {
             let role = client_role(i);
             net.add(&role)?;
-            net.link(
-                (
-                    &role,
-                    "to-dn",
-                    &format!("{}/24", client_underlay_address(i)),
-                ),
-                (
-                    "dn",
-                    &format!("to-{role}"),
-                    &format!("{}/24", dn_address_for_client(i)),
-                ),
-            )?;
+            for k in 1..=spec.dns {
+                let ifname = if k == 1 {
+                    "to-dn".to_owned()
+                } else {
+                    format!("to-dn{k}")
+                };
+                net.link(
+                    (
+                        &role,
+                        &ifname,
+                        &format!("{}/24", client_address_towards(i, k)),
+                    ),
+                    (
+                        &dn_role(k),
+                        &format!("to-{role}"),
+                        &format!("{}/24", dn_address_towards(i, k)),
+                    ),
+                )?;
+            }
         }
         let pki = net.dir.join("pki");
         let mut issued: Vec<String> = (1..=spec.clients).map(|i| format!("client{i}")).collect();
         issued.extend(spec.revoked.iter().cloned());
         let issued_refs: Vec<&str> = issued.iter().map(String::as_str).collect();
-        let keys = holdfast_dn::pki::generate(&pki, &[DN], &issued_refs)?;
-        let public_key = &keys
-            .first()
-            .ok_or_else(|| anyhow!("no DN key generated"))?
-            .1;
+        let names: Vec<String> = (1..=spec.dns).map(dn_role).collect();
+        let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let keys = holdfast_dn::pki::generate(&pki, &name_refs, &issued_refs)?;
         let routes: Vec<String> = spec
             .client_routes
             .iter()
             .map(|r| format!("{r:?}"))
             .collect();
         let revoked: Vec<String> = spec.revoked.iter().map(|r| format!("{r:?}")).collect();
-        let cluster = format!(
+        let mut cluster = format!(
             "# Written by the Holdfast lab.\n\
              [cluster]\n\
              client_ca = \"pki/client-ca.pem\"\n\
              client_routes = [{routes}]\n\
-             revoked_clients = [{revoked}]\n\n\
-             [[dn]]\n\
-             name = \"{DN}\"\n\
-             endpoint = \"{endpoint}:4433\"\n\
-             pool = \"{POOL}\"\n\
-             public_key = \"{public_key}\"\n\
-             signing_key = \"pki/{DN}.lease.key\"\n\
-             cert = \"pki/{DN}.crt.pem\"\n\
-             key = \"pki/{DN}.key.pem\"\n\
-             tun = \"holdfast0\"\n",
+             revoked_clients = [{revoked}]\n",
             routes = routes.join(", "),
             revoked = revoked.join(", "),
-            endpoint = dn_address_for_client(1),
         );
+        for (k, (name, public_key)) in keys.iter().enumerate() {
+            let k = k + 1;
+            cluster += &format!(
+                "\n[[dn]]\n\
+                 name = \"{name}\"\n\
+                 endpoint = \"{endpoint}:4433\"\n\
+                 pool = \"{pool}\"\n\
+                 public_key = \"{public_key}\"\n\
+                 signing_key = \"pki/{name}.lease.key\"\n\
+                 cert = \"pki/{name}.crt.pem\"\n\
+                 key = \"pki/{name}.key.pem\"\n\
+                 tun = \"holdfast0\"\n",
+                endpoint = dn_address_towards(1, k),
+                pool = dn_pool(k),
+            );
+        }
         fs::write(net.dir.join("cluster.toml"), cluster)?;
         let mut lab = Self {
             net,
+            dns: spec.dns,
             bins,
             pki,
             issued,
         };
-        lab.start_dn()?;
+        for k in 1..=spec.dns {
+            lab.start_dn(k)?;
+        }
         Ok(lab)
     }
 
@@ -181,27 +243,36 @@ impl Lab {
         self.bins.join(name).display().to_string()
     }
 
-    pub fn dn_socket(&self) -> PathBuf {
-        self.net.dir.join("dn.sock")
+    pub fn dn_socket(&self, k: usize) -> PathBuf {
+        self.net.dir.join(format!("{}.sock", dn_role(k)))
     }
 
     pub fn en_config(&self, i: usize) -> PathBuf {
         self.net.dir.join(format!("{}.toml", client_role(i)))
     }
 
-    /// Starts (or restarts) the DN process and waits for its status socket.
-    pub fn start_dn(&mut self) -> Result<()> {
+    /// Starts (or restarts) DN k and waits for its status socket.
+    pub fn start_dn(&mut self, k: usize) -> Result<()> {
         let config = self.net.dir.join("cluster.toml").display().to_string();
-        let socket = self.dn_socket().display().to_string();
+        let socket = self.dn_socket(k).display().to_string();
         let dn = self.bin("dn");
+        let name = dn_role(k);
         self.net.spawn(
-            "dn",
-            "dn",
-            &[&dn, "--config", &config, "--node", DN, "--control", &socket],
+            &name,
+            &name,
+            &[
+                &dn,
+                "--config",
+                &config,
+                "--node",
+                &name,
+                "--control",
+                &socket,
+            ],
             &[("RUST_LOG", "info")],
         )?;
         wait_until(Duration::from_secs(10), "the DN's status socket", || {
-            self.dn_status().is_ok()
+            self.dn_status(k).is_ok()
         })
         .with_context(|| self.net.logs())
     }
@@ -223,22 +294,25 @@ impl Lab {
             }
         };
         let role = client_role(i);
-        let config = format!(
+        let mut config = format!(
             "# Written by the Holdfast lab.\n\
              cert = \"{cert}\"\n\
              key = \"{key}\"\n\
              server_ca = \"{ca}\"\n\
              tun = \"holdfast0\"\n\
-             control_socket = \"{socket}\"\n\n\
-             [[dn]]\n\
-             name = \"{DN}\"\n\
-             endpoint = \"{endpoint}:4433\"\n",
+             control_socket = \"{socket}\"\n",
             cert = dir.join(format!("{identity}.crt.pem")).display(),
             key = dir.join(format!("{identity}.key.pem")).display(),
             ca = self.pki.join("server-ca.pem").display(),
             socket = self.net.dir.join(format!("{role}.sock")).display(),
-            endpoint = dn_address_for_client(i),
         );
+        for k in 1..=self.dns {
+            config += &format!(
+                "\n[[dn]]\nname = \"{}\"\nendpoint = \"{}:4433\"\n",
+                dn_role(k),
+                dn_address_towards(i, k)
+            );
+        }
         let path = self.en_config(i);
         fs::write(&path, config)?;
         let en = self.bin("en");
@@ -259,9 +333,9 @@ impl Lab {
         serde_json::from_slice(&out.stdout).context("en status printed no JSON")
     }
 
-    /// The DN's `dn status --json`.
-    pub fn dn_status(&self) -> Result<Value> {
-        let socket = self.dn_socket().display().to_string();
+    /// DN k's `dn status --json`.
+    pub fn dn_status(&self, k: usize) -> Result<Value> {
+        let socket = self.dn_socket(k).display().to_string();
         let out = run(std::process::Command::new(self.bin("dn")).args([
             "status",
             "--control",

@@ -51,7 +51,7 @@ fn ping_reaches_the_server_through_the_tunnel() {
         );
         let (sent, received) = lab.ping("en1", SERVER, 20, &[])?;
         ensure!(received == sent, "lost {} of {sent} pings", sent - received);
-        let dn = lab.dn_status()?;
+        let dn = lab.dn_status(1)?;
         ensure!(dn["clients"][0]["identity"] == "client1", "dn status: {dn}");
         ensure!(
             dn["clients"][0]["traffic"]["rx_packets"].as_u64() >= Some(20),
@@ -114,7 +114,7 @@ fn a_second_client_gets_its_own_address() {
             );
         }
         ensure!(
-            lab.dn_status()?["sessions"] == 2,
+            lab.dn_status(1)?["sessions"] == 2,
             "the DN does not show two sessions"
         );
         Ok(())
@@ -131,7 +131,7 @@ fn assert_refused(lab: &mut Lab, reason_in_dn_log: &str) -> Result<()> {
     );
     let (_, received) = lab.ping("en1", SERVER, 3, &[])?;
     ensure!(received == 0, "a refused client reached the server");
-    let log = std::fs::read_to_string(lab.net.log_path("dn"))?;
+    let log = std::fs::read_to_string(lab.net.log_path("dn1"))?;
     ensure!(
         log.contains(reason_in_dn_log),
         "the DN log does not give the reason {reason_in_dn_log:?}"
@@ -164,7 +164,7 @@ fn a_forged_source_address_is_dropped_and_counted() {
     with_lab(LabSpec::default(), |lab| {
         lab.start_client(1, &Credential::Issued("client1".into()))?;
         lab.wait_address(1, UP)?;
-        let before = lab.dn_status()?["dropped_spoofed"].as_u64().unwrap_or(0);
+        let before = lab.dn_status(1)?["dropped_spoofed"].as_u64().unwrap_or(0);
         // A second address on the client's TUN device: the EN forwards what the kernel routes
         // into the tunnel, so the DN is the one that must stop it.
         lab.net.exec(
@@ -173,7 +173,7 @@ fn a_forged_source_address_is_dropped_and_counted() {
         )?;
         let (_, received) = lab.ping("en1", SERVER, 5, &["-I", "10.200.0.99"])?;
         ensure!(received == 0, "a packet with a forged source got through");
-        let after = lab.dn_status()?["dropped_spoofed"].as_u64().unwrap_or(0);
+        let after = lab.dn_status(1)?["dropped_spoofed"].as_u64().unwrap_or(0);
         ensure!(
             after >= before + 5,
             "dropped_spoofed went from {before} to {after}"
@@ -192,7 +192,7 @@ fn an_oversized_packet_gets_packet_too_big_not_silence() {
         let address = lab.wait_address(1, UP)?.to_string();
         // Let path MTU discovery settle, then read the session's datagram size.
         std::thread::sleep(Duration::from_secs(2));
-        let dn = lab.dn_status()?;
+        let dn = lab.dn_status(1)?;
         let max = dn["clients"][0]["max_datagram"]
             .as_u64()
             .context("dn status has no max_datagram")?;
@@ -216,7 +216,7 @@ fn an_oversized_packet_gets_packet_too_big_not_silence() {
             "no packet-too-big answer: {text}"
         );
         ensure!(
-            lab.dn_status()?["icmp_too_big_sent"].as_u64() >= Some(1),
+            lab.dn_status(1)?["icmp_too_big_sent"].as_u64() >= Some(1),
             "not counted"
         );
         // Within the size it goes through.
@@ -235,8 +235,8 @@ fn a_client_reconnects_with_its_address_after_the_dn_restarts() {
     with_lab(LabSpec::default(), |lab| {
         lab.start_client(1, &Credential::Issued("client1".into()))?;
         let before = lab.wait_address(1, UP)?;
-        lab.net.stop("dn", libc::SIGKILL)?;
-        lab.start_dn()?;
+        lab.net.stop("dn1", libc::SIGKILL)?;
+        lab.start_dn(1)?;
         // Traffic makes the EN hit the restarted DN, which resets the stale session.
         let mut reached = false;
         for _ in 0..100 {
@@ -288,7 +288,7 @@ fn the_dn_routes_its_pool_with_our_protocol_and_the_routes_die_with_it() {
         let show = |lab: &Lab| -> Result<String> {
             let out = lab
                 .net
-                .exec("dn", &["ip", "-4", "route", "show", "proto", "200"])?;
+                .exec("dn1", &["ip", "-4", "route", "show", "proto", "200"])?;
             Ok(String::from_utf8_lossy(&out.stdout).to_string())
         };
         let routes = show(lab)?;
@@ -296,12 +296,12 @@ fn the_dn_routes_its_pool_with_our_protocol_and_the_routes_die_with_it() {
             routes.contains("10.200.0.0/24 dev holdfast0") && routes.contains("metric 200"),
             "no home route for the pool:\n{routes}"
         );
-        let log = std::fs::read_to_string(lab.net.log_path("dn"))?;
+        let log = std::fs::read_to_string(lab.net.log_path("dn1"))?;
         ensure!(
             log.contains("route installed"),
             "route changes are not logged"
         );
-        lab.net.stop("dn", libc::SIGKILL)?;
+        lab.net.stop("dn1", libc::SIGKILL)?;
         let routes = show(lab)?;
         ensure!(
             routes.trim().is_empty(),

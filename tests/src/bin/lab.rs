@@ -99,7 +99,7 @@ fn demo(size_mib: u64, json: bool) -> Result<()> {
         .args([
             "status",
             "--control",
-            &lab.dn_socket().display().to_string(),
+            &lab.dn_socket(1).display().to_string(),
         ])
         .output()?;
     if json {
@@ -142,7 +142,7 @@ fn up(clients: usize) -> Result<()> {
     );
     for role in (1..=clients)
         .map(client_role)
-        .chain(["dn".into(), "srv".into()])
+        .chain(["dn1".into(), "srv".into()])
     {
         println!("  {role:<4} ip netns exec {} bash", lab.net.ns(&role));
     }
