@@ -47,8 +47,10 @@ fn the_client_fails_over_to_its_secondary_which_promotes_itself_and_routes_the_c
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let primary = role_of(&status, "primary").ok_or_else(|| anyhow!("no primary: {status}"))? + 1;
-        let secondary = role_of(&status, "secondary").ok_or_else(|| anyhow!("no secondary: {status}"))? + 1;
+        let primary =
+            role_of(&status, "primary").ok_or_else(|| anyhow!("no primary: {status}"))? + 1;
+        let secondary =
+            role_of(&status, "secondary").ok_or_else(|| anyhow!("no secondary: {status}"))? + 1;
         let (sent, received) = lab.ping("en1", SERVER, 5, &[])?;
         ensure!(sent == received, "no traffic before the failure");
 
@@ -63,9 +65,13 @@ fn the_client_fails_over_to_its_secondary_which_promotes_itself_and_routes_the_c
                 break;
             }
         }
-        let switched = switched.ok_or_else(|| anyhow!("the client never switched to dn{secondary}"))?;
+        let switched =
+            switched.ok_or_else(|| anyhow!("the client never switched to dn{secondary}"))?;
         eprintln!("client switched to dn{secondary} {switched:?} after dn{primary} was killed");
-        ensure!(switched < Duration::from_secs(1), "switching took {switched:?}");
+        ensure!(
+            switched < Duration::from_secs(1),
+            "switching took {switched:?}"
+        );
 
         // The secondary routes the client's address at the active metric.
         let mut routed = false;
@@ -86,9 +92,16 @@ fn the_client_fails_over_to_its_secondary_which_promotes_itself_and_routes_the_c
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        ensure!(routed, "dn{secondary} does not route {address}: {}", lab.dn_status(secondary)?);
+        ensure!(
+            routed,
+            "dn{secondary} does not route {address}: {}",
+            lab.dn_status(secondary)?
+        );
         let log = std::fs::read_to_string(lab.net.log_path("en1"))?;
-        ensure!(log.contains("routes its address"), "the client was not told it was promoted");
+        ensure!(
+            log.contains("routes its address"),
+            "the client was not told it was promoted"
+        );
         Ok(())
     })();
     if let Err(e) = result {
