@@ -23,6 +23,15 @@ const OWNER: &str = "owner";
 static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// Whether the lab can run here; says why not on stderr (tests skip rather than fail).
+pub fn have_root() -> bool {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: the lab needs root (network namespaces, TUN)");
+        return false;
+    }
+    true
+}
+
 /// Runs a command and fails with its output when it fails.
 pub fn run(cmd: &mut Command) -> Result<Output> {
     let out = cmd.output().with_context(|| {

@@ -7,15 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Result};
 use holdfast_lab::lab::{dn_role, Credential, Lab, LabSpec, SERVER};
+use holdfast_lab::netns::have_root;
 use serde_json::Value;
-
-fn root() -> bool {
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: the lab needs root (network namespaces, TUN)");
-        return false;
-    }
-    true
-}
 
 fn role_of(status: &Value, role: &str) -> Option<usize> {
     status["sessions"]
@@ -26,7 +19,7 @@ fn role_of(status: &Value, role: &str) -> Option<usize> {
 
 #[test]
 fn the_client_fails_over_to_its_secondary_which_promotes_itself_and_routes_the_client() {
-    if !root() {
+    if !have_root() {
         return;
     }
     let spec = LabSpec {

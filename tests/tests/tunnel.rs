@@ -8,21 +8,14 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use holdfast_lab::lab::{client_role, Credential, Lab, LabSpec, SERVER};
+use holdfast_lab::netns::have_root;
 use holdfast_lab::traffic;
 
 /// Labs are heavy; even if the harness runs tests in parallel, build one at a time.
 static ONE_LAB: Mutex<()> = Mutex::new(());
 
-fn root() -> bool {
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: the lab needs root (network namespaces, TUN)");
-        return false;
-    }
-    true
-}
-
 fn with_lab(spec: LabSpec, body: impl FnOnce(&mut Lab) -> Result<()>) {
-    if !root() {
+    if !have_root() {
         return;
     }
     let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
