@@ -1,6 +1,7 @@
 //! `lab bench`: throughput, latency and CPU cost of Holdfast, of wireguard-go and of the bare
 //! veth path, measured one after another in the same lab.
 
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -50,12 +51,11 @@ fn total_cpu(pids: &[u32]) -> Result<f64> {
 fn measure(lab: &mut Lab, seconds: u32, pids: &[u32]) -> Result<Figures> {
     let rtts = ping_rtts(&lab.net, "en1", SERVER, 200, "0.01")?;
     let before = total_cpu(pids)?;
-    let mbps = iperf3(&mut lab.net, "srv", "en1", SERVER, seconds)?;
+    let run = iperf3(&mut lab.net, "srv", "en1", SERVER, seconds)?;
     let cpu = total_cpu(pids)? - before;
-    // iperf3 omits its first second (-O 1) from the rate but the CPU covers it too.
-    let gigabytes = mbps * f64::from(seconds + 1) / 8.0 / 1000.0;
+    let gigabytes = run.bytes as f64 / 1e9;
     Ok(Figures {
-        mbps,
+        mbps: run.mbps,
         rtt_p50_us: percentile(&rtts, 50.0),
         rtt_p99_us: percentile(&rtts, 99.0),
         cpu_s_per_gb: (!pids.is_empty() && gigabytes > 0.0).then(|| cpu / gigabytes),
@@ -100,6 +100,11 @@ fn wireguard_go(lab: &mut Lab, seconds: u32) -> Result<Figures> {
     let (en_if, dn_if) = (format!("{}e", lab.net.id()), format!("{}d", lab.net.id()));
     let (en_priv, en_pub) = wg_key(lab)?;
     let (dn_priv, dn_pub) = wg_key(lab)?;
+    // wireguard-go removes its socket on SIGTERM, but not when the lab is killed.
+    for ifname in [&en_if, &dn_if] {
+        lab.net
+            .own_file(&Path::new("/var/run/wireguard").join(format!("{ifname}.sock")))?;
+    }
     let dir = lab.net.dir.clone();
     std::fs::write(dir.join("wg-en.key"), &en_priv)?;
     std::fs::write(dir.join("wg-dn.key"), &dn_priv)?;

@@ -41,7 +41,16 @@ fn dn_on_server_net(k: usize) -> String {
 /// from `target/<profile>/deps/`, so its parent too).
 pub fn bin_dir() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("HOLDFAST_BIN_DIR") {
-        return Ok(PathBuf::from(dir));
+        let dir = PathBuf::from(dir);
+        for bin in ["en", "dn"] {
+            if !dir.join(bin).is_file() {
+                bail!(
+                    "HOLDFAST_BIN_DIR={} has no {bin} binary: build it with `cargo build --release --workspace`",
+                    dir.display()
+                );
+            }
+        }
+        return Ok(dir);
     }
     let exe = std::env::current_exe().context("cannot locate the running executable")?;
     let candidates = exe.ancestors().skip(1).take(2);

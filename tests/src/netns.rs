@@ -1,15 +1,16 @@
 //! Network namespaces the lab creates, owns and always removes.
 //!
 //! Every lab records what it creates under `/run/holdfast-lab/<id>/` before creating it: its
-//! owner's pid and each namespace name. Cleanup (on drop, on Ctrl-C, or by `lab down` for a lab
-//! whose owner died) removes exactly what the record names, and a namespace that already exists
-//! is never adopted: the lab refuses to touch what it did not create.
+//! owner (pid and start time), its work directory, each namespace name and any stray file its
+//! processes leave outside the work directory. Cleanup (on drop, on Ctrl-C or SIGTERM, or by
+//! `lab down` for a lab whose owner died) removes exactly what the record names, and a namespace
+//! that already exists is never adopted: the lab refuses to touch what it did not create.
 
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -18,10 +19,64 @@ use anyhow::{anyhow, bail, Context, Result};
 pub const MARKER_ROOT: &str = "/run/holdfast-lab";
 const NAMESPACES: &str = "namespaces";
 const OWNER: &str = "owner";
+const WORKDIR: &str = "workdir";
+const FILES: &str = "files";
+/// Work directories are named this plus the lab id; cleanup removes nothing else.
+const WORKDIR_PREFIX: &str = "holdfast-lab-";
 
-/// Markers of the labs alive in this process, for the Ctrl-C handler.
+/// Markers of the labs alive in this process, for the signal handler. Held while a namespace is
+/// recorded and created, and while the signal handler cleans up, so that neither sees the other
+/// half done.
 static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+/// Set once the signal handler has started cleaning up: no new namespace may appear after it.
+static SHUTTING_DOWN: AtomicBool = AtomicBool::new(false);
 static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn live() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    // A panic elsewhere must not stop cleanup.
+    LIVE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat): with the
+/// pid it names a process uniquely, so a reused pid is not mistaken for a lab's live owner.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name (which may contain spaces) start at field 3.
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether the owner recorded as "<pid> [<start time>]" is still running.
+fn owner_alive(record: &str) -> bool {
+    let mut parts = record.split_whitespace();
+    let Some(pid) = parts.next().and_then(|p| p.parse::<u32>().ok()) else {
+        return false;
+    };
+    match parts.next().and_then(|t| t.parse::<u64>().ok()) {
+        Some(started) => start_time(pid) == Some(started),
+        // Older markers carry only the pid.
+        None => unsafe { libc::kill(pid as libc::pid_t, 0) == 0 },
+    }
+}
+
+fn append_line(path: &Path, line: &str) -> Result<()> {
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    writeln!(f, "{line}").with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn remove_line(path: &Path, line: &str) -> Result<()> {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let kept: String = text
+        .lines()
+        .filter(|l| *l != line)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    fs::write(path, kept).with_context(|| format!("cannot write {}", path.display()))
+}
 
 /// Whether the lab can run here; says why not on stderr (tests skip rather than fail).
 pub fn have_root() -> bool {
@@ -88,35 +143,58 @@ impl Netns {
         if unsafe { libc::geteuid() } != 0 {
             bail!("the lab needs root (network namespaces, TUN devices)");
         }
-        // Short, so that "<id>-<role>" stays a readable namespace name.
+        // Short, so that interface names built from it ("<id>e" for wireguard-go) stay within
+        // 15 characters; fixed-width pid so two ids never run into each other.
+        let pid = std::process::id();
         let id = format!(
-            "hf{:x}{:x}",
-            std::process::id() & 0xffff,
+            "hf{:04x}{:x}",
+            pid & 0xffff,
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
+        fs::create_dir_all(MARKER_ROOT).with_context(|| format!("cannot create {MARKER_ROOT}"))?;
         let marker = Path::new(MARKER_ROOT).join(&id);
-        if marker.exists() {
-            bail!("{} exists: another lab has id {id}", marker.display());
-        }
-        fs::create_dir_all(&marker)
-            .with_context(|| format!("cannot create {}", marker.display()))?;
-        fs::write(marker.join(OWNER), std::process::id().to_string())?;
-        let dir = std::env::var_os("HOLDFAST_LAB_DIR")
+        // create_dir (not _all) fails if it exists: two labs never share a marker.
+        fs::create_dir(&marker).with_context(|| {
+            format!(
+                "cannot create {}: another lab (perhaps a stale one: `lab down`) has id {id}",
+                marker.display()
+            )
+        })?;
+        let owner = match start_time(pid) {
+            Some(t) => format!("{pid} {t}"),
+            None => pid.to_string(),
+        };
+        let base = std::env::var_os("HOLDFAST_LAB_DIR")
             .map(PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir)
-            .join(format!("holdfast-lab-{id}"));
-        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        fs::write(marker.join("workdir"), dir.display().to_string())?;
-        LIVE.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(marker.clone());
-        Ok(Self {
+            .unwrap_or_else(std::env::temp_dir);
+        // Absolute, because the marker outlives this process's working directory.
+        let dir = std::path::absolute(base.join(format!("{WORKDIR_PREFIX}{id}")))
+            .context("cannot resolve the lab's work directory")?;
+        let recorded = fs::write(marker.join(OWNER), owner)
+            .and_then(|()| fs::write(marker.join(WORKDIR), dir.display().to_string()));
+        if let Err(e) = recorded {
+            let _ = fs::remove_dir_all(&marker);
+            return Err(e).with_context(|| format!("cannot write {}", marker.display()));
+        }
+        {
+            let mut live = live();
+            if SHUTTING_DOWN.load(Ordering::SeqCst) {
+                let _ = fs::remove_dir_all(&marker);
+                bail!("shutting down: no new lab");
+            }
+            live.push(marker.clone());
+        }
+        // From here on the Netns exists, so its Drop removes the marker whatever fails next.
+        let net = Self {
             id,
             marker,
             namespaces: Vec::new(),
             children: Vec::new(),
             dir,
-        })
+        };
+        fs::create_dir_all(&net.dir)
+            .with_context(|| format!("cannot create {}", net.dir.display()))?;
+        Ok(net)
     }
 
     pub fn id(&self) -> &str {
@@ -131,19 +209,38 @@ impl Netns {
     /// Creates namespace `role` with loopback up.
     pub fn add(&mut self, role: &str) -> Result<String> {
         let name = self.ns(role);
-        if existing_namespaces()?.contains(&name) {
-            bail!("namespace {name} already exists and is not this lab's: refusing to touch it");
+        {
+            // The signal handler must see either no trace of this namespace or its record.
+            let _live = live();
+            if SHUTTING_DOWN.load(Ordering::SeqCst) {
+                bail!("shutting down: not creating namespace {name}");
+            }
+            if existing_namespaces()?.contains(&name) {
+                bail!(
+                    "namespace {name} already exists and is not this lab's: refusing to touch it"
+                );
+            }
+            // Record first: if creation half-succeeds, cleanup still knows the name.
+            let record = self.marker.join(NAMESPACES);
+            append_line(&record, &name)?;
+            if let Err(e) = ip(&["netns", "add", &name]) {
+                // `ip netns add` creates nothing when it fails (for instance because someone
+                // else created the name since the check above): forget the name, so that
+                // cleanup never deletes a namespace that is not ours.
+                remove_line(&record, &name)?;
+                return Err(e.context(format!("cannot create namespace {name}")));
+            }
         }
-        // Record first: if creation half-succeeds, cleanup still knows the name.
-        let mut f = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.marker.join(NAMESPACES))?;
-        writeln!(f, "{name}")?;
-        ip(&["netns", "add", &name])?;
         self.namespaces.push(name.clone());
         self.exec(role, &["ip", "link", "set", "lo", "up"])?;
         Ok(name)
+    }
+
+    /// Records a file that this lab's processes create outside its work directory (e.g. a
+    /// wireguard-go control socket in /var/run/wireguard), so that cleanup removes it even when
+    /// the process is killed before it can.
+    pub fn own_file(&self, path: &Path) -> Result<()> {
+        append_line(&self.marker.join(FILES), &path.display().to_string())
     }
 
     /// A veth pair between two namespaces, created directly inside them (never in the host's
@@ -285,17 +382,18 @@ impl Drop for Netns {
             let _ = child.wait();
         }
         cleanup(&self.marker);
-        LIVE.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|m| m != &self.marker);
-        if std::env::var_os("HOLDFAST_LAB_KEEP").is_none() {
-            let _ = fs::remove_dir_all(&self.dir);
-        }
+        live().retain(|m| m != &self.marker);
     }
 }
 
+/// Whether work directories are kept for inspection (`HOLDFAST_LAB_KEEP=1`).
+fn keep_workdirs() -> bool {
+    std::env::var_os("HOLDFAST_LAB_KEEP").is_some()
+}
+
 /// Removes what the marker at `marker` records: kills every process in its namespaces, deletes
-/// them, then the marker. Never touches a namespace the marker does not name.
+/// them and the files it recorded, its work directory (unless `HOLDFAST_LAB_KEEP` is set), then
+/// the marker. Never touches a namespace the marker does not name.
 pub fn cleanup(marker: &Path) {
     let names = fs::read_to_string(marker.join(NAMESPACES)).unwrap_or_default();
     for ns in names.lines().filter(|l| !l.is_empty()) {
@@ -311,33 +409,163 @@ pub fn cleanup(marker: &Path) {
             .stderr(Stdio::null())
             .status();
     }
+    let files = fs::read_to_string(marker.join(FILES)).unwrap_or_default();
+    for file in files.lines().filter(|l| !l.is_empty()) {
+        let _ = fs::remove_file(file);
+    }
+    if !keep_workdirs() {
+        if let Some(dir) = recorded_workdir(marker) {
+            let _ = fs::remove_dir_all(dir);
+        }
+    }
     let _ = fs::remove_dir_all(marker);
 }
 
-/// Cleans every lab of this process; for the Ctrl-C handler.
+/// The work directory a marker names, if it is one the lab made: a damaged marker must not
+/// make cleanup delete an arbitrary directory.
+fn recorded_workdir(marker: &Path) -> Option<PathBuf> {
+    let id = marker.file_name()?.to_str()?;
+    let dir = PathBuf::from(fs::read_to_string(marker.join(WORKDIR)).ok()?.trim());
+    let expected = format!("{WORKDIR_PREFIX}{id}");
+    (dir.is_absolute() && dir.file_name()?.to_str()? == expected).then_some(dir)
+}
+
+/// Cleans every lab of this process and lets no new one start; for the signal handler.
 pub fn cleanup_live() {
-    let markers: Vec<PathBuf> = LIVE.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    for m in markers {
+    let mut live = live();
+    SHUTTING_DOWN.store(true, Ordering::SeqCst);
+    for m in live.drain(..) {
         cleanup(&m);
     }
 }
 
-/// Removes labs whose owner process is gone; returns their ids. Live labs are left alone.
-pub fn cleanup_stale() -> Result<Vec<String>> {
+/// Write end of the pipe through which the signal handler hands a signal to the cleanup thread.
+static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(signal: libc::c_int) {
+    // Only async-signal-safe calls here: cleaning up takes locks, allocates and runs `ip`, so
+    // it happens in the thread reading the pipe.
+    let byte = signal as u8;
+    let fd = SIGNAL_PIPE.load(Ordering::Relaxed);
+    unsafe { libc::write(fd, (&byte as *const u8).cast(), 1) };
+}
+
+/// Makes SIGINT and SIGTERM clean up every lab of this process, then exit with status 130.
+///
+/// A handler forwards the signal through a pipe to a thread of its own, where cleaning up is
+/// safe. (Blocking the signals and `sigwait`ing instead would not do: child processes inherit
+/// the signal mask, and the daemons would then ignore SIGTERM and Ctrl-C.)
+pub fn cleanup_on_signals() -> Result<()> {
+    let mut fds = [0 as libc::c_int; 2];
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("cannot create the signal pipe");
+    }
+    let [read_fd, write_fd] = fds;
+    SIGNAL_PIPE.store(write_fd, Ordering::Relaxed);
+    std::thread::Builder::new()
+        .name("lab-signals".into())
+        .spawn(move || {
+            let mut byte = 0u8;
+            let n = unsafe { libc::read(read_fd, (&mut byte as *mut u8).cast(), 1) };
+            if n == 1 {
+                eprintln!("\nsignal {byte}: removing the lab");
+                cleanup_live();
+                // 130 as a shell reports Ctrl-C. _exit, not exit: the main thread may be
+                // mid-way through a lab, and its destructors must not run on top of this.
+                unsafe { libc::_exit(130) };
+            }
+        })
+        .context("cannot start the signal thread")?;
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        let handler: extern "C" fn(libc::c_int) = on_signal;
+        action.sa_sigaction = handler as libc::sighandler_t;
+        action.sa_flags = libc::SA_RESTART;
+        unsafe { libc::sigemptyset(&mut action.sa_mask) };
+        if unsafe { libc::sigaction(signal, &action, std::ptr::null_mut()) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("cannot handle signal {signal}"));
+        }
+    }
+    Ok(())
+}
+
+/// A lab `lab down` removed.
+pub struct Removed {
+    pub id: String,
+    /// Its work directory, when `HOLDFAST_LAB_KEEP` kept it.
+    pub kept: Option<PathBuf>,
+}
+
+/// Removes labs whose owner process is gone. Live labs are left alone.
+pub fn cleanup_stale() -> Result<Vec<Removed>> {
     let mut removed = Vec::new();
-    let Ok(entries) = fs::read_dir(MARKER_ROOT) else {
-        return Ok(removed);
+    let entries = match fs::read_dir(MARKER_ROOT) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {MARKER_ROOT}")),
     };
     for entry in entries.filter_map(|e| e.ok()) {
         let marker = entry.path();
-        let owner = fs::read_to_string(marker.join(OWNER))
-            .ok()
-            .and_then(|s| s.trim().parse::<libc::pid_t>().ok());
-        let alive = owner.is_some_and(|pid| unsafe { libc::kill(pid, 0) } == 0);
-        if !alive {
-            cleanup(&marker);
-            removed.push(entry.file_name().to_string_lossy().into_owned());
+        let owner = fs::read_to_string(marker.join(OWNER)).unwrap_or_default();
+        if owner_alive(&owner) {
+            continue;
         }
+        let kept = recorded_workdir(&marker).filter(|_| keep_workdirs());
+        cleanup(&marker);
+        removed.push(Removed {
+            id: entry.file_name().to_string_lossy().into_owned(),
+            kept,
+        });
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owners_are_named_by_pid_and_start_time() {
+        let me = std::process::id();
+        let started = start_time(me).expect("our own start time");
+        assert!(owner_alive(&format!("{me} {started}")));
+        // Same pid, another start time: the pid was reused, the owner is gone.
+        assert!(!owner_alive(&format!("{me} {}", started + 1)));
+        assert!(owner_alive(&me.to_string()));
+        assert!(!owner_alive(""));
+    }
+
+    #[test]
+    fn only_the_lab_s_own_work_directory_is_removed() {
+        let marker = std::env::temp_dir().join(format!("hf-marker-test-{}", std::process::id()));
+        let marker = marker.join("hf12340");
+        fs::create_dir_all(&marker).unwrap();
+        fs::write(marker.join(WORKDIR), "/tmp/holdfast-lab-hf12340\n").unwrap();
+        assert_eq!(
+            recorded_workdir(&marker),
+            Some(PathBuf::from("/tmp/holdfast-lab-hf12340"))
+        );
+        for bad in [
+            "/",
+            "/tmp",
+            "holdfast-lab-hf12340",
+            "/tmp/holdfast-lab-hf99",
+        ] {
+            fs::write(marker.join(WORKDIR), bad).unwrap();
+            assert_eq!(recorded_workdir(&marker), None, "{bad}");
+        }
+        fs::remove_dir_all(marker.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn removing_a_record_keeps_the_others() {
+        let path = std::env::temp_dir().join(format!("hf-record-test-{}", std::process::id()));
+        append_line(&path, "a").unwrap();
+        append_line(&path, "b").unwrap();
+        append_line(&path, "c").unwrap();
+        remove_line(&path, "b").unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), "a\nc\n");
+        fs::remove_file(path).unwrap();
+    }
 }

@@ -134,15 +134,23 @@ pub fn download(
     Ok(Download { seconds, bytes })
 }
 
-/// iperf3 TCP throughput from `client_role` to `server_addr` in `server_role`, in Mbit/s
-/// (what the receiver got).
+/// What an iperf3 run measured.
+pub struct Iperf {
+    /// Receiver's rate over the measured period, in Mbit/s.
+    pub mbps: f64,
+    /// Bytes sent over the whole run, the omitted warm-up second included (the CPU figures
+    /// cover the whole run too).
+    pub bytes: u64,
+}
+
+/// iperf3 TCP throughput from `client_role` to `server_addr` in `server_role`.
 pub fn iperf3(
     net: &mut Netns,
     server_role: &str,
     client_role: &str,
     server_addr: &str,
     seconds: u32,
-) -> Result<f64> {
+) -> Result<Iperf> {
     let name = format!("iperf3-server-{}", rand::random::<u32>());
     net.spawn(
         server_role,
@@ -150,7 +158,15 @@ pub fn iperf3(
         &["iperf3", "-s", "-1", "-B", server_addr],
         &[],
     )?;
-    std::thread::sleep(Duration::from_millis(300));
+    // Poll until the server listens rather than sleeping a fixed time and hoping.
+    let listening = wait_until(Duration::from_secs(5), "iperf3 to listen", || {
+        net.try_exec(server_role, &["ss", "-Htln", "sport", "= :5201"])
+            .is_ok_and(|o| !o.stdout.is_empty())
+    });
+    if let Err(e) = listening {
+        let _ = net.stop(&name, libc::SIGTERM);
+        return Err(e);
+    }
     let secs = seconds.to_string();
     let out = net.exec(
         client_role,
@@ -169,10 +185,15 @@ pub fn iperf3(
     let out = out?;
     let json: serde_json::Value =
         serde_json::from_slice(&out.stdout).context("iperf3 printed no JSON")?;
-    json["end"]["sum_received"]["bits_per_second"]
+    let mbps = json["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .map(|b| b / 1e6)
-        .ok_or_else(|| anyhow!("iperf3 JSON has no end.sum_received: {json}"))
+        .ok_or_else(|| anyhow!("iperf3 JSON has no end.sum_received: {json}"))?;
+    let bytes = json["intervals"]
+        .as_array()
+        .map(|v| v.iter().filter_map(|i| i["sum"]["bytes"].as_u64()).sum())
+        .unwrap_or(0);
+    Ok(Iperf { mbps, bytes })
 }
 
 /// Round-trip times in microseconds of `count` pings at `interval` seconds.

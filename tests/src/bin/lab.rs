@@ -28,13 +28,25 @@ enum Command {
         json: bool,
     },
     /// Build the lab with N clients connected and keep it up until Ctrl-C, to explore by hand.
+    ///
+    /// Prints each namespace and the command that enters it. Ctrl-C (or SIGTERM) removes the
+    /// namespaces, processes and files again.
     Up {
-        #[arg(long, default_value_t = 1)]
-        clients: usize,
+        /// Client namespaces (en1..enN), each with its own identity and `en`.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=50))]
+        clients: u8,
     },
     /// Remove labs left behind by processes that no longer exist (never a live lab's).
+    ///
+    /// A lab is stale when the process recorded as its owner in /run/holdfast-lab/<id>/ is
+    /// gone. Its namespaces, their processes and its work directory are removed (set
+    /// HOLDFAST_LAB_KEEP=1 to keep the work directory and its logs).
     Down,
     /// Throughput (iperf3), RTT (ping) and CPU per GB of Holdfast, wireguard-go and bare veth.
+    ///
+    /// One lab, three setups one after another, each torn down before the next: Holdfast
+    /// (en1 -> dn1), wireguard-go between the same namespaces, and the bare veth path routed
+    /// through dn1. RTT is 200 pings at 10 ms; CPU counts the tunnel processes on both ends.
     Bench {
         /// Seconds of iperf3 per setup.
         #[arg(long, default_value_t = 10)]
@@ -43,19 +55,6 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-}
-
-fn install_interrupt_handler() {
-    extern "C" fn on_signal(_: libc::c_int) {
-        netns::cleanup_live();
-        // 128 + SIGINT, as a shell would report it.
-        unsafe { libc::_exit(130) };
-    }
-    let handler: extern "C" fn(libc::c_int) = on_signal;
-    unsafe {
-        libc::signal(libc::SIGINT, handler as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
-    }
 }
 
 fn demo(size_mib: u64, json: bool) -> Result<()> {
@@ -125,7 +124,8 @@ fn demo(size_mib: u64, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn up(clients: usize) -> Result<()> {
+fn up(clients: u8) -> Result<()> {
+    let clients = usize::from(clients);
     let mut lab = Lab::start(&LabSpec {
         clients,
         ..LabSpec::default()
@@ -158,8 +158,9 @@ fn up(clients: usize) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    // Before any lab exists, so that no Ctrl-C can leave one behind.
+    netns::cleanup_on_signals()?;
     let cli = Cli::parse();
-    install_interrupt_handler();
     match cli.command {
         Command::Demo { size_mib, json } => demo(size_mib, json),
         Command::Up { clients } => up(clients),
@@ -168,8 +169,11 @@ fn main() -> Result<()> {
             if removed.is_empty() {
                 println!("no stale labs");
             }
-            for id in removed {
-                println!("removed stale lab {id}");
+            for lab in removed {
+                match lab.kept {
+                    Some(dir) => println!("removed stale lab {} (kept {})", lab.id, dir.display()),
+                    None => println!("removed stale lab {}", lab.id),
+                }
             }
             Ok(())
         }
