@@ -206,16 +206,8 @@ impl LeaseBook {
             .take(MAX_PROBES)
             .find(|a| self.by_address.get(a).is_none_or(|h| h.expires_at <= now));
         let address = found.ok_or(AttachError::PoolExhausted(block.net))?;
-        self.cursors[index] = index_in(block.net, address) + 1;
+        self.cursors[index] = crate::plan::index_of(block.net.network(), address) + 1;
         Ok(address)
-    }
-}
-
-fn index_in(net: ipnet::IpNet, addr: IpAddr) -> u128 {
-    match (net.network(), addr) {
-        (IpAddr::V4(n), IpAddr::V4(a)) => u128::from(u32::from(a).wrapping_sub(u32::from(n))),
-        (IpAddr::V6(n), IpAddr::V6(a)) => u128::from(a).wrapping_sub(u128::from(n)),
-        _ => 0,
     }
 }
 

@@ -148,7 +148,8 @@ fn as_u128(addr: IpAddr) -> u128 {
     }
 }
 
-fn index_of(base: IpAddr, addr: IpAddr) -> u128 {
+/// How far `addr` lies after `base` (of the same family).
+pub(crate) fn index_of(base: IpAddr, addr: IpAddr) -> u128 {
     as_u128(addr).wrapping_sub(as_u128(base))
 }
 
