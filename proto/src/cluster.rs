@@ -21,6 +21,7 @@ pub const DEFAULT_DN_TUN: &str = "holdfast0";
 /// Upper bound of the inner MTU a DN's TUN is given; sessions with a smaller path MTU get ICMP
 /// "packet too big" for larger packets.
 pub const DEFAULT_DN_MTU: u16 = 1420;
+pub const DEFAULT_OSPF_INTERFACE: &str = "eth0";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -28,6 +29,29 @@ struct RawFile {
     cluster: RawCluster,
     #[serde(default)]
     dn: Vec<RawDn>,
+    ospf: Option<RawOspf>,
+    #[serde(default)]
+    esr: Vec<RawEsr>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOspf {
+    network: String,
+    area: Option<String>,
+    hello_interval_secs: Option<u16>,
+    dead_interval_secs: Option<u16>,
+    home_cost: Option<u32>,
+    standby_cost: Option<u32>,
+    active_cost: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEsr {
+    name: String,
+    router_id: String,
+    ospf_interface: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -58,6 +82,33 @@ struct RawDn {
     key: Option<PathBuf>,
     tun: Option<String>,
     mtu: Option<u16>,
+    router_id: Option<String>,
+    ospf_interface: Option<String>,
+}
+
+/// The routing plane: OSPF between the DNs and the edge service routers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ospf {
+    /// The cluster network every DN and ESR speaks OSPF on.
+    pub network: IpNet,
+    pub area: std::net::Ipv4Addr,
+    pub hello_interval_secs: u16,
+    pub dead_interval_secs: u16,
+    /// OSPF external costs DNs announce: own blocks, blocks they back, blocks and clients they
+    /// serve for a dead owner. Lower wins.
+    pub home_cost: u32,
+    pub standby_cost: u32,
+    pub active_cost: u32,
+    pub esrs: Vec<EsrSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EsrSpec {
+    pub name: String,
+    /// Its address on the cluster network, also its OSPF router id.
+    pub router_id: std::net::Ipv4Addr,
+    /// The interface on the cluster network (default "eth0").
+    pub ospf_interface: String,
 }
 
 /// A validated cluster description.
@@ -73,6 +124,8 @@ pub struct Cluster {
     /// Metrics of the routes DNs install.
     pub metrics: Metrics,
     pub dns: Vec<DnSpec>,
+    /// The routing plane, if `[ospf]` describes it.
+    pub ospf: Option<Ospf>,
 }
 
 #[derive(Debug, Clone)]
@@ -90,6 +143,10 @@ pub struct DnSpec {
     pub key: Option<PathBuf>,
     pub tun: String,
     pub mtu: u16,
+    /// Its address on the cluster network, also its OSPF router id (with `[ospf]`).
+    pub router_id: Option<std::net::Ipv4Addr>,
+    /// The interface on the cluster network (default "eth0").
+    pub ospf_interface: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -150,6 +207,99 @@ fn parse_socket(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
                 format!("{text:?} is not an address like 192.0.2.1:4433 or [2001:db8::1]:4433"),
             )
         })
+}
+
+fn parse_ospf(o: RawOspf, esrs: &[RawEsr], dns: &[DnSpec]) -> Result<Ospf, ConfigError> {
+    let network = parse_net("ospf.network", &o.network)?;
+    let area_text = o.area.unwrap_or_else(|| "0.0.0.0".into());
+    let area = area_text
+        .parse::<std::net::Ipv4Addr>()
+        .or_else(|_| area_text.parse::<u32>().map(std::net::Ipv4Addr::from))
+        .map_err(|_| {
+            invalid(
+                "ospf.area",
+                format!("{area_text:?} is not an area like 0.0.0.0 or 0"),
+            )
+        })?;
+    let hello_interval_secs = o.hello_interval_secs.unwrap_or(1);
+    let dead_interval_secs = o.dead_interval_secs.unwrap_or(3);
+    if hello_interval_secs == 0 || dead_interval_secs <= hello_interval_secs {
+        return Err(invalid(
+            "ospf.dead_interval_secs",
+            "the dead interval must be longer than a non-zero hello interval",
+        ));
+    }
+    let (active_cost, home_cost, standby_cost) = (
+        o.active_cost.unwrap_or(10),
+        o.home_cost.unwrap_or(20),
+        o.standby_cost.unwrap_or(30),
+    );
+    if !(active_cost < home_cost && home_cost < standby_cost) {
+        return Err(invalid(
+            "ospf.active_cost",
+            format!("costs must rise from active ({active_cost}) to home ({home_cost}) to standby ({standby_cost})"),
+        ));
+    }
+    let mut ids: Vec<(String, std::net::Ipv4Addr)> = Vec::new();
+    for (i, d) in dns.iter().enumerate() {
+        let id = d.router_id.ok_or_else(|| {
+            invalid(
+                format!("dn[{i}].router_id"),
+                "every DN needs its cluster-network address when [ospf] is set",
+            )
+        })?;
+        ids.push((format!("dn[{i}].router_id"), id));
+    }
+    let mut esr_specs = Vec::new();
+    for (i, e) in esrs.iter().enumerate() {
+        let key = format!("esr[{i}].router_id");
+        check_name(&format!("esr[{i}].name"), &e.name)?;
+        if dns.iter().any(|d| d.name == e.name)
+            || esr_specs.iter().any(|x: &EsrSpec| x.name == e.name)
+        {
+            return Err(invalid(
+                format!("esr[{i}].name"),
+                format!("{:?} is used twice", e.name),
+            ));
+        }
+        let id = e
+            .router_id
+            .parse::<std::net::Ipv4Addr>()
+            .map_err(|_| invalid(&key, format!("{:?} is not an IPv4 address", e.router_id)))?;
+        ids.push((key, id));
+        esr_specs.push(EsrSpec {
+            name: e.name.clone(),
+            router_id: id,
+            ospf_interface: e
+                .ospf_interface
+                .clone()
+                .unwrap_or_else(|| DEFAULT_OSPF_INTERFACE.into()),
+        });
+    }
+    if esr_specs.is_empty() {
+        return Err(invalid("esr", "[ospf] needs at least one [[esr]]"));
+    }
+    for (i, (key, id)) in ids.iter().enumerate() {
+        if !network.contains(&std::net::IpAddr::V4(*id)) {
+            return Err(invalid(
+                key,
+                format!("{id} is not on the cluster network {network}"),
+            ));
+        }
+        if let Some((other, _)) = ids[..i].iter().find(|(_, x)| x == id) {
+            return Err(invalid(key, format!("{id} is also {other}")));
+        }
+    }
+    Ok(Ospf {
+        network,
+        area,
+        hello_interval_secs,
+        dead_interval_secs,
+        home_cost,
+        standby_cost,
+        active_cost,
+        esrs: esr_specs,
+    })
 }
 
 impl Cluster {
@@ -262,6 +412,15 @@ impl Cluster {
             if !(1280..=9000).contains(&mtu) {
                 return Err(invalid(key("mtu"), format!("{mtu} is outside 1280..=9000")));
             }
+            let router_id = d
+                .router_id
+                .as_deref()
+                .map(|r| {
+                    r.parse::<std::net::Ipv4Addr>().map_err(|_| {
+                        invalid(key("router_id"), format!("{r:?} is not an IPv4 address"))
+                    })
+                })
+                .transpose()?;
             dns.push(DnSpec {
                 name: d.name.clone(),
                 endpoint,
@@ -273,7 +432,19 @@ impl Cluster {
                 key: d.key.clone().map(resolve),
                 tun,
                 mtu,
+                router_id,
+                ospf_interface: d
+                    .ospf_interface
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_OSPF_INTERFACE.into()),
             });
+        }
+        let ospf = raw
+            .ospf
+            .map(|o| parse_ospf(o, &raw.esr, &dns))
+            .transpose()?;
+        if ospf.is_none() && !raw.esr.is_empty() {
+            return Err(invalid("esr", "[[esr]] needs an [ospf] section"));
         }
         Ok(Self {
             client_ca: resolve(c.client_ca),
@@ -282,6 +453,7 @@ impl Cluster {
             lease_lifetime_secs,
             metrics,
             dns,
+            ospf,
         })
     }
 
@@ -362,6 +534,31 @@ mod tests {
         assert!(standing(&c, "nobody").is_empty());
         let bad = text.replace("[cluster]\n", "[cluster]\nhome_metric = 400\n");
         assert!(err(&bad).starts_with("cluster.active_metric"));
+    }
+
+    #[test]
+    fn ospf_is_checked() {
+        let dns = dn("dn1", "10.200.0.0/24")
+            .replace("endpoint", "router_id = \"10.9.0.1\"\nendpoint")
+            + &dn("dn2", "10.201.0.0/24").replace("endpoint", "router_id = \"10.9.0.2\"\nendpoint");
+        let ospf = "[ospf]\nnetwork = \"10.9.0.0/24\"\n[[esr]]\nname = \"esr1\"\nrouter_id = \"10.9.0.254\"\n";
+        let good = cluster(&dns) + ospf;
+        let c = Cluster::parse(&good, Path::new("/")).unwrap();
+        let o = c.ospf.unwrap();
+        assert_eq!(
+            (o.area.to_string(), o.home_cost, o.esrs[0].name.as_str()),
+            ("0.0.0.0".into(), 20, "esr1")
+        );
+        assert!(err(&good.replace("10.9.0.254", "10.8.0.254"))
+            .starts_with("esr[0].router_id: 10.8.0.254 is not on the cluster network"));
+        assert!(err(&good.replace("10.9.0.254", "10.9.0.2")).contains("is also dn[1].router_id"));
+        assert!(err(&good.replace("router_id = \"10.9.0.1\"\n", "")).starts_with("dn[0].router_id"));
+        assert!(err(&(cluster(&dns) + "[ospf]\nnetwork = \"10.9.0.0/24\"\n")).starts_with("esr:"));
+        assert!(err(&good.replace(
+            "network = \"10.9.0.0/24\"",
+            "network = \"10.9.0.0/24\"\nhome_cost = 5"
+        ))
+        .starts_with("ospf.active_cost"));
     }
 
     #[test]
