@@ -1,0 +1,61 @@
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use holdfast_proto::cluster::Cluster;
+
+/// Holdfast's configuration generator: one cluster.toml in, routing-daemon configuration for
+/// every DN and edge service router (ESR) out.
+///
+/// Check a plan:   esr-config check --config cluster.toml
+/// Generate:       esr-config generate --config cluster.toml --out /etc/holdfast/routing
+///                 writes <out>/<node>/zebra.conf and ospfd.conf (FRR) for each DN and ESR.
+#[derive(Parser)]
+#[command(version, verbatim_doc_comment)]
+struct Cli {
+    /// The cluster description (see README.md and examples/cluster.toml).
+    #[arg(
+        long,
+        short,
+        global = true,
+        default_value = "/etc/holdfast/cluster.toml"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate cluster.toml (pools, blocks, names, keys, OSPF plan) and summarise it.
+    Check,
+    /// Write FRR configuration (zebra.conf, ospfd.conf) for every DN and ESR into OUT.
+    Generate {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let cluster = Cluster::load(&cli.config)?;
+    match cli.command {
+        Command::Check => {
+            print!("{}", holdfast_esr_config::summary(&cluster));
+            println!("{}: ok", cli.config.display());
+        }
+        Command::Generate { out } => {
+            for file in holdfast_esr_config::frr(&cluster)? {
+                let path = out.join(&file.path);
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("cannot create {}", dir.display()))?;
+                }
+                std::fs::write(&path, &file.text)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                println!("wrote {}", path.display());
+            }
+        }
+    }
+    Ok(())
+}

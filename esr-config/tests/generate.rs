@@ -1,0 +1,93 @@
+//! The generated configuration: compared with reviewed golden files, and parsed by FRR itself.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use holdfast_proto::cluster::Cluster;
+
+fn example() -> Vec<holdfast_esr_config::File> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cluster = Cluster::load(&root.join("examples/cluster-ospf.toml")).expect("example parses");
+    holdfast_esr_config::frr(&cluster).expect("plan has [ospf]")
+}
+
+fn golden_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
+}
+
+/// `UPDATE_GOLDEN=1 cargo test -p holdfast-esr-config` rewrites the golden files; review the diff.
+#[test]
+fn output_matches_the_golden_files() {
+    let files = example();
+    assert_eq!(files.len(), 8, "zebra and ospfd for three DNs and one ESR");
+    for file in files {
+        let path = golden_dir().join(&file.path);
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, &file.text).unwrap();
+            continue;
+        }
+        let golden = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (run with UPDATE_GOLDEN=1)", path.display()));
+        assert_eq!(
+            file.text, golden,
+            "{} differs from its golden file",
+            file.path
+        );
+    }
+}
+
+#[test]
+fn without_ospf_there_is_nothing_to_generate() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cluster = Cluster::load(&root.join("examples/cluster.toml")).unwrap();
+    assert!(holdfast_esr_config::frr(&cluster).is_err());
+}
+
+/// FRR's own parser (`--dryrun`) accepts every generated file. FRR comes from
+/// scripts/install-deps.sh.
+#[test]
+fn frr_accepts_every_file() {
+    let dir = std::env::temp_dir().join(format!("esr-config-dryrun-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for file in example() {
+        let daemon = file
+            .path
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .trim_end_matches(".conf");
+        let conf = dir.join(file.path.replace('/', "-"));
+        std::fs::write(&conf, &file.text).unwrap();
+        let out = Command::new(format!("/usr/lib/frr/{daemon}"))
+            .arg("--dryrun")
+            .arg("-f")
+            .arg(&conf)
+            .arg("-i")
+            .arg(dir.join(format!("{daemon}.pid")))
+            .arg("-z")
+            .arg(dir.join("zserv.api"))
+            .arg("--vty_socket")
+            .arg(&dir)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("cannot run FRR's {daemon} (scripts/install-deps.sh installs it): {e}")
+            });
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "{daemon} --dryrun failed on {}: {text}",
+            file.path
+        );
+        assert!(
+            !text.contains("config line"),
+            "{daemon} rejects {}:\n{text}",
+            file.path
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
