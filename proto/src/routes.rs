@@ -39,7 +39,7 @@ pub enum Reason {
     Home,
     /// A block of `owner`'s pool that this DN backs.
     Standby { owner: String },
-    /// A backed block of `owner`'s whose clients this DN now carries.
+    /// A half of a backed block of `owner`'s whose clients this DN now carries.
     Active { owner: String },
     /// A client of `owner`'s whose block another DN backs, carried here.
     Host { owner: String },
@@ -136,23 +136,35 @@ impl RoutePlan {
     }
 
     /// Every route the DN should have now. One route per destination.
+    ///
+    /// A backed block this DN serves keeps its standby route and gains its two halves at the
+    /// active metric: longer prefixes win everywhere, whatever the metric (ospfd cannot set an
+    /// OSPF cost from a kernel metric; see docs/routing-daemons.md), so a restarted owner cannot
+    /// take the block back before its clients return.
     pub fn desired(&self) -> Vec<RouteSpec> {
         let mut out: Vec<RouteSpec> = Vec::with_capacity(self.standing.len() + self.active.len());
         for r in &self.standing {
-            let serving = match &r.reason {
-                Reason::Standby { .. } => self.active.values().any(|(_, b)| *b == r.net),
-                _ => false,
+            out.push(r.clone());
+            let Reason::Standby { owner } = &r.reason else {
+                continue;
             };
-            out.push(match (&r.reason, serving) {
-                (Reason::Standby { owner }, true) => RouteSpec {
-                    net: r.net,
+            if !self.active.values().any(|(_, b)| *b == r.net) {
+                continue;
+            }
+            let halves = r
+                .net
+                .subnets(r.net.prefix_len() + 1)
+                .map(|s| s.collect::<Vec<_>>())
+                .unwrap_or_default();
+            for half in halves {
+                out.push(RouteSpec {
+                    net: half,
                     metric: self.metrics.active,
                     reason: Reason::Active {
                         owner: owner.clone(),
                     },
-                },
-                _ => r.clone(),
-            });
+                });
+            }
         }
         for (address, (owner, block)) in &self.active {
             if !self.backed.iter().any(|(b, _)| b == block) {
@@ -204,9 +216,19 @@ mod tests {
         let block: IpNet = "10.201.0.0/25".parse().unwrap();
         plan.serve("10.201.0.5".parse().unwrap(), "dn1", block);
         plan.serve("10.201.0.6".parse().unwrap(), "dn1", block);
-        assert!(show(&plan).contains(&"10.201.0.0/25 100 serving for dn1".to_owned()));
+        let serving = show(&plan);
+        for want in [
+            "10.201.0.0/25 300 standby for dn1",
+            "10.201.0.0/26 100 serving for dn1",
+            "10.201.0.64/26 100 serving for dn1",
+        ] {
+            assert!(
+                serving.contains(&want.to_owned()),
+                "{want} missing from {serving:?}"
+            );
+        }
         plan.release("10.201.0.5".parse().unwrap());
-        assert!(show(&plan).contains(&"10.201.0.0/25 100 serving for dn1".to_owned()));
+        assert_eq!(show(&plan), serving);
         plan.release("10.201.0.6".parse().unwrap());
         assert_eq!(show(&plan), standby);
     }
