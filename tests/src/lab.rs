@@ -37,6 +37,24 @@ fn dn_on_server_net(k: usize) -> String {
     format!("10.0.2.{k}")
 }
 
+fn dn_on_cluster_net(k: usize) -> String {
+    format!("10.9.0.{k}")
+}
+
+/// A veth from `ns` (named `ifname`, with `address`) into bridge `bridge` of `bridge_ns`, where
+/// its other end is `port`.
+fn attach_to_bridge(
+    net: &Netns,
+    (ns, ifname, address): (&str, &str, &str),
+    (bridge_ns, bridge, port): (&str, &str, &str),
+) -> Result<()> {
+    // `link` addresses both ends; the bridge port then gives its address up.
+    net.link((ns, ifname, address), (bridge_ns, port, "192.0.2.1/32"))?;
+    net.exec(bridge_ns, &["ip", "addr", "flush", "dev", port])?;
+    net.exec(bridge_ns, &["ip", "link", "set", port, "master", bridge])?;
+    Ok(())
+}
+
 /// Where the product binaries are: `HOLDFAST_BIN_DIR`, or beside this executable (tests run
 /// from `target/<profile>/deps/`, so its parent too).
 pub fn bin_dir() -> Result<PathBuf> {
@@ -85,7 +103,26 @@ pub struct LabSpec {
     pub client_routes: Vec<String>,
     /// DNs dn1..dnN.
     pub dns: usize,
+    /// How the server's side learns where client addresses live.
+    pub routing: Routing,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routing {
+    /// The server routes each DN's pool to that DN: no failover of the return path.
+    Static,
+    /// The thesis's testbed: DNs and an edge service router (ESR) on a cluster network, FRR
+    /// (zebra + ospfd, configured by esr-config) on each; the server routes every pool to the
+    /// ESR, which learns from OSPF which DN reaches which address.
+    Frr,
+}
+
+pub const CLUSTER_NET: &str = "10.9.0.0/24";
+const ESR_ON_CLUSTER_NET: &str = "10.9.0.254";
+const ESR_ON_SERVER_NET: &str = "10.0.2.254";
+/// Every pool the lab hands out (10.200.0.0/24 .. 10.203.0.0/24).
+const ALL_POOLS: &str = "10.200.0.0/14";
+const FRR: &str = "/usr/lib/frr";
 
 impl Default for LabSpec {
     fn default() -> Self {
@@ -94,6 +131,7 @@ impl Default for LabSpec {
             revoked: Vec::new(),
             client_routes: vec![SERVER_NET.to_owned()],
             dns: 1,
+            routing: Routing::Static,
         }
     }
 }
@@ -150,28 +188,69 @@ impl Lab {
             &["ip", "addr", "add", &format!("{SERVER}/24"), "dev", "br0"],
         )?;
         net.exec("srv", &["ip", "link", "set", "br0", "up"])?;
+        if spec.routing == Routing::Frr {
+            net.add("esr")?;
+            net.exec("esr", &["ip", "link", "add", "cl0", "type", "bridge"])?;
+            net.exec(
+                "esr",
+                &[
+                    "ip",
+                    "addr",
+                    "add",
+                    &format!("{ESR_ON_CLUSTER_NET}/24"),
+                    "dev",
+                    "cl0",
+                ],
+            )?;
+            net.exec("esr", &["ip", "link", "set", "cl0", "up"])?;
+            net.exec("esr", &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+            attach_to_bridge(
+                &net,
+                ("esr", "to-srv", &format!("{ESR_ON_SERVER_NET}/24")),
+                ("srv", "br0", "to-esr"),
+            )?;
+            net.exec(
+                "srv",
+                &["ip", "route", "add", ALL_POOLS, "via", ESR_ON_SERVER_NET],
+            )?;
+        }
         for k in 1..=spec.dns {
             let dn = dn_role(k);
             net.add(&dn)?;
-            let port = format!("to-{dn}");
-            net.link(
-                (&dn, "to-srv", &format!("{}/24", dn_on_server_net(k))),
-                ("srv", &port, &format!("{}/32", dn_on_server_net(100 + k))),
-            )?;
-            net.exec("srv", &["ip", "addr", "flush", "dev", &port])?;
-            net.exec("srv", &["ip", "link", "set", &port, "master", "br0"])?;
-            net.exec(
-                "srv",
-                &[
-                    "ip",
-                    "route",
-                    "add",
-                    &dn_pool(k),
-                    "via",
-                    &dn_on_server_net(k),
-                ],
-            )?;
             net.exec(&dn, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+            match spec.routing {
+                Routing::Static => {
+                    let own = format!("{}/24", dn_on_server_net(k));
+                    attach_to_bridge(
+                        &net,
+                        (&dn, "to-srv", &own),
+                        ("srv", "br0", &format!("to-{dn}")),
+                    )?;
+                    net.exec(
+                        "srv",
+                        &[
+                            "ip",
+                            "route",
+                            "add",
+                            &dn_pool(k),
+                            "via",
+                            &dn_on_server_net(k),
+                        ],
+                    )?;
+                }
+                Routing::Frr => {
+                    let own = format!("{}/24", dn_on_cluster_net(k));
+                    attach_to_bridge(
+                        &net,
+                        (&dn, "to-esr", &own),
+                        ("esr", "cl0", &format!("to-{dn}")),
+                    )?;
+                    net.exec(
+                        &dn,
+                        &["ip", "route", "add", SERVER_NET, "via", ESR_ON_CLUSTER_NET],
+                    )?;
+                }
+            }
         }
         for i in 1..=spec.clients {
             let role = client_role(i);
@@ -218,6 +297,11 @@ impl Lab {
             routes = routes.join(", "),
             revoked = revoked.join(", "),
         );
+        if spec.routing == Routing::Frr {
+            cluster += &format!(
+                "\n[ospf]\nnetwork = \"{CLUSTER_NET}\"\n\n[[esr]]\nname = \"esr\"\nrouter_id = \"{ESR_ON_CLUSTER_NET}\"\nospf_interface = \"cl0\"\n"
+            );
+        }
         for (k, (name, public_key)) in keys.iter().enumerate() {
             let k = k + 1;
             cluster += &format!(
@@ -233,6 +317,12 @@ impl Lab {
                 endpoint = dn_address_towards(1, k),
                 pool = dn_pool(k),
             );
+            if spec.routing == Routing::Frr {
+                cluster += &format!(
+                    "router_id = \"{}\"\nospf_interface = \"to-esr\"\n",
+                    dn_on_cluster_net(k)
+                );
+            }
         }
         fs::write(net.dir.join("cluster.toml"), cluster)?;
         let mut lab = Self {
@@ -242,10 +332,99 @@ impl Lab {
             pki,
             issued,
         };
+        if spec.routing == Routing::Frr {
+            lab.start_frr()?;
+        }
         for k in 1..=spec.dns {
             lab.start_dn(k)?;
         }
+        if spec.routing == Routing::Frr {
+            // Every DN's pool must have reached the ESR before anything is measured.
+            let want: Vec<String> = (1..=spec.dns).map(dn_pool).collect();
+            wait_until(
+                Duration::from_secs(30),
+                "OSPF to bring every pool to the ESR",
+                || {
+                    lab.esr_routes()
+                        .is_ok_and(|r| want.iter().all(|p| r.contains(&format!("{p} "))))
+                },
+            )
+            .with_context(|| lab.net.logs())?;
+        }
         Ok(lab)
+    }
+
+    /// Writes esr-config's FRR configuration and starts zebra and ospfd on every DN and the ESR,
+    /// in the foreground so that the lab owns (and always stops) them.
+    fn start_frr(&mut self) -> Result<()> {
+        let cluster = holdfast_proto::cluster::Cluster::load(&self.net.dir.join("cluster.toml"))?;
+        let files = holdfast_esr_config::frr(&cluster)?;
+        let root = self.net.dir.join("routing");
+        for file in &files {
+            let path = root.join(&file.path);
+            if let Some(dir) = path.parent() {
+                fs::create_dir_all(dir)?;
+            }
+            fs::write(&path, &file.text)?;
+        }
+        // The daemons run as the package's frr user (root is refused: not in group frrvty).
+        run(std::process::Command::new("chown")
+            .args(["-R", "frr:frr"])
+            .arg(&root))?;
+        let nodes: Vec<String> = cluster
+            .dns
+            .iter()
+            .map(|d| d.name.clone())
+            .chain(
+                cluster
+                    .ospf
+                    .iter()
+                    .flat_map(|o| o.esrs.iter().map(|e| e.name.clone())),
+            )
+            .collect();
+        for node in nodes {
+            let dir = root.join(&node);
+            let d = |f: &str| dir.join(f).display().to_string();
+            let pathspace = format!("{}-{node}", self.net.id());
+            for daemon in ["zebra", "ospfd"] {
+                let bin = format!("{FRR}/{daemon}");
+                let (conf, pid) = (d(&format!("{daemon}.conf")), d(&format!("{daemon}.pid")));
+                let (zsock, vty) = (d("zserv.api"), dir.display().to_string());
+                self.net.spawn(
+                    &node,
+                    &format!("{daemon}-{node}"),
+                    &[
+                        &bin,
+                        "-N",
+                        &pathspace,
+                        "-f",
+                        &conf,
+                        "-i",
+                        &pid,
+                        "-z",
+                        &zsock,
+                        "--vty_socket",
+                        &vty,
+                        "--log",
+                        "stdout",
+                    ],
+                    &[],
+                )?;
+                if daemon == "zebra" {
+                    // ospfd connects to zebra's socket at start.
+                    let sock = dir.join("zserv.api");
+                    wait_until(Duration::from_secs(10), "zebra's socket", || sock.exists())
+                        .with_context(|| self.net.logs())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The ESR's kernel routes, as `ip route show` prints them.
+    pub fn esr_routes(&self) -> Result<String> {
+        let out = self.net.exec("esr", &["ip", "-4", "route", "show"])?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     pub fn bin(&self, name: &str) -> String {

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Result};
-use holdfast_lab::lab::{dn_role, Credential, Lab, LabSpec, SERVER};
+use holdfast_lab::lab::{dn_role, Credential, Lab, LabSpec, Routing, SERVER};
 use holdfast_lab::netns::have_root;
 use serde_json::Value;
 
@@ -94,6 +94,100 @@ fn the_client_fails_over_to_its_secondary_which_promotes_itself_and_routes_the_c
         ensure!(
             log.contains("routes its address"),
             "the client was not told it was promoted"
+        );
+        Ok(())
+    })();
+    if let Err(e) = result {
+        panic!("{e:#}\n\n{}", lab.net.logs());
+    }
+}
+
+/// The ESR's next hop for `address` (the DN it sends the client's traffic to).
+fn esr_next_hop(lab: &Lab, address: std::net::IpAddr) -> Result<String> {
+    let out = lab
+        .net
+        .exec("esr", &["ip", "-4", "route", "get", &address.to_string()])?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    text.split_whitespace()
+        .skip_while(|w| *w != "via")
+        .nth(1)
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("no next hop in {text:?}"))
+}
+
+#[test]
+fn with_frr_the_edge_router_follows_the_client_to_its_backup_dn() {
+    if !have_root() {
+        return;
+    }
+    let spec = LabSpec {
+        dns: 2,
+        routing: Routing::Frr,
+        ..LabSpec::default()
+    };
+    let mut lab = Lab::start(&spec).expect("lab starts");
+    let result = (|| -> Result<()> {
+        lab.start_client(1, &Credential::Issued("client1".into()))?;
+        let address = lab.wait_address(1, Duration::from_secs(15))?;
+        let mut status = Value::Null;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            status = lab.en_status(1)?;
+            if role_of(&status, "primary").is_some() && role_of(&status, "secondary").is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let primary =
+            role_of(&status, "primary").ok_or_else(|| anyhow!("no primary: {status}"))? + 1;
+        let (sent, received) = lab.ping("en1", SERVER, 10, &[])?;
+        ensure!(sent == received, "no traffic before the failure");
+        // The ESR reaches the client through the DN whose pool leased the address.
+        let home = if address.to_string().starts_with("10.200.") {
+            1
+        } else {
+            2
+        };
+        let backup = 3 - home;
+        ensure!(
+            esr_next_hop(&lab, address)? == format!("10.9.0.{home}"),
+            "ESR does not route {address} to its home dn{home}:\n{}",
+            lab.esr_routes()?
+        );
+        ensure!(
+            primary == home,
+            "the primary dn{primary} is not the home dn{home}"
+        );
+
+        // 100 packets/s from the client while the primary dies.
+        let mut pinger = lab.net.command(
+            "en1",
+            &[
+                "ping", "-n", "-q", "-i", "0.01", "-c", "400", "-W", "1", SERVER,
+            ],
+        );
+        pinger.stdout(std::process::Stdio::piped());
+        let pinger = pinger.spawn()?;
+        std::thread::sleep(Duration::from_secs(1));
+        lab.net.stop(&dn_role(home), libc::SIGKILL)?;
+        let out = pinger.wait_with_output()?;
+        let (sent, received) =
+            holdfast_lab::lab::parse_ping(&String::from_utf8_lossy(&out.stdout))?;
+        eprintln!(
+            "ping at 100/s across kill -9 of dn{home}: {sent} sent, {received} received, {} lost",
+            sent - received
+        );
+        ensure!(
+            esr_next_hop(&lab, address)? == format!("10.9.0.{backup}"),
+            "ESR does not route {address} to the backup dn{backup}:\n{}",
+            lab.esr_routes()?
+        );
+        // After the failover, traffic flows both ways through the backup.
+        let (sent, received) = lab.ping("en1", SERVER, 20, &[])?;
+        ensure!(
+            sent == received,
+            "lost {} of {sent} pings after the failover",
+            sent - received
         );
         Ok(())
     })();
