@@ -552,6 +552,40 @@ impl Lab {
         address.ok_or_else(|| anyhow!("no address"))
     }
 
+    /// Waits until client `i` has a primary and a secondary session up; returns their DN
+    /// numbers (1-based).
+    pub fn primary_and_secondary(&self, i: usize, timeout: Duration) -> Result<(usize, usize)> {
+        let mut found = None;
+        wait_until(timeout, "a primary and a secondary session", || {
+            found = self.en_status(i).ok().and_then(|s| {
+                let sessions = s["sessions"].as_array()?.clone();
+                let find = |role: &str| {
+                    sessions
+                        .iter()
+                        .position(|x| x["state"] == "up" && x["role"] == role)
+                        .map(|p| p + 1)
+                };
+                Some((find("primary")?, find("secondary")?))
+            });
+            found.is_some()
+        })
+        .with_context(|| self.net.logs())?;
+        found.ok_or_else(|| anyhow!("no sessions"))
+    }
+
+    /// The ESR's next hop towards `address`.
+    pub fn esr_next_hop(&self, address: IpAddr) -> Result<String> {
+        let out = self
+            .net
+            .exec("esr", &["ip", "-4", "route", "get", &address.to_string()])?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.split_whitespace()
+            .skip_while(|w| *w != "via")
+            .nth(1)
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow!("the ESR has no route to {address}: {text:?}"))
+    }
+
     /// Pings `target` from `role`; returns (sent, received).
     pub fn ping(&self, role: &str, target: &str, count: u32, extra: &[&str]) -> Result<(u32, u32)> {
         let count_s = count.to_string();

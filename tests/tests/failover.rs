@@ -10,11 +10,13 @@ use holdfast_lab::lab::{dn_role, Credential, Lab, LabSpec, Routing, SERVER};
 use holdfast_lab::netns::have_root;
 use serde_json::Value;
 
+/// The DN (1-based) whose session has `role` and is up.
 fn role_of(status: &Value, role: &str) -> Option<usize> {
     status["sessions"]
         .as_array()?
         .iter()
         .position(|s| s["state"] == "up" && s["role"] == role)
+        .map(|p| p + 1)
 }
 
 #[test]
@@ -31,19 +33,7 @@ fn the_client_fails_over_to_its_secondary_which_promotes_itself_and_routes_the_c
         lab.start_client(1, &Credential::Issued("client1".into()))?;
         let address = lab.wait_address(1, Duration::from_secs(15))?;
         // Both sessions up: one primary, one secondary.
-        let mut status = Value::Null;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            status = lab.en_status(1)?;
-            if role_of(&status, "primary").is_some() && role_of(&status, "secondary").is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let primary =
-            role_of(&status, "primary").ok_or_else(|| anyhow!("no primary: {status}"))? + 1;
-        let secondary =
-            role_of(&status, "secondary").ok_or_else(|| anyhow!("no secondary: {status}"))? + 1;
+        let (primary, secondary) = lab.primary_and_secondary(1, Duration::from_secs(10))?;
         let (sent, received) = lab.ping("en1", SERVER, 5, &[])?;
         ensure!(sent == received, "no traffic before the failure");
 
@@ -53,7 +43,7 @@ fn the_client_fails_over_to_its_secondary_which_promotes_itself_and_routes_the_c
         let mut switched = None;
         while killed.elapsed() < Duration::from_secs(5) {
             let _ = lab.ping("en1", SERVER, 1, &["-W", "0.05"]);
-            if role_of(&lab.en_status(1)?, "primary") == Some(secondary - 1) {
+            if role_of(&lab.en_status(1)?, "primary") == Some(secondary) {
                 switched = Some(killed.elapsed());
                 break;
             }
@@ -102,19 +92,6 @@ fn the_client_fails_over_to_its_secondary_which_promotes_itself_and_routes_the_c
     }
 }
 
-/// The ESR's next hop for `address` (the DN it sends the client's traffic to).
-fn esr_next_hop(lab: &Lab, address: std::net::IpAddr) -> Result<String> {
-    let out = lab
-        .net
-        .exec("esr", &["ip", "-4", "route", "get", &address.to_string()])?;
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    text.split_whitespace()
-        .skip_while(|w| *w != "via")
-        .nth(1)
-        .map(str::to_owned)
-        .ok_or_else(|| anyhow!("no next hop in {text:?}"))
-}
-
 #[test]
 fn with_frr_the_edge_router_follows_the_client_to_its_backup_dn() {
     if !have_root() {
@@ -129,17 +106,7 @@ fn with_frr_the_edge_router_follows_the_client_to_its_backup_dn() {
     let result = (|| -> Result<()> {
         lab.start_client(1, &Credential::Issued("client1".into()))?;
         let address = lab.wait_address(1, Duration::from_secs(15))?;
-        let mut status = Value::Null;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            status = lab.en_status(1)?;
-            if role_of(&status, "primary").is_some() && role_of(&status, "secondary").is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let primary =
-            role_of(&status, "primary").ok_or_else(|| anyhow!("no primary: {status}"))? + 1;
+        let (primary, _) = lab.primary_and_secondary(1, Duration::from_secs(10))?;
         let (sent, received) = lab.ping("en1", SERVER, 10, &[])?;
         ensure!(sent == received, "no traffic before the failure");
         // The ESR reaches the client through the DN whose pool leased the address.
@@ -150,7 +117,7 @@ fn with_frr_the_edge_router_follows_the_client_to_its_backup_dn() {
         };
         let backup = 3 - home;
         ensure!(
-            esr_next_hop(&lab, address)? == format!("10.9.0.{home}"),
+            lab.esr_next_hop(address)? == format!("10.9.0.{home}"),
             "ESR does not route {address} to its home dn{home}:\n{}",
             lab.esr_routes()?
         );
@@ -178,7 +145,7 @@ fn with_frr_the_edge_router_follows_the_client_to_its_backup_dn() {
             sent - received
         );
         ensure!(
-            esr_next_hop(&lab, address)? == format!("10.9.0.{backup}"),
+            lab.esr_next_hop(address)? == format!("10.9.0.{backup}"),
             "ESR does not route {address} to the backup dn{backup}:\n{}",
             lab.esr_routes()?
         );

@@ -1,8 +1,11 @@
+use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, Subcommand};
-use holdfast_lab::lab::{client_role, Credential, Lab, LabSpec, SERVER};
+use holdfast_lab::lab::{
+    client_role, dn_role, parse_ping, Credential, Lab, LabSpec, Routing, SERVER,
+};
 use holdfast_lab::{bench, netns, traffic};
 
 /// Holdfast's lab: the testbed in network namespaces on this machine (needs root).
@@ -16,13 +19,27 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Esr {
+    /// FRR (zebra, ospfd), configured by esr-config.
+    Frr,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Run the demo: a client, a DN and a server; ping and a download through the tunnel.
+    /// Run the demo: a client, two DNs, an edge router and a server; a ping at 100 packets/s and
+    /// a download run while the client's primary DN is killed with SIGKILL; prints the packets
+    /// lost and whether the download completed intact.
     Demo {
         /// Size of the download in MiB.
-        #[arg(long, default_value_t = 50)]
+        #[arg(long, default_value_t = 100)]
         size_mib: u64,
+        /// Pace of the download in MiB/s, so that the failure lands in its middle.
+        #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..))]
+        rate_mib: u64,
+        /// Routing daemon on the DNs and the edge service router.
+        #[arg(long, value_enum, default_value_t = Esr::Frr)]
+        esr: Esr,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -57,68 +74,123 @@ enum Command {
     },
 }
 
-fn demo(size_mib: u64, json: bool) -> Result<()> {
+fn demo(size_mib: u64, rate_mib: u64, esr: Esr, json: bool) -> Result<()> {
     let say = |s: &str| {
         if !json {
             println!("{s}");
         }
     };
-    say("building the lab: en1 -- dn1 -- srv in network namespaces ...");
-    let mut lab = Lab::start(&LabSpec::default())?;
+    let Esr::Frr = esr;
+    say("building the lab: en1 -- dn1, dn2 -- esr (FRR, OSPF) -- srv in network namespaces ...");
+    let mut lab = Lab::start(&LabSpec {
+        dns: 2,
+        routing: Routing::Frr,
+        ..LabSpec::default()
+    })?;
     let www = lab.net.dir.join("www");
     let blob = traffic::make_blob(&www, "blob", size_mib << 20)?;
     traffic::serve_http(&mut lab.net, "srv", &www, SERVER)?;
     lab.start_client(1, &Credential::Issued("client1".into()))?;
     let address = lab.wait_address(1, Duration::from_secs(15))?;
-    say(&format!("client1 is up with address {address}"));
-    let (sent, received) = lab.ping("en1", SERVER, 300, &["-i", "0.01"])?;
+    let (primary, secondary) = lab.primary_and_secondary(1, Duration::from_secs(10))?;
     say(&format!(
-        "ping at 100 packets/s to the server {SERVER}: {sent} sent, {received} received"
+        "client1 is up with address {address}: primary dn{primary}, secondary dn{secondary}; the ESR routes it via {}",
+        lab.esr_next_hop(address)?
     ));
+
+    // A download paced to last a few seconds and a ping at 100 packets/s, both running while
+    // the primary DN is killed 40% into the download.
+    let expected = size_mib as f64 / rate_mib as f64;
+    let pings = ((expected + 2.0) * 100.0) as u32;
     let out = lab.net.dir.join("downloaded");
     let url = format!("http://{SERVER}:{}/blob", traffic::HTTP_PORT);
-    let got = traffic::download(&lab.net, "en1", &url, &out, Duration::from_secs(300))?;
-    let intact = traffic::sha256_file(&out)? == blob.sha256 && got.bytes == blob.size;
-    let mbps = got.bytes as f64 * 8.0 / got.seconds / 1e6;
-    say(&format!(
-        "download of {size_mib} MiB over HTTP: {:.2} s ({mbps:.0} Mbit/s), SHA-256 {}",
-        got.seconds,
-        if intact { "matches" } else { "DIFFERS" }
-    ));
-    let en_out = lab.net.try_exec(
+    let mut pinger = lab.net.command(
         "en1",
         &[
-            &lab.bin("en"),
-            "--config",
-            &lab.en_config(1).display().to_string(),
-            "status",
+            "ping",
+            "-n",
+            "-q",
+            "-i",
+            "0.01",
+            "-c",
+            &pings.to_string(),
+            "-W",
+            "1",
+            SERVER,
         ],
-    )?;
-    let dn_out = std::process::Command::new(lab.bin("dn"))
-        .args([
-            "status",
-            "--control",
-            &lab.dn_socket(1).display().to_string(),
-        ])
-        .output()?;
+    );
+    pinger.stdout(Stdio::piped());
+    let pinger = pinger.spawn()?;
+    let rate = format!("{rate_mib}M");
+    let out_s = out.display().to_string();
+    let mut curl = lab.net.command(
+        "en1",
+        &[
+            "curl",
+            "-sS",
+            "--fail",
+            "--limit-rate",
+            &rate,
+            "-o",
+            &out_s,
+            "-w",
+            "%{time_total}",
+            &url,
+        ],
+    );
+    curl.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let curl = curl.spawn()?;
+    std::thread::sleep(Duration::from_secs_f64(expected * 0.4));
+    say(&format!("kill -9 of dn{primary} ..."));
+    lab.net.stop(&dn_role(primary), libc::SIGKILL)?;
+    let curl = curl.wait_with_output()?;
+    let ping = pinger.wait_with_output()?;
+    let (sent, received) = parse_ping(&String::from_utf8_lossy(&ping.stdout))?;
+    let lost = sent - received;
+    let seconds: f64 = String::from_utf8_lossy(&curl.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(f64::NAN);
+    let intact =
+        curl.status.success() && traffic::sha256_file(&out).ok() == Some(blob.sha256.clone());
+    let esr_now = lab.esr_next_hop(address)?;
     if json {
         println!(
             "{}",
             serde_json::json!({
+                "esr": "frr",
                 "address": address,
+                "killed": dn_role(primary),
+                "lost_packets": lost,
                 "pings_sent": sent,
                 "pings_received": received,
-                "lost_packets": sent - received,
-                "download_bytes": got.bytes,
-                "download_seconds": got.seconds,
-                "download_mbps": mbps,
                 "download_ok": intact,
+                "download_bytes": blob.size,
+                "download_seconds": seconds,
+                "download_expected_seconds": expected,
+                "esr_next_hop_after": esr_now,
             })
         );
     } else {
-        println!("\n$ en status\n{}", String::from_utf8_lossy(&en_out.stdout));
-        println!("$ dn status\n{}", String::from_utf8_lossy(&dn_out.stdout));
+        println!("ping at 100 packets/s: {sent} sent, {received} received: {lost} lost across the failover");
+        println!(
+            "download of {size_mib} MiB at {rate_mib} MiB/s: {:.2} s (paced for {expected:.2} s), {}",
+            seconds,
+            if intact { "completed intact (SHA-256 matches)" } else { "FAILED or damaged" }
+        );
+        let now_primary = lab
+            .en_status(1)
+            .ok()
+            .and_then(|s| {
+                let sessions = s["sessions"].as_array()?.clone();
+                sessions.iter().position(|x| x["role"] == "primary")
+            })
+            .map_or_else(|| "no DN".to_owned(), |p| dn_role(p + 1));
+        println!("client1 now sends through {now_primary}; the ESR routes {address} via {esr_now}");
         println!("tearing down the lab");
+    }
+    if !curl.status.success() {
+        bail!("curl failed: {}", String::from_utf8_lossy(&curl.stderr));
     }
     ensure!(intact, "the download arrived damaged");
     Ok(())
@@ -162,7 +234,12 @@ fn main() -> Result<()> {
     netns::cleanup_on_signals()?;
     let cli = Cli::parse();
     match cli.command {
-        Command::Demo { size_mib, json } => demo(size_mib, json),
+        Command::Demo {
+            size_mib,
+            rate_mib,
+            esr,
+            json,
+        } => demo(size_mib, rate_mib, esr, json),
         Command::Up { clients } => up(clients),
         Command::Down => {
             let removed = netns::cleanup_stale().context("cannot clean up")?;
