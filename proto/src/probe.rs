@@ -60,10 +60,10 @@ pub struct ProbeConfig {
 impl Default for ProbeConfig {
     fn default() -> Self {
         Self {
-            interval: Duration::from_millis(20),
+            interval: Duration::from_millis(10),
             misses: 3,
             rtt_factor: 4,
-            min_silence: Duration::from_millis(60),
+            min_silence: Duration::from_millis(30),
         }
     }
 }
@@ -204,10 +204,10 @@ mod tests {
         assert_eq!(
             verdict,
             Verdict::Dead {
-                silence: Duration::from_millis(60)
+                silence: Duration::from_millis(30)
             }
         );
-        assert_eq!(t - t0, Duration::from_millis(60));
+        assert_eq!(t - t0, Duration::from_millis(30));
         assert_eq!(p.poll(t + Duration::from_secs(1)), Verdict::Wait);
     }
 
