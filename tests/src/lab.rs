@@ -339,14 +339,20 @@ impl Lab {
             lab.start_dn(k)?;
         }
         if spec.routing == Routing::Frr {
-            // Every DN's pool must have reached the ESR before anything is measured.
-            let want: Vec<String> = (1..=spec.dns).map(dn_pool).collect();
+            // Every DN's pool must have reached the ESR, through that DN, before anything is
+            // measured: its first client address is in a block the DN announces at home cost.
+            let want: Vec<(IpAddr, String)> = (1..=spec.dns)
+                .filter_map(|k| {
+                    let first = format!("10.{}.0.2", 199 + k).parse().ok()?;
+                    Some((first, dn_on_cluster_net(k)))
+                })
+                .collect();
             wait_until(
                 Duration::from_secs(30),
                 "OSPF to bring every pool to the ESR",
                 || {
-                    lab.esr_routes()
-                        .is_ok_and(|r| want.iter().all(|p| r.contains(&format!("{p} "))))
+                    want.iter()
+                        .all(|(a, via)| lab.esr_next_hop(*a).is_ok_and(|hop| hop == *via))
                 },
             )
             .with_context(|| lab.net.logs())?;

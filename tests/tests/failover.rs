@@ -162,3 +162,71 @@ fn with_frr_the_edge_router_follows_the_client_to_its_backup_dn() {
         panic!("{e:#}\n\n{}", lab.net.logs());
     }
 }
+
+#[test]
+fn after_the_primary_and_then_its_backup_die_the_third_dn_carries_the_client() {
+    if !have_root() {
+        return;
+    }
+    let spec = LabSpec {
+        dns: 3,
+        routing: Routing::Frr,
+        ..LabSpec::default()
+    };
+    let mut lab = Lab::start(&spec).expect("lab starts");
+    let result = (|| -> Result<()> {
+        lab.start_client(1, &Credential::Issued("client1".into()))?;
+        let address = lab.wait_address(1, Duration::from_secs(15))?;
+        let (first, _) = lab.primary_and_secondary(1, Duration::from_secs(10))?;
+        let mut alive: Vec<usize> = (1..=3).filter(|k| *k != first).collect();
+        lab.net.stop(&dn_role(first), libc::SIGKILL)?;
+        // Traffic moves the client to a secondary, which routes it; then that one dies too.
+        let second = wait_for_primary(&lab, &alive)?;
+        alive.retain(|k| *k != second);
+        lab.net.stop(&dn_role(second), libc::SIGKILL)?;
+        let third = wait_for_primary(&lab, &alive)?;
+        let via = format!("10.9.0.{third}");
+        let mut routed = false;
+        for _ in 0..100 {
+            let _ = lab.ping("en1", SERVER, 1, &["-W", "0.05"]);
+            if lab.esr_next_hop(address)? == via {
+                routed = true;
+                break;
+            }
+        }
+        ensure!(
+            routed,
+            "the ESR does not route {address} via dn{third}:\n{}",
+            lab.esr_routes()?
+        );
+        let routes = lab.dn_status(third)?["routes"].to_string();
+        ensure!(
+            routes.contains(&format!("{address}/32")) || routes.contains("serving for"),
+            "dn{third} announces neither a host route nor the block's halves: {routes}"
+        );
+        let (sent, received) = lab.ping("en1", SERVER, 20, &[])?;
+        ensure!(
+            sent == received,
+            "lost {} of {sent} pings on dn{third}",
+            sent - received
+        );
+        Ok(())
+    })();
+    if let Err(e) = result {
+        panic!("{e:#}\n\n{}", lab.net.logs());
+    }
+}
+
+/// Sends traffic until the client's primary is one of `candidates`; returns it.
+fn wait_for_primary(lab: &Lab, candidates: &[usize]) -> Result<usize> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        let _ = lab.ping("en1", SERVER, 1, &["-W", "0.05"]);
+        if let Some(p) = role_of(&lab.en_status(1)?, "primary") {
+            if candidates.contains(&p) {
+                return Ok(p);
+            }
+        }
+    }
+    Err(anyhow!("the client found no primary among {candidates:?}"))
+}
