@@ -612,6 +612,26 @@ impl Lab {
     }
 }
 
+/// Labs are heavy; even if the test harness runs tests in parallel, build one at a time.
+static ONE_LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `body` in a fresh lab built from `spec`, for a test: skipped (with a message) without
+/// root; on failure, panics with the error and every daemon's log. The lab is torn down either
+/// way.
+pub fn with_lab(spec: LabSpec, body: impl FnOnce(&mut Lab) -> Result<()>) {
+    if !crate::netns::have_root() {
+        return;
+    }
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = match Lab::start(&spec) {
+        Ok(lab) => lab,
+        Err(e) => panic!("the lab did not start: {e:#}"),
+    };
+    if let Err(e) = body(&mut lab) {
+        panic!("{e:#}\n\n{}", lab.net.logs());
+    }
+}
+
 /// Reads "N packets transmitted, M received" from ping's summary.
 pub fn parse_ping(text: &str) -> Result<(u32, u32)> {
     let line = text

@@ -6,8 +6,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Result};
-use holdfast_lab::lab::{dn_role, Credential, Lab, LabSpec, Routing, SERVER};
-use holdfast_lab::netns::have_root;
+use holdfast_lab::lab::{dn_role, with_lab, Credential, Lab, LabSpec, Routing, SERVER};
 use serde_json::Value;
 
 /// The DN (1-based) whose session has `role` and is up.
@@ -21,15 +20,11 @@ fn role_of(status: &Value, role: &str) -> Option<usize> {
 
 #[test]
 fn the_client_fails_over_to_its_secondary_which_promotes_itself_and_routes_the_client() {
-    if !have_root() {
-        return;
-    }
     let spec = LabSpec {
         dns: 2,
         ..LabSpec::default()
     };
-    let mut lab = Lab::start(&spec).expect("lab starts");
-    let result = (|| -> Result<()> {
+    with_lab(spec, |lab| {
         lab.start_client(1, &Credential::Issued("client1".into()))?;
         let address = lab.wait_address(1, Duration::from_secs(15))?;
         // Both sessions up: one primary, one secondary.
@@ -86,24 +81,17 @@ fn the_client_fails_over_to_its_secondary_which_promotes_itself_and_routes_the_c
             "the client was not told it was promoted"
         );
         Ok(())
-    })();
-    if let Err(e) = result {
-        panic!("{e:#}\n\n{}", lab.net.logs());
-    }
+    });
 }
 
 #[test]
 fn with_frr_the_edge_router_follows_the_client_to_its_backup_dn() {
-    if !have_root() {
-        return;
-    }
     let spec = LabSpec {
         dns: 2,
         routing: Routing::Frr,
         ..LabSpec::default()
     };
-    let mut lab = Lab::start(&spec).expect("lab starts");
-    let result = (|| -> Result<()> {
+    with_lab(spec, |lab| {
         lab.start_client(1, &Credential::Issued("client1".into()))?;
         let address = lab.wait_address(1, Duration::from_secs(15))?;
         let (primary, _) = lab.primary_and_secondary(1, Duration::from_secs(10))?;
@@ -157,34 +145,27 @@ fn with_frr_the_edge_router_follows_the_client_to_its_backup_dn() {
             sent - received
         );
         Ok(())
-    })();
-    if let Err(e) = result {
-        panic!("{e:#}\n\n{}", lab.net.logs());
-    }
+    });
 }
 
 #[test]
 fn after_the_primary_and_then_its_backup_die_the_third_dn_carries_the_client() {
-    if !have_root() {
-        return;
-    }
     let spec = LabSpec {
         dns: 3,
         routing: Routing::Frr,
         ..LabSpec::default()
     };
-    let mut lab = Lab::start(&spec).expect("lab starts");
-    let result = (|| -> Result<()> {
+    with_lab(spec, |lab| {
         lab.start_client(1, &Credential::Issued("client1".into()))?;
         let address = lab.wait_address(1, Duration::from_secs(15))?;
         let (first, _) = lab.primary_and_secondary(1, Duration::from_secs(10))?;
         let mut alive: Vec<usize> = (1..=3).filter(|k| *k != first).collect();
         lab.net.stop(&dn_role(first), libc::SIGKILL)?;
         // Traffic moves the client to a secondary, which routes it; then that one dies too.
-        let second = wait_for_primary(&lab, &alive)?;
+        let second = wait_for_primary(lab, &alive)?;
         alive.retain(|k| *k != second);
         lab.net.stop(&dn_role(second), libc::SIGKILL)?;
-        let third = wait_for_primary(&lab, &alive)?;
+        let third = wait_for_primary(lab, &alive)?;
         let via = format!("10.9.0.{third}");
         let mut routed = false;
         for _ in 0..100 {
@@ -211,10 +192,7 @@ fn after_the_primary_and_then_its_backup_die_the_third_dn_carries_the_client() {
             sent - received
         );
         Ok(())
-    })();
-    if let Err(e) = result {
-        panic!("{e:#}\n\n{}", lab.net.logs());
-    }
+    });
 }
 
 /// Sends traffic until the client's primary is one of `candidates`; returns it.

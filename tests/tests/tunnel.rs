@@ -3,27 +3,11 @@
 //! Each test builds its own lab and tears it down when it ends, passing or failing. They need
 //! root; run them one at a time (`--test-threads=1`): they share two cores.
 
-use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use holdfast_lab::lab::{client_role, Credential, Lab, LabSpec, SERVER};
-use holdfast_lab::netns::have_root;
+use holdfast_lab::lab::{client_role, with_lab, Credential, Lab, LabSpec, SERVER};
 use holdfast_lab::traffic;
-
-/// Labs are heavy; even if the harness runs tests in parallel, build one at a time.
-static ONE_LAB: Mutex<()> = Mutex::new(());
-
-fn with_lab(spec: LabSpec, body: impl FnOnce(&mut Lab) -> Result<()>) {
-    if !have_root() {
-        return;
-    }
-    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
-    let mut lab = Lab::start(&spec).expect("lab starts");
-    if let Err(e) = body(&mut lab) {
-        panic!("{e:#}\n\n{}", lab.net.logs());
-    }
-}
 
 const UP: Duration = Duration::from_secs(15);
 
