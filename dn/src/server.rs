@@ -70,7 +70,7 @@ struct Session {
 
 struct Dn {
     spec: DnSpec,
-    client_routes: Vec<ipnet::IpNet>,
+    cluster: Cluster,
     book: Mutex<LeaseBook>,
     /// The host table: leased address -> the session that carries it. O(1) per packet.
     hosts: RwLock<HashMap<IpAddr, Arc<Session>>>,
@@ -142,7 +142,7 @@ pub async fn run(opts: Options) -> Result<()> {
     );
     let dn = Arc::new(Dn {
         spec: spec.clone(),
-        client_routes: cluster.client_routes.clone(),
+        cluster: cluster.clone(),
         book: Mutex::new(book),
         hosts: RwLock::new(HashMap::new()),
         tun,
@@ -283,11 +283,13 @@ async fn attach(
     };
     let ticket = grant.ticket().clone();
     let address = ticket.claim.address;
+    let failover = dn.cluster.failover_order(&ticket.claim.issuer, address);
     let lease = Lease {
         ticket,
         gateway: dn.spec.plan.gateway(),
         mtu: dn.spec.mtu,
-        routes: dn.client_routes.clone(),
+        routes: dn.cluster.client_routes.clone(),
+        failover,
     };
     send_message(&mut send, &Message::Leased(lease)).await?;
     let foreign = match &grant {

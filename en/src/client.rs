@@ -143,7 +143,10 @@ pub async fn run(config: EnConfig) -> Result<()> {
     info!(control = %config.control_socket.display(), dns = config.dns.len(), "en starting");
 
     let mut driver = Driver {
-        machine: Machine::new(config.dns.len(), rand::random()),
+        machine: Machine::new(
+            config.dns.iter().map(|d| d.name.clone()).collect(),
+            rand::random(),
+        ),
         slots: (0..config.dns.len()).map(|_| Slot::default()).collect(),
         shared: shared.clone(),
         endpoint: endpoint.clone(),
@@ -247,7 +250,7 @@ impl Driver<'_> {
                 slot.connects += 1;
                 slot.up_since = Some(holdfast_shell::unix_now());
                 info!(dn = %name, address = %lease.ticket.claim.address, "session up");
-                Event::Leased(dn, lease)
+                Event::Leased(dn, Box::new(lease))
             }
             Report::Refused(_, _, code, reason) => {
                 warn!(dn = %name, ?code, %reason, "DN refused this client");

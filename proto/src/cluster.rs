@@ -457,6 +457,26 @@ impl Cluster {
         })
     }
 
+    /// Where a client of `issuer`'s pool at `address` fails over to, in order: its block's
+    /// designated backup first (the edge already holds that DN's standing route for the block),
+    /// then every other DN in configuration order; never the issuer.
+    pub fn failover_order(&self, issuer: &str, address: std::net::IpAddr) -> Vec<String> {
+        let backup = self
+            .dn(issuer)
+            .and_then(|d| d.plan.block_containing(address))
+            .and_then(|b| b.backup.clone());
+        backup
+            .iter()
+            .cloned()
+            .chain(
+                self.dns
+                    .iter()
+                    .map(|d| d.name.clone())
+                    .filter(|n| n != issuer && Some(n) != backup.as_ref()),
+            )
+            .collect()
+    }
+
     pub fn dn(&self, name: &str) -> Option<&DnSpec> {
         self.dns.iter().find(|d| d.name == name)
     }
@@ -534,6 +554,27 @@ mod tests {
         assert!(standing(&c, "nobody").is_empty());
         let bad = text.replace("[cluster]\n", "[cluster]\nhome_metric = 400\n");
         assert!(err(&bad).starts_with("cluster.active_metric"));
+    }
+
+    #[test]
+    fn failover_goes_to_the_blocks_backup_first() {
+        let text = cluster(
+            &(dn("dn1", "10.200.0.0/24")
+                + &dn("dn2", "10.201.0.0/24")
+                + &dn("dn3", "10.202.0.0/24")),
+        );
+        let c = Cluster::parse(&text, Path::new("/")).unwrap();
+        // dn1's second block is backed by dn3.
+        let order = c.failover_order("dn1", "10.200.0.130".parse().unwrap());
+        assert_eq!(order, ["dn3", "dn2"]);
+        assert_eq!(
+            c.failover_order("dn1", "10.200.0.5".parse().unwrap()),
+            ["dn2", "dn3"]
+        );
+        assert_eq!(
+            c.failover_order("dn9", "10.9.9.9".parse().unwrap()),
+            ["dn1", "dn2", "dn3"]
+        );
     }
 
     #[test]

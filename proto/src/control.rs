@@ -15,6 +15,8 @@ const FRAME_HEADER: usize = 3;
 pub const MAX_BODY: usize = u16::MAX as usize;
 /// At most this many routes are pushed, so that a `Leased` frame always fits.
 pub const MAX_ROUTES: usize = 256;
+/// At most this many DNs are named in a lease's failover order.
+pub const MAX_FAILOVER: usize = 64;
 
 const T_ATTACH: u8 = 1;
 const T_LEASED: u8 = 2;
@@ -44,6 +46,9 @@ pub struct Lease {
     pub mtu: u16,
     /// Networks the EN routes into the tunnel.
     pub routes: Vec<IpNet>,
+    /// DN names in the order the client should fail over to them: the designated backup of
+    /// its block first, whose standing route the edge already holds.
+    pub failover: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +121,11 @@ impl Message {
                 for r in routes {
                     w.net(*r);
                 }
+                let failover = &lease.failover[..lease.failover.len().min(MAX_FAILOVER)];
+                w.u8(failover.len() as u8);
+                for name in failover {
+                    w.short_str(name);
+                }
                 T_LEASED
             }
             Message::Refused { code, reason } => {
@@ -167,11 +177,16 @@ impl Message {
                 let routes = (0..count)
                     .map(|_| r.net("route"))
                     .collect::<Result<_, _>>()?;
+                let names = r.u8("failover count")? as usize;
+                let failover = (0..names)
+                    .map(|_| r.short_str("failover DN"))
+                    .collect::<Result<_, _>>()?;
                 Message::Leased(Lease {
                     ticket,
                     gateway,
                     mtu,
                     routes,
+                    failover,
                 })
             }
             T_REFUSED => Message::Refused {
@@ -247,13 +262,15 @@ mod tests {
                 any::<u64>(),
                 any::<u128>(),
                 any::<u16>(),
-                proptest::collection::vec(net, 0..20)
+                proptest::collection::vec(net, 0..20),
+                proptest::collection::vec("[a-z0-9-]{1,20}", 0..5)
             )
-                .prop_map(|(a, e, gw, mtu, routes)| Message::Leased(Lease {
+                .prop_map(|(a, e, gw, mtu, routes, failover)| Message::Leased(Lease {
                     ticket: ticket(a, e),
                     gateway: std::net::Ipv6Addr::from(gw).into(),
                     mtu,
-                    routes
+                    routes,
+                    failover
                 })),
             (1u8..=5, "\\PC{0,100}").prop_map(|(c, reason)| Message::Refused {
                 code: RefuseCode::from_u8(c).unwrap(),

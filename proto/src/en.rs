@@ -61,7 +61,7 @@ pub enum Event {
     /// The handshake with DN `0` completed.
     Connected(Dn),
     /// DN `0` answered `Attach` with a lease.
-    Leased(Dn, Lease),
+    Leased(Dn, Box<Lease>),
     /// DN `0` refused to carry the client.
     Refused(Dn, RefuseCode),
     /// DN `0`'s session is gone.
@@ -89,6 +89,8 @@ struct Slot {
 }
 
 pub struct Machine {
+    /// DN names, in configuration order.
+    names: Vec<String>,
     slots: Vec<Slot>,
     primary: Option<Dn>,
     /// The session whose ticket-less `Attach` will lease the address.
@@ -102,10 +104,11 @@ pub const RETRY_BASE: Duration = Duration::from_millis(200);
 pub const RETRY_MAX: Duration = Duration::from_secs(10);
 
 impl Machine {
-    /// A machine for `dns` DNs; `seed` makes the retry jitter reproducible.
-    pub fn new(dns: usize, seed: u64) -> Self {
+    /// A machine for the DNs `names` (configuration order); `seed` makes the retry jitter
+    /// reproducible.
+    pub fn new(names: Vec<String>, seed: u64) -> Self {
         Self {
-            slots: (0..dns)
+            slots: (0..names.len())
                 .map(|_| Slot {
                     state: SessionState::Connecting,
                     backoff: Backoff::new(RETRY_BASE, RETRY_MAX),
@@ -116,6 +119,7 @@ impl Machine {
             leasing: None,
             lease: None,
             rng: seed | 1,
+            names,
         }
     }
 
@@ -183,7 +187,7 @@ impl Machine {
                     self.slots[d].state = SessionState::Ready;
                 }
             }
-            Event::Leased(d, lease) => self.on_leased(d, lease, now, &mut out),
+            Event::Leased(d, lease) => self.on_leased(d, *lease, now, &mut out),
             Event::Refused(d, code) => {
                 let loss = Loss::Closed(format!("refused: {code:?}"));
                 if matches!(code, RefuseCode::BadTicket | RefuseCode::AddressUnavailable)
@@ -276,10 +280,17 @@ impl Machine {
         }
         if self.primary == Some(d) {
             self.primary = None;
-            // The next live session after the lost one, in configuration order.
+            // The next live session in the lease's failover order (its block's designated
+            // backup first), then in configuration order after the lost one.
             let n = self.slots.len();
-            let next = (1..n)
-                .map(|k| (d + k) % n)
+            let by_lease = self
+                .lease
+                .iter()
+                .flat_map(|l| l.failover.iter())
+                .filter_map(|name| self.names.iter().position(|x| x == name));
+            let by_config = (1..n).map(|k| (d + k) % n);
+            let next = by_lease
+                .chain(by_config)
                 .find(|&i| self.slots[i].state == SessionState::Up(Role::Secondary));
             if let Some(i) = next {
                 self.slots[i].state = SessionState::Up(Role::Primary);
@@ -322,6 +333,10 @@ mod tests {
     use ed25519_dalek::SigningKey;
     use proptest::prelude::*;
 
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("dn{i}")).collect()
+    }
+
     fn lease(address: &str, expires_at: u64) -> Lease {
         Lease {
             ticket: LeaseClaim {
@@ -336,13 +351,14 @@ mod tests {
             gateway: "10.200.0.1".parse().unwrap(),
             mtu: 1400,
             routes: vec![],
+            failover: vec![],
         }
     }
 
     #[test]
     fn first_lease_wins_then_the_ticket_attaches_the_others() {
         let t0 = Instant::now();
-        let mut m = Machine::new(3, 7);
+        let mut m = Machine::new(names(3), 7);
         assert_eq!(
             m.start(),
             vec![Action::Connect(0), Action::Connect(1), Action::Connect(2)]
@@ -353,7 +369,7 @@ mod tests {
         );
         assert_eq!(m.handle(Event::Connected(0), t0), vec![]);
         let l = lease("10.200.0.2", 100);
-        let acts = m.handle(Event::Leased(1, l.clone()), t0);
+        let acts = m.handle(Event::Leased(1, Box::new(l.clone())), t0);
         assert_eq!(
             acts,
             vec![
@@ -366,7 +382,7 @@ mod tests {
             m.handle(Event::Connected(2), t0),
             vec![Action::Attach(2, Some(l.ticket.clone()))]
         );
-        assert_eq!(m.handle(Event::Leased(0, l.clone()), t0), vec![]);
+        assert_eq!(m.handle(Event::Leased(0, Box::new(l.clone())), t0), vec![]);
         assert_eq!(m.state(0), Some(&SessionState::Up(Role::Secondary)));
         // The primary dies: the next live session in order takes over at once.
         assert_eq!(
@@ -385,15 +401,35 @@ mod tests {
     }
 
     #[test]
+    fn failover_follows_the_lease_order() {
+        let t0 = Instant::now();
+        let mut m = Machine::new(names(3), 5);
+        m.start();
+        let mut l = lease("10.200.0.2", 100);
+        l.failover = vec!["dn0".into(), "dn2".into()];
+        m.handle(Event::Connected(1), t0);
+        m.handle(Event::Leased(1, Box::new(l.clone())), t0);
+        for d in [2, 0] {
+            m.handle(Event::Connected(d), t0);
+            m.handle(Event::Leased(d, Box::new(l.clone())), t0);
+        }
+        // Configuration order after dn1 would be dn2; the lease says dn0.
+        assert_eq!(
+            m.handle(Event::Lost(1, Loss::ProbeTimeout), t0),
+            vec![Action::UsePrimary(Some(0))]
+        );
+    }
+
+    #[test]
     fn a_lease_for_another_address_is_closed() {
         let t0 = Instant::now();
-        let mut m = Machine::new(2, 1);
+        let mut m = Machine::new(names(2), 1);
         m.start();
         m.handle(Event::Connected(0), t0);
-        m.handle(Event::Leased(0, lease("10.200.0.2", 100)), t0);
+        m.handle(Event::Leased(0, Box::new(lease("10.200.0.2", 100))), t0);
         m.handle(Event::Connected(1), t0);
         assert_eq!(
-            m.handle(Event::Leased(1, lease("10.200.0.9", 100)), t0),
+            m.handle(Event::Leased(1, Box::new(lease("10.200.0.9", 100))), t0),
             vec![Action::Close(1)]
         );
     }
@@ -401,13 +437,13 @@ mod tests {
     #[test]
     fn when_every_session_is_gone_nothing_carries_traffic_and_all_reconnect() {
         let t0 = Instant::now();
-        let mut m = Machine::new(2, 3);
+        let mut m = Machine::new(names(2), 3);
         m.start();
         let l = lease("10.200.0.2", 100);
         m.handle(Event::Connected(0), t0);
-        m.handle(Event::Leased(0, l.clone()), t0);
+        m.handle(Event::Leased(0, Box::new(l.clone())), t0);
         m.handle(Event::Connected(1), t0);
-        m.handle(Event::Leased(1, l.clone()), t0);
+        m.handle(Event::Leased(1, Box::new(l.clone())), t0);
         assert_eq!(
             m.handle(Event::Lost(0, Loss::Unreachable), t0),
             vec![Action::UsePrimary(Some(1))]
@@ -427,7 +463,7 @@ mod tests {
             vec![Action::Attach(1, Some(l.ticket.clone()))]
         );
         assert_eq!(
-            m.handle(Event::Leased(1, l), later),
+            m.handle(Event::Leased(1, Box::new(l)), later),
             vec![Action::UsePrimary(Some(1))]
         );
     }
@@ -466,7 +502,7 @@ mod tests {
         fn sessions_fail_over_and_come_back(n in 1usize..5, steps in proptest::collection::vec(step(4), 1..120), seed in any::<u64>()) {
             let t0 = Instant::now();
             let mut now = t0;
-            let mut m = Machine::new(n, seed);
+            let mut m = Machine::new(names(n), seed);
             let the_lease = lease("10.200.0.2", 1_000_000);
             // What the world has been asked to do.
             let mut connecting = vec![false; n];
@@ -487,7 +523,7 @@ mod tests {
             for s in steps {
                 let acts = match s.clone() {
                     Step::Connect(i) if i < n && connecting[i] => { connecting[i] = false; m.handle(Event::Connected(i), now) }
-                    Step::Answer(i) if i < n && attaching[i] => { attaching[i] = false; m.handle(Event::Leased(i, the_lease.clone()), now) }
+                    Step::Answer(i) if i < n && attaching[i] => { attaching[i] = false; m.handle(Event::Leased(i, Box::new(the_lease.clone())), now) }
                     Step::Refuse(i) if i < n && attaching[i] => { attaching[i] = false; m.handle(Event::Refused(i, RefuseCode::PoolExhausted), now) }
                     Step::Kill(i) if i < n => { connecting[i] = false; attaching[i] = false; m.handle(Event::Lost(i, Loss::ProbeTimeout), now) }
                     Step::Wait(ms) => { now += Duration::from_millis(ms); m.handle_timeout(now) }
