@@ -9,7 +9,8 @@ use holdfast_proto::cluster::Cluster;
 ///
 /// Check a plan:   esr-config check --config cluster.toml
 /// Generate:       esr-config generate --config cluster.toml --out /etc/holdfast/routing
-///                 writes <out>/<node>/zebra.conf and ospfd.conf (FRR) for each DN and ESR.
+///                 writes <out>/<node>/zebra.conf and ospfd.conf (FRR) for each DN and ESR,
+///                 or <out>/<node>/bird.conf with --daemon bird.
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Cli {
@@ -25,14 +26,23 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Daemon {
+    Frr,
+    Bird,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Validate cluster.toml (pools, blocks, names, keys, OSPF plan) and summarise it.
     Check,
-    /// Write FRR configuration (zebra.conf, ospfd.conf) for every DN and ESR into OUT.
+    /// Write routing-daemon configuration for every DN and ESR into OUT/<node>/.
     Generate {
         #[arg(long)]
         out: PathBuf,
+        /// FRR (zebra.conf, ospfd.conf) or BIRD 2 (bird.conf).
+        #[arg(long, value_enum, default_value_t = Daemon::Frr)]
+        daemon: Daemon,
     },
 }
 
@@ -44,8 +54,12 @@ fn main() -> Result<()> {
             print!("{}", holdfast_esr_config::summary(&cluster));
             println!("{}: ok", cli.config.display());
         }
-        Command::Generate { out } => {
-            for file in holdfast_esr_config::frr(&cluster)? {
+        Command::Generate { out, daemon } => {
+            let files = match daemon {
+                Daemon::Frr => holdfast_esr_config::frr(&cluster)?,
+                Daemon::Bird => holdfast_esr_config::bird(&cluster)?,
+            };
+            for file in files {
                 let path = out.join(&file.path);
                 if let Some(dir) = path.parent() {
                     std::fs::create_dir_all(dir)

@@ -5,10 +5,16 @@ use std::process::Command;
 
 use holdfast_proto::cluster::Cluster;
 
-fn example() -> Vec<holdfast_esr_config::File> {
+fn example_cluster() -> Cluster {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let cluster = Cluster::load(&root.join("examples/cluster-ospf.toml")).expect("example parses");
-    holdfast_esr_config::frr(&cluster).expect("plan has [ospf]")
+    Cluster::load(&root.join("examples/cluster-ospf.toml")).expect("example parses")
+}
+
+fn example() -> Vec<holdfast_esr_config::File> {
+    let cluster = example_cluster();
+    let mut files = holdfast_esr_config::frr(&cluster).expect("plan has [ospf]");
+    files.extend(holdfast_esr_config::bird(&cluster).expect("plan has [ospf]"));
+    files
 }
 
 fn golden_dir() -> PathBuf {
@@ -19,7 +25,11 @@ fn golden_dir() -> PathBuf {
 #[test]
 fn output_matches_the_golden_files() {
     let files = example();
-    assert_eq!(files.len(), 8, "zebra and ospfd for three DNs and one ESR");
+    assert_eq!(
+        files.len(),
+        12,
+        "zebra, ospfd and bird for three DNs and one ESR"
+    );
     for file in files {
         let path = golden_dir().join(&file.path);
         if std::env::var_os("UPDATE_GOLDEN").is_some() {
@@ -50,7 +60,10 @@ fn without_ospf_there_is_nothing_to_generate() {
 fn frr_accepts_every_file() {
     let dir = std::env::temp_dir().join(format!("esr-config-dryrun-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    for file in example() {
+    for file in example()
+        .into_iter()
+        .filter(|f| !f.path.ends_with("bird.conf"))
+    {
         let daemon = file
             .path
             .rsplit('/')
@@ -87,6 +100,34 @@ fn frr_accepts_every_file() {
             !text.contains("config line"),
             "{daemon} rejects {}:\n{text}",
             file.path
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// BIRD's own parser (`bird -p`) accepts every generated bird.conf.
+#[test]
+fn bird_accepts_every_file() {
+    let dir = std::env::temp_dir().join(format!("esr-config-bird-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let files = holdfast_esr_config::bird(&example_cluster()).unwrap();
+    assert_eq!(files.len(), 4);
+    for file in files {
+        let conf = dir.join(file.path.replace('/', "-"));
+        std::fs::write(&conf, &file.text).unwrap();
+        let out = Command::new("bird")
+            .arg("-p")
+            .arg("-c")
+            .arg(&conf)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("cannot run bird (scripts/install-deps.sh installs it): {e}")
+            });
+        assert!(
+            out.status.success(),
+            "bird rejects {}: {}",
+            file.path,
+            String::from_utf8_lossy(&out.stderr)
         );
     }
     std::fs::remove_dir_all(&dir).unwrap();

@@ -115,6 +115,15 @@ pub enum Routing {
     /// (zebra + ospfd, configured by esr-config) on each; the server routes every pool to the
     /// ESR, which learns from OSPF which DN reaches which address.
     Frr,
+    /// The same testbed with BIRD 2 (the thesis's own choice) instead of FRR.
+    Bird,
+}
+
+impl Routing {
+    /// Whether the lab has an ESR and runs a routing daemon.
+    pub fn dynamic(self) -> bool {
+        self != Routing::Static
+    }
 }
 
 pub const CLUSTER_NET: &str = "10.9.0.0/24";
@@ -188,7 +197,7 @@ impl Lab {
             &["ip", "addr", "add", &format!("{SERVER}/24"), "dev", "br0"],
         )?;
         net.exec("srv", &["ip", "link", "set", "br0", "up"])?;
-        if spec.routing == Routing::Frr {
+        if spec.routing.dynamic() {
             net.add("esr")?;
             net.exec("esr", &["ip", "link", "add", "cl0", "type", "bridge"])?;
             net.exec(
@@ -238,7 +247,7 @@ impl Lab {
                         ],
                     )?;
                 }
-                Routing::Frr => {
+                Routing::Frr | Routing::Bird => {
                     let own = format!("{}/24", dn_on_cluster_net(k));
                     attach_to_bridge(
                         &net,
@@ -297,7 +306,7 @@ impl Lab {
             routes = routes.join(", "),
             revoked = revoked.join(", "),
         );
-        if spec.routing == Routing::Frr {
+        if spec.routing.dynamic() {
             cluster += &format!(
                 "\n[ospf]\nnetwork = \"{CLUSTER_NET}\"\n\n[[esr]]\nname = \"esr\"\nrouter_id = \"{ESR_ON_CLUSTER_NET}\"\nospf_interface = \"cl0\"\n"
             );
@@ -317,7 +326,7 @@ impl Lab {
                 endpoint = dn_address_towards(1, k),
                 pool = dn_pool(k),
             );
-            if spec.routing == Routing::Frr {
+            if spec.routing.dynamic() {
                 cluster += &format!(
                     "router_id = \"{}\"\nospf_interface = \"to-esr\"\n",
                     dn_on_cluster_net(k)
@@ -332,13 +341,15 @@ impl Lab {
             pki,
             issued,
         };
-        if spec.routing == Routing::Frr {
-            lab.start_frr()?;
+        match spec.routing {
+            Routing::Static => {}
+            Routing::Frr => lab.start_frr()?,
+            Routing::Bird => lab.start_bird()?,
         }
         for k in 1..=spec.dns {
             lab.start_dn(k)?;
         }
-        if spec.routing == Routing::Frr {
+        if spec.routing.dynamic() {
             // Every DN's pool must have reached the ESR, through that DN, before anything is
             // measured: its first client address is in a block the DN announces at home cost.
             let want: Vec<(IpAddr, String)> = (1..=spec.dns)
@@ -358,6 +369,33 @@ impl Lab {
             .with_context(|| lab.net.logs())?;
         }
         Ok(lab)
+    }
+
+    /// Writes esr-config's BIRD configuration and starts BIRD on every DN and the ESR, in the
+    /// foreground so that the lab owns (and always stops) it.
+    fn start_bird(&mut self) -> Result<()> {
+        let cluster = holdfast_proto::cluster::Cluster::load(&self.net.dir.join("cluster.toml"))?;
+        let root = self.net.dir.join("routing");
+        for file in holdfast_esr_config::bird(&cluster)? {
+            let path = root.join(&file.path);
+            let dir = path
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| root.clone());
+            fs::create_dir_all(&dir)?;
+            fs::write(&path, &file.text)?;
+            let node = file.path.split('/').next().unwrap_or_default().to_owned();
+            let conf = path.display().to_string();
+            let sock = dir.join("bird.ctl").display().to_string();
+            let pid = dir.join("bird.pid").display().to_string();
+            self.net.spawn(
+                &node,
+                &format!("bird-{node}"),
+                &["bird", "-f", "-c", &conf, "-s", &sock, "-P", &pid],
+                &[],
+            )?;
+        }
+        Ok(())
     }
 
     /// Writes esr-config's FRR configuration and starts zebra and ospfd on every DN and the ESR,

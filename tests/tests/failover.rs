@@ -86,9 +86,18 @@ fn the_client_fails_over_to_its_secondary_which_promotes_itself_and_routes_the_c
 
 #[test]
 fn with_frr_the_edge_router_follows_the_client_to_its_backup_dn() {
+    the_edge_router_follows_the_client_to_its_backup_dn(Routing::Frr);
+}
+
+#[test]
+fn with_bird_the_edge_router_follows_the_client_to_its_backup_dn() {
+    the_edge_router_follows_the_client_to_its_backup_dn(Routing::Bird);
+}
+
+fn the_edge_router_follows_the_client_to_its_backup_dn(routing: Routing) {
     let spec = LabSpec {
         dns: 2,
-        routing: Routing::Frr,
+        routing,
         ..LabSpec::default()
     };
     with_lab(spec, |lab| {
@@ -129,7 +138,7 @@ fn with_frr_the_edge_router_follows_the_client_to_its_backup_dn() {
         let (sent, received) =
             holdfast_lab::lab::parse_ping(&String::from_utf8_lossy(&out.stdout))?;
         eprintln!(
-            "ping at 100/s across kill -9 of dn{home}: {sent} sent, {received} received, {} lost",
+            "{routing:?}: ping at 100/s across kill -9 of dn{home}: {sent} sent, {received} received, {} lost",
             sent - received
         );
         ensure!(

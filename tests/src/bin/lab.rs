@@ -23,6 +23,9 @@ struct Cli {
 enum Esr {
     /// FRR (zebra, ospfd), configured by esr-config.
     Frr,
+    /// BIRD 2 (the thesis's choice), configured by esr-config; slower: OSPF `tick` is at least
+    /// one second.
+    Bird,
 }
 
 #[derive(Subcommand)]
@@ -80,11 +83,16 @@ fn demo(size_mib: u64, rate_mib: u64, esr: Esr, json: bool) -> Result<()> {
             println!("{s}");
         }
     };
-    let Esr::Frr = esr;
-    say("building the lab: en1 -- dn1, dn2 -- esr (FRR, OSPF) -- srv in network namespaces ...");
+    let (routing, daemon) = match esr {
+        Esr::Frr => (Routing::Frr, "FRR"),
+        Esr::Bird => (Routing::Bird, "BIRD"),
+    };
+    say(&format!(
+        "building the lab: en1 -- dn1, dn2 -- esr ({daemon}, OSPF) -- srv in network namespaces ..."
+    ));
     let mut lab = Lab::start(&LabSpec {
         dns: 2,
-        routing: Routing::Frr,
+        routing,
         ..LabSpec::default()
     })?;
     let www = lab.net.dir.join("www");
@@ -158,7 +166,7 @@ fn demo(size_mib: u64, rate_mib: u64, esr: Esr, json: bool) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "esr": "frr",
+                "esr": daemon.to_lowercase(),
                 "address": address,
                 "killed": dn_role(primary),
                 "lost_packets": lost,
