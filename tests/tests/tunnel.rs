@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use holdfast_lab::lab::{client_role, with_lab, Credential, Lab, LabSpec, SERVER};
+use holdfast_lab::netns::wait_until;
 use holdfast_lab::traffic;
+use holdfast_proto::lease::{parse_signing_key, LeaseClaim, LeaseTicket};
+use std::net::IpAddr;
 
 const UP: Duration = Duration::from_secs(15);
 
@@ -283,6 +286,112 @@ fn the_dn_routes_its_pool_with_our_protocol_and_the_routes_die_with_it() {
         ensure!(
             routes.trim().is_empty(),
             "routes outlived the DN:\n{routes}"
+        );
+        Ok(())
+    });
+}
+
+/// Runs the lab's test client `hf-attach` in `en1` with `identity`'s certificate, presenting
+/// `ticket`, and returns the DN's answer.
+fn present(lab: &Lab, identity: &str, ticket: Option<&LeaseTicket>) -> Result<serde_json::Value> {
+    let pki = lab.pki_dir();
+    let file = |name: String| pki.join(name).display().to_string();
+    let hex = ticket.map(|t| hex::encode(t.encode()));
+    let mut argv = vec![
+        lab.bin("hf-attach"),
+        "--cert".into(),
+        file(format!("{identity}.crt.pem")),
+        "--key".into(),
+        file(format!("{identity}.key.pem")),
+        "--server-ca".into(),
+        file("server-ca.pem".into()),
+        "--endpoint".into(),
+        "10.0.1.2:4433".into(),
+        "--server-name".into(),
+        "dn1".into(),
+    ];
+    if let Some(h) = hex {
+        argv.push("--ticket-hex".into());
+        argv.push(h);
+    }
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let out = lab.net.exec("en1", &argv)?;
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+#[test]
+fn a_claim_without_a_valid_ticket_of_ones_own_gets_no_address_no_route_and_no_traffic() {
+    with_lab(LabSpec::default(), |lab| {
+        lab.start_client(1, &Credential::Issued("client1".into()))?;
+        let taken = lab.wait_address(1, UP)?;
+        holdfast_dn::pki::add_client(lab.pki_dir(), "client2")?;
+        let key_text = std::fs::read_to_string(lab.pki_dir().join("dn1.lease.key"))?;
+        let dn_key = parse_signing_key(&key_text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
+        let claim = |identity: &str, address: IpAddr, expires_at: u64| LeaseClaim {
+            identity: identity.into(),
+            address,
+            issuer: "dn1".into(),
+            block: "10.200.0.0/24".parse().expect("a network"),
+            issued_at: now - 100,
+            expires_at,
+        };
+        let free: IpAddr = "10.200.0.50".parse()?;
+        let cases = [
+            (
+                "client1's ticket",
+                claim("client1", taken, now + 3600).sign(&dn_key),
+                "BadTicket",
+            ),
+            (
+                "an expired ticket",
+                claim("client2", free, now - 1).sign(&dn_key),
+                "BadTicket",
+            ),
+            (
+                "a ticket for client1's address",
+                claim("client2", taken, now + 3600).sign(&dn_key),
+                "AddressUnavailable",
+            ),
+            (
+                "a ticket signed by another key",
+                claim("client2", free, now + 3600)
+                    .sign(&ed25519_dalek::SigningKey::from_bytes(&[7; 32])),
+                "BadTicket",
+            ),
+        ];
+        let routes_before = lab.dn_status(1)?["routes"].clone();
+        for (what, ticket, code) in &cases {
+            let answer = present(lab, "client2", Some(ticket))?;
+            ensure!(
+                answer["answer"] == "refused" && answer["code"] == *code,
+                "{what}: expected refusal {code}, got {answer}"
+            );
+        }
+        // The DN counts a refusal once it has closed the connection, a moment after answering.
+        wait_until(
+            Duration::from_secs(3),
+            "the DN to count four refusals",
+            || {
+                lab.dn_status(1)
+                    .is_ok_and(|dn| dn["sessions_refused"].as_u64() >= Some(4))
+            },
+        )?;
+        let dn = lab.dn_status(1)?;
+        ensure!(dn["sessions"] == 1, "a refused claim left a session: {dn}");
+        ensure!(
+            dn["routes"] == routes_before,
+            "a refused claim changed the routes: {dn}"
+        );
+        // The genuine client still works, and client2 asking without a ticket gets a new address.
+        let (sent, received) = lab.ping("en1", SERVER, 5, &[])?;
+        ensure!(received == sent, "the genuine client lost traffic");
+        let fresh = present(lab, "client2", None)?;
+        ensure!(
+            fresh["answer"] == "leased" && fresh["address"] != taken.to_string(),
+            "client2 without a ticket: {fresh}"
         );
         Ok(())
     });
