@@ -1,6 +1,7 @@
 //! Keeps the kernel's routes equal to what the DN's [`RoutePlan`] wants, through netlink, with
 //! protocol number 200 for the routing daemon to export. Every change is logged with its reason.
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use anyhow::Result;
@@ -18,8 +19,14 @@ pub struct RouteInjector {
 }
 
 impl RouteInjector {
-    /// Installs the DN's standing routes into the TUN device `oif`.
-    pub async fn start(cluster: &Cluster, me: &str, oif: u32) -> Result<Self> {
+    /// Installs the DN's standing routes into the TUN device `oif`, leaving out the own blocks
+    /// another DN serves actively (`held`).
+    pub async fn start(
+        cluster: &Cluster,
+        me: &str,
+        oif: u32,
+        held: BTreeSet<IpNet>,
+    ) -> Result<Self> {
         let mut injector = Self {
             netlink: Routes::connect()?,
             through_tun: NextHop {
@@ -29,6 +36,7 @@ impl RouteInjector {
             plan: RoutePlan::new(cluster, me),
             installed: Vec::new(),
         };
+        injector.plan.set_held(held);
         injector.sync().await?;
         Ok(injector)
     }
@@ -43,6 +51,19 @@ impl RouteInjector {
     pub async fn release(&mut self, address: IpAddr) -> Result<()> {
         self.plan.release(address);
         self.sync().await
+    }
+
+    /// Another DN serves these own blocks actively (or no longer does): follow.
+    pub async fn set_held(&mut self, held: BTreeSet<IpNet>) -> Result<()> {
+        if self.plan.set_held(held) {
+            self.sync().await?;
+        }
+        Ok(())
+    }
+
+    /// Own blocks another DN serves actively.
+    pub fn held(&self) -> &BTreeSet<IpNet> {
+        self.plan.held()
     }
 
     pub fn installed(&self) -> &[RouteSpec] {

@@ -19,6 +19,8 @@ use holdfast_shell::quic::{send_message, ControlReader};
 use holdfast_shell::{control, quic, tls, tun, unix_now};
 
 use crate::routes::RouteInjector;
+
+mod homecoming;
 use serde::Serialize;
 use tracing::{debug, info, warn, Instrument};
 
@@ -60,10 +62,14 @@ struct Session {
     address: IpAddr,
     conn: quinn::Connection,
     traffic: Traffic,
-    /// For a client of another DN's pool: that DN and the block (a secondary session).
-    foreign: Option<(String, ipnet::IpNet)>,
-    /// Set once the client's traffic arrived here on a foreign session.
+    /// The DN whose pool the address is from (this one, or another for a secondary session).
+    owner: String,
+    /// The block of the owner's pool the address is from.
+    block: ipnet::IpNet,
+    /// Set while the client's traffic comes through this DN (it is the client's primary).
     promoted: std::sync::atomic::AtomicBool,
+    /// When the client last moved its traffic away ([`Message::Demote`]).
+    demoted_at: Mutex<Option<std::time::Instant>>,
     /// The DN's half of the control stream.
     control: tokio::sync::Mutex<quinn::SendStream>,
 }
@@ -132,14 +138,27 @@ pub async fn run(opts: Options) -> Result<()> {
     // which carry our protocol number for the routing daemon to export.
     let host_prefix = if plan.gateway().is_ipv4() { 32 } else { 128 };
     let tun = tun::open(&spec.tun, plan.gateway(), host_prefix, spec.mtu)?;
-    let routes = RouteInjector::start(&cluster, &spec.name, tun.index()?).await?;
-    let book = LeaseBook::new(
+    // After a restart, the routing daemon may show that another DN still serves own blocks:
+    // those stay unadvertised until their clients have come home.
+    let netlink = holdfast_shell::netlink::Routes::connect()?;
+    let held = homecoming::held_now(&netlink, &spec)
+        .await
+        .context("cannot read the kernel's routes")?;
+    for block in &held {
+        info!(%block, "another DN serves this own block: not advertising or allocating from it until its clients come home");
+    }
+    let routes = RouteInjector::start(&cluster, &spec.name, tun.index()?, held.clone()).await?;
+    let peers = homecoming::Peers::bind(&cluster, &spec, signing_key.clone())
+        .await?
+        .map(Arc::new);
+    let mut book = LeaseBook::new(
         spec.name.clone(),
         plan.clone(),
         signing_key,
         cluster.issuer_keys(),
         cluster.lease_lifetime_secs,
     );
+    book.set_held(held.clone());
     let dn = Arc::new(Dn {
         spec: spec.clone(),
         cluster: cluster.clone(),
@@ -149,6 +168,15 @@ pub async fn run(opts: Options) -> Result<()> {
         routes: tokio::sync::Mutex::new(routes),
         counters: Counters::default(),
     });
+    tokio::spawn(homecoming::follow_held(
+        dn.clone(),
+        netlink,
+        held,
+        peers.clone(),
+    ));
+    if let Some(peers) = peers {
+        tokio::spawn(homecoming::listen(dn.clone(), peers));
+    }
     let status_dn = dn.clone();
     let _control = control::serve(opts.control.clone(), move |_req| status_dn.status()).await?;
     info!(node = %spec.name, listen = %spec.listen, pool = %plan.pool, tun = %spec.tun, mtu = spec.mtu, control = %opts.control.display(), "dn up");
@@ -232,7 +260,7 @@ async fn serve_session(dn: Arc<Dn>, incoming: quinn::Incoming) {
 
 /// Reads `Attach`, decides with the lease book, answers `Leased` or `Refused`.
 async fn attach(
-    dn: &Dn,
+    dn: &Arc<Dn>,
     conn: &quinn::Connection,
     identity: &str,
     remote: SocketAddr,
@@ -283,6 +311,7 @@ async fn attach(
     };
     let ticket = grant.ticket().clone();
     let address = ticket.claim.address;
+    let (ticket_owner, ticket_block) = (ticket.claim.issuer.clone(), ticket.claim.block);
     let failover = dn.cluster.failover_order(&ticket.claim.issuer, address);
     let lease = Lease {
         ticket,
@@ -292,17 +321,15 @@ async fn attach(
         failover,
     };
     send_message(&mut send, &Message::Leased(lease)).await?;
-    let foreign = match &grant {
-        Grant::Home(_) => None,
-        Grant::Foreign(t) => Some((t.claim.issuer.clone(), t.claim.block)),
-    };
     let session = Arc::new(Session {
         identity: identity.to_owned(),
         address,
         conn: conn.clone(),
         traffic: Traffic::default(),
-        foreign,
+        owner: ticket_owner.clone(),
+        block: ticket_block,
         promoted: std::sync::atomic::AtomicBool::new(false),
+        demoted_at: Mutex::new(None),
         control: tokio::sync::Mutex::new(send),
     });
     let replaced = dn
@@ -321,12 +348,13 @@ async fn attach(
         Grant::Foreign(_) => "foreign (secondary)",
     };
     info!(client = %identity, %remote, %address, lease = kind, "client attached");
-    // Keep reading the control stream: the session needs no further messages today, and any
-    // malformed one ends it.
+    // Keep reading the control stream: a malformed message ends the session.
     let watcher = conn.clone();
+    let (dn, demoted) = (dn.clone(), session.clone());
     tokio::spawn(async move {
         loop {
             match reader.next().await {
+                Ok(Some(Message::Demote)) => demote(&dn, &demoted).await,
                 Ok(Some(msg)) => debug!(?msg, "ignoring control message"),
                 Ok(None) => break,
                 Err(e) => {
@@ -387,7 +415,7 @@ async fn carry(dn: &Dn, session: &Session) -> String {
                     .and_then(Result::ok);
             }
         }
-        if !batch.is_empty() && session.foreign.is_some() && !session.promoted.load(Relaxed) {
+        if !batch.is_empty() && !session.promoted.load(Relaxed) && !session.just_demoted() {
             promote(dn, session).await;
         }
         if let Err(e) = writer.send(&dn.tun, &batch).await {
@@ -397,26 +425,57 @@ async fn carry(dn: &Dn, session: &Session) -> String {
     }
 }
 
-/// The client's traffic arrived on a secondary session: it has made this DN its primary, so
-/// this DN now routes its address (no control round trip first) and says so.
+/// The client's traffic arrived here: this DN is its primary. On a secondary session that
+/// means the client failed over, so this DN now routes its address (no control round trip
+/// first) and says so; an own client needs a route of its own only while another DN still
+/// serves its block.
 async fn promote(dn: &Dn, session: &Session) {
-    let Some((owner, block)) = &session.foreign else {
-        return;
-    };
     session.promoted.store(true, Relaxed);
-    info!(client = %session.identity, address = %session.address, home = %owner, "client's traffic arrived here: promoted to its primary");
+    let foreign = session.owner != dn.spec.name;
+    if foreign {
+        info!(client = %session.identity, address = %session.address, home = %session.owner, "client's traffic arrived here: promoted to its primary");
+    }
     if let Err(e) = dn
         .routes
         .lock()
         .await
-        .serve(session.address, owner, *block)
+        .serve(session.address, &session.owner, session.block)
         .await
     {
         warn!(error = %format!("{e:#}"), "cannot route the promoted client");
     }
+    if !foreign {
+        return;
+    }
     let mut control = session.control.lock().await;
     if let Err(e) = send_message(&mut control, &Message::Promoted).await {
         debug!(error = %format!("{e:#}"), "cannot tell the client it was promoted");
+    }
+}
+
+/// The client moved its traffic to another DN (it went home): stop routing its address here.
+/// The session stays, as a secondary; a data packet would promote it again.
+async fn demote(dn: &Dn, session: &Session) {
+    if !session.promoted.swap(false, Relaxed) {
+        return;
+    }
+    *session.demoted_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
+    info!(client = %session.identity, address = %session.address, home = %session.owner, "the client moved its traffic away: no longer its primary");
+    if let Err(e) = dn.routes.lock().await.release(session.address).await {
+        warn!(error = %format!("{e:#}"), "cannot withdraw the client's route");
+    }
+}
+
+/// Packets the client sent before it moved away may arrive after its `Demote` (datagrams and
+/// the control stream are not ordered); they must not make this DN its primary again.
+const DEMOTE_GRACE: Duration = Duration::from_secs(1);
+
+impl Session {
+    fn just_demoted(&self) -> bool {
+        self.demoted_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|t| t.elapsed() < DEMOTE_GRACE)
     }
 }
 
@@ -480,6 +539,8 @@ impl Dn {
                     "remote": s.conn.remote_address(),
                     "rtt_us": s.conn.rtt().as_micros() as u64,
                     "max_datagram": s.conn.max_datagram_size(),
+                    "primary": s.promoted.load(Relaxed),
+                    "home": s.owner,
                     "traffic": s.traffic,
                 })
             })
@@ -490,18 +551,22 @@ impl Dn {
             .lock()
             .map(|b| b.active_leases(unix_now()))
             .unwrap_or(0);
-        let routes: Vec<serde_json::Value> = self
+        let (routes, held): (Vec<serde_json::Value>, Vec<ipnet::IpNet>) = self
             .routes
             .try_lock()
             .map(|r| {
-                r.installed()
-                    .iter()
-                    .map(|x| serde_json::json!({"net": x.net, "metric": x.metric, "reason": x.reason.to_string()}))
-                    .collect()
+                (
+                    r.installed()
+                        .iter()
+                        .map(|x| serde_json::json!({"net": x.net, "metric": x.metric, "reason": x.reason.to_string()}))
+                        .collect(),
+                    r.held().iter().copied().collect(),
+                )
             })
             .unwrap_or_default();
         let mut status = serde_json::json!({
             "routes": routes,
+            "held_blocks": held,
             "node": self.spec.name,
             "listen": self.spec.listen,
             "pool": self.spec.plan.pool,

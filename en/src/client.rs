@@ -51,11 +51,14 @@ enum Report {
     Leased(usize, u64, Box<(Lease, ControlStream)>),
     Refused(usize, u64, RefuseCode, String),
     Lost(usize, u64, Loss),
+    HomeIsBack(usize, u64),
 }
 
-/// The EN's half of the control stream, kept open for the session's life.
+/// The control stream, kept open for the session's life.
 struct ControlStream {
-    _send: quinn::SendStream,
+    send: quinn::SendStream,
+    /// What the DN says after the lease; taken by the task that follows it.
+    reader: Option<ControlReader>,
 }
 
 /// A session's prober, shared by the probing task and the reader that sees the echoes; `None`
@@ -228,7 +231,8 @@ impl Driver<'_> {
             Report::Connected(d, g, _)
             | Report::Leased(d, g, ..)
             | Report::Refused(d, g, ..)
-            | Report::Lost(d, g, _) => (*d, *g),
+            | Report::Lost(d, g, _)
+            | Report::HomeIsBack(d, g) => (*d, *g),
         };
         if self.slots.get(dn)?.generation != generation {
             return None;
@@ -241,7 +245,15 @@ impl Driver<'_> {
                 Event::Connected(dn)
             }
             Report::Leased(_, _, leased) => {
-                let (lease, control) = *leased;
+                let (lease, mut control) = *leased;
+                if let Some(reader) = control.reader.take() {
+                    tokio::spawn(follow_control(
+                        reader,
+                        name.clone(),
+                        self.reports.0.clone(),
+                        (dn, generation),
+                    ));
+                }
                 if let Some(conn) = &self.slots[dn].conn {
                     self.probe(dn, generation, conn);
                 }
@@ -261,6 +273,10 @@ impl Driver<'_> {
                 warn!(dn = %name, ?loss, "session lost");
                 self.drop_session(dn);
                 Event::Lost(dn, loss)
+            }
+            Report::HomeIsBack(..) => {
+                info!(dn = %name, "the DN says this client's home DN is back");
+                Event::HomeIsBack(dn)
             }
         })
     }
@@ -291,9 +307,27 @@ impl Driver<'_> {
                     self.shared.current.send_replace(conn);
                 }
                 Action::Close(dn) => self.drop_session(dn),
+                Action::Demote(dn) => self.demote(dn).await,
             }
         }
         Ok(())
+    }
+
+    /// Tells the DN the client's traffic has moved home, so that it lowers its routes.
+    async fn demote(&mut self, dn: usize) {
+        let name = &self.shared.config.dns[dn].name;
+        let Some(control) = self.slots[dn].control.as_mut() else {
+            return;
+        };
+        info!(dn = %name, "went home: telling the DN it is no longer the primary");
+        let sent = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            send_message(&mut control.send, &Message::Demote),
+        )
+        .await;
+        if !matches!(sent, Ok(Ok(()))) {
+            warn!(dn = %name, "cannot tell the DN it is no longer the primary");
+        }
     }
 
     fn connect(&mut self, dn: usize) {
@@ -503,6 +537,7 @@ impl Driver<'_> {
         let status = serde_json::json!({
             "address": lease.map(|l| l.ticket.claim.address),
             "gateway": lease.map(|l| l.gateway),
+            "home": lease.map(|l| &l.ticket.claim.issuer),
             "lease_expires_at": lease.map(|l| l.ticket.claim.expires_at),
             "tun": self.shared.config.tun,
             "mtu": self.tunnel.as_ref().map(|t| t.mtu),
@@ -573,10 +608,13 @@ async fn attach(
         }
     };
     match answer {
-        Ok(Some(Message::Leased(lease))) => {
-            tokio::spawn(follow_control(reader, conn.remote_address()));
-            Ok((lease, ControlStream { _send: send }))
-        }
+        Ok(Some(Message::Leased(lease))) => Ok((
+            lease,
+            ControlStream {
+                send,
+                reader: Some(reader),
+            },
+        )),
         Ok(Some(Message::Refused { code, reason })) => Err(AttachFailure::Refused(code, reason)),
         Ok(other) => Err(AttachFailure::Other(anyhow!(
             "unexpected answer to Attach: {other:?}"
@@ -586,11 +624,19 @@ async fn attach(
 }
 
 /// Reads what the DN says after the lease, for the session's life.
-async fn follow_control(mut reader: ControlReader, dn: SocketAddr) {
+async fn follow_control(
+    mut reader: ControlReader,
+    dn: String,
+    reports: mpsc::UnboundedSender<Report>,
+    (index, generation): (usize, u64),
+) {
     loop {
         match reader.next().await {
             Ok(Some(Message::Promoted)) => {
                 info!(%dn, "the DN made itself this client's primary and routes its address")
+            }
+            Ok(Some(Message::HomeIsBack)) => {
+                let _ = reports.send(Report::HomeIsBack(index, generation));
             }
             Ok(Some(other)) => debug!(%dn, ?other, "ignoring control message"),
             Ok(None) => return,

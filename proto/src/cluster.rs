@@ -44,6 +44,7 @@ struct RawOspf {
     home_cost: Option<u32>,
     standby_cost: Option<u32>,
     active_cost: Option<u32>,
+    peer_port: Option<u16>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -100,6 +101,8 @@ pub struct Ospf {
     pub standby_cost: u32,
     pub active_cost: u32,
     pub esrs: Vec<EsrSpec>,
+    /// UDP port of the DNs' peer notices ("home is back") on their cluster-network address.
+    pub peer_port: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -299,6 +302,7 @@ fn parse_ospf(o: RawOspf, esrs: &[RawEsr], dns: &[DnSpec]) -> Result<Ospf, Confi
         standby_cost,
         active_cost,
         esrs: esr_specs,
+        peer_port: o.peer_port.unwrap_or(crate::peer::DEFAULT_PEER_PORT),
     })
 }
 

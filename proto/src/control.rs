@@ -22,6 +22,8 @@ const T_ATTACH: u8 = 1;
 const T_LEASED: u8 = 2;
 const T_REFUSED: u8 = 3;
 const T_PROMOTED: u8 = 4;
+const T_HOME_IS_BACK: u8 = 5;
+const T_DEMOTE: u8 = 6;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -35,6 +37,12 @@ pub enum Message {
     /// DN -> EN, on a secondary session: the client's traffic arrived here, so this DN has made
     /// itself the client's primary and now routes its address (thesis 4.2).
     Promoted,
+    /// DN -> EN, from a DN carrying the client for its dead home DN: the home DN is back. The
+    /// EN moves its traffic home as soon as its session to the home DN is up (thesis 3.1).
+    HomeIsBack,
+    /// EN -> DN: this DN is no longer the client's primary (it went home); the DN stops routing
+    /// the client's address. A later data packet would promote it again.
+    Demote,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,6 +143,8 @@ impl Message {
                 T_REFUSED
             }
             Message::Promoted => T_PROMOTED,
+            Message::HomeIsBack => T_HOME_IS_BACK,
+            Message::Demote => T_DEMOTE,
         };
         let body_len = out.len() - start - FRAME_HEADER;
         out[start] = kind;
@@ -194,6 +204,8 @@ impl Message {
                 reason: r.long_str("refuse reason")?,
             },
             T_PROMOTED => Message::Promoted,
+            T_HOME_IS_BACK => Message::HomeIsBack,
+            T_DEMOTE => Message::Demote,
             tag => {
                 return Err(DecodeError::UnknownTag {
                     what: "control message",
@@ -277,6 +289,8 @@ mod tests {
                 reason
             }),
             Just(Message::Promoted),
+            Just(Message::HomeIsBack),
+            Just(Message::Demote),
         ]
     }
 
@@ -326,11 +340,17 @@ mod tests {
     }
 
     #[test]
-    fn promoted_has_no_body_and_rejects_one() {
-        let mut buf = Vec::new();
-        Message::Promoted.encode(&mut buf);
-        assert_eq!(buf, [T_PROMOTED, 0, 0]);
-        assert!(Message::decode(&[T_PROMOTED, 0, 1, 0]).is_err());
+    fn bodiless_messages_have_no_body_and_reject_one() {
+        for (m, tag) in [
+            (Message::Promoted, T_PROMOTED),
+            (Message::HomeIsBack, T_HOME_IS_BACK),
+            (Message::Demote, T_DEMOTE),
+        ] {
+            let mut buf = Vec::new();
+            m.encode(&mut buf);
+            assert_eq!(buf, [tag, 0, 0]);
+            assert!(Message::decode(&[tag, 0, 1, 0]).is_err());
+        }
     }
 
     #[test]

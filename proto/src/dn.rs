@@ -23,6 +23,8 @@ pub enum AttachError {
     NotLeasable(IpAddr),
     #[error("no free address left in block {0}")]
     PoolExhausted(ipnet::IpNet),
+    #[error("every block of pool {0} is served by another DN until its clients come home")]
+    PoolHeld(ipnet::IpNet),
 }
 
 impl AttachError {
@@ -32,7 +34,7 @@ impl AttachError {
             AttachError::AddressTaken { .. } | AttachError::NotLeasable(_) => {
                 RefuseCode::AddressUnavailable
             }
-            AttachError::PoolExhausted(_) => RefuseCode::PoolExhausted,
+            AttachError::PoolExhausted(_) | AttachError::PoolHeld(_) => RefuseCode::PoolExhausted,
         }
     }
 }
@@ -71,6 +73,9 @@ pub struct LeaseBook {
     by_identity: HashMap<String, IpAddr>,
     /// Where the next search for a free address starts, per block.
     cursors: Vec<u128>,
+    /// Own blocks another DN serves actively: their addresses may belong to clients it
+    /// carries, whose tickets this DN (restarted, its book empty) no longer remembers.
+    held: std::collections::BTreeSet<ipnet::IpNet>,
 }
 
 impl LeaseBook {
@@ -91,7 +96,13 @@ impl LeaseBook {
             by_address: HashMap::new(),
             by_identity: HashMap::new(),
             cursors,
+            held: Default::default(),
         }
+    }
+
+    /// Stops (or resumes) allocating from the own blocks another DN serves actively.
+    pub fn set_held(&mut self, held: std::collections::BTreeSet<ipnet::IpNet>) {
+        self.held = held;
     }
 
     pub fn plan(&self) -> &PoolPlan {
@@ -195,9 +206,14 @@ impl LeaseBook {
             .blocks
             .iter()
             .enumerate()
+            .filter(|(_, b)| !self.held.contains(&b.net))
             .min_by_key(|(_, b)| load(b.net))
             .map(|(i, b)| (i, b.clone()))
-            .ok_or(AttachError::PoolExhausted(self.plan.pool))?;
+            .ok_or(if self.held.is_empty() {
+                AttachError::PoolExhausted(self.plan.pool)
+            } else {
+                AttachError::PoolHeld(self.plan.pool)
+            })?;
         // Bounded so that a huge, nearly full IPv6 block cannot stall the DN.
         const MAX_PROBES: usize = 1 << 20;
         let found = self
@@ -282,6 +298,25 @@ mod tests {
         assert_eq!(address(&c), address(&a));
         // a's old ticket has expired too.
         assert!(b.attach("a", Some(a.ticket()), 100).is_err());
+    }
+
+    #[test]
+    fn held_blocks_are_not_allocated_from_but_their_tickets_still_attach() {
+        let mut b = book("dn1", "10.200.0.0/24");
+        let a = b.attach("a", None, 0).unwrap();
+        let block = b.plan().blocks[0].net;
+        let mut restarted = book("dn1", "10.200.0.0/24");
+        restarted.set_held([block].into());
+        assert_eq!(
+            restarted.attach("c", None, 0),
+            Err(AttachError::PoolHeld("10.200.0.0/24".parse().unwrap()))
+        );
+        // The client carried elsewhere comes home with its ticket.
+        let back = restarted.attach("a", Some(a.ticket()), 1).unwrap();
+        assert_eq!(address(&back), address(&a));
+        restarted.set_held(Default::default());
+        let c = restarted.attach("c", None, 1).unwrap();
+        assert_ne!(address(&c), address(&a));
     }
 
     #[test]

@@ -66,6 +66,8 @@ pub enum Event {
     Refused(Dn, RefuseCode),
     /// DN `0`'s session is gone.
     Lost(Dn, Loss),
+    /// DN `0` says the client's home DN (its ticket's issuer) is back.
+    HomeIsBack(Dn),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +82,8 @@ pub enum Action {
     UsePrimary(Option<Dn>),
     /// Close the DN's session (e.g. it leased a different address).
     Close(Dn),
+    /// Tell the DN it is no longer the client's primary, so it stops routing the address.
+    Demote(Dn),
 }
 
 struct Slot {
@@ -96,6 +100,8 @@ pub struct Machine {
     /// The session whose ticket-less `Attach` will lease the address.
     leasing: Option<Dn>,
     lease: Option<Lease>,
+    /// The primary said the home DN is back: move home once its session is up.
+    going_home: bool,
     /// Deterministic jitter source (xorshift), seeded by the shell.
     rng: u64,
 }
@@ -118,6 +124,7 @@ impl Machine {
             primary: None,
             leasing: None,
             lease: None,
+            going_home: false,
             rng: seed | 1,
             names,
         }
@@ -166,7 +173,8 @@ impl Machine {
             Event::Connected(d)
             | Event::Leased(d, _)
             | Event::Refused(d, _)
-            | Event::Lost(d, _) => *d,
+            | Event::Lost(d, _)
+            | Event::HomeIsBack(d) => *d,
         };
         if dn >= self.slots.len() {
             return out;
@@ -200,8 +208,40 @@ impl Machine {
                 self.lose(d, loss, now, &mut out);
             }
             Event::Lost(d, loss) => self.lose(d, loss, now, &mut out),
+            Event::HomeIsBack(d) => {
+                // Only the DN carrying the client can know it carries it for the home DN.
+                if self.primary == Some(d) {
+                    self.going_home = true;
+                    self.go_home(&mut out);
+                }
+            }
         }
         out
+    }
+
+    /// The DN that issued the client's ticket.
+    pub fn home(&self) -> Option<Dn> {
+        let issuer = &self.lease.as_ref()?.ticket.claim.issuer;
+        self.names.iter().position(|n| n == issuer)
+    }
+
+    /// Moves the traffic to the home DN if the client was told it is back and its session is up.
+    fn go_home(&mut self, out: &mut Vec<Action>) {
+        let (Some(home), Some(current)) = (self.home(), self.primary) else {
+            return;
+        };
+        if !self.going_home || self.slots[home].state != SessionState::Up(Role::Secondary) {
+            return;
+        }
+        self.going_home = false;
+        if home == current {
+            return;
+        }
+        self.slots[current].state = SessionState::Up(Role::Secondary);
+        self.slots[home].state = SessionState::Up(Role::Primary);
+        self.primary = Some(home);
+        out.push(Action::UsePrimary(Some(home)));
+        out.push(Action::Demote(current));
     }
 
     fn on_leased(&mut self, d: Dn, lease: Lease, now: Instant, out: &mut Vec<Action>) {
@@ -245,6 +285,7 @@ impl Machine {
             out.push(Action::UsePrimary(Some(d)));
         } else {
             self.slots[d].state = SessionState::Up(Role::Secondary);
+            self.go_home(out);
         }
     }
 
@@ -265,6 +306,10 @@ impl Machine {
             retry_at: now + slot.backoff.next_delay(jitter),
         };
         slot.last_loss = Some(loss);
+        if self.home() == Some(d) {
+            // Home died again: wait to be told anew that it is back.
+            self.going_home = false;
+        }
         if self.leasing == Some(d) {
             self.leasing = None;
             // Another session that is ready asks for the lease instead.
@@ -355,6 +400,18 @@ mod tests {
         }
     }
 
+    /// Two DNs, both sessions up, dn0 (the lease's issuer, the client's home) primary.
+    fn two_sessions_up(t0: Instant) -> (Machine, Lease) {
+        let mut m = Machine::new(names(2), 3);
+        m.start();
+        let l = lease("10.200.0.2", 100);
+        m.handle(Event::Connected(0), t0);
+        m.handle(Event::Leased(0, Box::new(l.clone())), t0);
+        m.handle(Event::Connected(1), t0);
+        m.handle(Event::Leased(1, Box::new(l.clone())), t0);
+        (m, l)
+    }
+
     #[test]
     fn first_lease_wins_then_the_ticket_attaches_the_others() {
         let t0 = Instant::now();
@@ -437,13 +494,7 @@ mod tests {
     #[test]
     fn when_every_session_is_gone_nothing_carries_traffic_and_all_reconnect() {
         let t0 = Instant::now();
-        let mut m = Machine::new(names(2), 3);
-        m.start();
-        let l = lease("10.200.0.2", 100);
-        m.handle(Event::Connected(0), t0);
-        m.handle(Event::Leased(0, Box::new(l.clone())), t0);
-        m.handle(Event::Connected(1), t0);
-        m.handle(Event::Leased(1, Box::new(l.clone())), t0);
+        let (mut m, l) = two_sessions_up(t0);
         assert_eq!(
             m.handle(Event::Lost(0, Loss::Unreachable), t0),
             vec![Action::UsePrimary(Some(1))]
@@ -468,6 +519,50 @@ mod tests {
         );
     }
 
+    #[test]
+    fn told_home_is_back_the_client_moves_home_once_its_session_is_up() {
+        let t0 = Instant::now();
+        let (mut m, l) = two_sessions_up(t0);
+        assert_eq!(m.home(), Some(0));
+        m.handle(Event::Lost(0, Loss::ProbeTimeout), t0);
+        assert_eq!(m.primary(), Some(1));
+        // Only the primary's word counts, and home is not up yet: nothing moves.
+        assert_eq!(m.handle(Event::HomeIsBack(1), t0), vec![]);
+        let later = t0 + RETRY_MAX;
+        assert_eq!(m.handle_timeout(later), vec![Action::Connect(0)]);
+        m.handle(Event::Connected(0), later);
+        assert_eq!(
+            m.handle(Event::Leased(0, Box::new(l.clone())), later),
+            vec![Action::UsePrimary(Some(0)), Action::Demote(1)]
+        );
+        assert_eq!(m.state(1), Some(&SessionState::Up(Role::Secondary)));
+        // Told again while home: nothing to do.
+        assert_eq!(m.handle(Event::HomeIsBack(0), later), vec![]);
+    }
+
+    #[test]
+    fn home_that_dies_again_must_be_announced_again() {
+        let t0 = Instant::now();
+        let (mut m, l) = two_sessions_up(t0);
+        m.handle(Event::Lost(0, Loss::ProbeTimeout), t0);
+        assert_eq!(
+            m.handle(Event::HomeIsBack(0), t0),
+            vec![],
+            "not the primary"
+        );
+        m.handle(Event::HomeIsBack(1), t0);
+        let t1 = t0 + RETRY_MAX;
+        m.handle_timeout(t1);
+        m.handle(Event::Connected(0), t1);
+        // The home session fails before its lease: the notice is void.
+        m.handle(Event::Lost(0, Loss::Unreachable), t1);
+        let t2 = t1 + RETRY_MAX;
+        m.handle_timeout(t2);
+        m.handle(Event::Connected(0), t2);
+        assert_eq!(m.handle(Event::Leased(0, Box::new(l)), t2), vec![]);
+        assert_eq!(m.primary(), Some(1));
+    }
+
     /// What the simulated world does next.
     #[derive(Debug, Clone)]
     enum Step {
@@ -481,6 +576,8 @@ mod tests {
         Kill(usize),
         /// Time passes.
         Wait(u64),
+        /// DN i says the client's home is back.
+        HomeIsBack(usize),
     }
 
     fn step(n: usize) -> impl Strategy<Value = Step> {
@@ -490,6 +587,7 @@ mod tests {
             1 => (0..n).prop_map(Step::Refuse),
             2 => (0..n).prop_map(Step::Kill),
             2 => (0u64..3000).prop_map(Step::Wait),
+            1 => (0..n).prop_map(Step::HomeIsBack),
         ]
     }
 
@@ -514,7 +612,7 @@ mod tests {
                         Action::Connect(i) => connecting[i] = true,
                         Action::Attach(i, _) => attaching[i] = true,
                         Action::UsePrimary(p) => *carrier = p,
-                        Action::Configure(_) | Action::Close(_) => {}
+                        Action::Demote(_) | Action::Configure(_) | Action::Close(_) => {}
                     }
                 }
             };
@@ -527,8 +625,18 @@ mod tests {
                     Step::Refuse(i) if i < n && attaching[i] => { attaching[i] = false; m.handle(Event::Refused(i, RefuseCode::PoolExhausted), now) }
                     Step::Kill(i) if i < n => { connecting[i] = false; attaching[i] = false; m.handle(Event::Lost(i, Loss::ProbeTimeout), now) }
                     Step::Wait(ms) => { now += Duration::from_millis(ms); m.handle_timeout(now) }
+                    Step::HomeIsBack(i) if i < n => m.handle(Event::HomeIsBack(i), now),
                     _ => continue,
                 };
+                // A demoted DN was the primary, is live, and the client is now at home.
+                let before = carrier;
+                for a in &acts {
+                    if let Action::Demote(d) = a {
+                        prop_assert_eq!(Some(*d), before);
+                        prop_assert_eq!(m.state(*d), Some(&SessionState::Up(Role::Secondary)));
+                        prop_assert_eq!(m.primary(), m.home());
+                    }
+                }
                 apply(acts, &mut connecting, &mut attaching, &mut carrier);
 
                 // The shell's view (last UsePrimary) and the machine's agree.

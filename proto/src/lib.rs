@@ -11,6 +11,7 @@ pub mod dn;
 pub mod en;
 pub mod lease;
 pub mod packet;
+pub mod peer;
 pub mod plan;
 pub mod probe;
 pub mod routes;

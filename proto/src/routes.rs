@@ -6,7 +6,9 @@
 //! standby metric, all the time, so that the edge already holds the next best route when a DN
 //! dies. Lower metrics win.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::net::IpAddr;
 
 use ipnet::IpNet;
 
@@ -43,6 +45,9 @@ pub enum Reason {
     Active { owner: String },
     /// A client of `owner`'s whose block another DN backs, carried here.
     Host { owner: String },
+    /// An own client back home while another DN still serves its block: the host route wins
+    /// over that DN's block halves until it lets the block go.
+    Returning,
 }
 
 impl fmt::Display for Reason {
@@ -52,6 +57,7 @@ impl fmt::Display for Reason {
             Reason::Standby { owner } => write!(f, "standby for {owner}"),
             Reason::Active { owner } => write!(f, "serving for {owner}"),
             Reason::Host { owner } => write!(f, "host for {owner}"),
+            Reason::Returning => write!(f, "own client back home"),
         }
     }
 }
@@ -100,7 +106,29 @@ pub struct RoutePlan {
     /// Blocks of other DNs that this DN backs, by block.
     backed: Vec<(IpNet, String)>,
     /// Clients of other DNs this DN actively carries: address -> (owner, block).
-    active: std::collections::BTreeMap<std::net::IpAddr, (String, IpNet)>,
+    active: BTreeMap<IpAddr, (String, IpNet)>,
+    /// Own blocks another DN serves actively (learned from the kernel after a restart): neither
+    /// advertised nor allocated from until that DN lets them go.
+    held: BTreeSet<IpNet>,
+    /// Own clients whose traffic comes through this DN: address -> block.
+    home: BTreeMap<IpAddr, IpNet>,
+}
+
+/// The own blocks another DN serves actively: those with a route more specific than the block
+/// (the serving DN's block halves or host routes) among `learned`, the routes the routing
+/// daemon put into the kernel.
+pub fn held_blocks<'a>(
+    own: impl IntoIterator<Item = &'a IpNet>,
+    learned: &[IpNet],
+) -> BTreeSet<IpNet> {
+    own.into_iter()
+        .filter(|block| {
+            learned
+                .iter()
+                .any(|r| r.prefix_len() > block.prefix_len() && block.contains(r))
+        })
+        .copied()
+        .collect()
 }
 
 impl RoutePlan {
@@ -119,20 +147,36 @@ impl RoutePlan {
             standing,
             backed,
             active: Default::default(),
+            held: Default::default(),
+            home: Default::default(),
         }
     }
 
     /// This DN now carries `address` (of `owner`'s pool, in `block`) for a client whose
-    /// primary it has become. Own clients change nothing: their blocks are routed already.
-    pub fn serve(&mut self, address: std::net::IpAddr, owner: &str, block: IpNet) {
-        if owner != self.me {
+    /// primary it has become. Own clients change nothing while their block is routed here.
+    pub fn serve(&mut self, address: IpAddr, owner: &str, block: IpNet) {
+        if owner == self.me {
+            self.home.insert(address, block);
+        } else {
             self.active.insert(address, (owner.to_owned(), block));
         }
     }
 
     /// The client at `address` has left this DN.
-    pub fn release(&mut self, address: std::net::IpAddr) {
+    pub fn release(&mut self, address: IpAddr) {
         self.active.remove(&address);
+        self.home.remove(&address);
+    }
+
+    /// Records which own blocks another DN serves actively; says whether that changed.
+    pub fn set_held(&mut self, held: BTreeSet<IpNet>) -> bool {
+        let changed = held != self.held;
+        self.held = held;
+        changed
+    }
+
+    pub fn held(&self) -> &BTreeSet<IpNet> {
+        &self.held
     }
 
     /// Every route the DN should have now. One route per destination.
@@ -144,6 +188,9 @@ impl RoutePlan {
     pub fn desired(&self) -> Vec<RouteSpec> {
         let mut out: Vec<RouteSpec> = Vec::with_capacity(self.standing.len() + self.active.len());
         for r in &self.standing {
+            if r.reason == Reason::Home && self.held.contains(&r.net) {
+                continue;
+            }
             out.push(r.clone());
             let Reason::Standby { owner } = &r.reason else {
                 continue;
@@ -174,6 +221,15 @@ impl RoutePlan {
                     reason: Reason::Host {
                         owner: owner.clone(),
                     },
+                });
+            }
+        }
+        for (address, block) in &self.home {
+            if self.held.contains(block) {
+                out.push(RouteSpec {
+                    net: IpNet::from(*address),
+                    metric: self.metrics.active,
+                    reason: Reason::Returning,
                 });
             }
         }
@@ -251,6 +307,32 @@ mod tests {
             "10.202.0.0/25".parse().unwrap(),
         );
         assert_eq!(show(&plan), before);
+    }
+
+    #[test]
+    fn a_held_block_is_not_advertised_and_its_returning_clients_get_host_routes() {
+        let mut plan = RoutePlan::new(&cluster(2), "dn1");
+        let normal = show(&plan);
+        assert!(normal.contains(&"10.201.0.0/24 200 own block".to_owned()));
+        // dn2 serves dn1's block as its halves: the kernel learned them by OSPF.
+        let learned: Vec<IpNet> = ["10.201.0.0/25", "10.201.0.128/25", "10.202.0.0/24"]
+            .iter()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        let own: Vec<IpNet> = vec!["10.201.0.0/24".parse().unwrap()];
+        let held = held_blocks(&own, &learned);
+        assert_eq!(held, own.iter().copied().collect());
+        assert!(plan.set_held(held.clone()));
+        assert!(!plan.set_held(held));
+        assert!(!show(&plan).iter().any(|r| r.contains("own block")));
+        // A client comes home before dn2 lets the block go: a host route wins over the halves.
+        plan.serve("10.201.0.9".parse().unwrap(), "dn1", own[0]);
+        assert!(show(&plan).contains(&"10.201.0.9/32 100 own client back home".to_owned()));
+        // dn2 let go: the block is advertised again and covers the client.
+        assert!(plan.set_held(BTreeSet::new()));
+        assert_eq!(show(&plan), normal);
+        // The standby copy of one's own block (same prefix) does not hold it.
+        assert!(held_blocks(&own, &["10.201.0.0/24".parse().unwrap()]).is_empty());
     }
 
     #[test]

@@ -12,6 +12,8 @@ use rtnetlink::{Handle, RouteMessageBuilder};
 
 /// Our routing protocol number (name it `holdfast` in /etc/iproute2/rt_protos.d/).
 pub const PROTO_HOLDFAST: u8 = 200;
+/// RT_TABLE_MAIN.
+const MAIN_TABLE: u32 = 254;
 
 pub struct Routes {
     handle: Handle,
@@ -77,6 +79,53 @@ impl Routes {
             .execute()
             .await
             .with_context(|| format!("cannot delete route {dest}"))
+    }
+
+    /// Destinations of the main table's routes that others installed (a routing daemon, the
+    /// administrator): every protocol but ours, IPv4 and IPv6.
+    pub async fn learned(&self) -> Result<Vec<IpNet>> {
+        let mut out = Vec::new();
+        let dumps = [
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+        ];
+        for request in dumps {
+            let mut replies = self.handle.route().get(request).execute();
+            while let Some(route) = replies
+                .try_next()
+                .await
+                .context("cannot list the kernel's routes")?
+            {
+                let header = &route.header;
+                let main = route
+                    .attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        RouteAttribute::Table(t) => Some(*t),
+                        _ => None,
+                    })
+                    .unwrap_or(u32::from(header.table))
+                    == MAIN_TABLE;
+                if !main || header.protocol == RouteProtocol::Other(PROTO_HOLDFAST) {
+                    continue;
+                }
+                let prefix = header.destination_prefix_length;
+                let net = route.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(d)) => {
+                        IpNet::new(IpAddr::V4(*d), prefix).ok()
+                    }
+                    RouteAttribute::Destination(RouteAddress::Inet6(d)) => {
+                        IpNet::new(IpAddr::V6(*d), prefix).ok()
+                    }
+                    _ => None,
+                });
+                // A route without a destination is a default route.
+                if let Some(net) = net {
+                    out.push(net);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Asks the kernel how it routes `addr` right now (like `ip route get`).

@@ -134,6 +134,39 @@ pub fn download(
     Ok(Download { seconds, bytes })
 }
 
+/// A curl download of `url` into `out` in `role`, paced to `rate_mib` MiB/s so that it lasts
+/// long enough for a failure to land in it; prints its total time on stdout. Not started.
+pub fn paced_download(
+    net: &Netns,
+    role: &str,
+    url: &str,
+    out: &Path,
+    rate_mib: u64,
+) -> std::process::Command {
+    let rate = format!("{rate_mib}M");
+    let out_s = out.display().to_string();
+    let mut curl = net.command(
+        role,
+        &[
+            "curl",
+            "-sS",
+            "--fail",
+            "--max-time",
+            "600",
+            "--limit-rate",
+            &rate,
+            "-o",
+            &out_s,
+            "-w",
+            "%{time_total}",
+            url,
+        ],
+    );
+    curl.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    curl
+}
+
 /// What an iperf3 run measured.
 pub struct Iperf {
     /// Receiver's rate over the measured period, in Mbit/s.

@@ -6,7 +6,10 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Result};
+use std::process::Stdio;
+
 use holdfast_lab::lab::{dn_role, with_lab, Credential, Lab, LabSpec, Routing, SERVER};
+use holdfast_lab::traffic;
 use serde_json::Value;
 
 /// The DN (1-based) whose session has `role` and is up.
@@ -216,4 +219,167 @@ fn wait_for_primary(lab: &Lab, candidates: &[usize]) -> Result<usize> {
         }
     }
     Err(anyhow!("the client found no primary among {candidates:?}"))
+}
+
+/// A traffic process that is killed if the test ends before it does.
+struct Running(Option<std::process::Child>);
+
+impl Running {
+    fn finish(mut self) -> Result<std::process::Output> {
+        let child = self.0.take().ok_or_else(|| anyhow!("already finished"))?;
+        Ok(child.wait_with_output()?)
+    }
+
+    fn is_running(&mut self) -> bool {
+        self.0
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[test]
+fn with_frr_the_client_goes_home_when_its_dn_returns() {
+    the_client_goes_home_when_its_dn_returns(Routing::Frr);
+}
+
+#[test]
+fn with_bird_the_client_goes_home_when_its_dn_returns() {
+    the_client_goes_home_when_its_dn_returns(Routing::Bird);
+}
+
+/// Kill the client's home DN, let the backup carry it, restart the home DN: the backup tells
+/// the client its home is back, the client moves home, the backup lowers the block, the home
+/// DN advertises it again and the ESR routes the client home, while a download and a ping run
+/// across all of it (same address, same TCP connection).
+fn the_client_goes_home_when_its_dn_returns(routing: Routing) {
+    let spec = LabSpec {
+        dns: 2,
+        routing,
+        ..LabSpec::default()
+    };
+    with_lab(spec, |lab| {
+        let www = lab.net.dir.join("www");
+        let blob = traffic::make_blob(&www, "blob", 64 << 20)?;
+        traffic::serve_http(&mut lab.net, "srv", &www, SERVER)?;
+        lab.start_client(1, &Credential::Issued("client1".into()))?;
+        let address = lab.wait_address(1, Duration::from_secs(15))?;
+        let (home, backup) = lab.primary_and_secondary(1, Duration::from_secs(10))?;
+        let via = |k: usize| format!("10.9.0.{k}");
+        let esr_routes_via = |lab: &Lab, k: usize, within: Duration| {
+            let start = Instant::now();
+            while start.elapsed() < within {
+                if lab.esr_next_hop(address).ok() == Some(via(k)) {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(anyhow!(
+                "the ESR does not route {address} via dn{k} after {within:?}:\n{}",
+                lab.esr_routes().unwrap_or_default()
+            ))
+        };
+        esr_routes_via(lab, home, Duration::from_secs(10))?;
+
+        // 64 MiB at 2 MiB/s: long enough to span the failover and the way home.
+        let out = lab.net.dir.join("downloaded");
+        let url = format!("http://{SERVER}:{}/blob", traffic::HTTP_PORT);
+        let mut curl = Running(Some(
+            traffic::paced_download(&lab.net, "en1", &url, &out, 2).spawn()?,
+        ));
+        let mut ping = lab.net.command(
+            "en1",
+            &["ping", "-n", "-q", "-i", "0.01", "-w", "34", SERVER],
+        );
+        ping.stdout(Stdio::piped());
+        let ping = Running(Some(ping.spawn()?));
+
+        std::thread::sleep(Duration::from_secs(2));
+        lab.net.stop(&dn_role(home), libc::SIGKILL)?;
+        esr_routes_via(lab, backup, Duration::from_secs(10))?;
+        ensure!(
+            wait_for_primary(lab, &[backup])? == backup,
+            "the client did not fail over to dn{backup}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+
+        lab.start_dn(home)?;
+        let came_home = Instant::now();
+        let mut at_home = false;
+        while came_home.elapsed() < Duration::from_secs(20) {
+            if role_of(&lab.en_status(1)?, "primary") == Some(home) {
+                at_home = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ensure!(
+            at_home,
+            "the client did not go home to dn{home}: {}",
+            lab.en_status(1)?
+        );
+        eprintln!(
+            "{routing:?}: client back on dn{home} {:?} after its restart",
+            came_home.elapsed()
+        );
+        esr_routes_via(lab, home, Duration::from_secs(15))?;
+        // The backup lowered the block to standby; home advertises it again, without host routes.
+        let settled = Instant::now();
+        loop {
+            let backup_routes = lab.dn_status(backup)?["routes"].to_string();
+            let home_status = lab.dn_status(home)?;
+            let home_routes = home_status["routes"].to_string();
+            if !backup_routes.contains("serving for")
+                && home_routes.contains("own block")
+                && !home_routes.contains("back home")
+                && home_status["held_blocks"] == serde_json::json!([])
+            {
+                break;
+            }
+            ensure!(
+                settled.elapsed() < Duration::from_secs(15),
+                "routes did not settle: dn{backup} {backup_routes}, dn{home} {home_status}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        ensure!(
+            lab.en_status(1)?["address"] == address.to_string(),
+            "the client's address changed"
+        );
+        ensure!(
+            curl.is_running(),
+            "the download ended before the client was home: lengthen it"
+        );
+        let log = std::fs::read_to_string(lab.net.log_path(&dn_role(home)))?;
+        ensure!(
+            log.contains("another DN serves this own block"),
+            "the restarted dn{home} did not see its block served by dn{backup}"
+        );
+        let curl = curl.finish()?;
+        ensure!(
+            curl.status.success(),
+            "the download failed: {}",
+            String::from_utf8_lossy(&curl.stderr)
+        );
+        ensure!(
+            traffic::sha256_file(&out)? == blob.sha256,
+            "the download arrived damaged"
+        );
+        let ping = ping.finish()?;
+        let (sent, received) =
+            holdfast_lab::lab::parse_ping(&String::from_utf8_lossy(&ping.stdout))?;
+        eprintln!(
+            "{routing:?}: ping at 100/s across the failover and the way home: {sent} sent, {} lost",
+            sent - received
+        );
+        Ok(())
+    });
 }

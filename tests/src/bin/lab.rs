@@ -129,25 +129,7 @@ fn demo(size_mib: u64, rate_mib: u64, esr: Esr, json: bool) -> Result<()> {
     );
     pinger.stdout(Stdio::piped());
     let pinger = pinger.spawn()?;
-    let rate = format!("{rate_mib}M");
-    let out_s = out.display().to_string();
-    let mut curl = lab.net.command(
-        "en1",
-        &[
-            "curl",
-            "-sS",
-            "--fail",
-            "--limit-rate",
-            &rate,
-            "-o",
-            &out_s,
-            "-w",
-            "%{time_total}",
-            &url,
-        ],
-    );
-    curl.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let curl = curl.spawn()?;
+    let curl = traffic::paced_download(&lab.net, "en1", &url, &out, rate_mib).spawn()?;
     std::thread::sleep(Duration::from_secs_f64(expected * 0.4));
     say(&format!("kill -9 of dn{primary} ..."));
     lab.net.stop(&dn_role(primary), libc::SIGKILL)?;

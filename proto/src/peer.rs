@@ -1,0 +1,207 @@
+//! Notices one DN sends the others over the cluster network, signed with its lease key.
+//!
+//! Today there is one: "home is back". A restarted DN whose blocks another DN serves actively
+//! sends it to its peers until those blocks are free again; a peer carrying clients of that DN
+//! then tells them their home is back (thesis 3.1). The lease key's public half is in
+//! `cluster.toml` already, so peers authenticate each other without another PKI. A notice is
+//! one UDP datagram: `magic, version, kind, sent_at, from, signature`.
+
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier};
+
+use crate::lease::IssuerKeys;
+use crate::wire::{DecodeError, Reader, Writer};
+
+/// UDP port DNs listen on for peer notices, on their cluster-network address, unless
+/// `[ospf] peer_port` says otherwise.
+pub const DEFAULT_PEER_PORT: u16 = 4434;
+/// A notice older (or further in the future) than this is ignored: a replayed "home is back"
+/// must not send clients to a DN that has since died again.
+pub const MAX_AGE_SECS: u64 = 10;
+
+const MAGIC: &[u8; 4] = b"HFPN";
+const VERSION: u8 = 1;
+const SIGNING_CONTEXT: &[u8] = b"holdfast peer notice v1\0";
+const SIGNATURE_LEN: usize = 64;
+const K_HOME_IS_BACK: u8 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notice {
+    /// The sender is up again and wants its clients back.
+    HomeIsBack,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerNotice {
+    pub from: String,
+    /// Unix seconds at the sender.
+    pub sent_at: u64,
+    pub notice: Notice,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerError {
+    #[error("malformed peer notice: {0}")]
+    Malformed(#[from] DecodeError),
+    #[error("peer notice from {0:?}, which is not a DN of this cluster")]
+    UnknownPeer(String),
+    #[error("peer notice from {0:?} has a bad signature")]
+    BadSignature(String),
+    #[error("peer notice from {from:?} is {age} s off this DN's clock (at most {MAX_AGE_SECS} s)")]
+    Stale { from: String, age: u64 },
+}
+
+impl PeerNotice {
+    fn body(&self, out: &mut Vec<u8>) {
+        let mut w = Writer::new(out);
+        w.bytes(MAGIC);
+        w.u8(VERSION);
+        w.u8(match self.notice {
+            Notice::HomeIsBack => K_HOME_IS_BACK,
+        });
+        w.u64(self.sent_at);
+        w.short_str(&self.from);
+    }
+
+    /// The datagram carrying this notice, signed with the sender's lease key.
+    pub fn seal(&self, key: &SigningKey) -> Vec<u8> {
+        let mut out = Vec::with_capacity(128);
+        self.body(&mut out);
+        let mut signed = SIGNING_CONTEXT.to_vec();
+        signed.extend_from_slice(&out);
+        let signature = key.sign(&signed).to_bytes();
+        out.extend_from_slice(&signature);
+        out
+    }
+
+    /// Decodes a datagram and checks that a DN of `keys` signed it within [`MAX_AGE_SECS`] of
+    /// `now` (unix seconds).
+    pub fn open(datagram: &[u8], keys: &IssuerKeys, now: u64) -> Result<Self, PeerError> {
+        let mut r = Reader::new(datagram);
+        if r.fixed::<4>("magic")? != *MAGIC {
+            return Err(DecodeError::Invalid {
+                what: "magic",
+                detail: "not a Holdfast peer notice".into(),
+            }
+            .into());
+        }
+        let version = r.u8("version")?;
+        if version != VERSION {
+            return Err(DecodeError::UnknownTag {
+                what: "peer notice version",
+                tag: version,
+            }
+            .into());
+        }
+        let notice = match r.u8("notice kind")? {
+            K_HOME_IS_BACK => Notice::HomeIsBack,
+            tag => {
+                return Err(DecodeError::UnknownTag {
+                    what: "peer notice kind",
+                    tag,
+                }
+                .into())
+            }
+        };
+        let sent_at = r.u64("sent at")?;
+        let from = r.short_str("sender")?;
+        let body_len = datagram.len() - r.remaining();
+        let signature: [u8; SIGNATURE_LEN] = r.fixed("signature")?;
+        r.finish()?;
+        let key = keys
+            .get(&from)
+            .ok_or_else(|| PeerError::UnknownPeer(from.clone()))?;
+        let mut signed = SIGNING_CONTEXT.to_vec();
+        signed.extend_from_slice(&datagram[..body_len]);
+        key.verify(&signed, &Signature::from_bytes(&signature))
+            .map_err(|_| PeerError::BadSignature(from.clone()))?;
+        let age = now.abs_diff(sent_at);
+        if age > MAX_AGE_SECS {
+            return Err(PeerError::Stale { from, age });
+        }
+        Ok(Self {
+            from,
+            sent_at,
+            notice,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn keys() -> (SigningKey, IssuerKeys) {
+        let key = SigningKey::from_bytes(&[5; 32]);
+        let mut keys = IssuerKeys::default();
+        keys.insert("dn1", key.verifying_key());
+        (key, keys)
+    }
+
+    fn notice(at: u64) -> PeerNotice {
+        PeerNotice {
+            from: "dn1".into(),
+            sent_at: at,
+            notice: Notice::HomeIsBack,
+        }
+    }
+
+    #[test]
+    fn a_sealed_notice_opens_at_the_peer() {
+        let (key, keys) = keys();
+        let datagram = notice(1000).seal(&key);
+        assert_eq!(PeerNotice::open(&datagram, &keys, 1003), Ok(notice(1000)));
+    }
+
+    #[test]
+    fn forged_stale_and_unknown_notices_are_refused() {
+        let (key, keys) = keys();
+        let other = SigningKey::from_bytes(&[6; 32]);
+        assert_eq!(
+            PeerNotice::open(&notice(1000).seal(&other), &keys, 1000),
+            Err(PeerError::BadSignature("dn1".into()))
+        );
+        assert_eq!(
+            PeerNotice::open(&notice(1000).seal(&key), &keys, 1000 + MAX_AGE_SECS + 1),
+            Err(PeerError::Stale {
+                from: "dn1".into(),
+                age: MAX_AGE_SECS + 1
+            })
+        );
+        let stranger = PeerNotice {
+            from: "dn9".into(),
+            ..notice(1000)
+        };
+        assert_eq!(
+            PeerNotice::open(&stranger.seal(&key), &keys, 1000),
+            Err(PeerError::UnknownPeer("dn9".into()))
+        );
+        // The sender's name is signed: renaming the sender breaks the signature.
+        let mut renamed = notice(1000).seal(&key);
+        let at = renamed.len() - SIGNATURE_LEN - 1;
+        renamed[at] = b'2';
+        let mut both = keys.clone();
+        both.insert("dn2", key.verifying_key());
+        assert_eq!(
+            PeerNotice::open(&renamed, &both, 1000),
+            Err(PeerError::BadSignature("dn2".into()))
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_datagrams_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let (_, keys) = keys();
+            let _ = PeerNotice::open(&bytes, &keys, 0);
+        }
+
+        #[test]
+        fn any_flipped_byte_is_refused(at in any::<usize>(), bit in 0u8..8) {
+            let (key, keys) = keys();
+            let mut datagram = notice(1000).seal(&key);
+            let at = at % datagram.len();
+            datagram[at] ^= 1 << bit;
+            prop_assert!(PeerNotice::open(&datagram, &keys, 1000).is_err());
+        }
+    }
+}
