@@ -15,7 +15,7 @@ use futures::FutureExt;
 use holdfast_proto::control::{close, Lease, Message, RefuseCode};
 use holdfast_proto::en::{Action, Event, Loss, Machine, Role, SessionState};
 use holdfast_proto::lease::LeaseTicket;
-use holdfast_proto::packet;
+use holdfast_proto::packet::{self, PortUnreachable};
 use holdfast_proto::probe::{self, encode_probe, ProbeConfig, Prober, Verdict};
 use holdfast_shell::netlink::{NextHop, Routes};
 use holdfast_shell::quic::{send_message, ControlReader};
@@ -198,6 +198,13 @@ impl Driver<'_> {
         let actions = self.machine.start();
         self.perform(actions).await?;
         let mut mtu_tick = tokio::time::interval(MTU_CHECK);
+        let mut unreachable = match holdfast_shell::icmp::watch() {
+            Ok(rx) => Some(rx),
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "DNs whose port is closed will be noticed by probes only");
+                None
+            }
+        };
         loop {
             self.publish_status();
             let deadline = self.machine.poll_timeout();
@@ -220,8 +227,38 @@ impl Driver<'_> {
                     self.perform(actions).await?;
                 }
                 _ = mtu_tick.tick() => self.follow_mtu(),
+                Some(u) = async { match unreachable.as_mut() { Some(rx) => rx.recv().await, None => None } } => {
+                    if let Some(event) = self.on_unreachable(u) {
+                        let actions = self.machine.handle(event, Instant::now());
+                        self.perform(actions).await?;
+                    }
+                }
             }
         }
+    }
+
+    /// A DN's port answered "unreachable" to one of our datagrams: its `dn` is gone.
+    fn on_unreachable(&mut self, u: PortUnreachable) -> Option<Event> {
+        if self.endpoint.local_addr().ok()?.port() != u.local_port {
+            return None;
+        }
+        let same = |a: SocketAddr| {
+            a.port() == u.remote.port() && a.ip().to_canonical() == u.remote.ip().to_canonical()
+        };
+        let dn = self
+            .shared
+            .config
+            .dns
+            .iter()
+            .position(|d| same(d.endpoint))?;
+        if matches!(
+            self.machine.state(dn),
+            None | Some(SessionState::Waiting { .. })
+        ) {
+            return None;
+        }
+        let generation = self.slots[dn].generation;
+        self.accept(Report::Lost(dn, generation, Loss::Unreachable))
     }
 
     /// Turns a session report into a machine event, dropping reports about connections that

@@ -3,7 +3,7 @@
 //! Functions over byte slices with caller-owned output buffers; nothing here allocates per
 //! packet or panics on malformed input.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 const IPV4_HEADER_MIN: usize = 20;
 const IPV6_HEADER: usize = 40;
@@ -153,6 +153,61 @@ pub fn packet_too_big(pkt: &[u8], mtu: u16, out: &mut Vec<u8>) -> bool {
     }
 }
 
+/// A UDP datagram an ICMP error reports undeliverable: the original's source port and where it
+/// was sent. For the EN, a DN's port answering "unreachable" means the `dn` process is gone
+/// (thesis 3.3): no need to wait for probes to go unanswered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortUnreachable {
+    pub local_port: u16,
+    pub remote: SocketAddr,
+}
+
+const PROTO_UDP: u8 = 17;
+const ICMP_HEADER: usize = 8;
+
+/// Parses what a raw ICMPv4 socket delivers (the IPv4 header, then the ICMP message): a
+/// "destination unreachable, port unreachable" about a UDP datagram.
+pub fn icmpv4_port_unreachable(pkt: &[u8]) -> Option<PortUnreachable> {
+    if pkt.first()? >> 4 != 4 || *pkt.get(9)? != PROTO_ICMP {
+        return None;
+    }
+    let icmp = pkt.get(usize::from(pkt[0] & 0x0f) * 4..)?;
+    // Type 3 (destination unreachable), code 3 (port unreachable).
+    if icmp.get(..2)? != [3, 3] {
+        return None;
+    }
+    let original = icmp.get(ICMP_HEADER..)?;
+    if original.first()? >> 4 != 4 || *original.get(9)? != PROTO_UDP {
+        return None;
+    }
+    let dst: [u8; 4] = original.get(16..20)?.try_into().ok()?;
+    let udp = original.get(usize::from(original[0] & 0x0f) * 4..)?;
+    udp_ports(udp, Ipv4Addr::from(dst).into())
+}
+
+/// Parses what a raw ICMPv6 socket delivers (the ICMPv6 message, without the IPv6 header): a
+/// "destination unreachable, port unreachable" about a UDP datagram.
+pub fn icmpv6_port_unreachable(msg: &[u8]) -> Option<PortUnreachable> {
+    // Type 1 (destination unreachable), code 4 (port unreachable).
+    if msg.get(..2)? != [1, 4] {
+        return None;
+    }
+    let original = msg.get(ICMP_HEADER..)?;
+    if original.first()? >> 4 != 6 || *original.get(6)? != PROTO_UDP {
+        return None;
+    }
+    let dst: [u8; 16] = original.get(24..40)?.try_into().ok()?;
+    udp_ports(original.get(IPV6_HEADER..)?, Ipv6Addr::from(dst).into())
+}
+
+fn udp_ports(udp: &[u8], dst: IpAddr) -> Option<PortUnreachable> {
+    let ports = udp.get(..4)?;
+    Some(PortUnreachable {
+        local_port: u16::from_be_bytes([ports[0], ports[1]]),
+        remote: SocketAddr::new(dst, u16::from_be_bytes([ports[2], ports[3]])),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,6 +302,73 @@ mod tests {
                     prop_assert_eq!(checksum(&[&out[..20]]), 0);
                 }
             }
+        }
+    }
+
+    /// An IPv4 packet from `from` carrying ICMP type/code about a UDP datagram
+    /// 10.0.0.1:`sport` -> 10.0.0.2:`dport`.
+    fn icmpv4_about_udp(kind: [u8; 2], proto: u8, sport: u16, dport: u16) -> Vec<u8> {
+        let mut original = vec![0x45, 0, 0, 48, 0, 0, 0x40, 0, 64, proto, 0, 0];
+        original.extend_from_slice(&[10, 0, 0, 1, 10, 0, 0, 2]);
+        original.extend_from_slice(&sport.to_be_bytes());
+        original.extend_from_slice(&dport.to_be_bytes());
+        original.extend_from_slice(&[0, 28, 0, 0]);
+        let mut pkt = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, PROTO_ICMP, 0, 0];
+        pkt.extend_from_slice(&[10, 0, 0, 2, 10, 0, 0, 1]);
+        pkt.extend_from_slice(&[kind[0], kind[1], 0, 0, 0, 0, 0, 0]);
+        pkt.extend_from_slice(&original);
+        pkt
+    }
+
+    #[test]
+    fn port_unreachable_names_the_datagram_it_is_about() {
+        let pkt = icmpv4_about_udp([3, 3], PROTO_UDP, 50000, 4433);
+        assert_eq!(
+            icmpv4_port_unreachable(&pkt),
+            Some(PortUnreachable {
+                local_port: 50000,
+                remote: "10.0.0.2:4433".parse().unwrap()
+            })
+        );
+        // Other codes, other protocols, and every truncation are not.
+        assert_eq!(
+            icmpv4_port_unreachable(&icmpv4_about_udp([3, 1], PROTO_UDP, 1, 2)),
+            None
+        );
+        assert_eq!(
+            icmpv4_port_unreachable(&icmpv4_about_udp([11, 0], PROTO_UDP, 1, 2)),
+            None
+        );
+        assert_eq!(
+            icmpv4_port_unreachable(&icmpv4_about_udp([3, 3], 6, 1, 2)),
+            None
+        );
+        for cut in 0..pkt.len() - 4 {
+            assert_eq!(icmpv4_port_unreachable(&pkt[..cut]), None, "cut at {cut}");
+        }
+
+        let mut v6 = vec![1, 4, 0, 0, 0, 0, 0, 0];
+        let mut original = vec![0x60, 0, 0, 0, 0, 8, PROTO_UDP, 64];
+        original.extend_from_slice(&"fd00::1".parse::<Ipv6Addr>().unwrap().octets());
+        original.extend_from_slice(&"fd00::2".parse::<Ipv6Addr>().unwrap().octets());
+        original.extend_from_slice(&[0xc3, 0x50, 0x11, 0x51, 0, 8, 0, 0]);
+        v6.extend_from_slice(&original);
+        assert_eq!(
+            icmpv6_port_unreachable(&v6),
+            Some(PortUnreachable {
+                local_port: 50000,
+                remote: "[fd00::2]:4433".parse().unwrap()
+            })
+        );
+        v6[1] = 3;
+        assert_eq!(icmpv6_port_unreachable(&v6), None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn icmp_parsers_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..120)) {
+            let _ = icmpv4_port_unreachable(&bytes);
+            let _ = icmpv6_port_unreachable(&bytes);
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The thin I/O shells shared by `en` and `dn`: everything here performs, nothing decides.
 
 pub mod control;
+pub mod icmp;
 pub mod netlink;
 pub mod quic;
 pub mod tls;

@@ -383,3 +383,28 @@ fn the_client_goes_home_when_its_dn_returns(routing: Routing) {
         Ok(())
     });
 }
+
+#[test]
+fn a_dn_whose_port_answers_unreachable_counts_as_dead_at_once() {
+    let spec = LabSpec {
+        dns: 2,
+        ..LabSpec::default()
+    };
+    with_lab(spec, |lab| {
+        // dn2's host is up but its `dn` is not: its port answers "unreachable".
+        lab.net.stop(&dn_role(2), libc::SIGKILL)?;
+        lab.start_client(1, &Credential::Issued("client1".into()))?;
+        lab.wait_address(1, Duration::from_secs(15))?;
+        // Without the ICMP watch the handshake would only give up after its 5 s timeout.
+        let start = Instant::now();
+        let mut last = Value::Null;
+        while start.elapsed() < Duration::from_secs(3) {
+            last = lab.en_status(1)?["sessions"][1].clone();
+            if last["last_error"] == "Unreachable" {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(anyhow!("dn2 was not marked unreachable: {last}"))
+    });
+}
