@@ -128,16 +128,19 @@ pub async fn run(opts: Options) -> Result<()> {
         &cluster.client_ca,
         cluster.revoked_clients.clone(),
     )?;
-    let endpoint = quic::endpoint(
-        spec.listen,
-        Some(quic::server_config(tls)?),
-        Some(&signing_key.to_bytes()),
-    )?;
     let plan = spec.plan.clone();
     // The device holds only the DN's own address; the pool reaches it through the routes below,
     // which carry our protocol number for the routing daemon to export.
     let host_prefix = if plan.gateway().is_ipv4() { 32 } else { 128 };
     let tun = tun::open(&spec.tun, plan.gateway(), host_prefix, spec.mtu)?;
+    // Opened after the TUN device on purpose: when the process dies, the kernel releases its
+    // files in reverse order, and tearing the device down takes ~20 ms (RCU grace periods).
+    // The UDP socket goes first, so clients get "port unreachable" at once.
+    let endpoint = quic::endpoint(
+        spec.listen,
+        Some(quic::server_config(tls)?),
+        Some(&signing_key.to_bytes()),
+    )?;
     // After a restart, the routing daemon may show that another DN still serves own blocks:
     // those stay unadvertised until their clients have come home.
     let netlink = holdfast_shell::netlink::Routes::connect()?;
