@@ -6,11 +6,14 @@
 //! plan instead: its own pool at the home cost, the blocks it backs at the standby cost, and
 //! anything more specific inside other DNs' pools (blocks it serves for a dead owner, announced as
 //! their two halves, and host routes) at the active cost. See docs/routing-daemons.md.
+//!
+//! Every OSPF interface runs BFD (unless `[ospf] bfd = false`): OSPF's dead interval is whole
+//! seconds, BFD notices a dead DN host or link in `bfd_interval_ms` x `bfd_multiplier`.
 
 use std::fmt::Write;
 use std::net::Ipv4Addr;
 
-use holdfast_proto::cluster::{Cluster, DnSpec, Ospf};
+use holdfast_proto::cluster::{Bfd, Cluster, DnSpec, Ospf};
 use holdfast_proto::routes::{standing, Reason};
 
 /// One generated file.
@@ -35,12 +38,34 @@ fn zebra(name: &str) -> String {
     format!("{HEADER}hostname {name}\nzebra work-queue 0\n")
 }
 
+/// The BFD profile bfdd.conf defines and ospfd's interfaces name.
+const BFD_PROFILE: &str = "holdfast";
+
+fn bfdd(name: &str, bfd: Bfd) -> String {
+    format!(
+        "{HEADER}hostname {name}\n\
+         !\n\
+         bfd\n \
+         profile {BFD_PROFILE}\n  \
+         detect-multiplier {multiplier}\n  \
+         receive-interval {interval}\n  \
+         transmit-interval {interval}\n \
+         exit\n \
+         !\n\
+         exit\n",
+        multiplier = bfd.multiplier,
+        interval = bfd.interval_ms,
+    )
+}
+
 fn router_ospf(out: &mut String, ospf: &Ospf, router_id: Ipv4Addr, interface: &str) {
+    let _ = write!(out, "!\ninterface {interface}\n");
+    if ospf.bfd.is_some() {
+        let _ = write!(out, " ip ospf bfd\n ip ospf bfd profile {BFD_PROFILE}\n");
+    }
     let _ = write!(
         out,
-        "!\n\
-         interface {interface}\n \
-         ip ospf hello-interval {hello}\n \
+        " ip ospf hello-interval {hello}\n \
          ip ospf dead-interval {dead}\n\
          !\n\
          router ospf\n \
@@ -111,10 +136,19 @@ fn esr_ospfd(ospf: &Ospf, name: &str, router_id: Ipv4Addr, interface: &str) -> S
     out
 }
 
-/// FRR configuration (zebra and ospfd) for every DN and ESR of the cluster.
+/// FRR configuration (zebra, ospfd, and bfdd unless BFD is off) for every DN and ESR of the
+/// cluster.
 pub fn frr(cluster: &Cluster) -> Result<Vec<File>, PlanError> {
     let ospf = cluster.ospf.as_ref().ok_or(PlanError::NoOspf)?;
     let mut files = Vec::new();
+    let bfdd_conf = |files: &mut Vec<File>, name: &str| {
+        if let Some(bfd) = ospf.bfd {
+            files.push(File {
+                path: format!("{name}/bfdd.conf"),
+                text: bfdd(name, bfd),
+            });
+        }
+    };
     for dn in &cluster.dns {
         // Validation guarantees a router id for every DN when [ospf] is present.
         let Some(router_id) = dn.router_id else {
@@ -128,6 +162,7 @@ pub fn frr(cluster: &Cluster) -> Result<Vec<File>, PlanError> {
             path: format!("{}/ospfd.conf", dn.name),
             text: dn_ospfd(cluster, ospf, dn, router_id),
         });
+        bfdd_conf(&mut files, &dn.name);
     }
     for esr in &ospf.esrs {
         files.push(File {
@@ -138,6 +173,7 @@ pub fn frr(cluster: &Cluster) -> Result<Vec<File>, PlanError> {
             path: format!("{}/ospfd.conf", esr.name),
             text: esr_ospfd(ospf, &esr.name, esr.router_id, &esr.ospf_interface),
         });
+        bfdd_conf(&mut files, &esr.name);
     }
     Ok(files)
 }
@@ -156,16 +192,33 @@ pub fn bird(cluster: &Cluster) -> Result<Vec<File>, PlanError> {
     let hello = ospf.hello_interval_secs;
     let dead = ospf.dead_interval_secs;
     let ospf_block = |interface: &str, export: &str| {
-        format!(
+        let mut out = String::new();
+        let mut bfd_yes = "";
+        if let Some(bfd) = ospf.bfd {
+            let _ = write!(
+                out,
+                "# BFD tells OSPF a neighbour is gone within {interval} ms x {multiplier}; OSPF's own \
+                 dead interval is whole seconds.\n\
+                 protocol bfd holdfast_bfd {{\n  \
+                 interface \"{interface}\" {{ interval {interval} ms; multiplier {multiplier}; }};\n\
+                 }}\n",
+                interval = bfd.interval_ms,
+                multiplier = bfd.multiplier,
+            );
+            bfd_yes = " bfd yes;";
+        }
+        let _ = write!(
+            out,
             "protocol ospf v2 holdfast {{\n  \
              tick 1;\n  \
              merge external yes;\n  \
              ipv4 {{ import all; export {export}; }};\n  \
              area {area} {{\n    \
-             interface \"{interface}\" {{ hello {hello}; dead {dead}; }};\n  \
+             interface \"{interface}\" {{ hello {hello}; dead {dead};{bfd_yes} }};\n  \
              }};\n\
              }}\n"
-        )
+        );
+        out
     };
     for dn in &cluster.dns {
         let Some(router_id) = dn.router_id else {
@@ -242,9 +295,13 @@ pub fn summary(cluster: &Cluster) -> String {
     }
     match &cluster.ospf {
         Some(o) => {
+            let bfd = match o.bfd {
+                Some(b) => format!("bfd {} ms x {}", b.interval_ms, b.multiplier),
+                None => "no bfd".into(),
+            };
             let _ = writeln!(
                 out,
-                "ospf area {} on {}, costs active {} / home {} / standby {}, esr: {}",
+                "ospf area {} on {}, costs active {} / home {} / standby {}, {bfd}, esr: {}",
                 o.area,
                 o.network,
                 o.active_cost,

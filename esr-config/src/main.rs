@@ -9,8 +9,9 @@ use holdfast_proto::cluster::Cluster;
 ///
 /// Check a plan:   esr-config check --config cluster.toml
 /// Generate:       esr-config generate --config cluster.toml --out /etc/holdfast/routing
-///                 writes <out>/<node>/zebra.conf and ospfd.conf (FRR) for each DN and ESR,
-///                 or <out>/<node>/bird.conf with --daemon bird.
+///                 writes <out>/<node>/zebra.conf, ospfd.conf and bfdd.conf (FRR) for each
+///                 DN and ESR, or <out>/<node>/bird.conf with --daemon bird (BFD inside it).
+///                 bfdd.conf only while [ospf] bfd is on (the default).
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Cli {
@@ -40,7 +41,7 @@ enum Command {
     Generate {
         #[arg(long)]
         out: PathBuf,
-        /// FRR (zebra.conf, ospfd.conf) or BIRD 2 (bird.conf).
+        /// FRR (zebra.conf, ospfd.conf, bfdd.conf) or BIRD 2 (bird.conf).
         #[arg(long, value_enum, default_value_t = Daemon::Frr)]
         daemon: Daemon,
     },

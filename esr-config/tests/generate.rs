@@ -1,5 +1,6 @@
 //! The generated configuration: compared with reviewed golden files, and parsed by FRR itself.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -27,8 +28,8 @@ fn output_matches_the_golden_files() {
     let files = example();
     assert_eq!(
         files.len(),
-        12,
-        "zebra, ospfd and bird for three DNs and one ESR"
+        16,
+        "zebra, ospfd, bfdd and bird for three DNs and one ESR"
     );
     for file in files {
         let path = golden_dir().join(&file.path);
@@ -54,16 +55,33 @@ fn without_ospf_there_is_nothing_to_generate() {
     assert!(holdfast_esr_config::frr(&cluster).is_err());
 }
 
-/// FRR's own parser (`--dryrun`) accepts every generated file. FRR comes from
-/// scripts/install-deps.sh.
+#[test]
+fn bfd_off_leaves_bfd_out() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text = std::fs::read_to_string(root.join("examples/cluster-ospf.toml")).unwrap();
+    let cluster = Cluster::parse(&text.replace("bfd = true", "bfd = false"), &root).unwrap();
+    let mut files = holdfast_esr_config::frr(&cluster).unwrap();
+    files.extend(holdfast_esr_config::bird(&cluster).unwrap());
+    assert_eq!(files.len(), 12);
+    assert!(files.iter().all(|f| !f.text.contains("bfd")), "{files:#?}");
+}
+
+/// FRR's own parser (`--dryrun`) accepts every generated file (zebra, ospfd, bfdd). FRR comes
+/// from scripts/install-deps.sh.
 #[test]
 fn frr_accepts_every_file() {
     let dir = std::env::temp_dir().join(format!("esr-config-dryrun-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    for file in example()
+    // bfdd binds its control socket even in a dry run, as the frr user it drops to; never the
+    // default one, which a running bfdd owns.
+    let bfdctl = dir.join("bfdctl");
+    std::fs::create_dir_all(&bfdctl).unwrap();
+    std::fs::set_permissions(&bfdctl, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let files: Vec<_> = example()
         .into_iter()
         .filter(|f| !f.path.ends_with("bird.conf"))
-    {
+        .collect();
+    assert!(files.iter().any(|f| f.path.ends_with("bfdd.conf")));
+    for file in files {
         let daemon = file
             .path
             .rsplit('/')
@@ -72,7 +90,11 @@ fn frr_accepts_every_file() {
             .trim_end_matches(".conf");
         let conf = dir.join(file.path.replace('/', "-"));
         std::fs::write(&conf, &file.text).unwrap();
-        let out = Command::new(format!("/usr/lib/frr/{daemon}"))
+        let mut command = Command::new(format!("/usr/lib/frr/{daemon}"));
+        if daemon == "bfdd" {
+            command.arg("--bfdctl").arg(bfdctl.join("bfdd.sock"));
+        }
+        let out = command
             .arg("--dryrun")
             .arg("-f")
             .arg(&conf)

@@ -48,6 +48,9 @@ struct RawOspf {
     home_cost: Option<u32>,
     standby_cost: Option<u32>,
     active_cost: Option<u32>,
+    bfd: Option<bool>,
+    bfd_interval_ms: Option<u16>,
+    bfd_multiplier: Option<u8>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -103,8 +106,23 @@ pub struct Ospf {
     pub home_cost: u32,
     pub standby_cost: u32,
     pub active_cost: u32,
+    /// BFD on every OSPF adjacency, unless `bfd = false`.
+    pub bfd: Option<Bfd>,
     pub esrs: Vec<EsrSpec>,
 }
+
+/// BFD timers: a neighbour is down after `multiplier` missed packets `interval_ms` apart. OSPF's
+/// own dead interval is whole seconds; BFD is what notices a lost DN host or link in tens of
+/// milliseconds (ARCHITECTURE.md, "Failover").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bfd {
+    /// Transmit and receive interval.
+    pub interval_ms: u16,
+    pub multiplier: u8,
+}
+
+pub const DEFAULT_BFD_INTERVAL_MS: u16 = 50;
+pub const DEFAULT_BFD_MULTIPLIER: u8 = 3;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EsrSpec {
@@ -328,6 +346,24 @@ fn parse_ospf(
             format!("costs must rise from active ({active_cost}) to home ({home_cost}) to standby ({standby_cost})"),
         ));
     }
+    let bfd = Bfd {
+        interval_ms: o.bfd_interval_ms.unwrap_or(DEFAULT_BFD_INTERVAL_MS),
+        multiplier: o.bfd_multiplier.unwrap_or(DEFAULT_BFD_MULTIPLIER),
+    };
+    // FRR's bfdd accepts no more (BIRD accepts a superset).
+    if !(10..=60000).contains(&bfd.interval_ms) {
+        return Err(invalid(
+            "ospf.bfd_interval_ms",
+            format!("{} is outside 10..=60000", bfd.interval_ms),
+        ));
+    }
+    if bfd.multiplier < 2 {
+        return Err(invalid(
+            "ospf.bfd_multiplier",
+            format!("{} is outside 2..=255", bfd.multiplier),
+        ));
+    }
+    let bfd = o.bfd.unwrap_or(true).then_some(bfd);
     let mut ids: Vec<(String, std::net::Ipv4Addr)> = Vec::new();
     for (i, d) in dns.iter().enumerate() {
         let id = d.router_id.ok_or_else(|| {
@@ -397,6 +433,7 @@ fn parse_ospf(
         home_cost,
         standby_cost,
         active_cost,
+        bfd,
         esrs: esr_specs,
     })
 }
@@ -718,6 +755,29 @@ mod tests {
         assert_eq!(
             (o.area.to_string(), o.home_cost, o.esrs[0].name.as_str()),
             ("0.0.0.0".into(), 20, "esr1")
+        );
+        assert_eq!(
+            o.bfd,
+            Some(Bfd {
+                interval_ms: 50,
+                multiplier: 3
+            })
+        );
+        let with = |extra: &str| {
+            good.replace(
+                "network = \"10.9.0.0/24\"",
+                &format!("network = \"10.9.0.0/24\"\n{extra}"),
+            )
+        };
+        let c = Cluster::parse(&with("bfd = false"), Path::new("/")).unwrap();
+        assert_eq!(c.ospf.unwrap().bfd, None);
+        assert_eq!(
+            err(&with("bfd_interval_ms = 5")),
+            "cluster.toml:20: ospf.bfd_interval_ms: 5 is outside 10..=60000"
+        );
+        assert_eq!(
+            err(&with("bfd_multiplier = 1")),
+            "cluster.toml:20: ospf.bfd_multiplier: 1 is outside 2..=255"
         );
         // Lines: dn[0] 4-10 (router_id 6), dn[1] 11-17 (router_id 13), [ospf] 18,
         // network 19, [[esr]] 20, its router_id 22.
