@@ -4,6 +4,7 @@
 //! with its line and path (`cluster.toml:14: dn[1].pool: ...`), and nothing later re-checks it.
 
 mod locate;
+mod vrrp;
 
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -18,6 +19,10 @@ use crate::lease::{parse_public_key, IssuerKeys};
 use crate::plan::{first_overlap, PoolPlan};
 use crate::routes::Metrics;
 use locate::Locator;
+use vrrp::{check_interface, parse_vrrp, RawVrrp};
+pub use vrrp::{
+    Vrrp, VrrpRouter, DEFAULT_ADVERT_INTERVAL_MS, DEFAULT_SERVICE_INTERFACE, DEFAULT_VRRP_PRIORITY,
+};
 
 pub const DEFAULT_PORT: u16 = 4433;
 pub const DEFAULT_LEASE_LIFETIME_SECS: u64 = 24 * 3600;
@@ -36,6 +41,7 @@ struct RawFile {
     ospf: Option<RawOspf>,
     #[serde(default)]
     esr: Vec<RawEsr>,
+    vrrp: Option<RawVrrp>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -59,6 +65,9 @@ struct RawEsr {
     name: String,
     router_id: String,
     ospf_interface: Option<String>,
+    service_address: Option<String>,
+    service_interface: Option<String>,
+    priority: Option<u8>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -148,6 +157,8 @@ pub struct Cluster {
     pub dns: Vec<DnSpec>,
     /// The routing plane, if `[ospf]` describes it.
     pub ospf: Option<Ospf>,
+    /// The ESR pair, if `[vrrp]` describes it (then `ospf` has exactly two ESRs).
+    pub vrrp: Option<Vrrp>,
 }
 
 #[derive(Debug, Clone)]
@@ -399,13 +410,15 @@ fn parse_ospf(
             .parse::<std::net::Ipv4Addr>()
             .map_err(|_| invalid(&key, format!("{:?} is not an IPv4 address", e.router_id)))?;
         ids.push((key, id));
+        let ospf_interface = e
+            .ospf_interface
+            .clone()
+            .unwrap_or_else(|| DEFAULT_OSPF_INTERFACE.into());
+        check_interface(&format!("esr[{i}].ospf_interface"), &ospf_interface)?;
         esr_specs.push(EsrSpec {
             name: e.name.clone(),
             router_id: id,
-            ospf_interface: e
-                .ospf_interface
-                .clone()
-                .unwrap_or_else(|| DEFAULT_OSPF_INTERFACE.into()),
+            ospf_interface,
         });
     }
     if esr_specs.is_empty() {
@@ -586,6 +599,11 @@ impl Cluster {
                     })
                 })
                 .transpose()?;
+            let ospf_interface = d
+                .ospf_interface
+                .clone()
+                .unwrap_or_else(|| DEFAULT_OSPF_INTERFACE.into());
+            check_interface(&key("ospf_interface"), &ospf_interface)?;
             dns.push(DnSpec {
                 name: d.name.clone(),
                 endpoint,
@@ -598,10 +616,7 @@ impl Cluster {
                 tun,
                 mtu,
                 router_id,
-                ospf_interface: d
-                    .ospf_interface
-                    .clone()
-                    .unwrap_or_else(|| DEFAULT_OSPF_INTERFACE.into()),
+                ospf_interface,
             });
         }
         let ospf = raw
@@ -611,6 +626,7 @@ impl Cluster {
         if ospf.is_none() && !raw.esr.is_empty() {
             return Err(invalid("esr", "[[esr]] needs an [ospf] section"));
         }
+        let vrrp = parse_vrrp(raw.vrrp, &raw.esr, ospf.as_ref(), &pools, locator)?;
         Ok(Self {
             client_ca: resolve(c.client_ca),
             client_routes,
@@ -619,6 +635,7 @@ impl Cluster {
             metrics,
             dns,
             ospf,
+            vrrp,
         })
     }
 
