@@ -1,4 +1,5 @@
-//! `cluster.toml` in, routing-daemon configuration for every DN and ESR out.
+//! `cluster.toml` in, routing-daemon configuration for every DN and ESR out, and keepalived's
+//! (VRRPv3) for the ESR pair that shares the servers' gateway address.
 //!
 //! DNs put their routes into the kernel with protocol 200; FRR's zebra learns them as kernel
 //! routes and ospfd exports them as type-1 external routes. ospfd cannot set the OSPF cost from
@@ -6,11 +7,14 @@
 //! plan instead: its own pool at the home cost, the blocks it backs at the standby cost, and
 //! anything more specific inside other DNs' pools (blocks it serves for a dead owner, announced as
 //! their two halves, and host routes) at the active cost. See docs/routing-daemons.md.
+//!
+//! Every OSPF interface runs BFD (unless `[ospf] bfd = false`): OSPF's dead interval is whole
+//! seconds, BFD notices a dead DN host or link in `bfd_interval_ms` x `bfd_multiplier`.
 
 use std::fmt::Write;
 use std::net::Ipv4Addr;
 
-use holdfast_proto::cluster::{Cluster, DnSpec, Ospf};
+use holdfast_proto::cluster::{Bfd, Cluster, DnSpec, Ospf, Vrrp, VrrpRouter};
 use holdfast_proto::routes::{standing, Reason};
 
 /// One generated file.
@@ -35,12 +39,34 @@ fn zebra(name: &str) -> String {
     format!("{HEADER}hostname {name}\nzebra work-queue 0\n")
 }
 
+/// The BFD profile bfdd.conf defines and ospfd's interfaces name.
+const BFD_PROFILE: &str = "holdfast";
+
+fn bfdd(name: &str, bfd: Bfd) -> String {
+    format!(
+        "{HEADER}hostname {name}\n\
+         !\n\
+         bfd\n \
+         profile {BFD_PROFILE}\n  \
+         detect-multiplier {multiplier}\n  \
+         receive-interval {interval}\n  \
+         transmit-interval {interval}\n \
+         exit\n \
+         !\n\
+         exit\n",
+        multiplier = bfd.multiplier,
+        interval = bfd.interval_ms,
+    )
+}
+
 fn router_ospf(out: &mut String, ospf: &Ospf, router_id: Ipv4Addr, interface: &str) {
+    let _ = write!(out, "!\ninterface {interface}\n");
+    if ospf.bfd.is_some() {
+        let _ = write!(out, " ip ospf bfd\n ip ospf bfd profile {BFD_PROFILE}\n");
+    }
     let _ = write!(
         out,
-        "!\n\
-         interface {interface}\n \
-         ip ospf hello-interval {hello}\n \
+        " ip ospf hello-interval {hello}\n \
          ip ospf dead-interval {dead}\n\
          !\n\
          router ospf\n \
@@ -111,10 +137,19 @@ fn esr_ospfd(ospf: &Ospf, name: &str, router_id: Ipv4Addr, interface: &str) -> S
     out
 }
 
-/// FRR configuration (zebra and ospfd) for every DN and ESR of the cluster.
+/// FRR configuration (zebra, ospfd, and bfdd unless BFD is off) for every DN and ESR of the
+/// cluster.
 pub fn frr(cluster: &Cluster) -> Result<Vec<File>, PlanError> {
     let ospf = cluster.ospf.as_ref().ok_or(PlanError::NoOspf)?;
     let mut files = Vec::new();
+    let bfdd_conf = |files: &mut Vec<File>, name: &str| {
+        if let Some(bfd) = ospf.bfd {
+            files.push(File {
+                path: format!("{name}/bfdd.conf"),
+                text: bfdd(name, bfd),
+            });
+        }
+    };
     for dn in &cluster.dns {
         // Validation guarantees a router id for every DN when [ospf] is present.
         let Some(router_id) = dn.router_id else {
@@ -128,6 +163,7 @@ pub fn frr(cluster: &Cluster) -> Result<Vec<File>, PlanError> {
             path: format!("{}/ospfd.conf", dn.name),
             text: dn_ospfd(cluster, ospf, dn, router_id),
         });
+        bfdd_conf(&mut files, &dn.name);
     }
     for esr in &ospf.esrs {
         files.push(File {
@@ -138,6 +174,7 @@ pub fn frr(cluster: &Cluster) -> Result<Vec<File>, PlanError> {
             path: format!("{}/ospfd.conf", esr.name),
             text: esr_ospfd(ospf, &esr.name, esr.router_id, &esr.ospf_interface),
         });
+        bfdd_conf(&mut files, &esr.name);
     }
     Ok(files)
 }
@@ -156,16 +193,33 @@ pub fn bird(cluster: &Cluster) -> Result<Vec<File>, PlanError> {
     let hello = ospf.hello_interval_secs;
     let dead = ospf.dead_interval_secs;
     let ospf_block = |interface: &str, export: &str| {
-        format!(
+        let mut out = String::new();
+        let mut bfd_yes = "";
+        if let Some(bfd) = ospf.bfd {
+            let _ = write!(
+                out,
+                "# BFD tells OSPF a neighbour is gone within {interval} ms x {multiplier}; OSPF's own \
+                 dead interval is whole seconds.\n\
+                 protocol bfd holdfast_bfd {{\n  \
+                 interface \"{interface}\" {{ interval {interval} ms; multiplier {multiplier}; }};\n\
+                 }}\n",
+                interval = bfd.interval_ms,
+                multiplier = bfd.multiplier,
+            );
+            bfd_yes = " bfd yes;";
+        }
+        let _ = write!(
+            out,
             "protocol ospf v2 holdfast {{\n  \
              tick 1;\n  \
              merge external yes;\n  \
              ipv4 {{ import all; export {export}; }};\n  \
              area {area} {{\n    \
-             interface \"{interface}\" {{ hello {hello}; dead {dead}; }};\n  \
+             interface \"{interface}\" {{ hello {hello}; dead {dead};{bfd_yes} }};\n  \
              }};\n\
              }}\n"
-        )
+        );
+        out
     };
     for dn in &cluster.dns {
         let Some(router_id) = dn.router_id else {
@@ -221,6 +275,78 @@ pub fn bird(cluster: &Cluster) -> Result<Vec<File>, PlanError> {
     Ok(files)
 }
 
+fn keepalived_conf(vrrp: &Vrrp, me: &VrrpRouter, peer: &VrrpRouter) -> String {
+    let advert = format!(
+        "{}.{:02}",
+        vrrp.advert_interval_ms / 1000,
+        vrrp.advert_interval_ms % 1000 / 10
+    );
+    let mut out = format!(
+        "# Generated by esr-config from cluster.toml. Edit cluster.toml, not this file.\n\
+         global_defs {{\n  \
+         router_id {name}\n  \
+         vrrp_version 3\n\
+         }}\n\
+         vrrp_instance holdfast {{\n  \
+         # Both start as BACKUP and neither preempts: a returning ESR taking the address back\n  \
+         # would cost the servers a second takeover for nothing, and before its OSPF has\n  \
+         # converged it would drop their replies. So the ESR up first is master; the priority\n  \
+         # only settles ties (both starting at once, two masters after a split heals).\n  \
+         state BACKUP\n  \
+         nopreempt\n  \
+         interface {interface}\n  \
+         virtual_router_id {vrid}\n  \
+         priority {priority}\n  \
+         advert_int {advert}\n  \
+         # Unicast to the one peer: no reliance on multicast on the service network.\n  \
+         unicast_src_ip {src}\n  \
+         unicast_peer {{\n    \
+         {peer}\n  \
+         }}\n",
+        name = me.name,
+        interface = me.interface,
+        vrid = vrrp.virtual_router_id,
+        priority = me.priority,
+        src = me.address.addr(),
+        peer = peer.address.addr(),
+    );
+    if me.cluster_interface != me.interface {
+        let _ = write!(
+            out,
+            "  # Without the cluster network this ESR reaches no client: hand the address over.\n  \
+             track_interface {{\n    \
+             {}\n  \
+             }}\n",
+            me.cluster_interface
+        );
+    }
+    let _ = write!(
+        out,
+        "  virtual_ipaddress {{\n    \
+         {} dev {}\n  \
+         }}\n\
+         }}\n",
+        vrrp.virtual_address, me.interface
+    );
+    out
+}
+
+/// keepalived configuration (`keepalived.conf`, VRRPv3) for both ESRs of the pair; nothing
+/// without `[vrrp]`.
+pub fn keepalived(cluster: &Cluster) -> Vec<File> {
+    let Some(vrrp) = &cluster.vrrp else {
+        return Vec::new();
+    };
+    let [a, b] = &vrrp.routers;
+    [(a, b), (b, a)]
+        .into_iter()
+        .map(|(me, peer)| File {
+            path: format!("{}/keepalived.conf", me.name),
+            text: keepalived_conf(vrrp, me, peer),
+        })
+        .collect()
+}
+
 /// A one-paragraph description of a valid cluster, for `esr-config check`.
 pub fn summary(cluster: &Cluster) -> String {
     let mut out = String::new();
@@ -243,9 +369,13 @@ pub fn summary(cluster: &Cluster) -> String {
     }
     match &cluster.ospf {
         Some(o) => {
+            let bfd = match o.bfd {
+                Some(b) => format!("bfd {} ms x {}", b.interval_ms, b.multiplier),
+                None => "no bfd".into(),
+            };
             let _ = writeln!(
                 out,
-                "ospf area {} on {}, costs active {} / home {} / standby {}, esr: {}",
+                "ospf area {} on {}, costs active {} / home {} / standby {}, {bfd}, esr: {}",
                 o.area,
                 o.network,
                 o.active_cost,
@@ -259,6 +389,26 @@ pub fn summary(cluster: &Cluster) -> String {
             );
         }
         None => out.push_str("no [ospf]: no routing-daemon configuration to generate\n"),
+    }
+    if let Some(v) = &cluster.vrrp {
+        let _ = writeln!(
+            out,
+            "vrrp {} on {}, advert {} ms: {}",
+            v.virtual_router_id,
+            v.virtual_address,
+            v.advert_interval_ms,
+            v.routers
+                .iter()
+                .map(|r| format!(
+                    "{} ({} {}, priority {})",
+                    r.name,
+                    r.interface,
+                    r.address.addr(),
+                    r.priority
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     out
 }

@@ -5,12 +5,16 @@ use clap::{Parser, Subcommand};
 use holdfast_proto::cluster::Cluster;
 
 /// Holdfast's configuration generator: one cluster.toml in, routing-daemon configuration for
-/// every DN and edge service router (ESR) out.
+/// every DN and edge service router (ESR) out, and keepalived's for the ESR pair.
 ///
 /// Check a plan:   esr-config check --config cluster.toml
+///                 errors name the line and key: cluster.toml:13: dn[1].pool: ...
 /// Generate:       esr-config generate --config cluster.toml --out /etc/holdfast/routing
-///                 writes <out>/<node>/zebra.conf and ospfd.conf (FRR) for each DN and ESR,
-///                 or <out>/<node>/bird.conf with --daemon bird.
+///                 writes <out>/<node>/zebra.conf, ospfd.conf and bfdd.conf (FRR) for each
+///                 DN and ESR, or <out>/<node>/bird.conf with --daemon bird (BFD inside it);
+///                 bfdd.conf only while [ospf] bfd is on (the default).
+///                 With [vrrp], also <out>/<esr>/keepalived.conf (VRRPv3) for both ESRs of
+///                 the pair, whichever --daemon.
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Cli {
@@ -34,13 +38,14 @@ enum Daemon {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate cluster.toml (pools, blocks, names, keys, OSPF plan) and summarise it.
+    /// Validate cluster.toml (pools, blocks, names, keys, OSPF plan, ESR pair) and summarise it.
     Check,
-    /// Write routing-daemon configuration for every DN and ESR into OUT/<node>/.
+    /// Write routing-daemon configuration for every DN and ESR, and keepalived.conf for the ESR
+    /// pair, into OUT/<node>/.
     Generate {
         #[arg(long)]
         out: PathBuf,
-        /// FRR (zebra.conf, ospfd.conf) or BIRD 2 (bird.conf).
+        /// FRR (zebra.conf, ospfd.conf, bfdd.conf) or BIRD 2 (bird.conf).
         #[arg(long, value_enum, default_value_t = Daemon::Frr)]
         daemon: Daemon,
     },
@@ -55,10 +60,11 @@ fn main() -> Result<()> {
             println!("{}: ok", cli.config.display());
         }
         Command::Generate { out, daemon } => {
-            let files = match daemon {
+            let mut files = match daemon {
                 Daemon::Frr => holdfast_esr_config::frr(&cluster)?,
                 Daemon::Bird => holdfast_esr_config::bird(&cluster)?,
             };
+            files.extend(holdfast_esr_config::keepalived(&cluster));
             for file in files {
                 let path = out.join(&file.path);
                 if let Some(dir) = path.parent() {

@@ -1,9 +1,13 @@
 //! `cluster.toml`: the one description of a Holdfast cluster, parsed and validated once.
 //!
 //! Everything downstream works with [`Cluster`], never with strings: a bad key is reported here
-//! with its path (`dn[1].pool`), and nothing later re-checks it.
+//! with its line and path (`cluster.toml:14: dn[1].pool: ...`), and nothing later re-checks it.
 
-use std::collections::HashSet;
+mod locate;
+mod vrrp;
+
+use std::collections::HashMap;
+use std::fmt::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -14,6 +18,11 @@ use serde::Deserialize;
 use crate::lease::{parse_public_key, IssuerKeys};
 use crate::plan::{first_overlap, PoolPlan};
 use crate::routes::Metrics;
+use locate::Locator;
+use vrrp::{check_interface, parse_vrrp, RawVrrp};
+pub use vrrp::{
+    Vrrp, VrrpRouter, DEFAULT_ADVERT_INTERVAL_MS, DEFAULT_SERVICE_INTERFACE, DEFAULT_VRRP_PRIORITY,
+};
 
 pub const DEFAULT_PORT: u16 = 4433;
 pub const DEFAULT_LEASE_LIFETIME_SECS: u64 = 24 * 3600;
@@ -32,6 +41,7 @@ struct RawFile {
     ospf: Option<RawOspf>,
     #[serde(default)]
     esr: Vec<RawEsr>,
+    vrrp: Option<RawVrrp>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -45,6 +55,9 @@ struct RawOspf {
     standby_cost: Option<u32>,
     active_cost: Option<u32>,
     peer_port: Option<u16>,
+    bfd: Option<bool>,
+    bfd_interval_ms: Option<u16>,
+    bfd_multiplier: Option<u8>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -53,6 +66,9 @@ struct RawEsr {
     name: String,
     router_id: String,
     ospf_interface: Option<String>,
+    service_address: Option<String>,
+    service_interface: Option<String>,
+    priority: Option<u8>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -100,10 +116,25 @@ pub struct Ospf {
     pub home_cost: u32,
     pub standby_cost: u32,
     pub active_cost: u32,
+    /// BFD on every OSPF adjacency, unless `bfd = false`.
+    pub bfd: Option<Bfd>,
     pub esrs: Vec<EsrSpec>,
     /// UDP port of the DNs' peer notices ("home is back") on their cluster-network address.
     pub peer_port: u16,
 }
+
+/// BFD timers: a neighbour is down after `multiplier` missed packets `interval_ms` apart. OSPF's
+/// own dead interval is whole seconds; BFD is what notices a lost DN host or link in tens of
+/// milliseconds (ARCHITECTURE.md, "Failover").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bfd {
+    /// Transmit and receive interval.
+    pub interval_ms: u16,
+    pub multiplier: u8,
+}
+
+pub const DEFAULT_BFD_INTERVAL_MS: u16 = 50;
+pub const DEFAULT_BFD_MULTIPLIER: u8 = 3;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EsrSpec {
@@ -129,6 +160,8 @@ pub struct Cluster {
     pub dns: Vec<DnSpec>,
     /// The routing plane, if `[ospf]` describes it.
     pub ospf: Option<Ospf>,
+    /// The ESR pair, if `[vrrp]` describes it (then `ospf` has exactly two ESRs).
+    pub vrrp: Option<Vrrp>,
 }
 
 #[derive(Debug, Clone)]
@@ -152,16 +185,95 @@ pub struct DnSpec {
     pub ospf_interface: String,
 }
 
+/// What is wrong with a cluster description, and where.
+///
+/// Displayed as `FILE:LINE: KEY: MESSAGE`, the form editors and CI logs link to; parts that are
+/// not known (no file for [`check_name`] on its own, no line for text that is not TOML) are left
+/// out.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot parse {path}: {message}")]
-    Syntax { path: String, message: String },
-    #[error("{key}: {message}")]
-    Invalid { key: String, message: String },
+    // The I/O error is part of the message, not a `source`: callers print one line.
+    #[error("cannot read {path}: {error}")]
+    Read { path: String, error: std::io::Error },
+    /// Not TOML, or not the shape of cluster.toml: a missing, unknown or mistyped key.
+    #[error("{}{message}", place(.file, .line, .key.as_deref()))]
+    Syntax {
+        file: Option<String>,
+        line: Option<usize>,
+        key: Option<String>,
+        message: String,
+    },
+    /// A well-formed value that is wrong: a bad network, overlapping pools, a duplicate name.
+    #[error("{}{message}", place(.file, .line, Some(.key)))]
+    Invalid {
+        file: Option<String>,
+        line: Option<usize>,
+        key: String,
+        message: String,
+    },
+}
+
+fn place(file: &Option<String>, line: &Option<usize>, key: Option<&str>) -> String {
+    let mut out = match (file, line) {
+        (Some(f), Some(l)) => format!("{f}:{l}: "),
+        (Some(f), None) => format!("{f}: "),
+        (None, Some(l)) => format!("line {l}: "),
+        (None, None) => String::new(),
+    };
+    if let Some(key) = key {
+        out.push_str(key);
+        out.push_str(": ");
+    }
+    out
+}
+
+impl ConfigError {
+    /// The 1-based line of the offending key, where known.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            ConfigError::Read { .. } => None,
+            ConfigError::Syntax { line, .. } | ConfigError::Invalid { line, .. } => *line,
+        }
+    }
+
+    /// The offending key's path (`dn[1].pool`), where known.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Read { .. } => None,
+            ConfigError::Syntax { key, .. } => key.as_deref(),
+            ConfigError::Invalid { key, .. } => Some(key),
+        }
+    }
+
+    /// Names the file, and the line of the key unless the error already points elsewhere.
+    fn locate(mut self, file: &str, locator: &Locator) -> Self {
+        if let ConfigError::Syntax { file: f, .. } | ConfigError::Invalid { file: f, .. } =
+            &mut self
+        {
+            *f = Some(file.to_owned());
+        }
+        if let ConfigError::Invalid { line, key, .. } = &mut self {
+            if line.is_none() {
+                *line = locator.line(key);
+            }
+        }
+        self
+    }
+
+    /// Reports the error at the line of `path` instead of its own key's (for keys that are
+    /// absent, such as a missing `[[esr]]`).
+    fn at(mut self, locator: &Locator, path: &str) -> Self {
+        if let ConfigError::Invalid { line, .. } = &mut self {
+            *line = locator.line(path);
+        }
+        self
+    }
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
+        file: None,
+        line: None,
         key: key.into(),
         message: message.into(),
     }
@@ -212,7 +324,12 @@ fn parse_socket(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
         })
 }
 
-fn parse_ospf(o: RawOspf, esrs: &[RawEsr], dns: &[DnSpec]) -> Result<Ospf, ConfigError> {
+fn parse_ospf(
+    o: RawOspf,
+    esrs: &[RawEsr],
+    dns: &[DnSpec],
+    locator: &Locator,
+) -> Result<Ospf, ConfigError> {
     let network = parse_net("ospf.network", &o.network)?;
     let area_text = o.area.unwrap_or_else(|| "0.0.0.0".into());
     let area = area_text
@@ -243,6 +360,24 @@ fn parse_ospf(o: RawOspf, esrs: &[RawEsr], dns: &[DnSpec]) -> Result<Ospf, Confi
             format!("costs must rise from active ({active_cost}) to home ({home_cost}) to standby ({standby_cost})"),
         ));
     }
+    let bfd = Bfd {
+        interval_ms: o.bfd_interval_ms.unwrap_or(DEFAULT_BFD_INTERVAL_MS),
+        multiplier: o.bfd_multiplier.unwrap_or(DEFAULT_BFD_MULTIPLIER),
+    };
+    // FRR's bfdd accepts no more (BIRD accepts a superset).
+    if !(10..=60000).contains(&bfd.interval_ms) {
+        return Err(invalid(
+            "ospf.bfd_interval_ms",
+            format!("{} is outside 10..=60000", bfd.interval_ms),
+        ));
+    }
+    if bfd.multiplier < 2 {
+        return Err(invalid(
+            "ospf.bfd_multiplier",
+            format!("{} is outside 2..=255", bfd.multiplier),
+        ));
+    }
+    let bfd = o.bfd.unwrap_or(true).then_some(bfd);
     let mut ids: Vec<(String, std::net::Ipv4Addr)> = Vec::new();
     for (i, d) in dns.iter().enumerate() {
         let id = d.router_id.ok_or_else(|| {
@@ -257,12 +392,20 @@ fn parse_ospf(o: RawOspf, esrs: &[RawEsr], dns: &[DnSpec]) -> Result<Ospf, Confi
     for (i, e) in esrs.iter().enumerate() {
         let key = format!("esr[{i}].router_id");
         check_name(&format!("esr[{i}].name"), &e.name)?;
-        if dns.iter().any(|d| d.name == e.name)
-            || esr_specs.iter().any(|x: &EsrSpec| x.name == e.name)
-        {
+        let first = dns
+            .iter()
+            .position(|d| d.name == e.name)
+            .map(|j| format!("dn[{j}].name"))
+            .or_else(|| {
+                esr_specs
+                    .iter()
+                    .position(|x: &EsrSpec| x.name == e.name)
+                    .map(|j| format!("esr[{j}].name"))
+            });
+        if let Some(first) = first {
             return Err(invalid(
                 format!("esr[{i}].name"),
-                format!("{:?} is used twice", e.name),
+                format!("{:?} is also {}", e.name, locator.refer(&first)),
             ));
         }
         let id = e
@@ -270,17 +413,19 @@ fn parse_ospf(o: RawOspf, esrs: &[RawEsr], dns: &[DnSpec]) -> Result<Ospf, Confi
             .parse::<std::net::Ipv4Addr>()
             .map_err(|_| invalid(&key, format!("{:?} is not an IPv4 address", e.router_id)))?;
         ids.push((key, id));
+        let ospf_interface = e
+            .ospf_interface
+            .clone()
+            .unwrap_or_else(|| DEFAULT_OSPF_INTERFACE.into());
+        check_interface(&format!("esr[{i}].ospf_interface"), &ospf_interface)?;
         esr_specs.push(EsrSpec {
             name: e.name.clone(),
             router_id: id,
-            ospf_interface: e
-                .ospf_interface
-                .clone()
-                .unwrap_or_else(|| DEFAULT_OSPF_INTERFACE.into()),
+            ospf_interface,
         });
     }
     if esr_specs.is_empty() {
-        return Err(invalid("esr", "[ospf] needs at least one [[esr]]"));
+        return Err(invalid("esr", "[ospf] needs at least one [[esr]]").at(locator, "ospf"));
     }
     for (i, (key, id)) in ids.iter().enumerate() {
         if !network.contains(&std::net::IpAddr::V4(*id)) {
@@ -290,7 +435,10 @@ fn parse_ospf(o: RawOspf, esrs: &[RawEsr], dns: &[DnSpec]) -> Result<Ospf, Confi
             ));
         }
         if let Some((other, _)) = ids[..i].iter().find(|(_, x)| x == id) {
-            return Err(invalid(key, format!("{id} is also {other}")));
+            return Err(invalid(
+                key,
+                format!("{id} is also {}", locator.refer(other)),
+            ));
         }
     }
     Ok(Ospf {
@@ -301,6 +449,7 @@ fn parse_ospf(o: RawOspf, esrs: &[RawEsr], dns: &[DnSpec]) -> Result<Ospf, Confi
         home_cost,
         standby_cost,
         active_cost,
+        bfd,
         esrs: esr_specs,
         peer_port: o.peer_port.unwrap_or(crate::peer::DEFAULT_PEER_PORT),
     })
@@ -309,26 +458,36 @@ fn parse_ospf(o: RawOspf, esrs: &[RawEsr], dns: &[DnSpec]) -> Result<Ospf, Confi
 impl Cluster {
     /// Reads and validates `path`. Relative file names inside are relative to its directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Syntax {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.display().to_string(),
-            message: e.to_string(),
+            error,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::parse(&text, base).map_err(|e| match e {
-            ConfigError::Syntax { message, .. } => ConfigError::Syntax {
-                path: path.display().to_string(),
-                message,
-            },
-            other => other,
-        })
+        Self::parse_named(&text, base, &path.display().to_string())
     }
 
-    /// Parses and validates config text; `base` resolves relative file names.
+    /// Parses and validates config text; `base` resolves relative file names. Errors name the
+    /// file `cluster.toml`.
     pub fn parse(text: &str, base: &Path) -> Result<Self, ConfigError> {
-        let raw: RawFile = toml::from_str(text).map_err(|e| ConfigError::Syntax {
-            path: "cluster.toml".into(),
-            message: e.to_string(),
+        Self::parse_named(text, base, "cluster.toml")
+    }
+
+    fn parse_named(text: &str, base: &Path, file: &str) -> Result<Self, ConfigError> {
+        let locator = Locator::new(text);
+        let raw: RawFile = toml::from_str(text).map_err(|e| {
+            let offset = e.span().map(|s| s.start);
+            ConfigError::Syntax {
+                file: Some(file.to_owned()),
+                line: offset.map(|o| locator.line_at(o)),
+                key: offset.and_then(|o| locator.path_at(o)),
+                // toml's own rendering repeats the line with a caret; one line reads better.
+                message: e.message().trim().replace('\n', "; "),
+            }
         })?;
+        Self::validate(raw, base, &locator).map_err(|e| e.locate(file, &locator))
+    }
+
+    fn validate(raw: RawFile, base: &Path, locator: &Locator) -> Result<Self, ConfigError> {
         let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         let c = raw.cluster;
         let client_routes = c
@@ -357,15 +516,21 @@ impl Cluster {
             ));
         }
         if raw.dn.is_empty() {
-            return Err(invalid("dn", "the cluster needs at least one [[dn]]"));
+            return Err(
+                invalid("dn", "the cluster needs at least one [[dn]]").at(locator, "cluster")
+            );
         }
-        let mut names = HashSet::new();
+        let mut names = HashMap::new();
         for (i, d) in raw.dn.iter().enumerate() {
             check_name(&format!("dn[{i}].name"), &d.name)?;
-            if !names.insert(d.name.as_str()) {
+            if let Some(first) = names.insert(d.name.as_str(), i) {
                 return Err(invalid(
                     format!("dn[{i}].name"),
-                    format!("{:?} is used by two DNs", d.name),
+                    format!(
+                        "{:?} is also {}",
+                        d.name,
+                        locator.refer(&format!("dn[{first}].name"))
+                    ),
                 ));
             }
         }
@@ -379,8 +544,12 @@ impl Cluster {
             return Err(invalid(
                 format!("dn[{j}].pool"),
                 format!(
-                    "{} ({}) overlaps {} of dn[{i}] ({})",
-                    pools[j], raw.dn[j].name, pools[i], raw.dn[i].name
+                    "{} ({}) overlaps {} of {} ({})",
+                    pools[j],
+                    raw.dn[j].name,
+                    pools[i],
+                    raw.dn[i].name,
+                    locator.refer(&format!("dn[{i}].pool"))
                 ),
             ));
         }
@@ -393,8 +562,17 @@ impl Cluster {
                 .filter(|o| o.name != d.name)
                 .map(|o| o.name.clone())
                 .collect();
-            let plan = PoolPlan::new(*pool, &others, c.block_prefix)
-                .map_err(|e| invalid(key("pool"), e.to_string()))?;
+            let plan = PoolPlan::new(*pool, &others, c.block_prefix).map_err(|e| {
+                let mut message = e.to_string();
+                if c.block_prefix.is_some() {
+                    let _ = write!(
+                        message,
+                        " (block size from {})",
+                        locator.refer("cluster.block_prefix")
+                    );
+                }
+                invalid(key("pool"), message)
+            })?;
             let endpoint = parse_socket(&key("endpoint"), &d.endpoint)?;
             let listen = match &d.listen {
                 Some(l) => parse_socket(&key("listen"), l)?,
@@ -425,6 +603,11 @@ impl Cluster {
                     })
                 })
                 .transpose()?;
+            let ospf_interface = d
+                .ospf_interface
+                .clone()
+                .unwrap_or_else(|| DEFAULT_OSPF_INTERFACE.into());
+            check_interface(&key("ospf_interface"), &ospf_interface)?;
             dns.push(DnSpec {
                 name: d.name.clone(),
                 endpoint,
@@ -437,19 +620,17 @@ impl Cluster {
                 tun,
                 mtu,
                 router_id,
-                ospf_interface: d
-                    .ospf_interface
-                    .clone()
-                    .unwrap_or_else(|| DEFAULT_OSPF_INTERFACE.into()),
+                ospf_interface,
             });
         }
         let ospf = raw
             .ospf
-            .map(|o| parse_ospf(o, &raw.esr, &dns))
+            .map(|o| parse_ospf(o, &raw.esr, &dns, locator))
             .transpose()?;
         if ospf.is_none() && !raw.esr.is_empty() {
             return Err(invalid("esr", "[[esr]] needs an [ospf] section"));
         }
+        let vrrp = parse_vrrp(raw.vrrp, &raw.esr, ospf.as_ref(), &pools, locator)?;
         Ok(Self {
             client_ca: resolve(c.client_ca),
             client_routes,
@@ -458,6 +639,7 @@ impl Cluster {
             metrics,
             dns,
             ospf,
+            vrrp,
         })
     }
 
@@ -557,7 +739,8 @@ mod tests {
         assert_eq!(routes[1].reason, Reason::Home);
         assert!(standing(&c, "nobody").is_empty());
         let bad = text.replace("[cluster]\n", "[cluster]\nhome_metric = 400\n");
-        assert!(err(&bad).starts_with("cluster.active_metric"));
+        // home_metric is set on line 2; active_metric is absent, so its table's line.
+        assert!(err(&bad).starts_with("cluster.toml:1: cluster.active_metric: metrics must rise"));
     }
 
     #[test]
@@ -594,16 +777,58 @@ mod tests {
             (o.area.to_string(), o.home_cost, o.esrs[0].name.as_str()),
             ("0.0.0.0".into(), 20, "esr1")
         );
-        assert!(err(&good.replace("10.9.0.254", "10.8.0.254"))
-            .starts_with("esr[0].router_id: 10.8.0.254 is not on the cluster network"));
-        assert!(err(&good.replace("10.9.0.254", "10.9.0.2")).contains("is also dn[1].router_id"));
-        assert!(err(&good.replace("router_id = \"10.9.0.1\"\n", "")).starts_with("dn[0].router_id"));
-        assert!(err(&(cluster(&dns) + "[ospf]\nnetwork = \"10.9.0.0/24\"\n")).starts_with("esr:"));
+        assert_eq!(
+            o.bfd,
+            Some(Bfd {
+                interval_ms: 50,
+                multiplier: 3
+            })
+        );
+        let with = |extra: &str| {
+            good.replace(
+                "network = \"10.9.0.0/24\"",
+                &format!("network = \"10.9.0.0/24\"\n{extra}"),
+            )
+        };
+        let c = Cluster::parse(&with("bfd = false"), Path::new("/")).unwrap();
+        assert_eq!(c.ospf.unwrap().bfd, None);
+        assert_eq!(
+            err(&with("bfd_interval_ms = 5")),
+            "cluster.toml:20: ospf.bfd_interval_ms: 5 is outside 10..=60000"
+        );
+        assert_eq!(
+            err(&with("bfd_multiplier = 1")),
+            "cluster.toml:20: ospf.bfd_multiplier: 1 is outside 2..=255"
+        );
+        // Lines: dn[0] 4-10 (router_id 6), dn[1] 11-17 (router_id 13), [ospf] 18,
+        // network 19, [[esr]] 20, its router_id 22.
+        assert!(err(&good.replace("10.9.0.254", "10.8.0.254")).starts_with(
+            "cluster.toml:22: esr[0].router_id: 10.8.0.254 is not on the cluster network"
+        ));
+        assert_eq!(
+            err(&good.replace("10.9.0.254", "10.9.0.2")),
+            "cluster.toml:22: esr[0].router_id: 10.9.0.2 is also dn[1].router_id, line 13"
+        );
+        // A missing key is reported at its table's header.
+        assert!(err(&good.replace("router_id = \"10.9.0.1\"\n", ""))
+            .starts_with("cluster.toml:4: dn[0].router_id: every DN needs"));
+        assert!(
+            err(&(cluster(&dns) + "[ospf]\nnetwork = \"10.9.0.0/24\"\n"))
+                .starts_with("cluster.toml:18: esr: [ospf] needs at least one [[esr]]")
+        );
         assert!(err(&good.replace(
             "network = \"10.9.0.0/24\"",
             "network = \"10.9.0.0/24\"\nhome_cost = 5"
         ))
-        .starts_with("ospf.active_cost"));
+        .starts_with("cluster.toml:18: ospf.active_cost"));
+        assert!(
+            err(&good.replace("network = \"10.9.0.0/24\"", "network = \"10.9.0/24\""))
+                .starts_with("cluster.toml:19: ospf.network: \"10.9.0/24\" is not a network")
+        );
+        assert_eq!(
+            err(&good.replace("name = \"esr1\"", "name = \"dn2\"")),
+            "cluster.toml:21: esr[0].name: \"dn2\" is also dn[1].name, line 12"
+        );
     }
 
     #[test]
@@ -615,18 +840,110 @@ mod tests {
     }
 
     #[test]
-    fn errors_name_the_offending_key() {
+    fn errors_name_the_offending_line_and_key() {
+        // Lines: [cluster] 1-3; dn[0] 4-9 (name 5, pool 7, public_key 8); dn[1] 10-15
+        // (name 11, pool 13).
         let overlap = cluster(&(dn("dn1", "10.200.0.0/16") + &dn("dn2", "10.200.5.0/24")));
-        assert!(err(&overlap).starts_with("dn[1].pool: 10.200.5.0/24 (dn2) overlaps"));
+        assert_eq!(
+            err(&overlap),
+            "cluster.toml:13: dn[1].pool: 10.200.5.0/24 (dn2) overlaps 10.200.0.0/16 of dn1 \
+             (dn[0].pool, line 7)"
+        );
+        let e = Cluster::parse(&overlap, Path::new("/")).unwrap_err();
+        assert_eq!((e.line(), e.key()), (Some(13), Some("dn[1].pool")));
+
         let dup = cluster(&(dn("dn1", "10.200.0.0/24") + &dn("dn1", "10.201.0.0/24")));
-        assert!(err(&dup).starts_with("dn[1].name"));
+        assert_eq!(
+            err(&dup),
+            "cluster.toml:11: dn[1].name: \"dn1\" is also dn[0].name, line 5"
+        );
+        let bad_name = cluster(&dn("dn/1", "10.200.0.0/24"));
+        assert!(err(&bad_name).starts_with("cluster.toml:5: dn[0].name: \"dn/1\" must be"));
+
         let host_bits = cluster(&dn("dn1", "10.200.0.1/24"));
-        assert!(err(&host_bits).contains("did you mean 10.200.0.0/24"));
+        assert_eq!(
+            err(&host_bits),
+            "cluster.toml:7: dn[0].pool: 10.200.0.1/24 has host bits set; \
+             did you mean 10.200.0.0/24?"
+        );
         let bad_key = cluster(&dn("dn1", "10.200.0.0/24")).replace(&key(), "AAAA");
-        assert!(err(&bad_key).starts_with("dn[0].public_key"));
-        assert!(err(&cluster("")).starts_with("dn:"));
-        assert!(err("[cluster]\nclient_ca = 1\n").contains("cannot parse"));
+        assert!(err(&bad_key).starts_with("cluster.toml:8: dn[0].public_key: "));
+        let mtu = cluster(&dn("dn1", "10.200.0.0/24")) + "mtu = 100\n";
+        assert_eq!(
+            err(&mtu),
+            "cluster.toml:10: dn[0].mtu: 100 is outside 1280..=9000"
+        );
+        assert!(err(&cluster("")).starts_with("cluster.toml:1: dn: the cluster needs"));
+    }
+
+    #[test]
+    fn blocks_that_do_not_divide_a_pool_name_both_lines() {
+        let three =
+            dn("dn1", "10.200.0.0/24") + &dn("dn2", "10.201.0.0/30") + &dn("dn3", "10.202.0.0/24");
+        // dn[1].pool is on line 13: a /30 cannot hold two blocks of four addresses.
+        assert_eq!(
+            err(&cluster(&three)),
+            "cluster.toml:13: dn[1].pool: pool 10.201.0.0/30 is too small to split into 2 blocks"
+        );
+        // block_prefix on line 2 moves the body of the file down a line.
+        let text = cluster(&three).replace("[cluster]\n", "[cluster]\nblock_prefix = 24\n");
+        assert_eq!(
+            err(&text.replace("10.201.0.0/30", "10.201.0.0/24")),
+            "cluster.toml:8: dn[0].pool: block prefix /24 does not fit pool 10.200.0.0/24: it \
+             needs at least /25 and at most /30 (block size from cluster.block_prefix, line 2)"
+        );
+    }
+
+    #[test]
+    fn missing_unknown_and_mistyped_keys_name_their_line() {
+        let no_pool = cluster(&(dn("dn1", "10.200.0.0/24") + &dn("dn2", "10.201.0.0/24")))
+            .replace("pool = \"10.201.0.0/24\"\n", "");
+        assert_eq!(
+            err(&no_pool),
+            "cluster.toml:10: dn[1]: missing field `pool`"
+        );
+        let no_ca = cluster(&dn("dn1", "10.200.0.0/24")).replace("client_ca = \"ca.pem\"\n", "");
+        assert_eq!(
+            err(&no_ca),
+            "cluster.toml:1: cluster: missing field `client_ca`"
+        );
+
         let unknown = cluster(&dn("dn1", "10.200.0.0/24")) + "colour = \"red\"\n";
-        assert!(err(&unknown).contains("unknown field"));
+        assert!(err(&unknown).starts_with("cluster.toml:10: dn[0].colour: unknown field `colour`"));
+        let unknown_table = cluster(&dn("dn1", "10.200.0.0/24")) + "[vrpp]\n";
+        assert!(err(&unknown_table).starts_with("cluster.toml:10: vrpp: unknown field `vrpp`"));
+
+        assert_eq!(
+            err("[cluster]\nclient_ca = 1\n"),
+            "cluster.toml:2: cluster.client_ca: invalid type: integer `1`, expected path string"
+        );
+        let mistyped = cluster(&dn("dn1", "10.200.0.0/24")) + "mtu = \"big\"\n";
+        assert!(err(&mistyped).starts_with("cluster.toml:10: dn[0].mtu: invalid type: string"));
+        // Not TOML at all: the line, and no key.
+        assert_eq!(
+            err("[cluster]\nclient_ca = \n"),
+            "cluster.toml:2: invalid string; expected `\"`, `'`"
+        );
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let dir = std::env::temp_dir().join(format!("holdfast-cluster-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("cluster.toml");
+        std::fs::write(&path, cluster(&dn("dn1", "10.200.0.1/24"))).unwrap();
+        let e = Cluster::load(&path).unwrap_err().to_string();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            e.starts_with(&format!("{}:7: dn[0].pool: ", path.display())),
+            "{e}"
+        );
+        let missing = Cluster::load(&dir.join("none.toml")).unwrap_err();
+        assert!(missing.to_string().starts_with("cannot read "));
+        // check_name on its own (the client's config uses it) knows neither file nor line.
+        assert_eq!(
+            check_name("dn[0].name", "").unwrap_err().to_string(),
+            "dn[0].name: \"\" must be 1-63 characters of letters, digits, '-', '_' or '.'"
+        );
     }
 }

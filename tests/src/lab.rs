@@ -398,7 +398,7 @@ impl Lab {
         Ok(())
     }
 
-    /// Writes esr-config's FRR configuration and starts zebra and ospfd on every DN and the ESR,
+    /// Writes esr-config's FRR configuration and starts zebra, bfdd and ospfd on every DN and the ESR,
     /// in the foreground so that the lab owns (and always stops) them.
     fn start_frr(&mut self) -> Result<()> {
         let cluster = holdfast_proto::cluster::Cluster::load(&self.net.dir.join("cluster.toml"))?;
@@ -430,30 +430,36 @@ impl Lab {
             let dir = root.join(&node);
             let d = |f: &str| dir.join(f).display().to_string();
             let pathspace = format!("{}-{node}", self.net.id());
-            for daemon in ["zebra", "ospfd"] {
+            // bfdd only where esr-config wrote its file ([ospf] bfd, on by default).
+            let daemons = ["zebra", "bfdd", "ospfd"]
+                .into_iter()
+                .filter(|daemon| dir.join(format!("{daemon}.conf")).exists());
+            for daemon in daemons {
                 let bin = format!("{FRR}/{daemon}");
                 let (conf, pid) = (d(&format!("{daemon}.conf")), d(&format!("{daemon}.pid")));
                 let (zsock, vty) = (d("zserv.api"), dir.display().to_string());
-                self.net.spawn(
-                    &node,
-                    &format!("{daemon}-{node}"),
-                    &[
-                        &bin,
-                        "-N",
-                        &pathspace,
-                        "-f",
-                        &conf,
-                        "-i",
-                        &pid,
-                        "-z",
-                        &zsock,
-                        "--vty_socket",
-                        &vty,
-                        "--log",
-                        "stdout",
-                    ],
-                    &[],
-                )?;
+                let bfdctl = d("bfdd.sock");
+                let mut argv = vec![
+                    bin.as_str(),
+                    "-N",
+                    &pathspace,
+                    "-f",
+                    &conf,
+                    "-i",
+                    &pid,
+                    "-z",
+                    &zsock,
+                    "--vty_socket",
+                    &vty,
+                    "--log",
+                    "stdout",
+                ];
+                if daemon == "bfdd" {
+                    // Never the default control socket, which a bfdd of the host may own.
+                    argv.extend(["--bfdctl", &bfdctl]);
+                }
+                self.net
+                    .spawn(&node, &format!("{daemon}-{node}"), &argv, &[])?;
                 if daemon == "zebra" {
                     // ospfd connects to zebra's socket at start.
                     let sock = dir.join("zserv.api");
