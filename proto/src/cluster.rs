@@ -281,8 +281,13 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
 
 /// A DN or client name: short, printable, safe in file names, interface names and logs.
 pub fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    check_token(key, name, 63)
+}
+
+/// 1 to `max` letters, digits, '-', '_' or '.': safe to write into any file or config.
+pub(crate) fn check_token(key: &str, name: &str, max: usize) -> Result<(), ConfigError> {
     let ok = !name.is_empty()
-        && name.len() <= 63
+        && name.len() <= max
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
@@ -291,7 +296,7 @@ pub fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
     } else {
         Err(invalid(
             key,
-            format!("{name:?} must be 1-63 characters of letters, digits, '-', '_' or '.'"),
+            format!("{name:?} must be 1-{max} characters of letters, digits, '-', '_' or '.'"),
         ))
     }
 }

@@ -67,19 +67,7 @@ impl Vrrp {
 
 /// An interface name as Linux takes it, and safe to write into any daemon's config.
 pub(super) fn check_interface(key: &str, name: &str) -> Result<(), ConfigError> {
-    let ok = !name.is_empty()
-        && name.len() <= 15
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err(invalid(
-            key,
-            format!("{name:?} must be 1-15 characters of letters, digits, '-', '_' or '.'"),
-        ))
-    }
+    super::check_token(key, name, 15)
 }
 
 /// A host address on a network (not its network or broadcast address), like `10.0.2.2/24`.
