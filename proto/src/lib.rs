@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod control;
 pub mod dn;
 pub mod en;
+pub mod fd;
 pub mod lease;
 pub mod packet;
 pub mod peer;

@@ -1,0 +1,602 @@
+//! The DN failure detector's decisions (`dn-fd`; thesis sections 3 and 3.2): when to kill the
+//! local DN, when to start it again, and when a peer counts as down.
+//!
+//! The detector is liberal in declaring failure (a false positive costs a failover, a false
+//! negative an outage) and crash-only in what it does about it: a DN that misbehaves is killed
+//! and started afresh, never repaired. [`Supervisor`] and [`Peers`] perform no I/O: the shell
+//! feeds them events with the current time and performs the actions they return.
+
+use std::time::{Duration, Instant};
+
+/// How quickly a failing DN is started again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartPolicy {
+    /// Delay after the first failure; doubled for each further recent failure.
+    pub base: Duration,
+    /// The delay never exceeds this.
+    pub max: Duration,
+    /// A DN that has run this long without failing has its failure count forgotten.
+    pub healthy_after: Duration,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        Self {
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(30),
+            healthy_after: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RestartPolicy {
+    /// The delay before the next start after `failures` recent failures (at least one).
+    pub fn delay(&self, failures: u32) -> Duration {
+        let doublings = failures.saturating_sub(1).min(31);
+        self.base
+            .checked_mul(1u32 << doublings)
+            .unwrap_or(self.max)
+            .min(self.max)
+    }
+}
+
+/// How the local DN's health is judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthPolicy {
+    /// The DN is hung or stopped when no heartbeat arrived for this long.
+    pub heartbeat_timeout: Duration,
+    /// Time a freshly started DN has to send its first heartbeat (it sets up TUN, routes, keys).
+    pub startup_grace: Duration,
+}
+
+impl Default for HealthPolicy {
+    fn default() -> Self {
+        Self {
+            heartbeat_timeout: Duration::from_millis(100),
+            startup_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why the detector killed the DN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KillReason {
+    /// No heartbeat for `silence`: hung, stopped, or its event loop blocked.
+    HeartbeatsStopped { silence: Duration },
+    /// The DN reported a fatal condition itself.
+    Fault(String),
+    /// A configured limit was crossed (memory, a stalled data path).
+    Limit(String),
+}
+
+impl std::fmt::Display for KillReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KillReason::HeartbeatsStopped { silence } => {
+                write!(f, "no heartbeat for {} ms", silence.as_millis())
+            }
+            KillReason::Fault(what) => write!(f, "fault reported: {what}"),
+            KillReason::Limit(what) => write!(f, "limit crossed: {what}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SupervisorAction {
+    /// Start the DN process.
+    Spawn,
+    /// Kill the DN with SIGKILL.
+    Kill(KillReason),
+    /// The DN is gone: delete its protocol-200 routes now, so the routing daemon withdraws them.
+    DeleteRoutes,
+    /// Tell the peers whether the local DN is up.
+    AnnounceDn { up: bool },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChildState {
+    /// Not running; the next start is due at `restart_at`.
+    Stopped { restart_at: Instant },
+    /// Started at `since`, no heartbeat yet.
+    Starting { since: Instant },
+    /// Sending heartbeats; the last at `last_heartbeat`.
+    Running {
+        since: Instant,
+        last_heartbeat: Instant,
+    },
+    /// Killed; waiting for the exit to be reported.
+    Killing,
+}
+
+/// Supervision of the local DN: start it, watch its heartbeats, kill it when it misbehaves,
+/// start it again after a back-off that grows with recent failures.
+#[derive(Debug, Clone)]
+pub struct Supervisor {
+    restart: RestartPolicy,
+    health: HealthPolicy,
+    state: ChildState,
+    /// Failures since the DN last ran healthily for `healthy_after`.
+    recent_failures: u32,
+    pub starts: u64,
+    pub kills: u64,
+    pub last_kill: Option<KillReason>,
+    pub last_exit: Option<String>,
+}
+
+impl Supervisor {
+    /// A supervisor whose DN is to be started at once.
+    pub fn new(restart: RestartPolicy, health: HealthPolicy, now: Instant) -> Self {
+        Self {
+            restart,
+            health,
+            state: ChildState::Stopped { restart_at: now },
+            recent_failures: 0,
+            starts: 0,
+            kills: 0,
+            last_kill: None,
+            last_exit: None,
+        }
+    }
+
+    pub fn state(&self) -> ChildState {
+        self.state
+    }
+
+    pub fn recent_failures(&self) -> u32 {
+        self.recent_failures
+    }
+
+    /// When [`Supervisor::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            ChildState::Stopped { restart_at } => Some(restart_at),
+            ChildState::Starting { since } => Some(since + self.health.startup_grace),
+            ChildState::Running {
+                since,
+                last_heartbeat,
+            } => {
+                let deadline = last_heartbeat + self.health.heartbeat_timeout;
+                let healthy = since + self.restart.healthy_after;
+                Some(if self.recent_failures > 0 {
+                    deadline.min(healthy)
+                } else {
+                    deadline
+                })
+            }
+            ChildState::Killing => None,
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) -> Vec<SupervisorAction> {
+        match self.state {
+            ChildState::Stopped { restart_at } if now >= restart_at => {
+                self.state = ChildState::Starting { since: now };
+                self.starts += 1;
+                vec![SupervisorAction::Spawn]
+            }
+            ChildState::Starting { since } if now >= since + self.health.startup_grace => self
+                .kill(KillReason::HeartbeatsStopped {
+                    silence: now - since,
+                }),
+            ChildState::Running {
+                since,
+                last_heartbeat,
+            } => {
+                if now >= since + self.restart.healthy_after {
+                    self.recent_failures = 0;
+                }
+                if now >= last_heartbeat + self.health.heartbeat_timeout {
+                    self.kill(KillReason::HeartbeatsStopped {
+                        silence: now - last_heartbeat,
+                    })
+                } else {
+                    Vec::new()
+                }
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// A heartbeat from the DN.
+    pub fn on_heartbeat(&mut self, now: Instant) -> Vec<SupervisorAction> {
+        match self.state {
+            ChildState::Starting { since } => {
+                self.state = ChildState::Running {
+                    since,
+                    last_heartbeat: now,
+                };
+                vec![SupervisorAction::AnnounceDn { up: true }]
+            }
+            ChildState::Running { since, .. } => {
+                self.state = ChildState::Running {
+                    since,
+                    last_heartbeat: now,
+                };
+                Vec::new()
+            }
+            // A late heartbeat from a DN being killed, or from no DN of ours.
+            ChildState::Stopped { .. } | ChildState::Killing => Vec::new(),
+        }
+    }
+
+    /// The DN reported a fatal condition, or the shell saw a limit crossed.
+    pub fn on_failure(&mut self, reason: KillReason) -> Vec<SupervisorAction> {
+        match self.state {
+            ChildState::Starting { .. } | ChildState::Running { .. } => self.kill(reason),
+            ChildState::Stopped { .. } | ChildState::Killing => Vec::new(),
+        }
+    }
+
+    fn kill(&mut self, reason: KillReason) -> Vec<SupervisorAction> {
+        self.state = ChildState::Killing;
+        self.kills += 1;
+        self.last_kill = Some(reason.clone());
+        // Routes and peers are told at once, not when the exit is reaped.
+        vec![
+            SupervisorAction::Kill(reason),
+            SupervisorAction::DeleteRoutes,
+            SupervisorAction::AnnounceDn { up: false },
+        ]
+    }
+
+    /// The DN process exited (`how`: its status, as the shell describes it).
+    pub fn on_exit(&mut self, how: String, now: Instant) -> Vec<SupervisorAction> {
+        let mut out = Vec::new();
+        match self.state {
+            ChildState::Stopped { .. } => return out,
+            ChildState::Killing => {}
+            ChildState::Starting { .. } | ChildState::Running { .. } => {
+                out.push(SupervisorAction::DeleteRoutes);
+                out.push(SupervisorAction::AnnounceDn { up: false });
+            }
+        }
+        if let ChildState::Running { since, .. } = self.state {
+            if now >= since + self.restart.healthy_after {
+                self.recent_failures = 0;
+            }
+        }
+        self.recent_failures = self.recent_failures.saturating_add(1);
+        self.last_exit = Some(how);
+        self.state = ChildState::Stopped {
+            restart_at: now + self.restart.delay(self.recent_failures),
+        };
+        out
+    }
+}
+
+/// How peers are judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerPolicy {
+    /// How often every detector heartbeats every other.
+    pub interval: Duration,
+    /// A peer silent for this many intervals is down.
+    pub misses: u32,
+}
+
+impl Default for PeerPolicy {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_millis(10),
+            misses: 3,
+        }
+    }
+}
+
+impl PeerPolicy {
+    pub fn silence_limit(&self) -> Duration {
+        self.interval * self.misses.max(1)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerState {
+    /// Not heard from yet.
+    Unknown,
+    /// Its detector heartbeats and says its DN is up.
+    Up,
+    /// Its detector heartbeats but says its DN is down (killed, restarting).
+    DnDown,
+    /// Its detector went silent: host or link failure.
+    Silent,
+}
+
+impl PeerState {
+    /// Whether the peer's DN can carry clients.
+    pub fn is_up(self) -> bool {
+        self == PeerState::Up
+    }
+}
+
+/// A peer whose state changed, for the shell to tell the local DN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerChange {
+    pub peer: usize,
+    pub from: PeerState,
+    pub to: PeerState,
+}
+
+#[derive(Debug, Clone)]
+struct Peer {
+    state: PeerState,
+    last_heard: Option<Instant>,
+}
+
+/// Every other detector of the cluster, by index in the cluster's DN list (minus this one).
+#[derive(Debug, Clone)]
+pub struct Peers {
+    policy: PeerPolicy,
+    peers: Vec<Peer>,
+}
+
+impl Peers {
+    pub fn new(policy: PeerPolicy, count: usize) -> Self {
+        Self {
+            policy,
+            peers: vec![
+                Peer {
+                    state: PeerState::Unknown,
+                    last_heard: None,
+                };
+                count
+            ],
+        }
+    }
+
+    pub fn state(&self, peer: usize) -> Option<PeerState> {
+        self.peers.get(peer).map(|p| p.state)
+    }
+
+    /// How long ago the peer was last heard from.
+    pub fn age(&self, peer: usize, now: Instant) -> Option<Duration> {
+        self.peers
+            .get(peer)?
+            .last_heard
+            .map(|t| now.saturating_duration_since(t))
+    }
+
+    fn set(&mut self, peer: usize, to: PeerState) -> Option<PeerChange> {
+        let slot = &mut self.peers[peer];
+        let from = slot.state;
+        (from != to).then(|| {
+            slot.state = to;
+            PeerChange { peer, from, to }
+        })
+    }
+
+    /// A heartbeat from `peer` saying whether its DN is up.
+    pub fn on_heartbeat(&mut self, peer: usize, dn_up: bool, now: Instant) -> Option<PeerChange> {
+        self.peers.get_mut(peer)?.last_heard = Some(now);
+        self.set(
+            peer,
+            if dn_up {
+                PeerState::Up
+            } else {
+                PeerState::DnDown
+            },
+        )
+    }
+
+    /// When [`Peers::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.peers
+            .iter()
+            .filter(|p| p.state != PeerState::Silent)
+            .filter_map(|p| p.last_heard)
+            .map(|t| t + self.policy.silence_limit())
+            .min()
+    }
+
+    /// Peers silent past the limit are down.
+    pub fn handle_timeout(&mut self, now: Instant) -> Vec<PeerChange> {
+        let limit = self.policy.silence_limit();
+        let silent: Vec<usize> = self
+            .peers
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| {
+                p.state != PeerState::Silent && p.last_heard.is_some_and(|t| now >= t + limit)
+            })
+            .map(|(i, _)| i)
+            .collect();
+        silent
+            .into_iter()
+            .filter_map(|i| self.set(i, PeerState::Silent))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn restart_delay_doubles_and_is_capped() {
+        let p = RestartPolicy::default();
+        assert_eq!(p.delay(1), 100 * MS);
+        assert_eq!(p.delay(2), 200 * MS);
+        assert_eq!(p.delay(5), 1600 * MS);
+        assert_eq!(p.delay(20), p.max);
+        assert_eq!(p.delay(u32::MAX), p.max);
+    }
+
+    #[test]
+    fn a_silent_dn_is_killed_its_routes_deleted_and_it_is_restarted_after_the_back_off() {
+        let t0 = Instant::now();
+        let mut s = Supervisor::new(RestartPolicy::default(), HealthPolicy::default(), t0);
+        assert_eq!(s.handle_timeout(t0), vec![SupervisorAction::Spawn]);
+        assert_eq!(
+            s.on_heartbeat(t0 + 300 * MS),
+            vec![SupervisorAction::AnnounceDn { up: true }]
+        );
+        assert_eq!(s.on_heartbeat(t0 + 310 * MS), vec![]);
+        // SIGSTOP: heartbeats stop.
+        let due = s.poll_timeout().unwrap();
+        assert_eq!(due, t0 + 410 * MS);
+        assert_eq!(s.handle_timeout(due - MS), vec![]);
+        assert_eq!(
+            s.handle_timeout(due),
+            vec![
+                SupervisorAction::Kill(KillReason::HeartbeatsStopped { silence: 100 * MS }),
+                SupervisorAction::DeleteRoutes,
+                SupervisorAction::AnnounceDn { up: false },
+            ]
+        );
+        assert_eq!(s.kills, 1);
+        // The exit of a killed DN needs nothing more; the restart is due after the back-off.
+        assert_eq!(s.on_exit("killed by SIGKILL".into(), due + MS), vec![]);
+        assert_eq!(s.poll_timeout(), Some(due + MS + 100 * MS));
+        assert_eq!(
+            s.handle_timeout(due + 101 * MS),
+            vec![SupervisorAction::Spawn]
+        );
+        assert_eq!(s.starts, 2);
+    }
+
+    #[test]
+    fn a_dn_that_never_heartbeats_is_killed_after_the_startup_grace() {
+        let t0 = Instant::now();
+        let h = HealthPolicy::default();
+        let mut s = Supervisor::new(RestartPolicy::default(), h, t0);
+        s.handle_timeout(t0);
+        assert_eq!(s.poll_timeout(), Some(t0 + h.startup_grace));
+        let acts = s.handle_timeout(t0 + h.startup_grace);
+        assert!(matches!(acts[0], SupervisorAction::Kill(_)));
+    }
+
+    #[test]
+    fn an_unexpected_exit_deletes_routes_at_once_and_a_fault_kills() {
+        let t0 = Instant::now();
+        let mut s = Supervisor::new(RestartPolicy::default(), HealthPolicy::default(), t0);
+        s.handle_timeout(t0);
+        s.on_heartbeat(t0);
+        assert_eq!(
+            s.on_exit("exit status 1".into(), t0 + MS),
+            vec![
+                SupervisorAction::DeleteRoutes,
+                SupervisorAction::AnnounceDn { up: false }
+            ]
+        );
+        let t1 = s.poll_timeout().unwrap();
+        s.handle_timeout(t1);
+        s.on_heartbeat(t1);
+        let acts = s.on_failure(KillReason::Fault("TUN device gone".into()));
+        assert_eq!(
+            acts[0],
+            SupervisorAction::Kill(KillReason::Fault("TUN device gone".into()))
+        );
+        assert_eq!(s.on_failure(KillReason::Limit("memory".into())), vec![]);
+    }
+
+    #[test]
+    fn a_flapping_dn_waits_longer_each_time_and_a_healthy_run_resets_the_count() {
+        let t0 = Instant::now();
+        let policy = RestartPolicy::default();
+        let mut s = Supervisor::new(policy, HealthPolicy::default(), t0);
+        let mut now;
+        let mut delays = Vec::new();
+        for _ in 0..4 {
+            now = s.poll_timeout().unwrap();
+            s.handle_timeout(now);
+            s.on_heartbeat(now);
+            s.on_exit("exit status 1".into(), now + MS);
+            delays.push(s.poll_timeout().unwrap() - (now + MS));
+        }
+        assert_eq!(delays, [100 * MS, 200 * MS, 400 * MS, 800 * MS]);
+        // Now it runs healthily for a long time, heartbeating, before failing again.
+        now = s.poll_timeout().unwrap();
+        s.handle_timeout(now);
+        let start = now;
+        while now < start + policy.healthy_after + MS {
+            now += 50 * MS;
+            s.on_heartbeat(now);
+            s.handle_timeout(now);
+        }
+        assert_eq!(s.recent_failures(), 0);
+        s.on_exit("exit status 1".into(), now);
+        assert_eq!(s.poll_timeout(), Some(now + policy.base));
+    }
+
+    #[test]
+    fn peers_go_silent_after_the_missed_heartbeats_and_say_when_their_dn_is_down() {
+        let t0 = Instant::now();
+        let mut p = Peers::new(PeerPolicy::default(), 2);
+        assert_eq!(p.poll_timeout(), None);
+        assert_eq!(
+            p.on_heartbeat(0, true, t0),
+            Some(PeerChange {
+                peer: 0,
+                from: PeerState::Unknown,
+                to: PeerState::Up
+            })
+        );
+        assert_eq!(p.on_heartbeat(0, true, t0 + 10 * MS), None);
+        assert_eq!(p.poll_timeout(), Some(t0 + 40 * MS));
+        assert_eq!(p.handle_timeout(t0 + 39 * MS), vec![]);
+        assert_eq!(
+            p.handle_timeout(t0 + 40 * MS),
+            vec![PeerChange {
+                peer: 0,
+                from: PeerState::Up,
+                to: PeerState::Silent
+            }]
+        );
+        // A silent peer is not re-announced; it comes back with its next heartbeat.
+        assert_eq!(p.handle_timeout(t0 + 100 * MS), vec![]);
+        assert_eq!(
+            p.on_heartbeat(0, false, t0 + 200 * MS).map(|c| c.to),
+            Some(PeerState::DnDown)
+        );
+        assert!(!p.state(0).unwrap().is_up());
+        assert_eq!(p.on_heartbeat(5, true, t0), None, "no such peer");
+    }
+
+    proptest! {
+        /// Whatever the DN does, the supervisor kills only a live child, never asks for two
+        /// spawns without an exit between them, deletes routes whenever the DN stops being up,
+        /// and never waits longer than the cap to start it again.
+        #[test]
+        fn supervision_is_consistent(steps in proptest::collection::vec((0u8..5, 0u64..500), 1..200)) {
+            let t0 = Instant::now();
+            let policy = RestartPolicy { base: 10 * MS, max: 1000 * MS, healthy_after: 5000 * MS };
+            let mut s = Supervisor::new(policy, HealthPolicy { heartbeat_timeout: 100 * MS, startup_grace: 300 * MS }, t0);
+            let mut now = t0;
+            let mut alive = false;
+            let mut announced_up = false;
+            for (kind, ms) in steps {
+                now += Duration::from_millis(ms);
+                let acts = match kind {
+                    0 => s.handle_timeout(now),
+                    1 => if alive { s.on_heartbeat(now) } else { vec![] },
+                    2 => if alive { alive = false; s.on_exit("exited".into(), now) } else { vec![] },
+                    3 => s.on_failure(KillReason::Fault("x".into())),
+                    _ => match s.poll_timeout() { Some(t) => { now = now.max(t); s.handle_timeout(now) } None => vec![] },
+                };
+                let killed = acts.iter().any(|a| matches!(a, SupervisorAction::Kill(_)));
+                for a in &acts {
+                    match a {
+                        SupervisorAction::Spawn => { prop_assert!(!alive, "spawned twice"); alive = true; }
+                        SupervisorAction::Kill(_) => prop_assert!(alive, "killed a dead child"),
+                        SupervisorAction::AnnounceDn { up } => announced_up = *up,
+                        SupervisorAction::DeleteRoutes => {}
+                    }
+                }
+                if killed {
+                    prop_assert!(acts.contains(&SupervisorAction::DeleteRoutes));
+                    // The shell reaps the killed child at once.
+                    alive = false;
+                    prop_assert_eq!(s.on_exit("killed".into(), now), vec![]);
+                }
+                if announced_up {
+                    let running = matches!(s.state(), ChildState::Running { .. });
+                    prop_assert!(running, "announced up while {:?}", s.state());
+                }
+                if let ChildState::Stopped { restart_at } = s.state() {
+                    prop_assert!(restart_at <= now + policy.max);
+                }
+            }
+        }
+    }
+}
