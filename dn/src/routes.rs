@@ -61,6 +61,20 @@ impl RouteInjector {
         Ok(())
     }
 
+    /// The failure detector says DN `owner` is down (or up again): the blocks this DN backs
+    /// for it go active at once (or back to standby once no client of it is carried here).
+    pub async fn set_down(&mut self, owner: &str, down: bool) -> Result<()> {
+        if self.plan.set_down(owner, down) {
+            self.sync().await?;
+        }
+        Ok(())
+    }
+
+    /// DNs the failure detector reports down.
+    pub fn down(&self) -> &BTreeSet<String> {
+        self.plan.down()
+    }
+
     /// Own blocks another DN serves actively.
     pub fn held(&self) -> &BTreeSet<IpNet> {
         self.plan.held()

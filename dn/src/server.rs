@@ -13,13 +13,13 @@ use futures::FutureExt;
 use holdfast_proto::cluster::{Cluster, DnSpec};
 use holdfast_proto::control::{close, Lease, Message};
 use holdfast_proto::dn::{Grant, LeaseBook};
-use holdfast_proto::lease::parse_signing_key;
 use holdfast_proto::{packet, probe};
 use holdfast_shell::quic::{send_message, ControlReader};
 use holdfast_shell::{control, quic, tls, tun, unix_now};
 
 use crate::routes::RouteInjector;
 
+mod detector;
 mod homecoming;
 use serde::Serialize;
 use tracing::{debug, info, warn, Instrument};
@@ -83,41 +83,22 @@ struct Dn {
     tun: tun::Tun,
     routes: tokio::sync::Mutex<RouteInjector>,
     counters: Counters,
-}
-
-fn read_signing_key(spec: &DnSpec) -> Result<ed25519_dalek::SigningKey> {
-    let path = spec
-        .signing_key
-        .as_ref()
-        .ok_or_else(|| anyhow!("dn {:?} has no signing_key file in the config", spec.name))?;
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read lease signing key {}", path.display()))?;
-    let key = parse_signing_key(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    if key.verifying_key() != spec.public_key {
-        bail!(
-            "{} does not match dn {:?}'s public_key in the config",
-            path.display(),
-            spec.name
-        );
-    }
-    Ok(key)
+    /// Packets forwarded in either direction: the failure detector's view of the data path.
+    forwarded: AtomicU64,
 }
 
 pub async fn run(opts: Options) -> Result<()> {
-    let cluster = Cluster::load(&opts.config)?;
-    let spec = cluster
-        .dn(&opts.node)
-        .ok_or_else(|| {
-            let names: Vec<&str> = cluster.dns.iter().map(|d| d.name.as_str()).collect();
-            anyhow!(
-                "no dn named {:?} in {} (it has: {})",
-                opts.node,
-                opts.config.display(),
-                names.join(", ")
-            )
-        })?
-        .clone();
-    let signing_key = read_signing_key(&spec)?;
+    let link = detector::Link::connect(&opts.control)?.map(Arc::new);
+    let outcome = serve(opts, link.clone()).await;
+    if let (Err(e), Some(link)) = (&outcome, &link) {
+        link.report_fault(&format!("{e:#}"));
+    }
+    outcome
+}
+
+async fn serve(opts: Options, link: Option<Arc<detector::Link>>) -> Result<()> {
+    let (cluster, spec) = holdfast_shell::load_dn(&opts.config, &opts.node)?;
+    let signing_key = holdfast_shell::read_signing_key(&spec)?;
     let (cert, key) = match (&spec.cert, &spec.key) {
         (Some(c), Some(k)) => (c.clone(), k.clone()),
         _ => bail!("dn {:?} needs both cert and key in the config", spec.name),
@@ -170,6 +151,7 @@ pub async fn run(opts: Options) -> Result<()> {
         tun,
         routes: tokio::sync::Mutex::new(routes),
         counters: Counters::default(),
+        forwarded: AtomicU64::new(0),
     });
     tokio::spawn(homecoming::follow_held(
         dn.clone(),
@@ -179,6 +161,9 @@ pub async fn run(opts: Options) -> Result<()> {
     ));
     if let Some(peers) = peers {
         tokio::spawn(homecoming::listen(dn.clone(), peers));
+    }
+    if let Some(link) = link {
+        tokio::spawn(detector::run(dn.clone(), link));
     }
     let status_dn = dn.clone();
     let _control = control::serve(opts.control.clone(), move |_req| status_dn.status()).await?;
@@ -421,8 +406,11 @@ async fn carry(dn: &Dn, session: &Session) -> String {
         if !batch.is_empty() && !session.promoted.load(Relaxed) && !session.just_demoted() {
             promote(dn, session).await;
         }
-        if let Err(e) = writer.send(&dn.tun, &batch).await {
-            debug!(error = %e, "TUN write failed");
+        match writer.send(&dn.tun, &batch).await {
+            Ok(()) => {
+                dn.forwarded.fetch_add(batch.len() as u64, Relaxed);
+            }
+            Err(e) => debug!(error = %e, "TUN write failed"),
         }
         batch.clear();
     }
@@ -511,6 +499,7 @@ async fn tun_to_sessions(dn: Arc<Dn>) -> Result<()> {
             let len = pkt.len() as u64;
             match session.conn.send_datagram(pkt.clone()) {
                 Ok(()) => {
+                    dn.forwarded.fetch_add(1, Relaxed);
                     session.traffic.tx_packets.fetch_add(1, Relaxed);
                     session.traffic.tx_bytes.fetch_add(len, Relaxed);
                 }
@@ -554,7 +543,7 @@ impl Dn {
             .lock()
             .map(|b| b.active_leases(unix_now()))
             .unwrap_or(0);
-        let (routes, held): (Vec<serde_json::Value>, Vec<ipnet::IpNet>) = self
+        let (routes, held, down): (Vec<serde_json::Value>, Vec<ipnet::IpNet>, Vec<String>) = self
             .routes
             .try_lock()
             .map(|r| {
@@ -564,12 +553,14 @@ impl Dn {
                         .map(|x| serde_json::json!({"net": x.net, "metric": x.metric, "reason": x.reason.to_string()}))
                         .collect(),
                     r.held().iter().copied().collect(),
+                    r.down().iter().cloned().collect(),
                 )
             })
             .unwrap_or_default();
         let mut status = serde_json::json!({
             "routes": routes,
             "held_blocks": held,
+            "peers_down": down,
             "node": self.spec.name,
             "listen": self.spec.listen,
             "pool": self.spec.plan.pool,

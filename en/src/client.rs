@@ -52,6 +52,8 @@ enum Report {
     Refused(usize, u64, RefuseCode, String),
     Lost(usize, u64, Loss),
     HomeIsBack(usize, u64),
+    /// The DN says the failure detector found this other DN down.
+    PeerDown(usize, u64, String),
 }
 
 /// The control stream, kept open for the session's life.
@@ -269,7 +271,8 @@ impl Driver<'_> {
             | Report::Leased(d, g, ..)
             | Report::Refused(d, g, ..)
             | Report::Lost(d, g, _)
-            | Report::HomeIsBack(d, g) => (*d, *g),
+            | Report::HomeIsBack(d, g)
+            | Report::PeerDown(d, g, _) => (*d, *g),
         };
         if self.slots.get(dn)?.generation != generation {
             return None;
@@ -314,6 +317,17 @@ impl Driver<'_> {
             Report::HomeIsBack(..) => {
                 info!(dn = %name, "the DN says this client's home DN is back");
                 Event::HomeIsBack(dn)
+            }
+            Report::PeerDown(_, _, dead) => {
+                let Some(index) = self.shared.config.dns.iter().position(|d| d.name == dead) else {
+                    debug!(dn = %name, %dead, "the DN reports a DN this client does not know");
+                    return None;
+                };
+                // Only a live session is news; a lost one is being re-established already.
+                self.slots[index].conn.as_ref()?;
+                warn!(dn = %dead, reporter = %name, "the cluster's failure detector reports this DN down");
+                self.drop_session(index);
+                Event::Lost(index, Loss::ReportedDead)
             }
         })
     }
@@ -674,6 +688,9 @@ async fn follow_control(
             }
             Ok(Some(Message::HomeIsBack)) => {
                 let _ = reports.send(Report::HomeIsBack(index, generation));
+            }
+            Ok(Some(Message::PeerDown { dn: dead })) => {
+                let _ = reports.send(Report::PeerDown(index, generation, dead));
             }
             Ok(Some(other)) => debug!(%dn, ?other, "ignoring control message"),
             Ok(None) => return,

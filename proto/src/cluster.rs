@@ -42,6 +42,15 @@ struct RawFile {
     #[serde(default)]
     esr: Vec<RawEsr>,
     vrrp: Option<RawVrrp>,
+    detector: Option<RawDetector>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDetector {
+    port: Option<u16>,
+    interval_ms: Option<u64>,
+    misses: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -162,6 +171,70 @@ pub struct Cluster {
     pub ospf: Option<Ospf>,
     /// The ESR pair, if `[vrrp]` describes it (then `ospf` has exactly two ESRs).
     pub vrrp: Option<Vrrp>,
+    /// How the DNs' failure detectors heartbeat each other (`[detector]`, defaults without).
+    pub detector: Detector,
+}
+
+/// UDP port the failure detectors (`dn-fd`) heartbeat each other on, on the DNs' cluster
+/// network addresses, unless `[detector] port` says otherwise.
+pub const DEFAULT_DETECTOR_PORT: u16 = 4435;
+
+/// `[detector]`: the failure detectors' peer heartbeats (thesis 3.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Detector {
+    pub port: u16,
+    /// Every detector heartbeats every other this often; a peer silent for `misses` intervals
+    /// is down.
+    pub peers: crate::fd::PeerPolicy,
+}
+
+impl Default for Detector {
+    fn default() -> Self {
+        Self {
+            port: DEFAULT_DETECTOR_PORT,
+            peers: crate::fd::PeerPolicy::default(),
+        }
+    }
+}
+
+fn parse_detector(raw: Option<RawDetector>, ospf: Option<&Ospf>) -> Result<Detector, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(Detector::default());
+    };
+    let default = Detector::default();
+    let port = raw.port.unwrap_or(default.port);
+    if port == 0 {
+        return Err(invalid("detector.port", "must be a UDP port, 1 to 65535"));
+    }
+    if ospf.is_some_and(|o| o.peer_port == port) {
+        return Err(invalid(
+            "detector.port",
+            format!("{port} is also ospf.peer_port, the DNs' own notices"),
+        ));
+    }
+    let interval_ms = raw
+        .interval_ms
+        .unwrap_or(default.peers.interval.as_millis() as u64);
+    if !(1..=10_000).contains(&interval_ms) {
+        return Err(invalid(
+            "detector.interval_ms",
+            format!("{interval_ms} is out of range: 1 to 10000 ms"),
+        ));
+    }
+    let misses = raw.misses.unwrap_or(default.peers.misses);
+    if !(1..=100).contains(&misses) {
+        return Err(invalid(
+            "detector.misses",
+            format!("{misses} is out of range: 1 to 100"),
+        ));
+    }
+    Ok(Detector {
+        port,
+        peers: crate::fd::PeerPolicy {
+            interval: std::time::Duration::from_millis(interval_ms),
+            misses,
+        },
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -636,6 +709,7 @@ impl Cluster {
             return Err(invalid("esr", "[[esr]] needs an [ospf] section"));
         }
         let vrrp = parse_vrrp(raw.vrrp, &raw.esr, ospf.as_ref(), &pools, locator)?;
+        let detector = parse_detector(raw.detector, ospf.as_ref())?;
         Ok(Self {
             client_ca: resolve(c.client_ca),
             client_routes,
@@ -645,6 +719,7 @@ impl Cluster {
             dns,
             ospf,
             vrrp,
+            detector,
         })
     }
 
@@ -879,6 +954,28 @@ mod tests {
             "cluster.toml:10: dn[0].mtu: 100 is outside 1280..=9000"
         );
         assert!(err(&cluster("")).starts_with("cluster.toml:1: dn: the cluster needs"));
+    }
+
+    #[test]
+    fn the_detector_section_has_defaults_and_checked_values() {
+        let base = cluster(&(dn("dn1", "10.200.0.0/24") + &dn("dn2", "10.201.0.0/24")));
+        let c = Cluster::parse(&base, Path::new("/")).unwrap();
+        assert_eq!(c.detector, Detector::default());
+        let tuned = base.clone() + "[detector]\nport = 5000\ninterval_ms = 20\nmisses = 5\n";
+        let c = Cluster::parse(&tuned, Path::new("/")).unwrap();
+        assert_eq!(c.detector.port, 5000);
+        assert_eq!(
+            c.detector.peers.silence_limit(),
+            std::time::Duration::from_millis(100)
+        );
+        // [cluster] 1-3, dn[0] 4-9, dn[1] 10-15, [detector] 16.
+        assert_eq!(
+            err(&(base.clone() + "[detector]\nmisses = 0\n")),
+            "cluster.toml:17: detector.misses: 0 is out of range: 1 to 100"
+        );
+        assert!(err(&(base.clone() + "[detector]\nport = 0\n"))
+            .starts_with("cluster.toml:17: detector.port: "));
+        assert!(err(&(base + "[detector]\ninterval = 5\n")).contains("interval"));
     }
 
     #[test]

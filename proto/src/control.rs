@@ -24,6 +24,7 @@ const T_REFUSED: u8 = 3;
 const T_PROMOTED: u8 = 4;
 const T_HOME_IS_BACK: u8 = 5;
 const T_DEMOTE: u8 = 6;
+const T_PEER_DOWN: u8 = 7;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -43,6 +44,10 @@ pub enum Message {
     /// EN -> DN: this DN is no longer the client's primary (it went home); the DN stops routing
     /// the client's address. A later data packet would promote it again.
     Demote,
+    /// DN -> EN, on a secondary session: the cluster's failure detector found DN `dn` down
+    /// (its host silent, or its process dead). An EN whose primary it is switches now, before
+    /// its own probes could tell.
+    PeerDown { dn: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,6 +150,10 @@ impl Message {
             Message::Promoted => T_PROMOTED,
             Message::HomeIsBack => T_HOME_IS_BACK,
             Message::Demote => T_DEMOTE,
+            Message::PeerDown { dn } => {
+                w.short_str(dn);
+                T_PEER_DOWN
+            }
         };
         let body_len = out.len() - start - FRAME_HEADER;
         out[start] = kind;
@@ -206,6 +215,9 @@ impl Message {
             T_PROMOTED => Message::Promoted,
             T_HOME_IS_BACK => Message::HomeIsBack,
             T_DEMOTE => Message::Demote,
+            T_PEER_DOWN => Message::PeerDown {
+                dn: r.short_str("dn name")?,
+            },
             tag => {
                 return Err(DecodeError::UnknownTag {
                     what: "control message",
@@ -291,6 +303,7 @@ mod tests {
             Just(Message::Promoted),
             Just(Message::HomeIsBack),
             Just(Message::Demote),
+            "[a-z0-9-]{1,30}".prop_map(|dn| Message::PeerDown { dn }),
         ]
     }
 

@@ -231,10 +231,11 @@ impl Supervisor {
         self.state = ChildState::Killing;
         self.kills += 1;
         self.last_kill = Some(reason.clone());
-        // Routes and peers are told at once, not when the exit is reaped.
+        // Routes go first, so that none outlives the kill, and peers are told at once, not
+        // when the exit is reaped.
         vec![
-            SupervisorAction::Kill(reason),
             SupervisorAction::DeleteRoutes,
+            SupervisorAction::Kill(reason),
             SupervisorAction::AnnounceDn { up: false },
         ]
     }
@@ -405,6 +406,130 @@ impl Peers {
     }
 }
 
+/// Environment variable through which `dn-fd` gives the DN its heartbeat socket's path.
+pub const FD_SOCKET_ENV: &str = "HOLDFAST_FD_SOCKET";
+
+/// One datagram on the local socket between the DN and its detector, as text: a line a person
+/// can read in `strace` or `socat`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalMessage {
+    /// DN -> detector: alive, with how many packets it has forwarded so far (both directions).
+    Heartbeat { pid: u32, forwarded: u64 },
+    /// DN -> detector: a fatal condition; the detector kills and restarts the DN.
+    Fault { pid: u32, reason: String },
+    /// Detector -> DN: peer `dn` changed; `up` says whether it can carry clients now.
+    Peer { dn: String, up: bool },
+}
+
+/// Longest fault reason carried; the rest is cut.
+const MAX_REASON: usize = 400;
+
+impl LocalMessage {
+    pub fn encode(&self) -> String {
+        match self {
+            LocalMessage::Heartbeat { pid, forwarded } => format!("HB {pid} {forwarded}"),
+            LocalMessage::Fault { pid, reason } => {
+                let reason: String = reason
+                    .chars()
+                    .map(|c| if c.is_control() { ' ' } else { c })
+                    .take(MAX_REASON)
+                    .collect();
+                format!("FAULT {pid} {reason}")
+            }
+            LocalMessage::Peer { dn, up } => {
+                format!("PEER {dn} {}", if *up { "up" } else { "down" })
+            }
+        }
+    }
+
+    /// `None` for anything that is not a well-formed message.
+    pub fn decode(datagram: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(datagram).ok()?;
+        let (kind, rest) = text.split_once(' ')?;
+        match kind {
+            "HB" => {
+                let (pid, forwarded) = rest.split_once(' ')?;
+                Some(LocalMessage::Heartbeat {
+                    pid: pid.parse().ok()?,
+                    forwarded: forwarded.parse().ok()?,
+                })
+            }
+            "FAULT" => {
+                let (pid, reason) = rest.split_once(' ').unwrap_or((rest, ""));
+                Some(LocalMessage::Fault {
+                    pid: pid.parse().ok()?,
+                    reason: reason.chars().take(MAX_REASON).collect(),
+                })
+            }
+            "PEER" => {
+                let (dn, state) = rest.split_once(' ')?;
+                let up = match state {
+                    "up" => true,
+                    "down" => false,
+                    _ => return None,
+                };
+                (!dn.is_empty() && !dn.contains(' ')).then(|| LocalMessage::Peer {
+                    dn: dn.to_owned(),
+                    up,
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A stalled data path: bytes wait in the DN's receive queue while its forwarded count stands
+/// still, for longer than `window`. The shell samples the queue (the kernel's view of the QUIC
+/// socket) and the count (from heartbeats) and calls [`StallWatch::observe`].
+#[derive(Debug, Clone)]
+pub struct StallWatch {
+    window: Duration,
+    /// Since when the queue has been non-empty with the count unchanged, and that count.
+    stuck_since: Option<(Instant, u64)>,
+}
+
+impl StallWatch {
+    pub fn new(window: Duration) -> Self {
+        Self {
+            window,
+            stuck_since: None,
+        }
+    }
+
+    /// Forget what was seen (a new DN process).
+    pub fn reset(&mut self) {
+        self.stuck_since = None;
+    }
+
+    /// One sample. Returns the kill reason once the path has been stalled for the window.
+    pub fn observe(
+        &mut self,
+        now: Instant,
+        queued_bytes: u64,
+        forwarded: u64,
+    ) -> Option<KillReason> {
+        if queued_bytes == 0 {
+            self.stuck_since = None;
+            return None;
+        }
+        match self.stuck_since {
+            Some((since, count)) if count == forwarded => {
+                let stalled = now.saturating_duration_since(since);
+                (stalled >= self.window).then(|| {
+                    KillReason::Limit(format!(
+                        "data path stalled: {queued_bytes} bytes queued, nothing forwarded for {} ms",
+                        stalled.as_millis()
+                    ))
+                })
+            }
+            _ => {
+                self.stuck_since = Some((now, forwarded));
+                None
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -439,8 +564,8 @@ mod tests {
         assert_eq!(
             s.handle_timeout(due),
             vec![
-                SupervisorAction::Kill(KillReason::HeartbeatsStopped { silence: 100 * MS }),
                 SupervisorAction::DeleteRoutes,
+                SupervisorAction::Kill(KillReason::HeartbeatsStopped { silence: 100 * MS }),
                 SupervisorAction::AnnounceDn { up: false },
             ]
         );
@@ -463,7 +588,7 @@ mod tests {
         s.handle_timeout(t0);
         assert_eq!(s.poll_timeout(), Some(t0 + h.startup_grace));
         let acts = s.handle_timeout(t0 + h.startup_grace);
-        assert!(matches!(acts[0], SupervisorAction::Kill(_)));
+        assert!(matches!(acts[1], SupervisorAction::Kill(_)));
     }
 
     #[test]
@@ -484,7 +609,7 @@ mod tests {
         s.on_heartbeat(t1);
         let acts = s.on_failure(KillReason::Fault("TUN device gone".into()));
         assert_eq!(
-            acts[0],
+            acts[1],
             SupervisorAction::Kill(KillReason::Fault("TUN device gone".into()))
         );
         assert_eq!(s.on_failure(KillReason::Limit("memory".into())), vec![]);
@@ -553,10 +678,87 @@ mod tests {
         assert_eq!(p.on_heartbeat(5, true, t0), None, "no such peer");
     }
 
+    #[test]
+    fn local_messages_round_trip_and_garbage_is_refused() {
+        for m in [
+            LocalMessage::Heartbeat {
+                pid: 42,
+                forwarded: 7,
+            },
+            LocalMessage::Fault {
+                pid: 42,
+                reason: "TUN reader stopped: EIO".into(),
+            },
+            LocalMessage::Fault {
+                pid: 1,
+                reason: String::new(),
+            },
+            LocalMessage::Peer {
+                dn: "dn2".into(),
+                up: false,
+            },
+            LocalMessage::Peer {
+                dn: "dn2".into(),
+                up: true,
+            },
+        ] {
+            assert_eq!(LocalMessage::decode(m.encode().as_bytes()), Some(m));
+        }
+        let multi_line = LocalMessage::Fault {
+            pid: 3,
+            reason: "a\nb".into(),
+        };
+        assert_eq!(
+            LocalMessage::decode(multi_line.encode().as_bytes()),
+            Some(LocalMessage::Fault {
+                pid: 3,
+                reason: "a b".into()
+            })
+        );
+        for bad in [
+            "",
+            "HB",
+            "HB x 1",
+            "HB 1",
+            "PEER dn2 maybe",
+            "PEER  up",
+            "NOPE 1",
+            "\u{ff}",
+        ] {
+            assert_eq!(LocalMessage::decode(bad.as_bytes()), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_queue_that_does_not_drain_while_nothing_is_forwarded_is_a_stall() {
+        let t0 = Instant::now();
+        let mut w = StallWatch::new(500 * MS);
+        assert_eq!(w.observe(t0, 0, 10), None);
+        assert_eq!(w.observe(t0 + 100 * MS, 3000, 10), None);
+        assert_eq!(w.observe(t0 + 500 * MS, 3000, 10), None);
+        // Forwarding moved on: the clock starts again.
+        assert_eq!(w.observe(t0 + 550 * MS, 3000, 11), None);
+        assert_eq!(w.observe(t0 + 1000 * MS, 9000, 11), None);
+        assert!(matches!(
+            w.observe(t0 + 1050 * MS, 9000, 11),
+            Some(KillReason::Limit(_))
+        ));
+        // An empty queue is never a stall, however long nothing moves.
+        w.reset();
+        for i in 0..100 {
+            assert_eq!(w.observe(t0 + i * 100 * MS, 0, 11), None);
+        }
+    }
+
     proptest! {
         /// Whatever the DN does, the supervisor kills only a live child, never asks for two
         /// spawns without an exit between them, deletes routes whenever the DN stops being up,
         /// and never waits longer than the cap to start it again.
+        #[test]
+        fn local_message_decoding_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..100)) {
+            let _ = LocalMessage::decode(&bytes);
+        }
+
         #[test]
         fn supervision_is_consistent(steps in proptest::collection::vec((0u8..5, 0u64..500), 1..200)) {
             let t0 = Instant::now();

@@ -1,8 +1,9 @@
 //! Notices one DN sends the others over the cluster network, signed with its lease key.
 //!
-//! Today there is one: "home is back". A restarted DN whose blocks another DN serves actively
-//! sends it to its peers until those blocks are free again; a peer carrying clients of that DN
-//! then tells them their home is back (thesis 3.1). The lease key's public half is in
+//! "Home is back": a restarted DN whose blocks another DN serves actively sends it to its peers
+//! until those blocks are free again; a peer carrying clients of that DN then tells them their
+//! home is back (thesis 3.1). "Alive": every failure detector (`dn-fd`) heartbeats every other
+//! one and says whether its DN is up (thesis 3.2). The lease key's public half is in
 //! `cluster.toml` already, so peers authenticate each other without another PKI. A notice is
 //! one UDP datagram: `magic, version, kind, sent_at, from, signature`.
 
@@ -23,11 +24,15 @@ const VERSION: u8 = 1;
 const SIGNING_CONTEXT: &[u8] = b"holdfast peer notice v1\0";
 const SIGNATURE_LEN: usize = 64;
 const K_HOME_IS_BACK: u8 = 1;
+const K_ALIVE: u8 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Notice {
     /// The sender is up again and wants its clients back.
     HomeIsBack,
+    /// A failure detector's heartbeat: whether its DN is up. `seq` grows with every heartbeat
+    /// (the sender's clock in milliseconds), so a replayed one is told from a fresh one.
+    Alive { dn_up: bool, seq: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,9 +62,14 @@ impl PeerNotice {
         w.u8(VERSION);
         w.u8(match self.notice {
             Notice::HomeIsBack => K_HOME_IS_BACK,
+            Notice::Alive { .. } => K_ALIVE,
         });
         w.u64(self.sent_at);
         w.short_str(&self.from);
+        if let Notice::Alive { dn_up, seq } = self.notice {
+            w.u8(u8::from(dn_up));
+            w.u64(seq);
+        }
     }
 
     /// The datagram carrying this notice, signed with the sender's lease key.
@@ -92,8 +102,25 @@ impl PeerNotice {
             }
             .into());
         }
-        let notice = match r.u8("notice kind")? {
+        let kind = r.u8("notice kind")?;
+        let sent_at = r.u64("sent at")?;
+        let from = r.short_str("sender")?;
+        let notice = match kind {
             K_HOME_IS_BACK => Notice::HomeIsBack,
+            K_ALIVE => Notice::Alive {
+                dn_up: match r.u8("dn up")? {
+                    0 => false,
+                    1 => true,
+                    tag => {
+                        return Err(DecodeError::UnknownTag {
+                            what: "dn up flag",
+                            tag,
+                        }
+                        .into())
+                    }
+                },
+                seq: r.u64("sequence")?,
+            },
             tag => {
                 return Err(DecodeError::UnknownTag {
                     what: "peer notice kind",
@@ -102,8 +129,6 @@ impl PeerNotice {
                 .into())
             }
         };
-        let sent_at = r.u64("sent at")?;
-        let from = r.short_str("sender")?;
         let body_len = datagram.len() - r.remaining();
         let signature: [u8; SIGNATURE_LEN] = r.fixed("signature")?;
         r.finish()?;
@@ -151,6 +176,18 @@ mod tests {
         let (key, keys) = keys();
         let datagram = notice(1000).seal(&key);
         assert_eq!(PeerNotice::open(&datagram, &keys, 1003), Ok(notice(1000)));
+    }
+
+    #[test]
+    fn a_heartbeat_carries_the_dn_state_and_its_sequence() {
+        let (key, keys) = keys();
+        for dn_up in [true, false] {
+            let alive = PeerNotice {
+                notice: Notice::Alive { dn_up, seq: 77 },
+                ..notice(1000)
+            };
+            assert_eq!(PeerNotice::open(&alive.seal(&key), &keys, 1000), Ok(alive));
+        }
     }
 
     #[test]

@@ -112,6 +112,9 @@ pub struct RoutePlan {
     held: BTreeSet<IpNet>,
     /// Own clients whose traffic comes through this DN: address -> block.
     home: BTreeMap<IpAddr, IpNet>,
+    /// DNs the failure detector reports down: the blocks this DN backs for them go active at
+    /// once, before their clients' traffic arrives.
+    down: BTreeSet<String>,
 }
 
 /// The own blocks another DN serves actively: those with a route more specific than the block
@@ -149,6 +152,7 @@ impl RoutePlan {
             active: Default::default(),
             held: Default::default(),
             home: Default::default(),
+            down: Default::default(),
         }
     }
 
@@ -179,10 +183,24 @@ impl RoutePlan {
         &self.held
     }
 
+    /// Records whether DN `owner` is down, as the failure detector says; says whether that
+    /// changed.
+    pub fn set_down(&mut self, owner: &str, down: bool) -> bool {
+        if down {
+            self.down.insert(owner.to_owned())
+        } else {
+            self.down.remove(owner)
+        }
+    }
+
+    pub fn down(&self) -> &BTreeSet<String> {
+        &self.down
+    }
+
     /// Every route the DN should have now. One route per destination.
     ///
-    /// A backed block this DN serves keeps its standby route and gains its two halves at the
-    /// active metric: longer prefixes win everywhere, whatever the metric (ospfd cannot set an
+    /// A backed block this DN serves, or whose owner is down, keeps its standby route and gains
+    /// its two halves at the active metric: longer prefixes win everywhere, whatever the metric (ospfd cannot set an
     /// OSPF cost from a kernel metric; see docs/routing-daemons.md), so a restarted owner cannot
     /// take the block back before its clients return.
     pub fn desired(&self) -> Vec<RouteSpec> {
@@ -195,7 +213,7 @@ impl RoutePlan {
             let Reason::Standby { owner } = &r.reason else {
                 continue;
             };
-            if !self.active.values().any(|(_, b)| *b == r.net) {
+            if !self.down.contains(owner) && !self.active.values().any(|(_, b)| *b == r.net) {
                 continue;
             }
             let halves = r
@@ -287,6 +305,31 @@ mod tests {
         assert_eq!(show(&plan), serving);
         plan.release("10.201.0.6".parse().unwrap());
         assert_eq!(show(&plan), standby);
+    }
+
+    #[test]
+    fn a_dead_owners_backed_blocks_go_active_at_once_and_stay_while_clients_remain() {
+        let c = cluster(2);
+        let mut plan = RoutePlan::new(&c, "dn2");
+        let before = show(&plan);
+        assert!(plan.set_down("dn1", true));
+        assert!(!plan.set_down("dn1", true));
+        assert_eq!(
+            show(&plan),
+            vec![
+                "10.201.0.0/24 300 standby for dn1",
+                "10.201.0.0/25 100 serving for dn1",
+                "10.201.0.128/25 100 serving for dn1",
+                "10.202.0.0/24 200 own block",
+            ]
+        );
+        // A client carried here keeps its block active after the owner is back up.
+        let block: IpNet = "10.201.0.0/24".parse().unwrap();
+        plan.serve("10.201.0.9".parse().unwrap(), "dn1", block);
+        assert!(plan.set_down("dn1", false));
+        assert_eq!(show(&plan).len(), before.len() + 2);
+        plan.release("10.201.0.9".parse().unwrap());
+        assert_eq!(show(&plan), before);
     }
 
     #[test]

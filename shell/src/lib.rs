@@ -24,3 +24,48 @@ pub fn unix_now() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
+
+/// The DN's lease signing key, read from the file `cluster.toml` names for it and checked
+/// against the public key there. The DN signs leases and peer notices with it; its failure
+/// detector signs heartbeats with it.
+pub fn read_signing_key(
+    spec: &holdfast_proto::cluster::DnSpec,
+) -> anyhow::Result<ed25519_dalek::SigningKey> {
+    use anyhow::{anyhow, bail, Context};
+    let path = spec
+        .signing_key
+        .as_ref()
+        .ok_or_else(|| anyhow!("dn {:?} has no signing_key file in the config", spec.name))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read lease signing key {}", path.display()))?;
+    let key = holdfast_proto::lease::parse_signing_key(&text)
+        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    if key.verifying_key() != spec.public_key {
+        bail!(
+            "{} does not match dn {:?}'s public_key in the config",
+            path.display(),
+            spec.name
+        );
+    }
+    Ok(key)
+}
+
+/// Loads `cluster.toml` and finds DN `node` in it, naming the DNs it has when there is none.
+pub fn load_dn(
+    config: &std::path::Path,
+    node: &str,
+) -> anyhow::Result<(
+    holdfast_proto::cluster::Cluster,
+    holdfast_proto::cluster::DnSpec,
+)> {
+    let cluster = holdfast_proto::cluster::Cluster::load(config)?;
+    let spec = cluster.dn(node).cloned().ok_or_else(|| {
+        let names: Vec<&str> = cluster.dns.iter().map(|d| d.name.as_str()).collect();
+        anyhow::anyhow!(
+            "no dn named {node:?} in {} (it has: {})",
+            config.display(),
+            names.join(", ")
+        )
+    })?;
+    Ok((cluster, spec))
+}

@@ -81,9 +81,8 @@ impl Routes {
             .with_context(|| format!("cannot delete route {dest}"))
     }
 
-    /// Destinations of the main table's routes that others installed (a routing daemon, the
-    /// administrator): every protocol but ours, IPv4 and IPv6.
-    pub async fn learned(&self) -> Result<Vec<IpNet>> {
+    /// Every route of the main table, IPv4 and IPv6.
+    async fn dump(&self) -> Result<Vec<RouteMessage>> {
         let mut out = Vec::new();
         let dumps = [
             RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
@@ -96,36 +95,58 @@ impl Routes {
                 .await
                 .context("cannot list the kernel's routes")?
             {
-                let header = &route.header;
-                let main = route
+                let table = route
                     .attributes
                     .iter()
                     .find_map(|a| match a {
                         RouteAttribute::Table(t) => Some(*t),
                         _ => None,
                     })
-                    .unwrap_or(u32::from(header.table))
-                    == MAIN_TABLE;
-                if !main || header.protocol == RouteProtocol::Other(PROTO_HOLDFAST) {
-                    continue;
-                }
-                let prefix = header.destination_prefix_length;
-                let net = route.attributes.iter().find_map(|a| match a {
-                    RouteAttribute::Destination(RouteAddress::Inet(d)) => {
-                        IpNet::new(IpAddr::V4(*d), prefix).ok()
-                    }
-                    RouteAttribute::Destination(RouteAddress::Inet6(d)) => {
-                        IpNet::new(IpAddr::V6(*d), prefix).ok()
-                    }
-                    _ => None,
-                });
-                // A route without a destination is a default route.
-                if let Some(net) = net {
-                    out.push(net);
+                    .unwrap_or(u32::from(route.header.table));
+                if table == MAIN_TABLE {
+                    out.push(route);
                 }
             }
         }
         Ok(out)
+    }
+
+    fn is_ours(route: &RouteMessage) -> bool {
+        route.header.protocol == RouteProtocol::Other(PROTO_HOLDFAST)
+    }
+
+    /// Destinations of the main table's routes that others installed (a routing daemon, the
+    /// administrator): every protocol but ours, IPv4 and IPv6.
+    pub async fn learned(&self) -> Result<Vec<IpNet>> {
+        Ok(self
+            .dump()
+            .await?
+            .iter()
+            .filter(|r| !Self::is_ours(r))
+            // A route without a destination is a default route.
+            .filter_map(destination)
+            .collect())
+    }
+
+    /// Deletes every route of ours in the main table (a dead DN's), whoever installed it.
+    /// Returns the destinations deleted; a route that vanished meanwhile is not an error.
+    pub async fn delete_ours(&self) -> Result<Vec<IpNet>> {
+        let mut deleted = Vec::new();
+        for route in self.dump().await?.into_iter().filter(Self::is_ours) {
+            let net = destination(&route);
+            match self.handle.route().del(route).execute().await {
+                Ok(()) => deleted.extend(net),
+                // ESRCH: gone already (its device went with the DN).
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -ESRCH => {}
+                Err(e) => {
+                    return Err(e).with_context(|| match net {
+                        Some(net) => format!("cannot delete route {net}"),
+                        None => "cannot delete a default route".to_owned(),
+                    })
+                }
+            }
+        }
+        Ok(deleted)
     }
 
     /// Asks the kernel how it routes `addr` right now (like `ip route get`).
@@ -155,4 +176,20 @@ impl Routes {
         }
         Ok(hop)
     }
+}
+
+/// errno "no such process", which netlink answers for a route that is not there.
+const ESRCH: i32 = 3;
+
+fn destination(route: &RouteMessage) -> Option<IpNet> {
+    let prefix = route.header.destination_prefix_length;
+    route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(RouteAddress::Inet(d)) => {
+            IpNet::new(IpAddr::V4(*d), prefix).ok()
+        }
+        RouteAttribute::Destination(RouteAddress::Inet6(d)) => {
+            IpNet::new(IpAddr::V6(*d), prefix).ok()
+        }
+        _ => None,
+    })
 }

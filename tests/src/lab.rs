@@ -37,7 +37,8 @@ fn dn_on_server_net(k: usize) -> String {
     format!("10.0.2.{k}")
 }
 
-fn dn_on_cluster_net(k: usize) -> String {
+/// DN k's address on the cluster network: its OSPF router id, where its peers reach it.
+pub fn dn_on_cluster_net(k: usize) -> String {
     format!("10.9.0.{k}")
 }
 
@@ -105,6 +106,19 @@ pub struct LabSpec {
     pub dns: usize,
     /// How the server's side learns where client addresses live.
     pub routing: Routing,
+    /// Each DN runs under its failure detector (`dn-fd`, process `fd-dnK`) instead of alone.
+    pub supervised: bool,
+    /// Extra arguments for every `dn-fd` (e.g. `--restart-base-ms 300`).
+    pub fd_args: Vec<String>,
+}
+
+/// How a DN is failed in tests and experiments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// `kill -9` of the `dn` process.
+    Kill,
+    /// Every link of the DN's namespace down at once: its host is cut off.
+    Host,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,6 +155,8 @@ impl Default for LabSpec {
             client_routes: vec![SERVER_NET.to_owned()],
             dns: 1,
             routing: Routing::Static,
+            supervised: false,
+            fd_args: Vec::new(),
         }
     }
 }
@@ -152,6 +168,9 @@ pub struct Lab {
     pki: PathBuf,
     /// Identities with certificates from the cluster's client CA.
     issued: Vec<String>,
+    /// DNs run under `dn-fd`.
+    pub supervised: bool,
+    fd_args: Vec<String>,
 }
 
 /// The EN namespace role and its addresses for client `i` (1-based).
@@ -189,6 +208,12 @@ impl Lab {
     /// and waits until it answers on its status socket.
     pub fn start(spec: &LabSpec) -> Result<Self> {
         let bins = bin_dir()?;
+        if spec.supervised && !bins.join("dn-fd").is_file() {
+            bail!(
+                "no dn-fd binary in {}: build it with `cargo build --release --workspace`",
+                bins.display()
+            );
+        }
         let mut net = Netns::new()?;
         net.add("srv")?;
         net.exec("srv", &["ip", "link", "add", "br0", "type", "bridge"])?;
@@ -340,6 +365,8 @@ impl Lab {
             bins,
             pki,
             issued,
+            supervised: spec.supervised,
+            fd_args: spec.fd_args.clone(),
         };
         match spec.routing {
             Routing::Static => {}
@@ -489,30 +516,127 @@ impl Lab {
         self.net.dir.join(format!("{}.toml", client_role(i)))
     }
 
-    /// Starts (or restarts) DN k and waits for its status socket.
+    /// The process name of DN k's failure detector in a supervised lab.
+    pub fn fd_role(k: usize) -> String {
+        format!("fd-{}", dn_role(k))
+    }
+
+    pub fn fd_socket(&self, k: usize) -> PathBuf {
+        self.net.dir.join(format!("{}.sock", Self::fd_role(k)))
+    }
+
+    /// Starts (or restarts) DN k, under its failure detector in a supervised lab, and waits for
+    /// the DN's status socket.
     pub fn start_dn(&mut self, k: usize) -> Result<()> {
         let config = self.net.dir.join("cluster.toml").display().to_string();
         let socket = self.dn_socket(k).display().to_string();
         let dn = self.bin("dn");
         let name = dn_role(k);
-        self.net.spawn(
-            &name,
-            &name,
-            &[
-                &dn,
+        if self.supervised {
+            let fd = self.bin("dn-fd");
+            let fd_socket = self.fd_socket(k).display().to_string();
+            let mut argv = vec![
+                fd.as_str(),
                 "--config",
                 &config,
                 "--node",
                 &name,
                 "--control",
+                &fd_socket,
+                "--dn",
+                &dn,
+                "--dn-control",
                 &socket,
-            ],
-            &[("RUST_LOG", "info")],
-        )?;
+            ];
+            argv.extend(self.fd_args.iter().map(String::as_str));
+            self.net
+                .spawn(&name, &Self::fd_role(k), &argv, &[("RUST_LOG", "info")])?;
+        } else {
+            self.net.spawn(
+                &name,
+                &name,
+                &[
+                    &dn,
+                    "--config",
+                    &config,
+                    "--node",
+                    &name,
+                    "--control",
+                    &socket,
+                ],
+                &[("RUST_LOG", "info")],
+            )?;
+        }
         wait_until(Duration::from_secs(10), "the DN's status socket", || {
             self.dn_status(k).is_ok()
         })
         .with_context(|| self.net.logs())
+    }
+
+    /// DN k's failure detector's `dn-fd status --json`.
+    pub fn fd_status(&self, k: usize) -> Result<Value> {
+        let socket = self.fd_socket(k).display().to_string();
+        let out = run(std::process::Command::new(self.bin("dn-fd")).args([
+            "status",
+            "--control",
+            &socket,
+            "--json",
+        ]))?;
+        serde_json::from_slice(&out.stdout).context("dn-fd status printed no JSON")
+    }
+
+    /// The pid of DN k's `dn` process (its detector's child in a supervised lab).
+    pub fn dn_pid(&self, k: usize) -> Result<u32> {
+        if self.supervised {
+            let status = self.fd_status(k)?;
+            let pid = status["dn"]["pid"]
+                .as_u64()
+                .with_context(|| format!("dn-fd of {} runs no DN now: {status}", dn_role(k)))?;
+            return u32::try_from(pid).context("pid out of range");
+        }
+        self.net
+            .pid(&dn_role(k))
+            .with_context(|| format!("{} is not running", dn_role(k)))
+    }
+
+    /// Fails DN k the way `how` says: SIGKILL of its `dn` process, or every link of its
+    /// namespace down at once (a host or link failure).
+    pub fn fail_dn(&mut self, k: usize, how: Failure) -> Result<()> {
+        match how {
+            Failure::Kill if self.supervised => {
+                let pid = self.dn_pid(k)?;
+                // SAFETY: a pid the lab's own detector reported for its child.
+                if unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) } != 0 {
+                    bail!(
+                        "cannot kill dn pid {pid}: {}",
+                        std::io::Error::last_os_error()
+                    );
+                }
+                Ok(())
+            }
+            Failure::Kill => self.net.stop(&dn_role(k), libc::SIGKILL),
+            Failure::Host => self.cut_links(&dn_role(k)),
+        }
+    }
+
+    /// Sets every link of `role`'s namespace but loopback down, in one `ip -batch` run.
+    pub fn cut_links(&self, role: &str) -> Result<()> {
+        let out = self.net.exec(role, &["ip", "-o", "link", "show"])?;
+        let names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_owned())
+            .filter(|n| n != "lo")
+            .collect();
+        let batch: String = names
+            .iter()
+            .map(|n| format!("link set dev {n} down\n"))
+            .collect();
+        let path = self.net.dir.join(format!("cut-{role}.batch"));
+        fs::write(&path, batch)?;
+        self.net
+            .exec(role, &["ip", "-batch", &path.display().to_string()])?;
+        Ok(())
     }
 
     /// Writes client `i`'s `en.toml` with `credential` and starts its `en`.

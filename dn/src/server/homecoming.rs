@@ -162,6 +162,11 @@ pub(super) async fn listen(dn: Arc<Dn>, peers: Arc<Peers>) {
                 notice: Notice::HomeIsBack,
                 ..
             }) => tell_clients_home_is_back(&dn, &home).await,
+            // Heartbeats are between the failure detectors, on their own port.
+            Ok(PeerNotice {
+                notice: Notice::Alive { .. },
+                ..
+            }) => debug!(%from, "ignoring a detector heartbeat on the DN's port"),
             Err(e) => debug!(%from, error = %e, "ignoring a peer datagram"),
         }
     }

@@ -4,7 +4,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, Subcommand};
 use holdfast_lab::lab::{
-    client_role, dn_role, parse_ping, Credential, Lab, LabSpec, Routing, SERVER,
+    client_role, dn_role, parse_ping, Credential, Failure, Lab, LabSpec, Routing, SERVER,
 };
 use holdfast_lab::{bench, netns, traffic};
 
@@ -28,25 +28,20 @@ enum Esr {
     Bird,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Fail {
+    /// `kill -9` of the primary's `dn` process.
+    Kill,
+    /// Every link of the primary DN's namespace down at once: its host is cut off.
+    Host,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the demo: a client, two DNs, an edge router and a server; a ping at 100 packets/s and
-    /// a download run while the client's primary DN is killed with SIGKILL; prints the packets
-    /// lost and whether the download completed intact.
-    Demo {
-        /// Size of the download in MiB.
-        #[arg(long, default_value_t = 100)]
-        size_mib: u64,
-        /// Pace of the download in MiB/s, so that the failure lands in its middle.
-        #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..))]
-        rate_mib: u64,
-        /// Routing daemon on the DNs and the edge service router.
-        #[arg(long, value_enum, default_value_t = Esr::Frr)]
-        esr: Esr,
-        /// Print one JSON object instead of text.
-        #[arg(long)]
-        json: bool,
-    },
+    /// a download run while the client's primary DN fails (killed with SIGKILL, or its host cut
+    /// off); prints the packets lost and whether the download completed intact.
+    Demo(DemoOptions),
     /// Build the lab with N clients connected and keep it up until Ctrl-C, to explore by hand.
     ///
     /// Prints each namespace and the command that enters it. Ctrl-C (or SIGTERM) removes the
@@ -77,7 +72,37 @@ enum Command {
     },
 }
 
-fn demo(size_mib: u64, rate_mib: u64, esr: Esr, json: bool) -> Result<()> {
+#[derive(clap::Args)]
+struct DemoOptions {
+    /// Size of the download in MiB.
+    #[arg(long, default_value_t = 100)]
+    size_mib: u64,
+    /// Pace of the download in MiB/s, so that the failure lands in its middle.
+    #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..))]
+    rate_mib: u64,
+    /// Routing daemon on the DNs and the edge service router.
+    #[arg(long, value_enum, default_value_t = Esr::Frr)]
+    esr: Esr,
+    /// How the primary DN fails.
+    #[arg(long, value_enum, default_value_t = Fail::Kill)]
+    fail: Fail,
+    /// Run each DN under its failure detector, dn-fd (peers heartbeat every 10 ms).
+    #[arg(long)]
+    dn_fd: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn demo(o: DemoOptions) -> Result<()> {
+    let DemoOptions {
+        size_mib,
+        rate_mib,
+        esr,
+        fail,
+        dn_fd,
+        json,
+    } = o;
     let say = |s: &str| {
         if !json {
             println!("{s}");
@@ -93,6 +118,7 @@ fn demo(size_mib: u64, rate_mib: u64, esr: Esr, json: bool) -> Result<()> {
     let mut lab = Lab::start(&LabSpec {
         dns: 2,
         routing,
+        supervised: dn_fd,
         ..LabSpec::default()
     })?;
     let www = lab.net.dir.join("www");
@@ -131,8 +157,15 @@ fn demo(size_mib: u64, rate_mib: u64, esr: Esr, json: bool) -> Result<()> {
     let pinger = pinger.spawn()?;
     let curl = traffic::paced_download(&lab.net, "en1", &url, &out, rate_mib).spawn()?;
     std::thread::sleep(Duration::from_secs_f64(expected * 0.4));
-    say(&format!("kill -9 of dn{primary} ..."));
-    lab.net.stop(&dn_role(primary), libc::SIGKILL)?;
+    let (failure, what) = match fail {
+        Fail::Kill => (Failure::Kill, format!("kill -9 of dn{primary}")),
+        Fail::Host => (
+            Failure::Host,
+            format!("every link of dn{primary}'s host down"),
+        ),
+    };
+    say(&format!("{what} ..."));
+    lab.fail_dn(primary, failure)?;
     let curl = curl.wait_with_output()?;
     let ping = pinger.wait_with_output()?;
     let (sent, received) = parse_ping(&String::from_utf8_lossy(&ping.stdout))?;
@@ -150,7 +183,9 @@ fn demo(size_mib: u64, rate_mib: u64, esr: Esr, json: bool) -> Result<()> {
             serde_json::json!({
                 "esr": daemon.to_lowercase(),
                 "address": address,
-                "killed": dn_role(primary),
+                "failed": dn_role(primary),
+                "fail": match fail { Fail::Kill => "kill", Fail::Host => "host" },
+                "dn_fd": dn_fd,
                 "lost_packets": lost,
                 "pings_sent": sent,
                 "pings_received": received,
@@ -224,12 +259,7 @@ fn main() -> Result<()> {
     netns::cleanup_on_signals()?;
     let cli = Cli::parse();
     match cli.command {
-        Command::Demo {
-            size_mib,
-            rate_mib,
-            esr,
-            json,
-        } => demo(size_mib, rate_mib, esr, json),
+        Command::Demo(options) => demo(options),
         Command::Up { clients } => up(clients),
         Command::Down => {
             let removed = netns::cleanup_stale().context("cannot clean up")?;

@@ -1,0 +1,142 @@
+//! The DN's side of its failure detector (`dn-fd`, thesis 3.2): heartbeats and faults to it over
+//! a local datagram socket, and what it says about the other DNs back.
+//!
+//! The detector gives the socket's path in [`FD_SOCKET_ENV`]; a DN started without one (by
+//! hand, or by an older supervisor) runs without a detector. The DN binds its own socket next
+//! to its control socket so that the detector can answer.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use holdfast_proto::control::Message;
+use holdfast_proto::fd::{LocalMessage, FD_SOCKET_ENV};
+use holdfast_shell::quic::send_message;
+use tokio::net::UnixDatagram;
+use tracing::{debug, info, warn};
+
+use super::{Dn, Session};
+
+/// How often the DN tells its detector it is alive: a tenth of the detector's default
+/// heartbeat timeout, so that one late tick is never a kill.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(10);
+
+pub(super) struct Link {
+    socket: UnixDatagram,
+    path: PathBuf,
+    detector: PathBuf,
+}
+
+impl Link {
+    /// `None` when no detector supervises this DN.
+    pub(super) fn connect(control: &Path) -> Result<Option<Self>> {
+        let Some(detector) = std::env::var_os(FD_SOCKET_ENV).map(PathBuf::from) else {
+            return Ok(None);
+        };
+        let mut path = control.as_os_str().to_owned();
+        path.push(".fd");
+        let path = PathBuf::from(path);
+        // A socket file left by an earlier process of this DN.
+        let _ = std::fs::remove_file(&path);
+        let socket = UnixDatagram::bind(&path)
+            .with_context(|| format!("cannot bind the detector socket {}", path.display()))?;
+        info!(detector = %detector.display(), "supervised by a failure detector");
+        Ok(Some(Self {
+            socket,
+            path,
+            detector,
+        }))
+    }
+
+    fn send(&self, message: &LocalMessage) {
+        if let Err(e) = self
+            .socket
+            .try_send_to(message.encode().as_bytes(), &self.detector)
+        {
+            debug!(error = %e, "cannot reach the failure detector");
+        }
+    }
+
+    /// Tells the detector the DN cannot go on; it kills and restarts it.
+    pub(super) fn report_fault(&self, reason: &str) {
+        self.send(&LocalMessage::Fault {
+            pid: std::process::id(),
+            reason: reason.to_owned(),
+        });
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Heartbeats to the detector, and peer changes from it, for the DN's life.
+pub(super) async fn run(dn: Arc<Dn>, link: Arc<Link>) {
+    let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let pid = std::process::id();
+    let mut buf = [0u8; 512];
+    loop {
+        tokio::select! {
+            _ = tick.tick() => link.send(&LocalMessage::Heartbeat {
+                pid,
+                forwarded: dn.forwarded.load(Relaxed),
+            }),
+            got = link.socket.recv(&mut buf) => match got {
+                Ok(n) => match LocalMessage::decode(&buf[..n]) {
+                    Some(LocalMessage::Peer { dn: peer, up }) => on_peer(&dn, &peer, up).await,
+                    other => debug!(?other, "ignoring a detector datagram"),
+                },
+                Err(e) => {
+                    warn!(error = %e, "detector socket failed");
+                    tokio::time::sleep(HEARTBEAT_INTERVAL).await;
+                }
+            },
+        }
+    }
+}
+
+/// The detector says DN `peer` is down or up again. Down: the blocks this DN backs for it go
+/// active now, and every client carried by a secondary session here is told, so that those
+/// whose primary it is switch before their own probes could tell.
+async fn on_peer(dn: &Dn, peer: &str, up: bool) {
+    if peer == dn.spec.name || dn.cluster.dn(peer).is_none() {
+        debug!(%peer, "ignoring a peer change about no other DN of the cluster");
+        return;
+    }
+    if up {
+        info!(%peer, "the failure detector says this DN is up");
+    } else {
+        warn!(%peer, "the failure detector says this DN is down: taking over the blocks backed for it");
+    }
+    if let Err(e) = dn.routes.lock().await.set_down(peer, !up).await {
+        warn!(error = %format!("{e:#}"), "cannot follow the peer's state in the routes");
+    }
+    if up {
+        return;
+    }
+    let secondaries: Vec<Arc<Session>> = dn
+        .hosts
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .filter(|s| !s.promoted.load(Relaxed))
+        .cloned()
+        .collect();
+    if !secondaries.is_empty() {
+        info!(%peer, clients = secondaries.len(), "telling the clients with a secondary session here");
+    }
+    let message = Message::PeerDown {
+        dn: peer.to_owned(),
+    };
+    for session in secondaries {
+        let mut control = session.control.lock().await;
+        if let Err(e) = send_message(&mut control, &message).await {
+            debug!(client = %session.identity, error = %format!("{e:#}"), "cannot tell the client");
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! The DN failure detector, `dn-fd`, against the real binaries: it kills a hung DN and deletes
+//! its routes, restarts a flapping DN with growing delays, takes its DN with it when it dies,
+//! and notices a DN host cut off from the cluster through the peers' heartbeats.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, ensure, Context, Result};
+use holdfast_lab::lab::{
+    dn_on_cluster_net, dn_role, with_lab, Credential, Failure, Lab, LabSpec, Routing, SERVER,
+};
+use holdfast_lab::netns::wait_until;
+use serde_json::Value;
+
+fn supervised(dns: usize, routing: Routing, fd_args: &[&str]) -> LabSpec {
+    LabSpec {
+        dns,
+        routing,
+        supervised: true,
+        fd_args: fd_args.iter().map(|s| (*s).to_owned()).collect(),
+        ..LabSpec::default()
+    }
+}
+
+/// Waits until DN k runs (heartbeats) with a pid other than `not`; returns the pid.
+fn wait_running(lab: &Lab, k: usize, not: Option<u32>, timeout: Duration) -> Result<u32> {
+    let mut pid = None;
+    wait_until(timeout, &format!("dn{k} to run under dn-fd"), || {
+        pid = lab.fd_status(k).ok().and_then(|s| {
+            let p = u32::try_from(s["dn"]["pid"].as_u64()?).ok()?;
+            (s["dn"]["state"] == "running" && Some(p) != not).then_some(p)
+        });
+        pid.is_some()
+    })?;
+    pid.ok_or_else(|| anyhow!("no pid"))
+}
+
+/// Routes with protocol number 200 in DN k's namespace.
+fn holdfast_routes(lab: &Lab, k: usize) -> Result<String> {
+    let out = lab
+        .net
+        .exec(&dn_role(k), &["ip", "route", "show", "proto", "200"])?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// What DN k's detector says of DN `of`.
+fn peer_state(lab: &Lab, k: usize, of: usize) -> Option<String> {
+    let status = lab.fd_status(k).ok()?;
+    status["peers"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == dn_role(of).as_str())
+        .and_then(|p| p["state"].as_str().map(str::to_owned))
+}
+
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[test]
+fn a_stopped_dn_is_killed_its_routes_deleted_and_it_is_restarted() {
+    // A slow restart leaves time to see that no route outlives the kill.
+    let spec = supervised(1, Routing::Static, &["--restart-base-ms", "1500"]);
+    with_lab(spec, |lab| {
+        let pid = wait_running(lab, 1, None, Duration::from_secs(10))?;
+        ensure!(
+            !holdfast_routes(lab, 1)?.is_empty(),
+            "the DN installed no routes"
+        );
+        let stopped = Instant::now();
+        // SAFETY: the DN's pid, as its detector reports it.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) };
+        let mut status = Value::Null;
+        wait_until(
+            Duration::from_secs(3),
+            "dn-fd to kill the stopped DN",
+            || {
+                status = lab.fd_status(1).unwrap_or(Value::Null);
+                status["kills"].as_u64() >= Some(1)
+            },
+        )?;
+        let detected = stopped.elapsed();
+        let routes = holdfast_routes(lab, 1)?;
+        eprintln!("killed {detected:?} after SIGSTOP (heartbeat timeout 100 ms); status {status}");
+        ensure!(
+            status["last_kill"]
+                .as_str()
+                .is_some_and(|k| k.starts_with("no heartbeat")),
+            "wrong kill reason: {status}"
+        );
+        ensure!(status["kills_by_reason"]["heartbeat"] == 1, "{status}");
+        ensure!(
+            routes.is_empty(),
+            "protocol-200 routes left after the kill:\n{routes}"
+        );
+        ensure!(
+            status["routes_deleted"].as_u64() > Some(0),
+            "dn-fd deleted no routes: {status}"
+        );
+        wait_until(
+            Duration::from_secs(2),
+            "the stopped DN to be reaped",
+            || !alive(pid),
+        )?;
+        let again = wait_running(lab, 1, Some(pid), Duration::from_secs(10))?;
+        let restarted = stopped.elapsed();
+        eprintln!("dn restarted as pid {again} {restarted:?} after SIGSTOP");
+        ensure!(
+            restarted >= Duration::from_millis(1500),
+            "restarted after {restarted:?}, before the 1.5 s back-off"
+        );
+        let status = lab.fd_status(1)?;
+        ensure!(status["starts"] == 2 && status["restarts"] == 1, "{status}");
+        wait_until(Duration::from_secs(5), "the restarted DN's routes", || {
+            holdfast_routes(lab, 1).is_ok_and(|r| !r.is_empty())
+        })?;
+        // The same figures as Prometheus metrics, inside the DN's namespace.
+        let out = lab
+            .net
+            .exec("dn1", &["curl", "-sf", "http://127.0.0.1:9435/metrics"])?;
+        let metrics = String::from_utf8_lossy(&out.stdout);
+        for line in [
+            "holdfast_dnfd_dn_kills_total{reason=\"heartbeat\"} 1",
+            "holdfast_dnfd_dn_restarts_total 1",
+            "holdfast_dnfd_dn_up{node=\"dn1\"} 1",
+        ] {
+            ensure!(
+                metrics.lines().any(|l| l == line),
+                "no {line:?} in the metrics:\n{metrics}"
+            );
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn a_flapping_dn_is_restarted_with_growing_delays() {
+    let spec = supervised(1, Routing::Static, &["--restart-base-ms", "300"]);
+    with_lab(spec, |lab| {
+        let mut pid = wait_running(lab, 1, None, Duration::from_secs(10))?;
+        let mut delays = Vec::new();
+        for _ in 0..4 {
+            let killed = Instant::now();
+            // SAFETY: the DN's pid, as its detector reports it.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            pid = wait_running(lab, 1, Some(pid), Duration::from_secs(15))?;
+            delays.push(killed.elapsed());
+        }
+        eprintln!("kill to running again: {delays:?} (back-off 300, 600, 1200, 2400 ms)");
+        for (i, d) in delays.iter().enumerate() {
+            let floor = Duration::from_millis(300 << i);
+            ensure!(*d >= floor, "restart {i} after {d:?}, before {floor:?}");
+        }
+        ensure!(
+            delays.windows(2).all(|w| w[1] > w[0]),
+            "delays do not grow: {delays:?}"
+        );
+        let status = lab.fd_status(1)?;
+        ensure!(
+            status["restarts"] == 4 && status["recent_failures"] == 4,
+            "{status}"
+        );
+        ensure!(
+            status["last_exit"]
+                .as_str()
+                .is_some_and(|e| e.contains("signal 9")),
+            "{status}"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn no_dn_outlives_its_detector() {
+    with_lab(supervised(1, Routing::Static, &[]), |lab| {
+        let pid = wait_running(lab, 1, None, Duration::from_secs(10))?;
+        lab.net.stop(&Lab::fd_role(1), libc::SIGKILL)?;
+        wait_until(Duration::from_secs(3), "the DN to die with dn-fd", || {
+            !alive(pid)
+        })
+        .context("dn-fd was killed with SIGKILL and its DN still runs")
+    });
+}
+
+#[test]
+fn a_dn_host_cut_off_is_reported_down_by_its_peer_which_takes_its_blocks() {
+    with_lab(supervised(2, Routing::Frr, &[]), |lab| {
+        lab.start_client(1, &Credential::Issued("client1".into()))?;
+        let address = lab.wait_address(1, Duration::from_secs(15))?;
+        let (primary, backup) = lab.primary_and_secondary(1, Duration::from_secs(10))?;
+        wait_until(
+            Duration::from_secs(5),
+            "the detectors to hear each other",
+            || peer_state(lab, backup, primary).as_deref() == Some("up"),
+        )?;
+        let (sent, received) = lab.ping("en1", SERVER, 5, &[])?;
+        ensure!(sent == received, "no traffic before the failure");
+
+        let cut = Instant::now();
+        lab.fail_dn(primary, Failure::Host)?;
+        wait_until(
+            Duration::from_secs(2),
+            "the backup's detector to report the peer silent",
+            || peer_state(lab, backup, primary).as_deref() == Some("silent"),
+        )?;
+        eprintln!(
+            "dn{backup}'s detector reported dn{primary} silent {:?} after the cut",
+            cut.elapsed()
+        );
+        // The backup's DN heard it from its detector and serves the dead peer's blocks.
+        let dn_status = lab.dn_status(backup)?;
+        ensure!(
+            dn_status["peers_down"]
+                .as_array()
+                .is_some_and(|d| d.iter().any(|x| x == dn_role(primary).as_str())),
+            "dn{backup} does not know dn{primary} is down: {dn_status}"
+        );
+        let active = dn_status["routes"]
+            .as_array()
+            .map(|r| {
+                r.iter()
+                    .filter(|x| x["reason"] == format!("serving for dn{primary}").as_str())
+                    .count()
+            })
+            .unwrap_or(0);
+        ensure!(
+            active > 0,
+            "dn{backup} serves no block of dn{primary}: {dn_status}"
+        );
+        let via_backup = dn_on_cluster_net(backup);
+        wait_until(
+            Duration::from_secs(5),
+            "the ESR to route the client via the backup",
+            || lab.esr_next_hop(address).is_ok_and(|h| h == via_backup),
+        )?;
+        let (sent, received) = lab.ping("en1", SERVER, 20, &["-i", "0.05"])?;
+        ensure!(
+            sent == received,
+            "{} of {sent} pings lost after the failover",
+            sent - received
+        );
+        Ok(())
+    });
+}
