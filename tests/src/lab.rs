@@ -639,6 +639,14 @@ impl Lab {
         Ok(())
     }
 
+    /// Cuts DN k off the cluster network only (its link to the ESR and the other DNs); its
+    /// clients still reach it.
+    pub fn cut_cluster_link(&self, k: usize) -> Result<()> {
+        self.net
+            .exec(&dn_role(k), &["ip", "link", "set", "dev", "to-esr", "down"])?;
+        Ok(())
+    }
+
     /// Writes client `i`'s `en.toml` with `credential` and starts its `en`.
     pub fn start_client(&mut self, i: usize, credential: &Credential) -> Result<()> {
         let (dir, identity) = match credential {

@@ -232,10 +232,58 @@ fn a_dn_host_cut_off_is_reported_down_by_its_peer_which_takes_its_blocks() {
             "the ESR to route the client via the backup",
             || lab.esr_next_hop(address).is_ok_and(|h| h == via_backup),
         )?;
+        eprintln!(
+            "the client's sessions now: {}",
+            lab.en_status(1)?["sessions"]
+        );
         let (sent, received) = lab.ping("en1", SERVER, 20, &["-i", "0.05"])?;
         ensure!(
             sent == received,
             "{} of {sent} pings lost after the failover",
+            sent - received
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn a_dn_cut_from_the_cluster_network_is_reported_down_and_its_clients_told_to_switch() {
+    with_lab(supervised(2, Routing::Frr, &[]), |lab| {
+        lab.start_client(1, &Credential::Issued("client1".into()))?;
+        let address = lab.wait_address(1, Duration::from_secs(15))?;
+        let (primary, backup) = lab.primary_and_secondary(1, Duration::from_secs(10))?;
+        wait_until(
+            Duration::from_secs(5),
+            "the detectors to hear each other",
+            || peer_state(lab, backup, primary).as_deref() == Some("up"),
+        )?;
+        // The client still reaches its primary; only the detectors and OSPF lose it. The
+        // client learns it from the backup, over its secondary session.
+        lab.cut_cluster_link(primary)?;
+        let mut status = Value::Null;
+        wait_until(
+            Duration::from_secs(3),
+            "the client to switch to the backup",
+            || {
+                status = lab.en_status(1).unwrap_or(Value::Null);
+                status["sessions"][backup - 1]["role"] == "primary"
+            },
+        )?;
+        let dead = &status["sessions"][primary - 1];
+        ensure!(
+            dead["last_error"] == "ReportedDead",
+            "the client dropped dn{primary} for another reason: {dead}"
+        );
+        let via_backup = dn_on_cluster_net(backup);
+        wait_until(
+            Duration::from_secs(5),
+            "the ESR to route the client via the backup",
+            || lab.esr_next_hop(address).is_ok_and(|h| h == via_backup),
+        )?;
+        let (sent, received) = lab.ping("en1", SERVER, 20, &["-i", "0.05"])?;
+        ensure!(
+            sent == received,
+            "{} of {sent} pings lost after the switch",
             sent - received
         );
         Ok(())
