@@ -410,5 +410,13 @@ pub fn summary(cluster: &Cluster) -> String {
                 .join(", ")
         );
     }
+    let d = &cluster.detector;
+    let _ = writeln!(
+        out,
+        "detector port {}, heartbeats every {} ms, down after {} missed",
+        d.port,
+        d.peers.interval.as_millis(),
+        d.peers.misses
+    );
     out
 }

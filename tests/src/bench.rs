@@ -11,7 +11,8 @@ use crate::lab::{
     client_underlay_address, dn_address_for_client, Credential, Lab, LabSpec, SERVER, SERVER_NET,
 };
 use crate::netns::wait_until;
-use crate::traffic::{iperf3, percentile, ping_rtts};
+use crate::stats::percentile;
+use crate::traffic::{iperf3, ping_rtts};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Figures {
@@ -220,6 +221,52 @@ pub fn run(seconds: u32) -> Result<Report> {
 }
 
 impl Report {
+    fn paths(&self) -> [(&'static str, &Figures); 3] {
+        [
+            ("holdfast", &self.holdfast),
+            ("wireguard-go", &self.wireguard_go),
+            ("veth (bare)", &self.veth),
+        ]
+    }
+
+    /// `bench.csv` (one row per path) and bar charts of throughput and RTT.
+    pub fn write(&self, dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let mut csv = "path,seconds,mbps,rtt_p50_us,rtt_p99_us,cpu_s_per_gb\n".to_owned();
+        for (name, f) in self.paths() {
+            csv += &format!(
+                "{name},{},{:.1},{:.1},{:.1},{}\n",
+                self.seconds,
+                f.mbps,
+                f.rtt_p50_us,
+                f.rtt_p99_us,
+                f.cpu_s_per_gb
+                    .map(|c| format!("{c:.3}"))
+                    .unwrap_or_default()
+            );
+        }
+        let csv_path = dir.join("bench.csv");
+        std::fs::write(&csv_path, csv)?;
+        let throughput = dir.join("bench-throughput.svg");
+        crate::plot::bars(
+            &throughput,
+            &format!(
+                "TCP throughput, client to server (iperf3, {} s)",
+                self.seconds
+            ),
+            "Mbit/s",
+            &self.paths().map(|(n, f)| (n.to_owned(), f.mbps)),
+        )?;
+        let rtt = dir.join("bench-rtt.svg");
+        crate::plot::bars(
+            &rtt,
+            "Round-trip time, median of 200 pings",
+            "microseconds",
+            &self.paths().map(|(n, f)| (n.to_owned(), f.rtt_p50_us)),
+        )?;
+        Ok(vec![csv_path, throughput, rtt])
+    }
+
     pub fn json(&self) -> serde_json::Value {
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
         serde_json::json!({
@@ -256,9 +303,9 @@ impl Report {
             "{:<14} {:>10} {:>10} {:>10} {:>12}\n",
             "path", "Mbit/s", "RTT p50us", "RTT p99us", "CPU s/GB"
         );
-        out += &row("holdfast", &self.holdfast);
-        out += &row("wireguard-go", &self.wireguard_go);
-        out += &row("veth (bare)", &self.veth);
+        for (name, f) in self.paths() {
+            out += &row(name, f);
+        }
         out += &format!(
             "\nholdfast / wireguard-go: throughput x{:.2}, RTT p50 x{:.2}\n",
             self.holdfast.mbps / self.wireguard_go.mbps,

@@ -113,12 +113,25 @@ pub struct LabSpec {
 }
 
 /// How a DN is failed in tests and experiments.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Failure {
     /// `kill -9` of the `dn` process.
     Kill,
     /// Every link of the DN's namespace down at once: its host is cut off.
     Host,
+    /// Only the DN's link to the cluster network down: its clients still reach it, but it
+    /// reaches neither the ESR nor the other DNs.
+    Link,
+}
+
+impl Failure {
+    pub fn name(self) -> &'static str {
+        match self {
+            Failure::Kill => "kill",
+            Failure::Host => "host",
+            Failure::Link => "link",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,6 +147,14 @@ pub enum Routing {
 }
 
 impl Routing {
+    pub fn name(self) -> &'static str {
+        match self {
+            Routing::Static => "static",
+            Routing::Frr => "frr",
+            Routing::Bird => "bird",
+        }
+    }
+
     /// Whether the lab has an ESR and runs a routing daemon.
     pub fn dynamic(self) -> bool {
         self != Routing::Static
@@ -616,6 +637,7 @@ impl Lab {
             }
             Failure::Kill => self.net.stop(&dn_role(k), libc::SIGKILL),
             Failure::Host => self.cut_links(&dn_role(k)),
+            Failure::Link => self.cut_cluster_link(k),
         }
     }
 

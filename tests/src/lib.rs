@@ -2,6 +2,9 @@
 //! running in them, and real traffic tools (ping, curl, iperf3) measuring what they do.
 
 pub mod bench;
+pub mod experiment;
 pub mod lab;
 pub mod netns;
+pub mod plot;
+pub mod stats;
 pub mod traffic;

@@ -3,10 +3,12 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, Subcommand};
+use holdfast_lab::experiment::{self, Setup};
 use holdfast_lab::lab::{
     client_role, dn_role, parse_ping, Credential, Failure, Lab, LabSpec, Routing, SERVER,
 };
 use holdfast_lab::{bench, netns, traffic};
+use std::path::PathBuf;
 
 /// Holdfast's lab: the testbed in network namespaces on this machine (needs root).
 ///
@@ -19,7 +21,7 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Esr {
     /// FRR (zebra, ospfd), configured by esr-config.
     Frr,
@@ -28,12 +30,13 @@ enum Esr {
     Bird,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum Fail {
-    /// `kill -9` of the primary's `dn` process.
-    Kill,
-    /// Every link of the primary DN's namespace down at once: its host is cut off.
-    Host,
+impl Esr {
+    fn routing(self) -> Routing {
+        match self {
+            Esr::Frr => Routing::Frr,
+            Esr::Bird => Routing::Bird,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -50,6 +53,15 @@ enum Command {
         /// Client namespaces (en1..enN), each with its own identity and `en`.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=50))]
         clients: u8,
+        /// DNs (dn1..dnN). With more than one, the lab has an ESR running --esr.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
+        dns: u8,
+        /// Routing daemon on the DNs and the ESR when there is more than one DN.
+        #[arg(long, value_enum, default_value_t = Esr::Frr)]
+        esr: Esr,
+        /// Run each DN under its failure detector, dn-fd.
+        #[arg(long)]
+        dn_fd: bool,
     },
     /// Remove labs left behind by processes that no longer exist (never a live lab's).
     ///
@@ -66,10 +78,153 @@ enum Command {
         /// Seconds of iperf3 per setup.
         #[arg(long, default_value_t = 10)]
         seconds: u32,
+        /// Write bench.csv and bar charts (SVG) of throughput and RTT into DIR.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
         /// Print one JSON object instead of the table.
         #[arg(long)]
         json: bool,
     },
+    /// The thesis's chapter 5 experiments: what a client notices when its DN fails.
+    ///
+    /// Every run builds a fresh lab (client, two DNs, ESR, server), fails the client's primary
+    /// DN once while traffic flows, measures and tears the lab down. Several values for --esr,
+    /// --fail and --dn-fd (comma-separated) run every combination, one series each.
+    #[command(subcommand)]
+    Experiment(Experiment),
+}
+
+#[derive(Subcommand)]
+enum Experiment {
+    /// A steady ping from the client to the server; counts the packets lost per run, in all and
+    /// in a row (thesis figures 5.2 and 5.3).
+    ///
+    /// Example: lab experiment icmp --rate 100 --runs 45 --esr frr,bird --out results
+    Icmp {
+        /// Packets per second (the thesis: 10 and 100).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        rate: u32,
+        #[command(flatten)]
+        common: ExperimentOptions,
+    },
+    /// An HTTP download (curl from a Python HTTP server on the server host) with and without a
+    /// failure part-way through; download times, mean, std dev, 95% CI, median, and what the
+    /// failure added (thesis tables 5.1, 5.3 and 5.4). Every download's SHA-256 is checked.
+    ///
+    /// Example: lab experiment http --size 63M --runs 10 --fail-at 40% --out results
+    Http {
+        /// File size: 63M or 625M as in the thesis, or any size with a K, M or G suffix
+        /// (powers of ten, like the thesis's MB).
+        #[arg(long, default_value = "63M", value_parser = parse_size)]
+        size: u64,
+        /// How far into the download the primary fails, in percent.
+        #[arg(long, default_value = "40%", value_parser = parse_percent)]
+        fail_at: f64,
+        #[command(flatten)]
+        common: ExperimentOptions,
+    },
+}
+
+#[derive(clap::Args)]
+struct ExperimentOptions {
+    /// Runs per setup (the thesis did at least 45 ICMP failovers and 30 downloads per case).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
+    /// Routing daemon(s) on the DNs and the ESR.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "frr")]
+    esr: Vec<Esr>,
+    /// How the primary fails: kill (SIGKILL of dn), host (every link of its host down), link
+    /// (only its cluster-network link down).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "kill")]
+    fail: Vec<Failure>,
+    /// Run the DNs under dn-fd: off, on, or both (off,on).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "off")]
+    dn_fd: Vec<OnOff>,
+    /// Write a CSV of every run and an SVG chart into DIR.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Print one JSON object (per-run figures and summaries) instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    Off,
+    On,
+}
+
+impl ExperimentOptions {
+    fn setups(&self) -> Vec<Setup> {
+        let esrs: Vec<Routing> = self.esr.iter().map(|e| e.routing()).collect();
+        let dn_fds: Vec<bool> = self.dn_fd.iter().map(|d| *d == OnOff::On).collect();
+        Setup::matrix(&esrs, &self.fail, &dn_fds)
+    }
+}
+
+/// "63M" -> 63 000 000 bytes.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (digits, factor) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&t[..i], 1_000),
+        Some((i, 'M' | 'm')) => (&t[..i], 1_000_000),
+        Some((i, 'G' | 'g')) => (&t[..i], 1_000_000_000),
+        _ => (t, 1),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size like 63M or 625M"))?;
+    match n.checked_mul(factor) {
+        Some(0) | None => Err(format!(
+            "{text:?}: the size must be above zero and below 2^64"
+        )),
+        Some(size) => Ok(size),
+    }
+}
+
+/// "40%" or "40" -> 0.4.
+fn parse_percent(text: &str) -> Result<f64, String> {
+    let v: f64 = text
+        .trim()
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("{text:?} is not a percentage like 40%"))?;
+    if !(1.0..=99.0).contains(&v) {
+        return Err(format!(
+            "{text:?}: the failure must land between 1% and 99%"
+        ));
+    }
+    Ok(v / 100.0)
+}
+
+/// Prints an experiment's report as asked, writes its files, and fails if a run could not be
+/// measured.
+fn finish(report: &impl experiment::Report, common: &ExperimentOptions) -> Result<()> {
+    if common.json {
+        println!("{}", report.json());
+    } else {
+        print!("{}", report.table());
+    }
+    if let Some(dir) = &common.out {
+        report_files(&report.write(dir)?, common.json);
+    }
+    ensure!(
+        report.errors().is_empty(),
+        "{} run(s) could not be measured",
+        report.errors().len()
+    );
+    Ok(())
+}
+
+fn report_files(files: &[PathBuf], json: bool) {
+    for f in files {
+        let line = format!("wrote {}", f.display());
+        if json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -84,8 +239,8 @@ struct DemoOptions {
     #[arg(long, value_enum, default_value_t = Esr::Frr)]
     esr: Esr,
     /// How the primary DN fails.
-    #[arg(long, value_enum, default_value_t = Fail::Kill)]
-    fail: Fail,
+    #[arg(long, value_enum, default_value_t = Failure::Kill)]
+    fail: Failure,
     /// Run each DN under its failure detector, dn-fd (peers heartbeat every 10 ms).
     #[arg(long)]
     dn_fd: bool,
@@ -108,10 +263,8 @@ fn demo(o: DemoOptions) -> Result<()> {
             println!("{s}");
         }
     };
-    let (routing, daemon) = match esr {
-        Esr::Frr => (Routing::Frr, "FRR"),
-        Esr::Bird => (Routing::Bird, "BIRD"),
-    };
+    let routing = esr.routing();
+    let daemon = routing.name().to_uppercase();
     say(&format!(
         "building the lab: en1 -- dn1, dn2 -- esr ({daemon}, OSPF) -- srv in network namespaces ..."
     ));
@@ -157,15 +310,15 @@ fn demo(o: DemoOptions) -> Result<()> {
     let pinger = pinger.spawn()?;
     let curl = traffic::paced_download(&lab.net, "en1", &url, &out, rate_mib).spawn()?;
     std::thread::sleep(Duration::from_secs_f64(expected * 0.4));
-    let (failure, what) = match fail {
-        Fail::Kill => (Failure::Kill, format!("kill -9 of dn{primary}")),
-        Fail::Host => (
-            Failure::Host,
-            format!("every link of dn{primary}'s host down"),
-        ),
-    };
-    say(&format!("{what} ..."));
-    lab.fail_dn(primary, failure)?;
+    say(&format!(
+        "{} ...",
+        match fail {
+            Failure::Kill => format!("kill -9 of dn{primary}"),
+            Failure::Host => format!("every link of dn{primary}'s host down"),
+            Failure::Link => format!("dn{primary}'s cluster link down"),
+        }
+    ));
+    lab.fail_dn(primary, fail)?;
     let curl = curl.wait_with_output()?;
     let ping = pinger.wait_with_output()?;
     let (sent, received) = parse_ping(&String::from_utf8_lossy(&ping.stdout))?;
@@ -184,7 +337,7 @@ fn demo(o: DemoOptions) -> Result<()> {
                 "esr": daemon.to_lowercase(),
                 "address": address,
                 "failed": dn_role(primary),
-                "fail": match fail { Fail::Kill => "kill", Fail::Host => "host" },
+                "fail": fail.name(),
                 "dn_fd": dn_fd,
                 "lost_packets": lost,
                 "pings_sent": sent,
@@ -221,10 +374,17 @@ fn demo(o: DemoOptions) -> Result<()> {
     Ok(())
 }
 
-fn up(clients: u8) -> Result<()> {
-    let clients = usize::from(clients);
+fn up(clients: u8, dns: u8, esr: Esr, dn_fd: bool) -> Result<()> {
+    let (clients, dns) = (usize::from(clients), usize::from(dns));
     let mut lab = Lab::start(&LabSpec {
         clients,
+        dns,
+        routing: if dns > 1 {
+            esr.routing()
+        } else {
+            Routing::Static
+        },
+        supervised: dn_fd,
         ..LabSpec::default()
     })?;
     for i in 1..=clients {
@@ -237,9 +397,12 @@ fn up(clients: u8) -> Result<()> {
         lab.net.id(),
         lab.net.dir.display()
     );
+    let esr = (dns > 1).then(|| "esr".to_owned());
     for role in (1..=clients)
         .map(client_role)
-        .chain(["dn1".into(), "srv".into()])
+        .chain((1..=dns).map(dn_role))
+        .chain(esr)
+        .chain(["srv".into()])
     {
         println!("  {role:<4} ip netns exec {} bash", lab.net.ns(&role));
     }
@@ -248,6 +411,20 @@ fn up(clients: u8) -> Result<()> {
         lab.bin("en"),
         lab.en_config(1).display()
     );
+    for k in 1..=dns {
+        println!(
+            "          {} status --control {}",
+            lab.bin("dn"),
+            lab.dn_socket(k).display()
+        );
+        if dn_fd {
+            println!(
+                "          {} status --control {}",
+                lab.bin("dn-fd"),
+                lab.fd_socket(k).display()
+            );
+        }
+    }
     println!("Ctrl-C tears it down.");
     loop {
         std::thread::sleep(Duration::from_secs(3600));
@@ -260,7 +437,12 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Demo(options) => demo(options),
-        Command::Up { clients } => up(clients),
+        Command::Up {
+            clients,
+            dns,
+            esr,
+            dn_fd,
+        } => up(clients, dns, esr, dn_fd),
         Command::Down => {
             let removed = netns::cleanup_stale().context("cannot clean up")?;
             if removed.is_empty() {
@@ -274,14 +456,40 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Bench { seconds, json } => {
+        Command::Bench { seconds, out, json } => {
             let report = bench::run(seconds)?;
             if json {
                 println!("{}", report.json());
             } else {
                 print!("{}", report.table());
             }
+            if let Some(dir) = out {
+                report_files(&report.write(&dir)?, json);
+            }
             Ok(())
         }
+        Command::Experiment(Experiment::Icmp { rate, common }) => finish(
+            &experiment::icmp(&experiment::IcmpOptions {
+                rate,
+                runs: common.runs as usize,
+                setups: common.setups(),
+                quiet: common.json,
+            })?,
+            &common,
+        ),
+        Command::Experiment(Experiment::Http {
+            size,
+            fail_at,
+            common,
+        }) => finish(
+            &experiment::http(&experiment::HttpOptions {
+                size,
+                runs: common.runs as usize,
+                fail_at,
+                setups: common.setups(),
+                quiet: common.json,
+            })?,
+            &common,
+        ),
     }
 }

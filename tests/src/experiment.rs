@@ -1,0 +1,826 @@
+//! The thesis's chapter 5 experiments on the lab: how much a client notices when its DN fails.
+//!
+//! Each run builds a fresh lab (one client, two DNs, an ESR, a server) for its setup, fails the
+//! client's primary DN once while traffic flows, measures, and tears the lab down, so that no
+//! run inherits another's state. ICMP (thesis 5.1): a steady ping stream, lost packets counted
+//! per run. HTTP (thesis 5.2): download times with and without a failure part-way through.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::lab::{Credential, Failure, Lab, LabSpec, Routing, SERVER};
+use crate::plot;
+use crate::stats::{Difference, Summary};
+use crate::traffic::{self, Blob};
+
+/// What one series of runs is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Setup {
+    pub esr: Routing,
+    pub fail: Failure,
+    /// Every DN under its failure detector.
+    pub dn_fd: bool,
+}
+
+impl Setup {
+    pub fn name(&self) -> String {
+        format!(
+            "{} {}{}",
+            self.esr.name(),
+            self.fail.name(),
+            if self.dn_fd { " dn-fd" } else { "" }
+        )
+    }
+
+    /// Every combination, in the order given.
+    pub fn matrix(esrs: &[Routing], fails: &[Failure], dn_fds: &[bool]) -> Vec<Setup> {
+        let mut out = Vec::new();
+        for &esr in esrs {
+            for &fail in fails {
+                for &dn_fd in dn_fds {
+                    out.push(Setup { esr, fail, dn_fd });
+                }
+            }
+        }
+        out
+    }
+
+    /// The default lab for this setup, with client 1 up; returns its primary DN.
+    fn lab(&self) -> Result<(Lab, usize)> {
+        let mut lab = Lab::start(&LabSpec {
+            dns: 2,
+            routing: self.esr,
+            supervised: self.dn_fd,
+            ..LabSpec::default()
+        })?;
+        lab.start_client(1, &Credential::Issued("client1".into()))?;
+        lab.wait_address(1, Duration::from_secs(15))?;
+        let (primary, _) = lab.primary_and_secondary(1, Duration::from_secs(10))?;
+        Ok((lab, primary))
+    }
+}
+
+/// What every experiment's report offers the `lab` command.
+pub trait Report {
+    /// The summary table, for people.
+    fn table(&self) -> String;
+    /// One JSON object with every run's figures and the summaries.
+    fn json(&self) -> serde_json::Value;
+    /// CSV of every run and an SVG chart into `dir`; returns the files written.
+    fn write(&self, dir: &Path) -> Result<Vec<PathBuf>>;
+    /// Runs that could not be measured, with why.
+    fn errors(&self) -> &[String];
+}
+
+/// One setup's entry in a report's JSON: what the setup is, and its `figures` (an object).
+fn setup_json(setup: &Setup, figures: serde_json::Value) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    m.insert("setup".into(), setup.name().into());
+    m.insert("esr".into(), setup.esr.name().into());
+    m.insert("fail".into(), setup.fail.name().into());
+    m.insert("dn_fd".into(), setup.dn_fd.into());
+    if let serde_json::Value::Object(figures) = figures {
+        m.extend(figures);
+    }
+    m.into()
+}
+
+fn setup_csv(setup: &Setup) -> String {
+    format!(
+        "{},{},{},{}",
+        setup.name(),
+        setup.esr.name(),
+        setup.fail.name(),
+        setup.dn_fd
+    )
+}
+
+/// The report's object, with the single setup's `keys` copied to the top level when only one
+/// setup ran (the common case: `lost`, `typical_s`... right where a script looks).
+fn report_json(
+    mut head: serde_json::Value,
+    setups: Vec<serde_json::Value>,
+    errors: &[String],
+    keys: &[&str],
+) -> serde_json::Value {
+    if let Some(obj) = head.as_object_mut() {
+        if let [only] = &setups[..] {
+            for key in keys {
+                obj.insert((*key).into(), only[*key].clone());
+            }
+        }
+        obj.insert("setups".into(), setups.into());
+        obj.insert("errors".into(), errors.into());
+    }
+    head
+}
+
+fn errors_section(out: &mut String, errors: &[String]) {
+    for e in errors {
+        let _ = writeln!(out, "not measured: {e}");
+    }
+}
+
+fn create_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))
+}
+
+/// Keeps a measured run (and says so on stderr), or records why it could not be measured.
+fn keep<R>(
+    quiet: bool,
+    what: String,
+    result: Result<R>,
+    say: impl Fn(&R) -> String,
+    runs: &mut Vec<R>,
+    errors: &mut Vec<String>,
+) {
+    match result {
+        Ok(r) => {
+            progress(quiet, &format!("{what}: {}", say(&r)));
+            runs.push(r);
+        }
+        Err(e) => {
+            let e = format!("{what}: {e:#}");
+            progress(quiet, &e);
+            errors.push(e);
+        }
+    }
+}
+
+/// Says what is going on, on stderr, unless the output is JSON only.
+fn progress(quiet: bool, line: &str) {
+    if !quiet {
+        eprintln!("{line}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ICMP
+
+pub struct IcmpOptions {
+    /// Packets per second.
+    pub rate: u32,
+    pub runs: usize,
+    pub setups: Vec<Setup>,
+    pub quiet: bool,
+}
+
+/// Seconds of steady stream before the failure and after it.
+const ICMP_BEFORE: f64 = 2.0;
+const ICMP_AFTER: f64 = 3.0;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct IcmpRun {
+    pub setup: String,
+    pub run: usize,
+    pub sent: u32,
+    /// Echo requests without a reply.
+    pub lost: u32,
+    /// The longest run of consecutive lost packets.
+    pub consecutive: u32,
+}
+
+/// What ping printed: how many it sent and which sequence numbers were answered.
+pub fn parse_ping_replies(text: &str) -> Result<(u32, BTreeSet<u32>)> {
+    let answered: BTreeSet<u32> = text
+        .lines()
+        .filter(|l| l.contains("bytes from") && !l.contains("DUP!"))
+        .filter_map(|l| {
+            let seq = l.split("icmp_seq=").nth(1)?;
+            seq.split_whitespace().next()?.parse().ok()
+        })
+        .collect();
+    let (sent, _) = crate::lab::parse_ping(text)?;
+    Ok((sent, answered))
+}
+
+/// Lost packets among sequence numbers 1..=sent, and the longest run of them.
+pub fn losses(sent: u32, answered: &BTreeSet<u32>) -> (u32, u32) {
+    let (mut lost, mut run, mut longest) = (0, 0, 0);
+    for seq in 1..=sent {
+        if answered.contains(&seq) {
+            run = 0;
+        } else {
+            lost += 1;
+            run += 1;
+            longest = longest.max(run);
+        }
+    }
+    (lost, longest)
+}
+
+fn icmp_run(setup: &Setup, rate: u32, run: usize) -> Result<IcmpRun> {
+    let (mut lab, primary) = setup.lab()?;
+    let interval = 1.0 / f64::from(rate);
+    let count = (f64::from(rate) * (ICMP_BEFORE + ICMP_AFTER)).round() as u32;
+    let mut ping = lab.net.command(
+        "en1",
+        &[
+            "ping",
+            "-n",
+            "-i",
+            &format!("{interval}"),
+            "-c",
+            &count.to_string(),
+            "-W",
+            "1",
+            SERVER,
+        ],
+    );
+    ping.stdout(Stdio::piped());
+    let ping = ping.spawn().context("cannot start ping")?;
+    std::thread::sleep(Duration::from_secs_f64(ICMP_BEFORE));
+    lab.fail_dn(primary, setup.fail)?;
+    let out = ping.wait_with_output()?;
+    let (sent, answered) = parse_ping_replies(&String::from_utf8_lossy(&out.stdout))?;
+    let (lost, consecutive) = losses(sent, &answered);
+    Ok(IcmpRun {
+        setup: setup.name(),
+        run,
+        sent,
+        lost,
+        consecutive,
+    })
+}
+
+pub struct IcmpReport {
+    pub rate: u32,
+    /// Per setup, in order: its runs.
+    pub setups: Vec<(Setup, Vec<IcmpRun>)>,
+    /// Runs that could not be measured (the lab failed), with why.
+    pub errors: Vec<String>,
+}
+
+pub fn icmp(o: &IcmpOptions) -> Result<IcmpReport> {
+    let mut report = IcmpReport {
+        rate: o.rate,
+        setups: Vec::new(),
+        errors: Vec::new(),
+    };
+    for setup in &o.setups {
+        let mut runs = Vec::new();
+        for run in 1..=o.runs {
+            keep(
+                o.quiet,
+                format!("icmp {} pps, {} run {run}/{}", o.rate, setup.name(), o.runs),
+                icmp_run(setup, o.rate, run),
+                |r| format!("{} of {} lost, {} in a row", r.lost, r.sent, r.consecutive),
+                &mut runs,
+                &mut report.errors,
+            );
+        }
+        report.setups.push((*setup, runs));
+    }
+    Ok(report)
+}
+
+fn summary_of<T>(runs: &[T], f: impl Fn(&T) -> f64) -> Option<Summary> {
+    Summary::of(&runs.iter().map(f).collect::<Vec<_>>())
+}
+
+fn row(out: &mut String, name: &str, s: Option<Summary>) {
+    let _ = match s {
+        Some(s) => writeln!(
+            out,
+            "{name:<22} {:>4} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>8.2} {:>8.2}",
+            s.n, s.min, s.median, s.p95, s.max, s.mean, s.std_dev
+        ),
+        None => writeln!(out, "{name:<22}    0 (no run measured)"),
+    };
+}
+
+impl Report for IcmpReport {
+    fn table(&self) -> String {
+        let mut out = format!(
+            "ICMP at {} packets/s, the primary DN failed once per run ({ICMP_BEFORE} s into a {} s stream)\n\n",
+            self.rate,
+            ICMP_BEFORE + ICMP_AFTER
+        );
+        let _ = writeln!(
+            out,
+            "{:<22} {:>4} {:>7} {:>7} {:>7} {:>7} {:>8} {:>8}",
+            "lost packets", "runs", "min", "median", "p95", "max", "mean", "std dev"
+        );
+        for (setup, runs) in &self.setups {
+            row(
+                &mut out,
+                &setup.name(),
+                summary_of(runs, |r| f64::from(r.lost)),
+            );
+        }
+        let _ = writeln!(out, "\nlongest run of consecutive losses");
+        for (setup, runs) in &self.setups {
+            row(
+                &mut out,
+                &setup.name(),
+                summary_of(runs, |r| f64::from(r.consecutive)),
+            );
+        }
+        errors_section(&mut out, &self.errors);
+        out
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let setups: Vec<serde_json::Value> = self
+            .setups
+            .iter()
+            .map(|(setup, runs)| {
+                setup_json(
+                    setup,
+                    json!({
+                        "lost": runs.iter().map(|r| r.lost).collect::<Vec<_>>(),
+                        "consecutive": runs.iter().map(|r| r.consecutive).collect::<Vec<_>>(),
+                        "sent": runs.iter().map(|r| r.sent).collect::<Vec<_>>(),
+                        "summary": summary_of(runs, |r| f64::from(r.lost)),
+                        "consecutive_summary": summary_of(runs, |r| f64::from(r.consecutive)),
+                    }),
+                )
+            })
+            .collect();
+        report_json(
+            json!({"experiment": "icmp", "rate": self.rate}),
+            setups,
+            &self.errors,
+            &["lost", "consecutive", "summary"],
+        )
+    }
+
+    /// `icmp-<rate>.csv` (every run) and `icmp-<rate>.svg` (lost packets per run).
+    fn write(&self, dir: &Path) -> Result<Vec<PathBuf>> {
+        create_dir(dir)?;
+        let csv_path = dir.join(format!("icmp-{}.csv", self.rate));
+        let mut csv = "setup,esr,fail,dn_fd,rate,run,sent,lost,consecutive\n".to_owned();
+        for (setup, runs) in &self.setups {
+            for r in runs {
+                let _ = writeln!(
+                    csv,
+                    "{},{},{},{},{},{}",
+                    setup_csv(setup),
+                    self.rate,
+                    r.run,
+                    r.sent,
+                    r.lost,
+                    r.consecutive
+                );
+            }
+        }
+        std::fs::write(&csv_path, csv)?;
+        let svg_path = dir.join(format!("icmp-{}.svg", self.rate));
+        let series: Vec<(String, Vec<f64>)> = self
+            .setups
+            .iter()
+            .map(|(s, runs)| (s.name(), runs.iter().map(|r| f64::from(r.lost)).collect()))
+            .collect();
+        plot::per_run(
+            &svg_path,
+            &format!(
+                "Packets lost during a failover ({} packets per second)",
+                self.rate
+            ),
+            "lost packets",
+            &series,
+        )?;
+        Ok(vec![csv_path, svg_path])
+    }
+
+    fn errors(&self) -> &[String] {
+        &self.errors
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP
+
+pub struct HttpOptions {
+    pub size: u64,
+    pub runs: usize,
+    /// Fraction of the download after which the primary fails.
+    pub fail_at: f64,
+    pub setups: Vec<Setup>,
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpRun {
+    pub setup: String,
+    pub failure: bool,
+    pub run: usize,
+    pub seconds: f64,
+}
+
+/// How long a download may take before the run counts as failed.
+const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A download without a failure, in a lab already up; checks the content.
+fn typical_download(lab: &Lab, blob: &Blob) -> Result<f64> {
+    let out = lab.net.dir.join("downloaded");
+    let url = format!("http://{SERVER}:{}/{}", traffic::HTTP_PORT, blob_name(blob));
+    let d = traffic::download(&lab.net, "en1", &url, &out, DOWNLOAD_TIMEOUT)?;
+    check_content(&out, blob)?;
+    let _ = std::fs::remove_file(&out);
+    Ok(d.seconds)
+}
+
+fn blob_name(blob: &Blob) -> String {
+    blob.path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn check_content(out: &Path, blob: &Blob) -> Result<()> {
+    let got = traffic::sha256_file(out)?;
+    if got != blob.sha256 {
+        bail!(
+            "the download arrived damaged: SHA-256 {got}, sent {}",
+            blob.sha256
+        );
+    }
+    Ok(())
+}
+
+/// A download in a fresh lab whose primary DN fails once `fail_at` of the file has arrived.
+fn failure_download(setup: &Setup, blob: &Blob, www: &Path, fail_at: f64) -> Result<f64> {
+    let (mut lab, primary) = setup.lab()?;
+    traffic::serve_http(&mut lab.net, "srv", www, SERVER)?;
+    let out = lab.net.dir.join("downloaded");
+    let url = format!("http://{SERVER}:{}/{}", traffic::HTTP_PORT, blob_name(blob));
+    let out_s = out.display().to_string();
+    let mut curl = lab.net.command(
+        "en1",
+        &[
+            "curl",
+            "-sS",
+            "--fail",
+            "--max-time",
+            &DOWNLOAD_TIMEOUT.as_secs().to_string(),
+            "-o",
+            &out_s,
+            "-w",
+            "%{time_total}",
+            &url,
+        ],
+    );
+    curl.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let curl = curl.spawn().context("cannot start curl")?;
+    let threshold = (blob.size as f64 * fail_at) as u64;
+    let started = Instant::now();
+    loop {
+        let have = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+        if have >= threshold {
+            break;
+        }
+        if started.elapsed() > DOWNLOAD_TIMEOUT {
+            bail!("the download never reached {threshold} bytes");
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    lab.fail_dn(primary, setup.fail)?;
+    let done = curl.wait_with_output()?;
+    if !done.status.success() {
+        bail!(
+            "curl failed: {}",
+            String::from_utf8_lossy(&done.stderr).trim()
+        );
+    }
+    check_content(&out, blob)?;
+    String::from_utf8_lossy(&done.stdout)
+        .trim()
+        .parse()
+        .map_err(|_| anyhow!("curl printed no time"))
+}
+
+pub struct HttpReport {
+    pub size: u64,
+    pub fail_at: f64,
+    pub setups: Vec<(Setup, Vec<HttpRun>)>,
+    pub errors: Vec<String>,
+}
+
+pub fn http(o: &HttpOptions) -> Result<HttpReport> {
+    let www = std::env::temp_dir().join(format!("holdfast-http-{}", std::process::id()));
+    let blob = traffic::make_blob(&www, "file", o.size)?;
+    let result = http_with(o, &blob, &www);
+    let _ = std::fs::remove_dir_all(&www);
+    result
+}
+
+fn http_with(o: &HttpOptions, blob: &Blob, www: &Path) -> Result<HttpReport> {
+    let mut report = HttpReport {
+        size: o.size,
+        fail_at: o.fail_at,
+        setups: Vec::new(),
+        errors: Vec::new(),
+    };
+    for setup in &o.setups {
+        let mut runs = Vec::new();
+        // Typical downloads share one lab: nothing fails in them.
+        match setup.lab() {
+            Ok((mut lab, _)) => {
+                traffic::serve_http(&mut lab.net, "srv", www, SERVER)?;
+                for run in 1..=o.runs {
+                    keep(
+                        o.quiet,
+                        format!("http {} typical run {run}/{}", setup.name(), o.runs),
+                        typical_download(&lab, blob).map(|seconds| HttpRun {
+                            setup: setup.name(),
+                            failure: false,
+                            run,
+                            seconds,
+                        }),
+                        |r| format!("{:.3} s", r.seconds),
+                        &mut runs,
+                        &mut report.errors,
+                    );
+                }
+            }
+            Err(e) => report
+                .errors
+                .push(format!("{} typical runs: {e:#}", setup.name())),
+        }
+        for run in 1..=o.runs {
+            keep(
+                o.quiet,
+                format!("http {} failure run {run}/{}", setup.name(), o.runs),
+                failure_download(setup, blob, www, o.fail_at).map(|seconds| HttpRun {
+                    setup: setup.name(),
+                    failure: true,
+                    run,
+                    seconds,
+                }),
+                |r| format!("{:.3} s", r.seconds),
+                &mut runs,
+                &mut report.errors,
+            );
+        }
+        report.setups.push((*setup, runs));
+    }
+    Ok(report)
+}
+
+fn times(runs: &[HttpRun], failure: bool) -> Vec<f64> {
+    runs.iter()
+        .filter(|r| r.failure == failure)
+        .map(|r| r.seconds)
+        .collect()
+}
+
+/// "63 MB" style, as the thesis names its files.
+pub fn size_label(bytes: u64) -> String {
+    if bytes >= 1_000_000_000 {
+        format!("{:.1} GB", bytes as f64 / 1e9)
+    } else {
+        format!("{} MB", (bytes as f64 / 1e6).round())
+    }
+}
+
+impl Report for HttpReport {
+    fn table(&self) -> String {
+        let mut out = format!(
+            "HTTP download of {} ({} bytes), the primary DN failed at {:.0}% in the failure runs\n\n",
+            size_label(self.size),
+            self.size,
+            self.fail_at * 100.0
+        );
+        let _ = writeln!(
+            out,
+            "{:<22} {:<8} {:>4} {:>8} {:>8} {:>8} {:>8}",
+            "setup", "case", "runs", "mean s", "std dev", "95% CI", "median"
+        );
+        for (setup, runs) in &self.setups {
+            let typical = Summary::of(&times(runs, false));
+            let failure = Summary::of(&times(runs, true));
+            for (case, s) in [("typical", typical), ("failure", failure)] {
+                let _ = match s {
+                    Some(s) => writeln!(
+                        out,
+                        "{:<22} {case:<8} {:>4} {:>8.3} {:>8.3} {:>8} {:>8.3}",
+                        setup.name(),
+                        s.n,
+                        s.mean,
+                        s.std_dev,
+                        if s.ci95.is_finite() {
+                            format!("±{:.3}", s.ci95)
+                        } else {
+                            "-".into()
+                        },
+                        s.median
+                    ),
+                    None => writeln!(out, "{:<22} {case:<8}    0 (no run measured)", setup.name()),
+                };
+            }
+            if let (Some(t), Some(f)) = (typical, failure) {
+                let d = Difference::between(&t, &f);
+                let _ = writeln!(
+                    out,
+                    "{:<22} added by the failure: mean {:+.3} s (95% CI ±{:.3}), median {:+.3} s",
+                    "", d.mean, d.mean_ci95, d.median
+                );
+            }
+        }
+        errors_section(&mut out, &self.errors);
+        out
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let setups: Vec<serde_json::Value> = self
+            .setups
+            .iter()
+            .map(|(setup, runs)| {
+                let (typical, failure) = (times(runs, false), times(runs, true));
+                let (ts, fs) = (Summary::of(&typical), Summary::of(&failure));
+                let diff = ts.zip(fs).map(|(t, f)| Difference::between(&t, &f));
+                setup_json(
+                    setup,
+                    json!({
+                        "typical_s": typical,
+                        "failure_s": failure,
+                        "typical": ts,
+                        "failure": fs,
+                        "difference": diff,
+                    }),
+                )
+            })
+            .collect();
+        report_json(
+            json!({"experiment": "http", "size_bytes": self.size, "fail_at": self.fail_at}),
+            setups,
+            &self.errors,
+            &["typical_s", "failure_s", "typical", "failure", "difference"],
+        )
+    }
+
+    /// `http-<MB>.csv` (every run) and `http-<MB>.svg` (download time per run).
+    fn write(&self, dir: &Path) -> Result<Vec<PathBuf>> {
+        create_dir(dir)?;
+        let stem = format!("http-{}M", (self.size as f64 / 1e6).round());
+        let csv_path = dir.join(format!("{stem}.csv"));
+        let mut csv = "setup,esr,fail,dn_fd,size_bytes,case,run,seconds\n".to_owned();
+        for (setup, runs) in &self.setups {
+            for r in runs {
+                let _ = writeln!(
+                    csv,
+                    "{},{},{},{},{:.6}",
+                    setup_csv(setup),
+                    self.size,
+                    if r.failure { "failure" } else { "typical" },
+                    r.run,
+                    r.seconds
+                );
+            }
+        }
+        std::fs::write(&csv_path, csv)?;
+        let svg_path = dir.join(format!("{stem}.svg"));
+        let mut series = Vec::new();
+        for (setup, runs) in &self.setups {
+            series.push((format!("{} typical", setup.name()), times(runs, false)));
+            series.push((format!("{} failure", setup.name()), times(runs, true)));
+        }
+        plot::per_run(
+            &svg_path,
+            &format!(
+                "Download time of {} with and without a failure at {:.0}%",
+                size_label(self.size),
+                self.fail_at * 100.0
+            ),
+            "seconds",
+            &series,
+        )?;
+        Ok(vec![csv_path, svg_path])
+    }
+
+    fn errors(&self) -> &[String] {
+        &self.errors
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ping_output_gives_sent_answered_and_runs_of_losses() {
+        let text = "PING 10.0.2.1 (10.0.2.1) 56(84) bytes of data.\n\
+            64 bytes from 10.0.2.1: icmp_seq=1 ttl=62 time=0.31 ms\n\
+            64 bytes from 10.0.2.1: icmp_seq=2 ttl=62 time=0.29 ms\n\
+            64 bytes from 10.0.2.1: icmp_seq=2 ttl=62 time=0.29 ms (DUP!)\n\
+            64 bytes from 10.0.2.1: icmp_seq=5 ttl=62 time=0.30 ms\n\
+            64 bytes from 10.0.2.1: icmp_seq=7 ttl=62 time=0.30 ms\n\
+            \n--- 10.0.2.1 ping statistics ---\n\
+            8 packets transmitted, 4 received, 50% packet loss, time 70ms\n";
+        let (sent, answered) = parse_ping_replies(text).unwrap();
+        assert_eq!(sent, 8);
+        assert_eq!(answered.into_iter().collect::<Vec<_>>(), vec![1, 2, 5, 7]);
+        let answered: BTreeSet<u32> = [1, 2, 5, 7].into();
+        // Missing: 3, 4 (a run of 2), 6, 8.
+        assert_eq!(losses(8, &answered), (4, 2));
+        assert_eq!(losses(3, &[1, 2, 3].into()), (0, 0));
+        assert_eq!(losses(3, &BTreeSet::new()), (3, 3));
+        assert!(parse_ping_replies("garbage").is_err());
+    }
+
+    #[test]
+    fn setups_multiply_out_and_name_themselves() {
+        let m = Setup::matrix(
+            &[Routing::Frr, Routing::Bird],
+            &[Failure::Kill, Failure::Host],
+            &[false, true],
+        );
+        assert_eq!(m.len(), 8);
+        assert_eq!(m[0].name(), "frr kill");
+        assert_eq!(m[1].name(), "frr kill dn-fd");
+        assert_eq!(m[7].name(), "bird host dn-fd");
+        assert_eq!(size_label(63_000_000), "63 MB");
+        assert_eq!(size_label(625_000_000), "625 MB");
+    }
+
+    #[test]
+    fn reports_render_tables_json_csv_and_charts() {
+        let setup = Setup {
+            esr: Routing::Frr,
+            fail: Failure::Kill,
+            dn_fd: false,
+        };
+        let icmp = IcmpReport {
+            rate: 100,
+            setups: vec![(
+                setup,
+                (1..=3)
+                    .map(|run| IcmpRun {
+                        setup: setup.name(),
+                        run,
+                        sent: 500,
+                        lost: run as u32 - 1,
+                        consecutive: run as u32 - 1,
+                    })
+                    .collect(),
+            )],
+            errors: vec![],
+        };
+        assert!(icmp.table().contains("frr kill"));
+        let j = icmp.json();
+        assert_eq!(j["lost"], json!([0, 1, 2]));
+        assert_eq!(j["summary"]["median"], 1.0);
+        let http = HttpReport {
+            size: 63_000_000,
+            fail_at: 0.4,
+            setups: vec![(
+                setup,
+                vec![
+                    HttpRun {
+                        setup: setup.name(),
+                        failure: false,
+                        run: 1,
+                        seconds: 1.0,
+                    },
+                    HttpRun {
+                        setup: setup.name(),
+                        failure: false,
+                        run: 2,
+                        seconds: 1.2,
+                    },
+                    HttpRun {
+                        setup: setup.name(),
+                        failure: true,
+                        run: 1,
+                        seconds: 1.5,
+                    },
+                    HttpRun {
+                        setup: setup.name(),
+                        failure: true,
+                        run: 2,
+                        seconds: 1.7,
+                    },
+                ],
+            )],
+            errors: vec![],
+        };
+        let j = http.json();
+        assert_eq!(j["typical_s"], json!([1.0, 1.2]));
+        assert_eq!(j["failure_s"], json!([1.5, 1.7]));
+        assert!((j["difference"]["median"].as_f64().unwrap() - 0.5).abs() < 1e-9);
+        assert!(http.table().contains("added by the failure: mean +0.500 s"));
+        let dir = std::env::temp_dir().join(format!("hf-exp-{}", std::process::id()));
+        let files = [icmp.write(&dir).unwrap(), http.write(&dir).unwrap()].concat();
+        let csv = std::fs::read_to_string(&files[0]).unwrap();
+        assert_eq!(csv.lines().count(), 4);
+        assert!(csv
+            .lines()
+            .nth(1)
+            .unwrap()
+            .starts_with("frr kill,frr,kill,false,100,1,500,0,0"));
+        let csv = std::fs::read_to_string(&files[2]).unwrap();
+        assert!(csv.contains("frr kill,frr,kill,false,63000000,failure,2,1.700000"));
+        for f in &files {
+            assert!(f.exists());
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

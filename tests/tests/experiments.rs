@@ -1,0 +1,120 @@
+//! Smoke runs of `lab experiment` and `lab bench` (2 runs, small sizes), so that the commands
+//! behind docs/results.md cannot rot unnoticed. The full runs are not part of the suite.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use holdfast_lab::lab::bin_dir;
+use holdfast_lab::netns::have_root;
+use serde_json::Value;
+
+fn lab(args: &[&str]) -> Value {
+    let bin = bin_dir().expect("built binaries").join("lab");
+    let out = Command::new(&bin).args(args).output().expect("lab runs");
+    assert!(
+        out.status.success(),
+        "lab {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "lab {args:?} printed no JSON ({e}):\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// A directory for a test's output, removed however the test ends.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn scratch(name: &str) -> Scratch {
+    let dir = std::env::temp_dir().join(format!("hf-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    Scratch(dir)
+}
+
+fn assert_files(dir: &Path, names: &[&str]) {
+    for name in names {
+        let path = dir.join(name);
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{} not written: {e}", path.display()));
+        assert!(text.len() > 50, "{} is nearly empty", path.display());
+    }
+}
+
+#[test]
+fn the_icmp_experiment_counts_losses_per_run_and_writes_csv_and_chart() {
+    if !have_root() {
+        return;
+    }
+    let scratch = scratch("icmp");
+    let (dir, d) = (&scratch.0, scratch.0.display().to_string());
+    let j = lab(&[
+        "experiment",
+        "icmp",
+        "--rate",
+        "100",
+        "--runs",
+        "2",
+        "--json",
+        "--out",
+        &d,
+    ]);
+    let lost = j["lost"].as_array().expect("lost list");
+    assert_eq!(lost.len(), 2, "{j}");
+    assert!(lost.iter().all(Value::is_u64), "{j}");
+    assert_eq!(j["summary"]["n"], 2, "{j}");
+    assert!(j["setups"][0]["sent"][0].as_u64() >= Some(400), "{j}");
+    assert_files(dir, &["icmp-100.csv", "icmp-100.svg"]);
+}
+
+#[test]
+fn the_http_experiment_times_downloads_with_and_without_a_failure() {
+    if !have_root() {
+        return;
+    }
+    let scratch = scratch("http");
+    let (dir, d) = (&scratch.0, scratch.0.display().to_string());
+    let j = lab(&[
+        "experiment",
+        "http",
+        "--size",
+        "20M",
+        "--runs",
+        "2",
+        "--fail-at",
+        "40%",
+        "--json",
+        "--out",
+        &d,
+    ]);
+    for key in ["typical_s", "failure_s"] {
+        let times = j[key].as_array().expect("times");
+        assert_eq!(times.len(), 2, "{key}: {j}");
+        assert!(
+            times.iter().all(|t| t.as_f64().is_some_and(|s| s > 0.0)),
+            "{j}"
+        );
+    }
+    assert!(j["difference"]["median"].is_f64(), "{j}");
+    assert_files(dir, &["http-20M.csv", "http-20M.svg"]);
+}
+
+#[test]
+fn the_bench_writes_its_csv_and_charts() {
+    if !have_root() {
+        return;
+    }
+    let scratch = scratch("bench");
+    let (dir, d) = (&scratch.0, scratch.0.display().to_string());
+    let j = lab(&["bench", "--seconds", "1", "--json", "--out", &d]);
+    assert!(j["holdfast_mbps"].as_f64() > Some(0.0), "{j}");
+    assert_files(dir, &["bench.csv", "bench-throughput.svg", "bench-rtt.svg"]);
+}
