@@ -393,7 +393,7 @@ fn up(clients: u8, dns: u8, esr: Esr, dn_fd: bool) -> Result<()> {
         println!("{} is up with address {address}", client_role(i));
     }
     println!(
-        "\nlab {} is up; its files are in {}",
+        "\nlab {} is up; its files are in {}; the server is {SERVER}",
         lab.net.id(),
         lab.net.dir.display()
     );
