@@ -172,7 +172,8 @@ pub struct IcmpOptions {
     pub quiet: bool,
 }
 
-/// Seconds of steady stream before the failure and after it.
+/// Seconds of steady stream before the failure (plus a random fraction of the interval between
+/// packets) and after it.
 const ICMP_BEFORE: f64 = 2.0;
 const ICMP_AFTER: f64 = 3.0;
 
@@ -236,7 +237,10 @@ fn icmp_run(setup: &Setup, rate: u32, run: usize) -> Result<IcmpRun> {
     );
     ping.stdout(Stdio::piped());
     let ping = ping.spawn().context("cannot start ping")?;
-    std::thread::sleep(Duration::from_secs_f64(ICMP_BEFORE));
+    // The failure lands at a random point between two packets, as a real one would: at a
+    // fixed phase every run would measure the same slice of the failover.
+    let phase = rand::random::<f64>() * interval;
+    std::thread::sleep(Duration::from_secs_f64(ICMP_BEFORE + phase));
     lab.fail_dn(primary, setup.fail)?;
     let out = ping.wait_with_output()?;
     let (sent, answered) = parse_ping_replies(&String::from_utf8_lossy(&out.stdout))?;
@@ -299,7 +303,7 @@ fn row(out: &mut String, name: &str, s: Option<Summary>) {
 impl Report for IcmpReport {
     fn table(&self) -> String {
         let mut out = format!(
-            "ICMP at {} packets/s, the primary DN failed once per run ({ICMP_BEFORE} s into a {} s stream)\n\n",
+            "ICMP at {} packets/s, the primary DN failed once per run ({ICMP_BEFORE} s and a random part of a packet interval into a {} s stream)\n\n",
             self.rate,
             ICMP_BEFORE + ICMP_AFTER
         );
@@ -447,9 +451,13 @@ fn check_content(out: &Path, blob: &Blob) -> Result<()> {
 }
 
 /// A download in a fresh lab whose primary DN fails once `fail_at` of the file has arrived.
+/// The same file was downloaded once before in that lab.
 fn failure_download(setup: &Setup, blob: &Blob, www: &Path, fail_at: f64) -> Result<f64> {
     let (mut lab, primary) = setup.lab()?;
     traffic::serve_http(&mut lab.net, "srv", www, SERVER)?;
+    // One untimed download first, so that the timed one starts from the same warm state as the
+    // typical runs (which share one lab): the first download through a new lab is slower.
+    typical_download(&lab, blob).context("warm-up download")?;
     let out = lab.net.dir.join("downloaded");
     let url = format!("http://{SERVER}:{}/{}", traffic::HTTP_PORT, blob_name(blob));
     let out_s = out.display().to_string();
@@ -521,10 +529,16 @@ fn http_with(o: &HttpOptions, blob: &Blob, www: &Path) -> Result<HttpReport> {
     };
     for setup in &o.setups {
         let mut runs = Vec::new();
-        // Typical downloads share one lab: nothing fails in them.
+        // Typical downloads share one lab: nothing fails in them. Like every failure run,
+        // they start after one untimed download.
         match setup.lab() {
             Ok((mut lab, _)) => {
                 traffic::serve_http(&mut lab.net, "srv", www, SERVER)?;
+                if let Err(e) = typical_download(&lab, blob) {
+                    report
+                        .errors
+                        .push(format!("{} warm-up download: {e:#}", setup.name()));
+                }
                 for run in 1..=o.runs {
                     keep(
                         o.quiet,
