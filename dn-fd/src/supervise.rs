@@ -173,6 +173,8 @@ struct PeerSocket {
     signing_key: ed25519_dalek::SigningKey,
     keys: IssuerKeys,
     interval: Duration,
+    /// Every peer's address, fixed by the config: heartbeats go to each.
+    targets: Vec<SocketAddr>,
 }
 
 struct Detector {
@@ -186,7 +188,6 @@ struct Detector {
     netlink: Routes,
     stall: StallWatch,
     listen_port: u16,
-    dn_up: bool,
 }
 
 pub async fn run(opts: Options) -> Result<()> {
@@ -197,7 +198,7 @@ pub async fn run(opts: Options) -> Result<()> {
             opts.dn.display()
         ));
     }
-    let local_path = PathBuf::from(format!("{}.hb", opts.control.display()));
+    let local_path = holdfast_shell::control::beside(&opts.control, ".hb");
     if let Some(dir) = local_path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -231,6 +232,7 @@ pub async fn run(opts: Options) -> Result<()> {
                 signing_key: holdfast_shell::read_signing_key(&spec)?,
                 keys: cluster.issuer_keys(),
                 interval: cluster.detector.peers.interval,
+                targets: peer_info.iter().map(|p| p.address).collect(),
             })
         }
         _ => {
@@ -277,7 +279,6 @@ pub async fn run(opts: Options) -> Result<()> {
         peer_socket,
         netlink: Routes::connect()?,
         listen_port: spec.listen.port(),
-        dn_up: false,
     };
     let outcome = detector.run().await;
     detector.stop().await;
@@ -375,7 +376,10 @@ impl Detector {
                     Ok((n, from)) => self.on_peer_datagram(&peer_buf[..n], from).await,
                     Err(e) => debug!(error = %e, "peer socket error"),
                 },
-                _ = heartbeats.tick() => self.heartbeat_peers().await,
+                _ = heartbeats.tick() => {
+                    let running = matches!(lock(&self.state).supervisor.state(), ChildState::Running { .. });
+                    self.heartbeat_peers(running).await;
+                }
                 _ = limits.tick() => self.check_limits().await,
                 res = tokio::signal::ctrl_c() => {
                     res?;
@@ -391,9 +395,11 @@ impl Detector {
     }
 
     async fn perform(&mut self, actions: Vec<SupervisorAction>) {
-        for action in actions {
+        let mut queue = std::collections::VecDeque::from(actions);
+        while let Some(action) = queue.pop_front() {
             match action {
-                SupervisorAction::Spawn => self.spawn().await,
+                // A DN that cannot be started has exited, as far as the supervisor goes.
+                SupervisorAction::Spawn => queue.extend(self.spawn()),
                 SupervisorAction::Kill(reason) => {
                     let pid = lock(&self.state).pid;
                     error!(pid = ?pid, %reason, "killing the DN");
@@ -408,15 +414,13 @@ impl Detector {
                     }
                 }
                 SupervisorAction::DeleteRoutes => self.delete_routes().await,
-                SupervisorAction::AnnounceDn { up } => {
-                    self.dn_up = up;
-                    self.heartbeat_peers().await;
-                }
+                SupervisorAction::AnnounceDn { up } => self.heartbeat_peers(up).await,
             }
         }
     }
 
-    async fn spawn(&mut self) {
+    /// Starts the DN; returns what the supervisor decides if it cannot be started.
+    fn spawn(&mut self) -> Vec<SupervisorAction> {
         let mut cmd = Command::new(&self.opts.dn);
         cmd.arg("--config")
             .arg(&self.opts.config)
@@ -447,22 +451,14 @@ impl Detector {
                 info!(?pid, "DN started");
                 lock(&self.state).pid = pid;
                 self.child = Some(child);
+                Vec::new()
             }
             Err(e) => {
                 let how = format!("cannot start {}: {e}", self.opts.dn.display());
                 error!("{how}");
-                let actions = lock(&self.state).supervisor.on_exit(how, Instant::now());
-                self.perform_boxed(actions).await;
+                lock(&self.state).supervisor.on_exit(how, Instant::now())
             }
         }
-    }
-
-    /// `perform` from within `perform` (a failed spawn reports an exit).
-    fn perform_boxed(
-        &mut self,
-        actions: Vec<SupervisorAction>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>> {
-        Box::pin(self.perform(actions))
     }
 
     async fn delete_routes(&mut self) {
@@ -605,7 +601,8 @@ impl Detector {
         self.peer_changes(change.into_iter().collect()).await;
     }
 
-    async fn heartbeat_peers(&self) {
+    /// One heartbeat to every peer, saying whether the local DN is up.
+    async fn heartbeat_peers(&self, dn_up: bool) {
         let Some(p) = &self.peer_socket else {
             return;
         };
@@ -616,21 +613,13 @@ impl Detector {
         let datagram = PeerNotice {
             from: self.opts.node.clone(),
             sent_at: unix_now(),
-            notice: Notice::Alive {
-                dn_up: self.dn_up,
-                seq,
-            },
+            notice: Notice::Alive { dn_up, seq },
         }
         .seal(&p.signing_key);
-        let targets: Vec<(String, SocketAddr)> = lock(&self.state)
-            .peer_info
-            .iter()
-            .map(|i| (i.name.clone(), i.address))
-            .collect();
-        for (name, address) in targets {
+        for address in &p.targets {
             // A peer whose host is gone answers nothing or "unreachable": not our failure.
             if let Err(e) = p.socket.send_to(&datagram, address).await {
-                debug!(peer = %name, %address, error = %e, "heartbeat not sent");
+                debug!(%address, error = %e, "heartbeat not sent");
             }
         }
     }
@@ -687,8 +676,7 @@ impl Detector {
                 let _ = child.kill().await;
             }
         }
-        self.dn_up = false;
-        self.heartbeat_peers().await;
+        self.heartbeat_peers(false).await;
         self.delete_routes().await;
     }
 }

@@ -200,9 +200,9 @@ impl RoutePlan {
     /// Every route the DN should have now. One route per destination.
     ///
     /// A backed block this DN serves, or whose owner is down, keeps its standby route and gains
-    /// its two halves at the active metric: longer prefixes win everywhere, whatever the metric (ospfd cannot set an
-    /// OSPF cost from a kernel metric; see docs/routing-daemons.md), so a restarted owner cannot
-    /// take the block back before its clients return.
+    /// its two halves at the active metric: longer prefixes win everywhere, whatever the metric
+    /// (ospfd cannot set an OSPF cost from a kernel metric; see docs/routing-daemons.md), so a
+    /// restarted owner cannot take the block back before its clients return.
     pub fn desired(&self) -> Vec<RouteSpec> {
         let mut out: Vec<RouteSpec> = Vec::with_capacity(self.standing.len() + self.active.len());
         for r in &self.standing {

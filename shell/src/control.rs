@@ -9,6 +9,14 @@ use anyhow::{anyhow, Context, Result};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+/// `path` with `suffix` appended to its file name: the place for another socket that belongs
+/// with the daemon whose status socket is `path`.
+pub fn beside(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
 /// Serves `answer(request)` on a Unix socket at `path` until the task is dropped. A stale socket
 /// file from an earlier run is replaced; a live one (another daemon answering) is an error.
 pub async fn serve<F>(path: PathBuf, answer: F) -> Result<tokio::task::JoinHandle<()>>

@@ -228,10 +228,13 @@ impl Report {
             ("veth (bare)", &self.veth),
         ]
     }
+}
 
+/// The bench reports like the experiments: a table, JSON, CSV and charts.
+impl crate::experiment::Report for Report {
     /// `bench.csv` (one row per path) and bar charts of throughput and RTT.
-    pub fn write(&self, dir: &Path) -> Result<Vec<std::path::PathBuf>> {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    fn write(&self, dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+        crate::experiment::create_dir(dir)?;
         let mut csv = "path,seconds,mbps,rtt_p50_us,rtt_p99_us,cpu_s_per_gb\n".to_owned();
         for (name, f) in self.paths() {
             csv += &format!(
@@ -267,7 +270,7 @@ impl Report {
         Ok(vec![csv_path, throughput, rtt])
     }
 
-    pub fn json(&self) -> serde_json::Value {
+    fn json(&self) -> serde_json::Value {
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
         serde_json::json!({
             "seconds": self.seconds,
@@ -287,7 +290,7 @@ impl Report {
         })
     }
 
-    pub fn table(&self) -> String {
+    fn table(&self) -> String {
         let row = |name: &str, f: &Figures| {
             format!(
                 "{name:<14} {:>10.0} {:>10.0} {:>10.0} {:>12}\n",
@@ -312,5 +315,10 @@ impl Report {
             self.holdfast.rtt_p50_us / self.wireguard_go.rtt_p50_us
         );
         out
+    }
+
+    /// Every figure is measured or the bench fails as a whole.
+    fn errors(&self) -> &[String] {
+        &[]
     }
 }

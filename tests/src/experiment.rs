@@ -52,8 +52,8 @@ impl Setup {
         out
     }
 
-    /// The default lab for this setup, with client 1 up; returns its primary DN.
-    fn lab(&self) -> Result<(Lab, usize)> {
+    /// The default lab for this setup (also the demo's), with client 1 up.
+    pub fn lab(&self) -> Result<Trial> {
         let mut lab = Lab::start(&LabSpec {
             dns: 2,
             routing: self.esr,
@@ -61,10 +61,23 @@ impl Setup {
             ..LabSpec::default()
         })?;
         lab.start_client(1, &Credential::Issued("client1".into()))?;
-        lab.wait_address(1, Duration::from_secs(15))?;
-        let (primary, _) = lab.primary_and_secondary(1, Duration::from_secs(10))?;
-        Ok((lab, primary))
+        let address = lab.wait_address(1, Duration::from_secs(15))?;
+        let (primary, secondary) = lab.primary_and_secondary(1, Duration::from_secs(10))?;
+        Ok(Trial {
+            lab,
+            address,
+            primary,
+            secondary,
+        })
     }
+}
+
+/// A lab ready for one failure: client 1's address and its primary and secondary DN.
+pub struct Trial {
+    pub lab: Lab,
+    pub address: std::net::IpAddr,
+    pub primary: usize,
+    pub secondary: usize,
 }
 
 /// What every experiment's report offers the `lab` command.
@@ -128,7 +141,7 @@ fn errors_section(out: &mut String, errors: &[String]) {
     }
 }
 
-fn create_dir(dir: &Path) -> Result<()> {
+pub(crate) fn create_dir(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))
 }
 
@@ -218,7 +231,9 @@ pub fn losses(sent: u32, answered: &BTreeSet<u32>) -> (u32, u32) {
 }
 
 fn icmp_run(setup: &Setup, rate: u32, run: usize) -> Result<IcmpRun> {
-    let (mut lab, primary) = setup.lab()?;
+    let Trial {
+        mut lab, primary, ..
+    } = setup.lab()?;
     let interval = 1.0 / f64::from(rate);
     let count = (f64::from(rate) * (ICMP_BEFORE + ICMP_AFTER)).round() as u32;
     let mut ping = lab.net.command(
@@ -453,7 +468,9 @@ fn check_content(out: &Path, blob: &Blob) -> Result<()> {
 /// A download in a fresh lab whose primary DN fails once `fail_at` of the file has arrived.
 /// The same file was downloaded once before in that lab.
 fn failure_download(setup: &Setup, blob: &Blob, www: &Path, fail_at: f64) -> Result<f64> {
-    let (mut lab, primary) = setup.lab()?;
+    let Trial {
+        mut lab, primary, ..
+    } = setup.lab()?;
     traffic::serve_http(&mut lab.net, "srv", www, SERVER)?;
     // One untimed download first, so that the timed one starts from the same warm state as the
     // typical runs (which share one lab): the first download through a new lab is slower.
@@ -532,7 +549,7 @@ fn http_with(o: &HttpOptions, blob: &Blob, www: &Path) -> Result<HttpReport> {
         // Typical downloads share one lab: nothing fails in them. Like every failure run,
         // they start after one untimed download.
         match setup.lab() {
-            Ok((mut lab, _)) => {
+            Ok(Trial { mut lab, .. }) => {
                 traffic::serve_http(&mut lab.net, "srv", www, SERVER)?;
                 if let Err(e) = typical_download(&lab, blob) {
                     report

@@ -596,14 +596,7 @@ impl Lab {
 
     /// DN k's failure detector's `dn-fd status --json`.
     pub fn fd_status(&self, k: usize) -> Result<Value> {
-        let socket = self.fd_socket(k).display().to_string();
-        let out = run(std::process::Command::new(self.bin("dn-fd")).args([
-            "status",
-            "--control",
-            &socket,
-            "--json",
-        ]))?;
-        serde_json::from_slice(&out.stdout).context("dn-fd status printed no JSON")
+        self.status_of("dn-fd", &self.fd_socket(k))
     }
 
     /// The pid of DN k's `dn` process (its detector's child in a supervised lab).
@@ -620,8 +613,8 @@ impl Lab {
             .with_context(|| format!("{} is not running", dn_role(k)))
     }
 
-    /// Fails DN k the way `how` says: SIGKILL of its `dn` process, or every link of its
-    /// namespace down at once (a host or link failure).
+    /// Fails DN k the way `how` says: SIGKILL of its `dn` process, every link of its namespace
+    /// down at once, or only its cluster link down.
     pub fn fail_dn(&mut self, k: usize, how: Failure) -> Result<()> {
         match how {
             Failure::Kill if self.supervised => {
@@ -727,14 +720,19 @@ impl Lab {
 
     /// DN k's `dn status --json`.
     pub fn dn_status(&self, k: usize) -> Result<Value> {
-        let socket = self.dn_socket(k).display().to_string();
-        let out = run(std::process::Command::new(self.bin("dn")).args([
+        self.status_of("dn", &self.dn_socket(k))
+    }
+
+    /// `<bin> status --control <socket> --json`, parsed.
+    fn status_of(&self, bin: &str, socket: &Path) -> Result<Value> {
+        let socket = socket.display().to_string();
+        let out = run(std::process::Command::new(self.bin(bin)).args([
             "status",
             "--control",
             &socket,
             "--json",
         ]))?;
-        serde_json::from_slice(&out.stdout).context("dn status printed no JSON")
+        serde_json::from_slice(&out.stdout).with_context(|| format!("{bin} status printed no JSON"))
     }
 
     /// Waits until client `i` has a lease and returns its address.

@@ -52,6 +52,37 @@ fn peer_state(lab: &Lab, k: usize, of: usize) -> Option<String> {
         .and_then(|p| p["state"].as_str().map(str::to_owned))
 }
 
+/// Client 1 up with both DNs, whose detectors hear each other; returns the client's address,
+/// its primary and its backup.
+fn client_with_detectors_in_touch(lab: &mut Lab) -> Result<(std::net::IpAddr, usize, usize)> {
+    lab.start_client(1, &Credential::Issued("client1".into()))?;
+    let address = lab.wait_address(1, Duration::from_secs(15))?;
+    let (primary, backup) = lab.primary_and_secondary(1, Duration::from_secs(10))?;
+    wait_until(
+        Duration::from_secs(5),
+        "the detectors to hear each other",
+        || peer_state(lab, backup, primary).as_deref() == Some("up"),
+    )?;
+    Ok((address, primary, backup))
+}
+
+/// The ESR routes the client's address via DN `via`, and 20 pings all come back.
+fn traffic_flows_via(lab: &Lab, address: std::net::IpAddr, via: usize) -> Result<()> {
+    let hop = dn_on_cluster_net(via);
+    wait_until(
+        Duration::from_secs(5),
+        "the ESR to route the client via the backup",
+        || lab.esr_next_hop(address).is_ok_and(|h| h == hop),
+    )?;
+    let (sent, received) = lab.ping("en1", SERVER, 20, &["-i", "0.05"])?;
+    ensure!(
+        sent == received,
+        "{} of {sent} pings lost after the failover",
+        sent - received
+    );
+    Ok(())
+}
+
 fn alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -184,14 +215,7 @@ fn no_dn_outlives_its_detector() {
 #[test]
 fn a_dn_host_cut_off_is_reported_down_by_its_peer_which_takes_its_blocks() {
     with_lab(supervised(2, Routing::Frr, &[]), |lab| {
-        lab.start_client(1, &Credential::Issued("client1".into()))?;
-        let address = lab.wait_address(1, Duration::from_secs(15))?;
-        let (primary, backup) = lab.primary_and_secondary(1, Duration::from_secs(10))?;
-        wait_until(
-            Duration::from_secs(5),
-            "the detectors to hear each other",
-            || peer_state(lab, backup, primary).as_deref() == Some("up"),
-        )?;
+        let (address, primary, backup) = client_with_detectors_in_touch(lab)?;
         let (sent, received) = lab.ping("en1", SERVER, 5, &[])?;
         ensure!(sent == received, "no traffic before the failure");
 
@@ -226,37 +250,18 @@ fn a_dn_host_cut_off_is_reported_down_by_its_peer_which_takes_its_blocks() {
             active > 0,
             "dn{backup} serves no block of dn{primary}: {dn_status}"
         );
-        let via_backup = dn_on_cluster_net(backup);
-        wait_until(
-            Duration::from_secs(5),
-            "the ESR to route the client via the backup",
-            || lab.esr_next_hop(address).is_ok_and(|h| h == via_backup),
-        )?;
         eprintln!(
             "the client's sessions now: {}",
             lab.en_status(1)?["sessions"]
         );
-        let (sent, received) = lab.ping("en1", SERVER, 20, &["-i", "0.05"])?;
-        ensure!(
-            sent == received,
-            "{} of {sent} pings lost after the failover",
-            sent - received
-        );
-        Ok(())
+        traffic_flows_via(lab, address, backup)
     });
 }
 
 #[test]
 fn a_dn_cut_from_the_cluster_network_is_reported_down_and_its_clients_told_to_switch() {
     with_lab(supervised(2, Routing::Frr, &[]), |lab| {
-        lab.start_client(1, &Credential::Issued("client1".into()))?;
-        let address = lab.wait_address(1, Duration::from_secs(15))?;
-        let (primary, backup) = lab.primary_and_secondary(1, Duration::from_secs(10))?;
-        wait_until(
-            Duration::from_secs(5),
-            "the detectors to hear each other",
-            || peer_state(lab, backup, primary).as_deref() == Some("up"),
-        )?;
+        let (address, primary, backup) = client_with_detectors_in_touch(lab)?;
         // The client still reaches its primary; only the detectors and OSPF lose it. The
         // client learns it from the backup, over its secondary session.
         lab.cut_cluster_link(primary)?;
@@ -274,18 +279,6 @@ fn a_dn_cut_from_the_cluster_network_is_reported_down_and_its_clients_told_to_sw
             dead["last_error"] == "ReportedDead",
             "the client dropped dn{primary} for another reason: {dead}"
         );
-        let via_backup = dn_on_cluster_net(backup);
-        wait_until(
-            Duration::from_secs(5),
-            "the ESR to route the client via the backup",
-            || lab.esr_next_hop(address).is_ok_and(|h| h == via_backup),
-        )?;
-        let (sent, received) = lab.ping("en1", SERVER, 20, &["-i", "0.05"])?;
-        ensure!(
-            sent == received,
-            "{} of {sent} pings lost after the switch",
-            sent - received
-        );
-        Ok(())
+        traffic_flows_via(lab, address, backup)
     });
 }

@@ -35,9 +35,7 @@ impl Link {
         let Some(detector) = std::env::var_os(FD_SOCKET_ENV).map(PathBuf::from) else {
             return Ok(None);
         };
-        let mut path = control.as_os_str().to_owned();
-        path.push(".fd");
-        let path = PathBuf::from(path);
+        let path = holdfast_shell::control::beside(control, ".fd");
         // A socket file left by an earlier process of this DN.
         let _ = std::fs::remove_file(&path);
         let socket = UnixDatagram::bind(&path)

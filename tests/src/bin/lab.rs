@@ -8,7 +8,7 @@ use holdfast_lab::lab::{
     client_role, dn_role, parse_ping, Credential, Failure, Lab, LabSpec, Routing, SERVER,
 };
 use holdfast_lab::{bench, netns, traffic};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Holdfast's lab: the testbed in network namespaces on this machine (needs root).
 ///
@@ -197,16 +197,16 @@ fn parse_percent(text: &str) -> Result<f64, String> {
     Ok(v / 100.0)
 }
 
-/// Prints an experiment's report as asked, writes its files, and fails if a run could not be
-/// measured.
-fn finish(report: &impl experiment::Report, common: &ExperimentOptions) -> Result<()> {
-    if common.json {
+/// Prints a report as asked (JSON or the table), writes its files into `out`, and fails if a
+/// run could not be measured.
+fn finish(report: &impl experiment::Report, json: bool, out: Option<&Path>) -> Result<()> {
+    if json {
         println!("{}", report.json());
     } else {
         print!("{}", report.table());
     }
-    if let Some(dir) = &common.out {
-        report_files(&report.write(dir)?, common.json);
+    if let Some(dir) = out {
+        report_files(&report.write(dir)?, json);
     }
     ensure!(
         report.errors().is_empty(),
@@ -268,18 +268,20 @@ fn demo(o: DemoOptions) -> Result<()> {
     say(&format!(
         "building the lab: en1 -- dn1, dn2 -- esr ({daemon}, OSPF) -- srv in network namespaces ..."
     ));
-    let mut lab = Lab::start(&LabSpec {
-        dns: 2,
-        routing,
-        supervised: dn_fd,
-        ..LabSpec::default()
-    })?;
+    let experiment::Trial {
+        mut lab,
+        address,
+        primary,
+        secondary,
+    } = Setup {
+        esr: routing,
+        fail,
+        dn_fd,
+    }
+    .lab()?;
     let www = lab.net.dir.join("www");
     let blob = traffic::make_blob(&www, "blob", size_mib << 20)?;
     traffic::serve_http(&mut lab.net, "srv", &www, SERVER)?;
-    lab.start_client(1, &Credential::Issued("client1".into()))?;
-    let address = lab.wait_address(1, Duration::from_secs(15))?;
-    let (primary, secondary) = lab.primary_and_secondary(1, Duration::from_secs(10))?;
     say(&format!(
         "client1 is up with address {address}: primary dn{primary}, secondary dn{secondary}; the ESR routes it via {}",
         lab.esr_next_hop(address)?
@@ -457,16 +459,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Bench { seconds, out, json } => {
-            let report = bench::run(seconds)?;
-            if json {
-                println!("{}", report.json());
-            } else {
-                print!("{}", report.table());
-            }
-            if let Some(dir) = out {
-                report_files(&report.write(&dir)?, json);
-            }
-            Ok(())
+            finish(&bench::run(seconds)?, json, out.as_deref())
         }
         Command::Experiment(Experiment::Icmp { rate, common }) => finish(
             &experiment::icmp(&experiment::IcmpOptions {
@@ -475,7 +468,8 @@ fn main() -> Result<()> {
                 setups: common.setups(),
                 quiet: common.json,
             })?,
-            &common,
+            common.json,
+            common.out.as_deref(),
         ),
         Command::Experiment(Experiment::Http {
             size,
@@ -489,7 +483,8 @@ fn main() -> Result<()> {
                 setups: common.setups(),
                 quiet: common.json,
             })?,
-            &common,
+            common.json,
+            common.out.as_deref(),
         ),
     }
 }
