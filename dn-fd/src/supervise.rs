@@ -558,12 +558,9 @@ impl Detector {
                 } else {
                     warn!(peer = %name, %from, %to, "peer down");
                 }
-                // Unknown -> silent or -> dn-down is news too: the DN may carry its clients.
-                (change.from.is_up() != change.to.is_up() || change.from == PeerState::Unknown)
-                    .then(|| LocalMessage::Peer {
-                        dn: name,
-                        up: change.to.is_up(),
-                    })
+                change
+                    .tells_dn()
+                    .map(|up| LocalMessage::Peer { dn: name, up })
             };
             if let Some(m) = message {
                 self.tell_dn(&m);

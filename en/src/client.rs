@@ -323,11 +323,8 @@ impl Driver<'_> {
                     debug!(dn = %name, %dead, "the DN reports a DN this client does not know");
                     return None;
                 };
-                // Only a live session is news; a lost one is being re-established already.
-                self.slots[index].conn.as_ref()?;
                 warn!(dn = %dead, reporter = %name, "the cluster's failure detector reports this DN down");
-                self.drop_session(index);
-                Event::Lost(index, Loss::ReportedDead)
+                Event::PeerDown(index)
             }
         })
     }

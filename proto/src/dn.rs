@@ -63,6 +63,52 @@ struct Held {
     expires_at: u64,
 }
 
+/// One lease of the DN's own pool as the DN keeps it across restarts: without it, a restarted
+/// DN could give an address whose ticket is still valid to another client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRecord {
+    pub identity: String,
+    pub address: IpAddr,
+    pub expires_at: u64,
+}
+
+impl LeaseRecord {
+    pub fn of(claim: &LeaseClaim) -> Self {
+        Self {
+            identity: claim.identity.clone(),
+            address: claim.address,
+            expires_at: claim.expires_at,
+        }
+    }
+
+    /// One line of the DN's lease journal: `EXPIRES ADDRESS IDENTITY`, the identity in base64
+    /// so that any certificate name fits on one line.
+    pub fn to_line(&self) -> String {
+        use base64::Engine;
+        let identity = base64::engine::general_purpose::STANDARD.encode(&self.identity);
+        format!("{} {} {identity}", self.expires_at, self.address)
+    }
+
+    /// `None` for a line that is not a record (a torn last write, say).
+    pub fn from_line(line: &str) -> Option<Self> {
+        use base64::Engine;
+        let mut parts = line.trim().split(' ');
+        let expires_at = parts.next()?.parse().ok()?;
+        let address = parts.next()?.parse().ok()?;
+        let identity = base64::engine::general_purpose::STANDARD
+            .decode(parts.next()?)
+            .ok()?;
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(Self {
+            identity: String::from_utf8(identity).ok()?,
+            address,
+            expires_at,
+        })
+    }
+}
+
 pub struct LeaseBook {
     name: String,
     plan: PoolPlan,
@@ -98,6 +144,33 @@ impl LeaseBook {
             cursors,
             held: Default::default(),
         }
+    }
+
+    /// Takes back the leases a DN kept across a restart (oldest first; a later record for an
+    /// address replaces an earlier one). Expired ones and addresses outside the pool are dropped.
+    pub fn restore(&mut self, records: impl IntoIterator<Item = LeaseRecord>, now: u64) {
+        for r in records {
+            if r.expires_at <= now || !self.plan.is_leasable(r.address) {
+                continue;
+            }
+            self.record(&r.identity, r.address, r.expires_at);
+        }
+    }
+
+    /// Every unexpired lease, for a compacted journal.
+    pub fn records(&self, now: u64) -> Vec<LeaseRecord> {
+        let mut out: Vec<LeaseRecord> = self
+            .by_address
+            .iter()
+            .filter(|(_, h)| h.expires_at > now)
+            .map(|(address, h)| LeaseRecord {
+                identity: h.identity.clone(),
+                address: *address,
+                expires_at: h.expires_at,
+            })
+            .collect();
+        out.sort_by_key(|r| r.expires_at);
+        out
     }
 
     /// Stops (or resumes) allocating from the own blocks another DN serves actively.
@@ -160,23 +233,7 @@ impl LeaseBook {
     /// Records `identity` at `address` and signs a ticket for it.
     fn lease(&mut self, identity: &str, address: IpAddr, now: u64) -> LeaseTicket {
         let expires_at = now.saturating_add(self.lifetime_secs);
-        if let Some(old) = self.by_identity.insert(identity.to_owned(), address) {
-            if old != address {
-                self.by_address.remove(&old);
-            }
-        }
-        if let Some(prev) = self.by_address.insert(
-            address,
-            Held {
-                identity: identity.to_owned(),
-                expires_at,
-            },
-        ) {
-            // An expired lease of someone else at this address is gone for good.
-            if prev.identity != identity {
-                self.by_identity.remove(&prev.identity);
-            }
-        }
+        self.record(identity, address, expires_at);
         let block = self
             .plan
             .block_containing(address)
@@ -191,6 +248,29 @@ impl LeaseBook {
             expires_at,
         }
         .sign(&self.signing_key)
+    }
+
+    fn record(&mut self, identity: &str, address: IpAddr, expires_at: u64) {
+        if let Some(old) = self.by_identity.insert(identity.to_owned(), address) {
+            if old != address && self.by_address.get(&old).is_some_and(|h| h.identity == identity)
+            {
+                self.by_address.remove(&old);
+            }
+        }
+        if let Some(prev) = self.by_address.insert(
+            address,
+            Held {
+                identity: identity.to_owned(),
+                expires_at,
+            },
+        ) {
+            // An expired lease of someone else at this address is gone for good.
+            if prev.identity != identity
+                && self.by_identity.get(&prev.identity) == Some(&address)
+            {
+                self.by_identity.remove(&prev.identity);
+            }
+        }
     }
 
     /// A free address from the least-used block.

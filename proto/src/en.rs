@@ -68,6 +68,8 @@ pub enum Event {
     Lost(Dn, Loss),
     /// DN `0` says the client's home DN (its ticket's issuer) is back.
     HomeIsBack(Dn),
+    /// A DN says the cluster's failure detector found DN `0` down.
+    PeerDown(Dn),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,7 +176,8 @@ impl Machine {
             | Event::Leased(d, _)
             | Event::Refused(d, _)
             | Event::Lost(d, _)
-            | Event::HomeIsBack(d) => *d,
+            | Event::HomeIsBack(d)
+            | Event::PeerDown(d) => *d,
         };
         if dn >= self.slots.len() {
             return out;
@@ -208,6 +211,17 @@ impl Machine {
                 self.lose(d, loss, now, &mut out);
             }
             Event::Lost(d, loss) => self.lose(d, loss, now, &mut out),
+            Event::PeerDown(d) => {
+                // Only a session that got past its handshake is news; one being made again
+                // is dealt with by its own attempt.
+                if matches!(
+                    self.slots[d].state,
+                    SessionState::Ready | SessionState::Attaching | SessionState::Up(_)
+                ) {
+                    out.push(Action::Close(d));
+                    self.lose(d, Loss::ReportedDead, now, &mut out);
+                }
+            }
             Event::HomeIsBack(d) => {
                 // Only the DN carrying the client can know it carries it for the home DN.
                 if self.primary == Some(d) {

@@ -316,6 +316,15 @@ pub struct PeerChange {
     pub to: PeerState,
 }
 
+impl PeerChange {
+    /// What the local DN must be told: `Some(up)` when the peer's DN became able or unable to
+    /// carry clients. Unknown -> silent or -> DN down is news too: the DN may carry its clients.
+    pub fn tells_dn(&self) -> Option<bool> {
+        (self.from.is_up() != self.to.is_up() || self.from == PeerState::Unknown)
+            .then_some(self.to.is_up())
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Peer {
     state: PeerState,

@@ -11,6 +11,7 @@ pub mod dn;
 pub mod en;
 pub mod fd;
 pub mod lease;
+pub mod node;
 pub mod packet;
 pub mod peer;
 pub mod plan;

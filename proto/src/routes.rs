@@ -115,12 +115,35 @@ pub struct RoutePlan {
     /// DNs the failure detector reports down: the blocks this DN backs for them go active at
     /// once, before their clients' traffic arrives.
     down: BTreeSet<String>,
+    /// Backed blocks this DN has taken over: their owner went down (by the detector), and they
+    /// stay taken over while the owner is down or any of their clients is carried here. Only
+    /// these are announced as halves; a client carried here otherwise gets a host route, so
+    /// that one client sending through a secondary never pulls its whole block away from a
+    /// healthy home.
+    taken_over: BTreeSet<IpNet>,
 }
 
-/// The own blocks another DN serves actively: those with a route more specific than the block
-/// (the serving DN's block halves or host routes) among `learned`, the routes the routing
-/// daemon put into the kernel.
+/// The own blocks another DN has taken over: those whose halves (the taking DN's announcement)
+/// are among `learned`, the routes the routing daemon put into the kernel. A host route inside a
+/// block moves one client, not the block, and does not hold it.
 pub fn held_blocks<'a>(
+    own: impl IntoIterator<Item = &'a IpNet>,
+    learned: &[IpNet],
+) -> BTreeSet<IpNet> {
+    own.into_iter()
+        .filter(|block| {
+            learned
+                .iter()
+                .any(|r| r.prefix_len() == block.prefix_len() + 1 && block.contains(r))
+        })
+        .copied()
+        .collect()
+}
+
+/// The own blocks some of whose clients another DN carries: those with any route more specific
+/// than the block (halves or host routes) among `learned`. A DN back from a restart tells its
+/// peers while any is, so that those clients come home.
+pub fn blocks_carried_elsewhere<'a>(
     own: impl IntoIterator<Item = &'a IpNet>,
     learned: &[IpNet],
 ) -> BTreeSet<IpNet> {
@@ -153,6 +176,7 @@ impl RoutePlan {
             held: Default::default(),
             home: Default::default(),
             down: Default::default(),
+            taken_over: Default::default(),
         }
     }
 
@@ -170,6 +194,23 @@ impl RoutePlan {
     pub fn release(&mut self, address: IpAddr) {
         self.active.remove(&address);
         self.home.remove(&address);
+        self.settle_taken_over();
+    }
+
+    /// Lets go of taken-over blocks whose owner is up again and of which no client is carried.
+    fn settle_taken_over(&mut self) {
+        let (backed, down, active) = (&self.backed, &self.down, &self.active);
+        self.taken_over.retain(|block| {
+            let owner_down = backed
+                .iter()
+                .any(|(b, owner)| b == block && down.contains(owner));
+            owner_down || active.values().any(|(_, b)| b == block)
+        });
+    }
+
+    /// Backed blocks this DN announces as halves now.
+    pub fn taken_over(&self) -> &BTreeSet<IpNet> {
+        &self.taken_over
     }
 
     /// Records which own blocks another DN serves actively; says whether that changed.
@@ -186,11 +227,15 @@ impl RoutePlan {
     /// Records whether DN `owner` is down, as the failure detector says; says whether that
     /// changed.
     pub fn set_down(&mut self, owner: &str, down: bool) -> bool {
-        if down {
+        let changed = if down {
+            let blocks = self.backed.iter().filter(|(_, o)| o == owner);
+            self.taken_over.extend(blocks.map(|(b, _)| *b));
             self.down.insert(owner.to_owned())
         } else {
             self.down.remove(owner)
-        }
+        };
+        self.settle_taken_over();
+        changed
     }
 
     pub fn down(&self) -> &BTreeSet<String> {
@@ -199,10 +244,10 @@ impl RoutePlan {
 
     /// Every route the DN should have now. One route per destination.
     ///
-    /// A backed block this DN serves, or whose owner is down, keeps its standby route and gains
-    /// its two halves at the active metric: longer prefixes win everywhere, whatever the metric
-    /// (ospfd cannot set an OSPF cost from a kernel metric; see docs/routing-daemons.md), so a
-    /// restarted owner cannot take the block back before its clients return.
+    /// A taken-over block keeps its standby route and gains its two halves at the active metric:
+    /// longer prefixes win everywhere, whatever the metric (ospfd cannot set an OSPF cost from a
+    /// kernel metric; see docs/routing-daemons.md), so a restarted owner cannot take the block
+    /// back before its clients return. Other clients of other DNs carried here get host routes.
     pub fn desired(&self) -> Vec<RouteSpec> {
         let mut out: Vec<RouteSpec> = Vec::with_capacity(self.standing.len() + self.active.len());
         for r in &self.standing {
@@ -213,7 +258,7 @@ impl RoutePlan {
             let Reason::Standby { owner } = &r.reason else {
                 continue;
             };
-            if !self.down.contains(owner) && !self.active.values().any(|(_, b)| *b == r.net) {
+            if !self.taken_over.contains(&r.net) {
                 continue;
             }
             let halves = r
@@ -232,7 +277,7 @@ impl RoutePlan {
             }
         }
         for (address, (owner, block)) in &self.active {
-            if !self.backed.iter().any(|(b, _)| b == block) {
+            if !self.taken_over.contains(block) {
                 out.push(RouteSpec {
                     net: IpNet::from(*address),
                     metric: self.metrics.active,
@@ -283,11 +328,20 @@ mod tests {
     }
 
     #[test]
-    fn serving_a_backed_block_raises_it_and_the_last_client_lowers_it() {
+    fn a_client_of_a_healthy_owner_moves_alone_and_a_dead_owners_block_moves_whole() {
         let mut plan = RoutePlan::new(&cluster(3), "dn2");
         let standby = show(&plan);
         // dn1's block backed by dn2 is 10.201.0.0/25.
         let block: IpNet = "10.201.0.0/25".parse().unwrap();
+        // dn1 is up: a client sending here moves its own address, never its block.
+        plan.serve("10.201.0.5".parse().unwrap(), "dn1", block);
+        let alone = show(&plan);
+        assert!(alone.contains(&"10.201.0.5/32 100 host for dn1".to_owned()));
+        assert!(!alone.iter().any(|r| r.contains("serving")), "{alone:?}");
+        plan.release("10.201.0.5".parse().unwrap());
+        assert_eq!(show(&plan), standby);
+        // dn1 is down: the block is taken over as its halves, and its clients ride on them.
+        plan.set_down("dn1", true);
         plan.serve("10.201.0.5".parse().unwrap(), "dn1", block);
         plan.serve("10.201.0.6".parse().unwrap(), "dn1", block);
         let serving = show(&plan);
@@ -301,10 +355,14 @@ mod tests {
                 "{want} missing from {serving:?}"
             );
         }
+        assert!(!serving.iter().any(|r| r.contains("/32")), "{serving:?}");
+        // dn1 is back: the block stays taken over until its last client has left.
+        plan.set_down("dn1", false);
         plan.release("10.201.0.5".parse().unwrap());
         assert_eq!(show(&plan), serving);
         plan.release("10.201.0.6".parse().unwrap());
         assert_eq!(show(&plan), standby);
+        assert!(plan.taken_over().is_empty());
     }
 
     #[test]
@@ -374,8 +432,12 @@ mod tests {
         // dn2 let go: the block is advertised again and covers the client.
         assert!(plan.set_held(BTreeSet::new()));
         assert_eq!(show(&plan), normal);
-        // The standby copy of one's own block (same prefix) does not hold it.
+        // The standby copy of one's own block (same prefix) does not hold it, nor does a host
+        // route: that moves one client, which is carried elsewhere.
         assert!(held_blocks(&own, &["10.201.0.0/24".parse().unwrap()]).is_empty());
+        let host: Vec<IpNet> = vec!["10.201.0.9/32".parse().unwrap()];
+        assert!(held_blocks(&own, &host).is_empty());
+        assert_eq!(blocks_carried_elsewhere(&own, &host), own.iter().copied().collect());
     }
 
     #[test]

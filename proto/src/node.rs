@@ -1,0 +1,534 @@
+//! The DN's session and routing decisions: which session carries a client, when a secondary
+//! becomes a client's primary, which routes the DN keeps, what it tells clients and peers.
+//!
+//! A client holds a session to every DN. The DN whose pool its address is from is its home;
+//! the lease ticket attaches it everywhere else as a secondary. The client's first data packet
+//! on a session makes that DN its primary (thesis 4.2): the DN routes the address (a host route,
+//! or nothing for an own client whose block is routed here anyway) and says `Promoted`. A
+//! client that goes home sends `Demote`; packets it sent before that may still arrive, so for a
+//! grace period they do not promote it again. A newer session for an address replaces the older
+//! one, and whatever the older one had routed goes with it: routes follow the sessions that
+//! exist.
+//!
+//! A backup announces a backed block as a whole (its halves) only after the failure detector
+//! said the block's owner is down, and until the owner is up and the last of those clients has
+//! left ([`RoutePlan`]). After a restart, the own blocks another DN has taken over are neither
+//! advertised nor allocated from ([`Event::Learned`]), and while any own client is carried
+//! elsewhere the DN tells its peers it is back, so that they send those clients home.
+//!
+//! [`Machine`] performs no I/O: the shell feeds it [`Event`]s with the current time and
+//! performs the [`Action`]s it returns, in order; [`Machine::poll_timeout`] says when to call
+//! [`Machine::handle_timeout`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::SigningKey;
+use ipnet::IpNet;
+
+use crate::cluster::Cluster;
+use crate::control::{Lease, Message};
+use crate::dn::{Grant, LeaseBook, LeaseRecord};
+use crate::lease::LeaseTicket;
+use crate::routes::{blocks_carried_elsewhere, held_blocks, RoutePlan, RouteSpec};
+
+/// The shell's name for one client connection, unique for the DN process's life.
+pub type SessionId = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodePolicy {
+    /// After `Demote`, data on the session does not promote it again for this long.
+    pub demote_grace: Duration,
+    /// How often a DN with own clients carried elsewhere tells its peers it is back.
+    pub notice_interval: Duration,
+}
+
+impl Default for NodePolicy {
+    fn default() -> Self {
+        Self {
+            demote_grace: Duration::from_secs(1),
+            notice_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A client authenticated as `identity` asks to be carried, with its ticket if it has one.
+    /// A session attaches once; a second `Attach` on it is ignored.
+    Attach {
+        session: SessionId,
+        identity: String,
+        ticket: Option<LeaseTicket>,
+    },
+    /// Data from the client arrived on the session.
+    Data(SessionId),
+    /// The client moved its traffic to another DN.
+    Demote(SessionId),
+    /// The session's connection is gone.
+    Ended(SessionId),
+    /// The failure detector says DN `dn` can (or cannot) carry clients.
+    Peer { dn: String, up: bool },
+    /// The routes the routing daemon learned from the other DNs, as the kernel shows them now.
+    Learned(Vec<IpNet>),
+    /// DN `from` (its notice verified) says it is back.
+    HomeIsBack { from: String },
+}
+
+/// Why the DN closes a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The attach was refused; the `Refused` message was sent first and should arrive before
+    /// the close does.
+    Refused(String),
+    /// A newer session carries the client's address.
+    Replaced,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Keep this lease across restarts before anything else is done (the next action tells the
+    /// client about it).
+    Record(LeaseRecord),
+    /// Send a control message on the session.
+    Send(SessionId, Message),
+    Close(SessionId, CloseReason),
+    /// Packets for `address` go to this session (`None`: to none).
+    Host {
+        address: IpAddr,
+        session: Option<SessionId>,
+    },
+    /// Whether the session is the client's primary here. Data on a session that is not needs an
+    /// [`Event::Data`]; on one that is, nothing.
+    Primary { session: SessionId, primary: bool },
+    /// The routes the DN must have now, all of them; `generation` grows with each set, so that
+    /// a shell applying sets concurrently can drop a stale one.
+    Routes {
+        generation: u64,
+        routes: Vec<RouteSpec>,
+    },
+    /// Tell every peer this DN is back (a signed notice).
+    AnnounceHomeIsBack,
+    /// Something an operator wants in the log.
+    Note(Note),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Note {
+    Attached {
+        session: SessionId,
+        identity: String,
+        address: IpAddr,
+        home: bool,
+    },
+    Refused {
+        session: SessionId,
+        identity: String,
+        reason: String,
+    },
+    Replaced {
+        old: SessionId,
+        new: SessionId,
+        address: IpAddr,
+    },
+    Promoted {
+        session: SessionId,
+        address: IpAddr,
+        home: String,
+    },
+    Demoted {
+        session: SessionId,
+        address: IpAddr,
+    },
+    /// Own blocks another DN has taken over (or no longer has).
+    Held { block: IpNet, held: bool },
+    /// Own blocks some clients of which another DN carries (or no longer does).
+    CarriedElsewhere { block: IpNet, carried: bool },
+    PeerState { dn: String, up: bool },
+    /// Clients carried here for DN `home`, told it is back.
+    SentHome { home: String, clients: usize },
+}
+
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub identity: String,
+    pub address: IpAddr,
+    /// The DN whose pool the address is from.
+    pub home: String,
+    pub block: IpNet,
+    pub primary: bool,
+    demoted_at: Option<Instant>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{0:?} is not a DN of the cluster")]
+    UnknownNode(String),
+}
+
+pub struct Machine {
+    me: String,
+    cluster: Cluster,
+    policy: NodePolicy,
+    book: LeaseBook,
+    routes: RoutePlan,
+    /// The routes last handed to the shell, with their generation.
+    routes_sent: Option<(u64, Vec<RouteSpec>)>,
+    sessions: BTreeMap<SessionId, Session>,
+    hosts: BTreeMap<IpAddr, SessionId>,
+    /// Own blocks some clients of which another DN carries.
+    carried_elsewhere: BTreeSet<IpNet>,
+    next_notice: Option<Instant>,
+}
+
+impl Machine {
+    /// The machine of DN `me`, with the leases it kept across a restart (`restored`).
+    pub fn new(
+        cluster: &Cluster,
+        me: &str,
+        signing_key: SigningKey,
+        restored: Vec<LeaseRecord>,
+        policy: NodePolicy,
+        unix: u64,
+    ) -> Result<Self, NodeError> {
+        let spec = cluster
+            .dn(me)
+            .ok_or_else(|| NodeError::UnknownNode(me.to_owned()))?;
+        let mut book = LeaseBook::new(
+            me,
+            spec.plan.clone(),
+            signing_key,
+            cluster.issuer_keys(),
+            cluster.lease_lifetime_secs,
+        );
+        book.restore(restored, unix);
+        Ok(Self {
+            me: me.to_owned(),
+            cluster: cluster.clone(),
+            policy,
+            book,
+            routes: RoutePlan::new(cluster, me),
+            routes_sent: None,
+            sessions: BTreeMap::new(),
+            hosts: BTreeMap::new(),
+            carried_elsewhere: BTreeSet::new(),
+            next_notice: None,
+        })
+    }
+
+    /// The first actions: the routes the DN keeps from the start. Feed [`Event::Learned`]
+    /// first where the routing daemon's routes are known, so that taken-over blocks are left
+    /// out from the start.
+    pub fn start(&mut self) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.push_routes(&mut out);
+        out
+    }
+
+    pub fn name(&self) -> &str {
+        &self.me
+    }
+
+    pub fn session(&self, id: SessionId) -> Option<&Session> {
+        self.sessions.get(&id)
+    }
+
+    pub fn sessions(&self) -> impl Iterator<Item = (SessionId, &Session)> {
+        self.sessions.iter().map(|(id, s)| (*id, s))
+    }
+
+    /// The session packets for `address` go to.
+    pub fn host(&self, address: IpAddr) -> Option<SessionId> {
+        self.hosts.get(&address).copied()
+    }
+
+    pub fn routes(&self) -> Vec<RouteSpec> {
+        self.routes.desired()
+    }
+
+    pub fn route_plan(&self) -> &RoutePlan {
+        &self.routes
+    }
+
+    pub fn held(&self) -> &BTreeSet<IpNet> {
+        self.routes.held()
+    }
+
+    pub fn carried_elsewhere(&self) -> &BTreeSet<IpNet> {
+        &self.carried_elsewhere
+    }
+
+    pub fn peers_down(&self) -> &BTreeSet<String> {
+        self.routes.down()
+    }
+
+    pub fn active_leases(&self, unix: u64) -> usize {
+        self.book.active_leases(unix)
+    }
+
+    /// Every unexpired lease of the own pool, for a compacted journal.
+    pub fn lease_records(&self, unix: u64) -> Vec<LeaseRecord> {
+        self.book.records(unix)
+    }
+
+    pub fn handle(&mut self, event: Event, now: Instant, unix: u64) -> Vec<Action> {
+        let mut out = Vec::new();
+        match event {
+            Event::Attach {
+                session,
+                identity,
+                ticket,
+            } => self.attach(session, identity, ticket, unix, &mut out),
+            Event::Data(session) => self.on_data(session, now, &mut out),
+            Event::Demote(session) => self.demote(session, now, &mut out),
+            Event::Ended(session) => self.end(session, &mut out),
+            Event::Peer { dn, up } => self.on_peer(dn, up, &mut out),
+            Event::Learned(learned) => self.on_learned(&learned, now, &mut out),
+            Event::HomeIsBack { from } => self.send_home(&from, &mut out),
+        }
+        out
+    }
+
+    fn attach(
+        &mut self,
+        session: SessionId,
+        identity: String,
+        ticket: Option<LeaseTicket>,
+        unix: u64,
+        out: &mut Vec<Action>,
+    ) {
+        if self.sessions.contains_key(&session) {
+            return;
+        }
+        let grant = match self.book.attach(&identity, ticket.as_ref(), unix) {
+            Ok(grant) => grant,
+            Err(e) => {
+                let reason = e.to_string();
+                out.push(Action::Note(Note::Refused {
+                    session,
+                    identity,
+                    reason: reason.clone(),
+                }));
+                out.push(Action::Send(
+                    session,
+                    Message::Refused {
+                        code: e.refuse_code(),
+                        reason: reason.clone(),
+                    },
+                ));
+                out.push(Action::Close(session, CloseReason::Refused(reason)));
+                return;
+            }
+        };
+        let claim = grant.ticket().claim.clone();
+        if let Grant::Home(_) = grant {
+            out.push(Action::Record(LeaseRecord::of(&claim)));
+        }
+        let lease = Lease {
+            ticket: grant.ticket().clone(),
+            gateway: self
+                .cluster
+                .dn(&self.me)
+                .map(|d| d.plan.gateway())
+                .unwrap_or(claim.address),
+            mtu: self.cluster.dn(&self.me).map(|d| d.mtu).unwrap_or(1280),
+            routes: self.cluster.client_routes.clone(),
+            failover: self.cluster.failover_order(&claim.issuer, claim.address),
+        };
+        out.push(Action::Note(Note::Attached {
+            session,
+            identity: identity.clone(),
+            address: claim.address,
+            home: claim.issuer == self.me,
+        }));
+        out.push(Action::Send(session, Message::Leased(lease)));
+        if let Some(old) = self.hosts.get(&claim.address).copied() {
+            out.push(Action::Note(Note::Replaced {
+                old,
+                new: session,
+                address: claim.address,
+            }));
+            self.end(old, out);
+            out.push(Action::Close(old, CloseReason::Replaced));
+        }
+        self.sessions.insert(
+            session,
+            Session {
+                identity,
+                address: claim.address,
+                home: claim.issuer,
+                block: claim.block,
+                primary: false,
+                demoted_at: None,
+            },
+        );
+        self.hosts.insert(claim.address, session);
+        out.push(Action::Host {
+            address: claim.address,
+            session: Some(session),
+        });
+    }
+
+    fn on_data(&mut self, id: SessionId, now: Instant, out: &mut Vec<Action>) {
+        let grace = self.policy.demote_grace;
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        if s.primary || s.demoted_at.is_some_and(|t| now < t + grace) {
+            return;
+        }
+        s.primary = true;
+        let (address, home, block) = (s.address, s.home.clone(), s.block);
+        self.routes.serve(address, &home, block);
+        out.push(Action::Primary {
+            session: id,
+            primary: true,
+        });
+        self.push_routes(out);
+        if home != self.me {
+            out.push(Action::Note(Note::Promoted {
+                session: id,
+                address,
+                home,
+            }));
+            out.push(Action::Send(id, Message::Promoted));
+        }
+    }
+
+    fn demote(&mut self, id: SessionId, now: Instant, out: &mut Vec<Action>) {
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        if !s.primary {
+            return;
+        }
+        s.primary = false;
+        s.demoted_at = Some(now);
+        let address = s.address;
+        self.routes.release(address);
+        out.push(Action::Primary {
+            session: id,
+            primary: false,
+        });
+        out.push(Action::Note(Note::Demoted {
+            session: id,
+            address,
+        }));
+        self.push_routes(out);
+    }
+
+    /// Forgets the session and everything it had routed.
+    fn end(&mut self, id: SessionId, out: &mut Vec<Action>) {
+        let Some(s) = self.sessions.remove(&id) else {
+            return;
+        };
+        if self.hosts.get(&s.address) == Some(&id) {
+            self.hosts.remove(&s.address);
+            out.push(Action::Host {
+                address: s.address,
+                session: None,
+            });
+        }
+        if s.primary {
+            self.routes.release(s.address);
+            self.push_routes(out);
+        }
+    }
+
+    fn on_peer(&mut self, dn: String, up: bool, out: &mut Vec<Action>) {
+        if dn == self.me || self.cluster.dn(&dn).is_none() {
+            return;
+        }
+        if !self.routes.set_down(&dn, !up) {
+            return;
+        }
+        out.push(Action::Note(Note::PeerState { dn: dn.clone(), up }));
+        self.push_routes(out);
+        if up {
+            return;
+        }
+        // Clients whose primary it was switch now, before their own probes could tell.
+        for (id, s) in &self.sessions {
+            if !s.primary {
+                out.push(Action::Send(*id, Message::PeerDown { dn: dn.clone() }));
+            }
+        }
+    }
+
+    fn on_learned(&mut self, learned: &[IpNet], now: Instant, out: &mut Vec<Action>) {
+        let own: Vec<IpNet> = self
+            .cluster
+            .dn(&self.me)
+            .map(|d| d.plan.blocks.iter().map(|b| b.net).collect())
+            .unwrap_or_default();
+        let held = held_blocks(&own, learned);
+        for block in held.symmetric_difference(self.routes.held()) {
+            out.push(Action::Note(Note::Held {
+                block: *block,
+                held: held.contains(block),
+            }));
+        }
+        self.book.set_held(held.clone());
+        if self.routes.set_held(held) {
+            self.push_routes(out);
+        }
+        let carried = blocks_carried_elsewhere(&own, learned);
+        for block in carried.symmetric_difference(&self.carried_elsewhere) {
+            out.push(Action::Note(Note::CarriedElsewhere {
+                block: *block,
+                carried: carried.contains(block),
+            }));
+        }
+        self.carried_elsewhere = carried;
+        if self.carried_elsewhere.is_empty() {
+            self.next_notice = None;
+        } else if self.next_notice.is_none() {
+            self.next_notice = Some(now + self.policy.notice_interval);
+            out.push(Action::AnnounceHomeIsBack);
+        }
+    }
+
+    /// Tells the clients carried here for DN `home` that it is back.
+    fn send_home(&mut self, home: &str, out: &mut Vec<Action>) {
+        let before = out.len();
+        for (id, s) in &self.sessions {
+            if s.primary && s.home == home && home != self.me {
+                out.push(Action::Send(*id, Message::HomeIsBack));
+            }
+        }
+        let clients = out.len() - before;
+        if clients > 0 {
+            out.push(Action::Note(Note::SentHome {
+                home: home.to_owned(),
+                clients,
+            }));
+        }
+    }
+
+    fn push_routes(&mut self, out: &mut Vec<Action>) {
+        let routes = self.routes.desired();
+        if self.routes_sent.as_ref().is_some_and(|(_, r)| *r == routes) {
+            return;
+        }
+        let generation = self.routes_sent.as_ref().map_or(0, |(g, _)| g + 1);
+        self.routes_sent = Some((generation, routes.clone()));
+        out.push(Action::Routes { generation, routes });
+    }
+
+    /// When [`Machine::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.next_notice
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) -> Vec<Action> {
+        let mut out = Vec::new();
+        if let Some(due) = self.next_notice {
+            if now >= due {
+                out.push(Action::AnnounceHomeIsBack);
+                self.next_notice = Some(now + self.policy.notice_interval);
+            }
+        }
+        out
+    }
+}
