@@ -252,7 +252,11 @@ impl LeaseBook {
 
     fn record(&mut self, identity: &str, address: IpAddr, expires_at: u64) {
         if let Some(old) = self.by_identity.insert(identity.to_owned(), address) {
-            if old != address && self.by_address.get(&old).is_some_and(|h| h.identity == identity)
+            if old != address
+                && self
+                    .by_address
+                    .get(&old)
+                    .is_some_and(|h| h.identity == identity)
             {
                 self.by_address.remove(&old);
             }
@@ -265,9 +269,7 @@ impl LeaseBook {
             },
         ) {
             // An expired lease of someone else at this address is gone for good.
-            if prev.identity != identity
-                && self.by_identity.get(&prev.identity) == Some(&address)
-            {
+            if prev.identity != identity && self.by_identity.get(&prev.identity) == Some(&address) {
                 self.by_identity.remove(&prev.identity);
             }
         }

@@ -42,6 +42,10 @@ pub struct NodePolicy {
     pub demote_grace: Duration,
     /// How often a DN with own clients carried elsewhere tells its peers it is back.
     pub notice_interval: Duration,
+    /// How long after a dead DN is up again a block taken over from it stays announced whole,
+    /// while its clients go home; those that have not by then keep host routes of their own,
+    /// so that no client can hold a block away from its healthy home.
+    pub homecoming: Duration,
 }
 
 impl Default for NodePolicy {
@@ -49,6 +53,7 @@ impl Default for NodePolicy {
         Self {
             demote_grace: Duration::from_secs(1),
             notice_interval: Duration::from_secs(1),
+            homecoming: crate::en::RETRY_MAX,
         }
     }
 }
@@ -101,7 +106,10 @@ pub enum Action {
     },
     /// Whether the session is the client's primary here. Data on a session that is not needs an
     /// [`Event::Data`]; on one that is, nothing.
-    Primary { session: SessionId, primary: bool },
+    Primary {
+        session: SessionId,
+        primary: bool,
+    },
     /// The routes the DN must have now, all of them; `generation` grows with each set, so that
     /// a shell applying sets concurrently can drop a stale one.
     Routes {
@@ -142,12 +150,29 @@ pub enum Note {
         address: IpAddr,
     },
     /// Own blocks another DN has taken over (or no longer has).
-    Held { block: IpNet, held: bool },
+    Held {
+        block: IpNet,
+        held: bool,
+    },
     /// Own blocks some clients of which another DN carries (or no longer does).
-    CarriedElsewhere { block: IpNet, carried: bool },
-    PeerState { dn: String, up: bool },
+    CarriedElsewhere {
+        block: IpNet,
+        carried: bool,
+    },
+    PeerState {
+        dn: String,
+        up: bool,
+    },
+    /// DN `dn` has been up for the homecoming period: its blocks are no longer announced whole,
+    /// and its clients still carried here keep host routes.
+    LetGo {
+        dn: String,
+    },
     /// Clients carried here for DN `home`, told it is back.
-    SentHome { home: String, clients: usize },
+    SentHome {
+        home: String,
+        clients: usize,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -180,6 +205,8 @@ pub struct Machine {
     /// Own blocks some clients of which another DN carries.
     carried_elsewhere: BTreeSet<IpNet>,
     next_notice: Option<Instant>,
+    /// DNs up again whose blocks this DN still announces whole, and until when it may.
+    homecoming: BTreeMap<String, Instant>,
 }
 
 impl Machine {
@@ -214,6 +241,7 @@ impl Machine {
             hosts: BTreeMap::new(),
             carried_elsewhere: BTreeSet::new(),
             next_notice: None,
+            homecoming: BTreeMap::new(),
         })
     }
 
@@ -283,7 +311,7 @@ impl Machine {
             Event::Data(session) => self.on_data(session, now, &mut out),
             Event::Demote(session) => self.demote(session, now, &mut out),
             Event::Ended(session) => self.end(session, &mut out),
-            Event::Peer { dn, up } => self.on_peer(dn, up, &mut out),
+            Event::Peer { dn, up } => self.on_peer(dn, up, now, &mut out),
             Event::Learned(learned) => self.on_learned(&learned, now, &mut out),
             Event::HomeIsBack { from } => self.send_home(&from, &mut out),
         }
@@ -436,7 +464,7 @@ impl Machine {
         }
     }
 
-    fn on_peer(&mut self, dn: String, up: bool, out: &mut Vec<Action>) {
+    fn on_peer(&mut self, dn: String, up: bool, now: Instant, out: &mut Vec<Action>) {
         if dn == self.me || self.cluster.dn(&dn).is_none() {
             return;
         }
@@ -446,8 +474,12 @@ impl Machine {
         out.push(Action::Note(Note::PeerState { dn: dn.clone(), up }));
         self.push_routes(out);
         if up {
+            if self.routes.holds_blocks_of(&dn) {
+                self.homecoming.insert(dn, now + self.policy.homecoming);
+            }
             return;
         }
+        self.homecoming.remove(&dn);
         // Clients whose primary it was switch now, before their own probes could tell.
         for (id, s) in &self.sessions {
             if !s.primary {
@@ -519,10 +551,26 @@ impl Machine {
     /// When [`Machine::handle_timeout`] must next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.next_notice
+            .into_iter()
+            .chain(self.homecoming.values().copied())
+            .min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) -> Vec<Action> {
         let mut out = Vec::new();
+        let due: Vec<String> = self
+            .homecoming
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(dn, _)| dn.clone())
+            .collect();
+        for dn in due {
+            self.homecoming.remove(&dn);
+            if self.routes.let_go_of(&dn) {
+                out.push(Action::Note(Note::LetGo { dn }));
+                self.push_routes(&mut out);
+            }
+        }
         if let Some(due) = self.next_notice {
             if now >= due {
                 out.push(Action::AnnounceHomeIsBack);

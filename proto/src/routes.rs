@@ -208,6 +208,27 @@ impl RoutePlan {
         });
     }
 
+    /// Stops announcing the blocks taken over from `owner` whole, if it is up: the clients of
+    /// those blocks still carried here get host routes instead. Says whether that changed
+    /// anything.
+    pub fn let_go_of(&mut self, owner: &str) -> bool {
+        if self.down.contains(owner) {
+            return false;
+        }
+        let before = self.taken_over.len();
+        let backed = &self.backed;
+        self.taken_over
+            .retain(|block| !backed.iter().any(|(b, o)| b == block && o == owner));
+        self.taken_over.len() != before
+    }
+
+    /// Whether any block taken over from `owner` is still announced whole.
+    pub fn holds_blocks_of(&self, owner: &str) -> bool {
+        self.backed
+            .iter()
+            .any(|(b, o)| o == owner && self.taken_over.contains(b))
+    }
+
     /// Backed blocks this DN announces as halves now.
     pub fn taken_over(&self) -> &BTreeSet<IpNet> {
         &self.taken_over
@@ -363,6 +384,16 @@ mod tests {
         plan.release("10.201.0.6".parse().unwrap());
         assert_eq!(show(&plan), standby);
         assert!(plan.taken_over().is_empty());
+        // A client that never goes home does not keep the block whole: once let go of, it keeps
+        // a host route of its own.
+        plan.set_down("dn1", true);
+        plan.serve("10.201.0.5".parse().unwrap(), "dn1", block);
+        assert!(!plan.let_go_of("dn1"), "dn1 is still down");
+        plan.set_down("dn1", false);
+        assert!(plan.holds_blocks_of("dn1"));
+        assert!(plan.let_go_of("dn1"));
+        assert!(!plan.holds_blocks_of("dn1"));
+        assert_eq!(show(&plan), alone);
     }
 
     #[test]
@@ -437,7 +468,10 @@ mod tests {
         assert!(held_blocks(&own, &["10.201.0.0/24".parse().unwrap()]).is_empty());
         let host: Vec<IpNet> = vec!["10.201.0.9/32".parse().unwrap()];
         assert!(held_blocks(&own, &host).is_empty());
-        assert_eq!(blocks_carried_elsewhere(&own, &host), own.iter().copied().collect());
+        assert_eq!(
+            blocks_carried_elsewhere(&own, &host),
+            own.iter().copied().collect()
+        );
     }
 
     #[test]

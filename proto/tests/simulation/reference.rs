@@ -115,7 +115,10 @@ fn routes_follow_sessions(w: &World, dn: usize) -> Result<(), String> {
                     return fail(format!("{} is not an own block", r.net));
                 }
                 if held.contains(&r.net) {
-                    return fail(format!("own block {} is advertised while another DN holds it", r.net));
+                    return fail(format!(
+                        "own block {} is advertised while another DN holds it",
+                        r.net
+                    ));
                 }
             }
             Reason::Standby { .. } => {
@@ -149,10 +152,14 @@ fn routes_follow_sessions(w: &World, dn: usize) -> Result<(), String> {
                     return fail(format!("{} has the wrong reason", r.net));
                 }
                 if own && !block_of(w, a).is_some_and(|b| held.contains(&b)) {
-                    return fail(format!("own client {a} has a host route but its block is not held"));
+                    return fail(format!(
+                        "own client {a} has a host route but its block is not held"
+                    ));
                 }
                 if !own && block_of(w, a).is_some_and(|b| d.may_take_over.contains(&b)) {
-                    return fail(format!("{a} has a host route inside a block taken over whole"));
+                    return fail(format!(
+                        "{a} has a host route inside a block taken over whole"
+                    ));
                 }
             }
         }
@@ -176,10 +183,14 @@ fn routes_follow_sessions(w: &World, dn: usize) -> Result<(), String> {
         let halves = d
             .routes
             .iter()
-            .filter(|r| matches!(r.reason, Reason::Active { .. }) && r.net.supernet() == Some(*block))
+            .filter(|r| {
+                matches!(r.reason, Reason::Active { .. }) && r.net.supernet() == Some(*block)
+            })
             .count();
         if halves != 2 {
-            return fail(format!("block {block} is taken over but not announced whole"));
+            return fail(format!(
+                "block {block} is taken over but not announced whole"
+            ));
         }
     }
     Ok(())
@@ -279,7 +290,12 @@ fn everyone_is_home(w: &World) -> Result<(), String> {
             .learned
             .iter()
             .filter(|r| r.prefix_len() < r.max_prefix_len())
-            .filter(|r| !w.cluster.dns.iter().any(|o| o.plan.blocks.iter().any(|b| b.net == **r)))
+            .filter(|r| {
+                !w.cluster
+                    .dns
+                    .iter()
+                    .any(|o| o.plan.blocks.iter().any(|b| b.net == **r))
+            })
             .collect();
         if !halves_learned.is_empty() {
             return Err(format!("{} still learns {halves_learned:?}", d.name));

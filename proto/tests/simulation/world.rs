@@ -50,7 +50,9 @@ pub struct Net {
 pub enum Process {
     Running,
     /// Stopped (SIGSTOP) until `until`; its dn-fd kills it when its heartbeats stop.
-    Hung { until: u64 },
+    Hung {
+        until: u64,
+    },
     /// Not running; dn-fd starts it again.
     Dead,
 }
@@ -87,6 +89,8 @@ pub struct SimDn {
     /// detector saying the owner is down, until the owner is up and no client of the block is
     /// carried here.
     pub may_take_over: BTreeSet<IpNet>,
+    /// When its detector last said each peer is up again.
+    pub told_up_at: BTreeMap<usize, u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,6 +223,7 @@ impl World {
                 told: BTreeMap::new(),
                 learned: Vec::new(),
                 may_take_over: BTreeSet::new(),
+                told_up_at: BTreeMap::new(),
             })
             .collect();
         let sim_ens = (0..ens + rogues)
@@ -322,6 +327,9 @@ impl World {
             return;
         }
         self.ens[en].started = true;
+        if self.ens[en].conduct == Conduct::Honest {
+            self.last_disruption = self.now;
+        }
         let id = self.ens[en].identity.clone();
         self.note(format!("{id} starts"));
         let actions = self.ens[en].machine.start();
@@ -355,7 +363,11 @@ impl World {
         if self.dns[dn].cut == cut {
             return;
         }
-        let what = if cut { "cut off" } else { "back on the network" };
+        let what = if cut {
+            "cut off"
+        } else {
+            "back on the network"
+        };
         self.note(format!("{} {what}", self.dns[dn].name));
         self.last_disruption = self.now;
         self.dns[dn].cut = cut;
@@ -450,7 +462,11 @@ impl World {
     }
 
     /// Lets `ms` pass, quantum by quantum.
-    pub fn run(&mut self, ms: u64, mut check: impl FnMut(&World) -> Result<(), String>) -> Result<(), String> {
+    pub fn run(
+        &mut self,
+        ms: u64,
+        mut check: impl FnMut(&World) -> Result<(), String>,
+    ) -> Result<(), String> {
         let end = self.now + ms;
         while self.now < end {
             self.now += QUANTUM_MS;
@@ -514,17 +530,27 @@ impl World {
         for dn in 0..self.dns.len() {
             let carried: Vec<IpAddr> = self.primaries(dn).into_keys().collect();
             let d = &self.dns[dn];
-            let owner_down = |block: &IpNet| {
+            let owner = |block: &IpNet| {
                 self.cluster
                     .dns
                     .iter()
                     .position(|o| o.plan.pool.contains(block))
-                    .is_some_and(|o| d.told.get(&o) == Some(&false))
+            };
+            let owner_down =
+                |block: &IpNet| owner(block).is_some_and(|o| d.told.get(&o) == Some(&false));
+            // Its clients have the homecoming period to leave before the block is let go of.
+            let homecoming = NodePolicy::default().homecoming.as_millis() as u64;
+            let coming_home = |block: &IpNet| {
+                owner(block)
+                    .and_then(|o| d.told_up_at.get(&o))
+                    .is_some_and(|t| self.now < t + homecoming)
             };
             let keep: BTreeSet<IpNet> = d
                 .may_take_over
                 .iter()
-                .filter(|b| owner_down(b) || carried.iter().any(|a| b.contains(a)))
+                .filter(|b| {
+                    owner_down(b) || (coming_home(b) && carried.iter().any(|a| b.contains(a)))
+                })
                 .copied()
                 .collect();
             self.dns[dn].may_take_over = keep;
@@ -535,6 +561,9 @@ impl World {
         for en in 0..self.ens.len() {
             if self.ens[en].asleep_until.is_some_and(|t| t <= self.now) {
                 self.ens[en].asleep_until = None;
+                if self.ens[en].conduct == Conduct::Honest {
+                    self.last_disruption = self.now;
+                }
                 let id = self.ens[en].identity.clone();
                 self.note(format!("{id} wakes"));
                 // Its probes find every session dead.
@@ -573,7 +602,11 @@ impl World {
             if !self.ens[en].started || self.ens[en].asleep_until.is_some() {
                 continue;
             }
-            if self.ens[en].machine.poll_timeout().is_some_and(|t| t <= now) {
+            if self.ens[en]
+                .machine
+                .poll_timeout()
+                .is_some_and(|t| t <= now)
+            {
                 let actions = self.ens[en].machine.handle_timeout(now);
                 self.perform_en(en, actions);
             }
@@ -677,7 +710,9 @@ impl World {
             return;
         }
         self.dns[to].told.insert(about, up);
-        if !up {
+        if up {
+            self.dns[to].told_up_at.insert(about, self.now);
+        } else {
             let me = self.dns[to].name.clone();
             let backed: Vec<IpNet> = self.cluster.dns[about]
                 .plan
@@ -700,7 +735,10 @@ impl World {
             match action {
                 SupervisorAction::Spawn => self.spawn(dn),
                 SupervisorAction::Kill(reason) => {
-                    self.note(format!("{}'s detector kills it: {reason}", self.dns[dn].name));
+                    self.note(format!(
+                        "{}'s detector kills it: {reason}",
+                        self.dns[dn].name
+                    ));
                     self.process_died(dn, "killed by its detector");
                 }
                 SupervisorAction::DeleteRoutes => {
@@ -719,6 +757,7 @@ impl World {
         d.primary.clear();
         d.told.clear();
         d.may_take_over.clear();
+        d.told_up_at.clear();
         d.stalled.clear();
         d.routes_generation = None;
         let records = d.journal.clone();
@@ -734,7 +773,10 @@ impl World {
         .expect("every simulated DN is in the cluster");
         d.machine = Some(machine);
         let name = d.name.clone();
-        self.note(format!("{name} starts (process {})", self.dns[dn].incarnation));
+        self.note(format!(
+            "{name} starts (process {})",
+            self.dns[dn].incarnation
+        ));
         // The shell reads the kernel's learned routes before it installs its own.
         let learned = self.learned_by(dn);
         self.dns[dn].learned = learned.clone();
@@ -750,10 +792,7 @@ impl World {
                 continue;
             }
             let state = self.dns[dn].peers.state(peer_index(dn, peer));
-            if matches!(
-                state,
-                Some(fd::PeerState::Silent | fd::PeerState::DnDown)
-            ) {
+            if matches!(state, Some(fd::PeerState::Silent | fd::PeerState::DnDown)) {
                 self.tell_dn_peer(dn, peer, Some(false));
             }
         }
@@ -1037,7 +1076,10 @@ impl World {
                 }
                 en::Action::Configure(lease) => {
                     let id = self.ens[en].identity.clone();
-                    self.note(format!("{id} configured with {}", lease.ticket.claim.address));
+                    self.note(format!(
+                        "{id} configured with {}",
+                        lease.ticket.claim.address
+                    ));
                 }
                 en::Action::UsePrimary(p) => {
                     self.ens[en].carrier = p;
@@ -1067,6 +1109,8 @@ impl World {
             None => return,
         };
         self.perform_dn(dn, actions);
+        // The reference follows every event, as the machine does.
+        self.settle_reference();
     }
 
     fn perform_dn(&mut self, dn: usize, actions: Vec<node::Action>) {
@@ -1117,7 +1161,10 @@ impl World {
                     }
                 }
                 node::Action::Routes { generation, routes } => {
-                    if self.dns[dn].routes_generation.is_none_or(|g| generation > g) {
+                    if self.dns[dn]
+                        .routes_generation
+                        .is_none_or(|g| generation > g)
+                    {
                         self.dns[dn].routes_generation = Some(generation);
                         self.dns[dn].routes = routes;
                     }
