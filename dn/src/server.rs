@@ -1,28 +1,33 @@
-//! The DN shell: accepts EN sessions over QUIC, asks the lease book, and moves packets between
-//! QUIC datagrams and the TUN device.
+//! The DN shell: accepts EN sessions over QUIC, feeds what happens to them (and what the
+//! detector and the routing daemon say) to the DN's decision machine (`proto::node`), performs
+//! what it decides (control messages, closes, the host table, kernel routes, the lease
+//! journal, notices to peers) and moves packets between QUIC datagrams and the TUN device.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures::FutureExt;
-use holdfast_proto::cluster::{Cluster, DnSpec};
-use holdfast_proto::control::{close, Lease, Message};
-use holdfast_proto::dn::{Grant, LeaseBook};
+use holdfast_proto::cluster::DnSpec;
+use holdfast_proto::control::{close, Message};
+use holdfast_proto::dn::LeaseRecord;
+use holdfast_proto::lease::LeaseTicket;
+use holdfast_proto::node::{Action, CloseReason, Event, Machine, NodePolicy, Note, SessionId};
 use holdfast_proto::{packet, probe};
 use holdfast_shell::quic::{send_message, ControlReader};
 use holdfast_shell::{control, quic, tls, tun, unix_now};
 
+use crate::journal::Journal;
 use crate::routes::RouteInjector;
 
 mod detector;
 mod homecoming;
 use serde::Serialize;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 
 /// How long a client has after its handshake to send `Attach`.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -57,31 +62,41 @@ struct Traffic {
     dropped_spoofed: AtomicU64,
 }
 
+/// The shell's side of a session: the connection, its control stream's writer and the data
+/// path's view of the machine's decisions.
 struct Session {
+    id: SessionId,
     identity: String,
-    address: IpAddr,
     conn: quinn::Connection,
     traffic: Traffic,
-    /// The DN whose pool the address is from (this one, or another for a secondary session).
-    owner: String,
-    /// The block of the owner's pool the address is from.
-    block: ipnet::IpNet,
-    /// Set while the client's traffic comes through this DN (it is the client's primary).
-    promoted: std::sync::atomic::AtomicBool,
-    /// When the client last moved its traffic away ([`Message::Demote`]).
-    demoted_at: Mutex<Option<std::time::Instant>>,
-    /// The DN's half of the control stream.
-    control: tokio::sync::Mutex<quinn::SendStream>,
+    /// The address, once attached.
+    address: OnceLock<IpAddr>,
+    /// Set while the machine says the client's traffic comes through this DN; data on a session
+    /// that is not its primary goes to the machine.
+    primary: AtomicBool,
+    /// Messages for the client, written in order by the session's writer task.
+    outbox: tokio::sync::mpsc::Sender<Outgoing>,
+}
+
+enum Outgoing {
+    Message(Box<Message>),
+    /// Finish the stream after what is queued, give it a moment to arrive, then close.
+    Refuse(String),
 }
 
 struct Dn {
     spec: DnSpec,
-    cluster: Cluster,
-    book: Mutex<LeaseBook>,
+    machine: Mutex<Machine>,
+    /// Every session the shell holds, attached or not yet.
+    sessions: RwLock<HashMap<SessionId, Arc<Session>>>,
     /// The host table: leased address -> the session that carries it. O(1) per packet.
     hosts: RwLock<HashMap<IpAddr, Arc<Session>>>,
     tun: tun::Tun,
     routes: tokio::sync::Mutex<RouteInjector>,
+    journal: Mutex<Journal>,
+    peers: Option<Arc<homecoming::Peers>>,
+    /// Woken when the machine's next timeout may have changed.
+    timer: tokio::sync::Notify,
     counters: Counters,
     /// Packets forwarded in either direction: the failure detector's view of the data path.
     forwarded: AtomicU64,
@@ -122,46 +137,53 @@ async fn serve(opts: Options, link: Option<Arc<detector::Link>>) -> Result<()> {
         Some(quic::server_config(tls)?),
         Some(&signing_key.to_bytes()),
     )?;
-    // After a restart, the routing daemon may show that another DN still serves own blocks:
+    let (mut journal, kept, unreadable) = Journal::open(&spec.lease_journal)?;
+    if unreadable > 0 {
+        warn!(journal = %spec.lease_journal.display(), lines = unreadable, "skipped unreadable lines of the lease journal");
+    }
+    let mut machine = Machine::new(
+        &cluster,
+        &spec.name,
+        signing_key.clone(),
+        kept,
+        NodePolicy::default(),
+        unix_now(),
+    )?;
+    journal.compact(&machine.lease_records(unix_now()))?;
+    info!(journal = %spec.lease_journal.display(), leases = machine.active_leases(unix_now()), "lease journal read");
+    // After a restart, the routing daemon may show that another DN has taken over own blocks:
     // those stay unadvertised until their clients have come home.
     let netlink = holdfast_shell::netlink::Routes::connect()?;
-    let held = homecoming::held_now(&netlink, &spec)
+    let learned = netlink
+        .learned()
         .await
         .context("cannot read the kernel's routes")?;
-    for block in &held {
-        info!(%block, "another DN serves this own block: not advertising or allocating from it until its clients come home");
-    }
-    let routes = RouteInjector::start(&cluster, &spec.name, tun.index()?, held.clone()).await?;
-    let peers = homecoming::Peers::bind(&cluster, &spec, signing_key.clone())
+    let now = std::time::Instant::now();
+    let mut first = machine.handle(Event::Learned(learned), now, unix_now());
+    first.extend(machine.start());
+    let routes = RouteInjector::new(tun.index()?)?;
+    let peers = homecoming::Peers::bind(&cluster, &spec, signing_key)
         .await?
         .map(Arc::new);
-    let mut book = LeaseBook::new(
-        spec.name.clone(),
-        plan.clone(),
-        signing_key,
-        cluster.issuer_keys(),
-        cluster.lease_lifetime_secs,
-    );
-    book.set_held(held.clone());
     let dn = Arc::new(Dn {
         spec: spec.clone(),
-        cluster: cluster.clone(),
-        book: Mutex::new(book),
+        machine: Mutex::new(machine),
+        sessions: RwLock::new(HashMap::new()),
         hosts: RwLock::new(HashMap::new()),
         tun,
         routes: tokio::sync::Mutex::new(routes),
+        journal: Mutex::new(journal),
+        peers,
+        timer: tokio::sync::Notify::new(),
         counters: Counters::default(),
         forwarded: AtomicU64::new(0),
     });
-    tokio::spawn(homecoming::follow_held(
-        dn.clone(),
-        netlink,
-        held,
-        peers.clone(),
-    ));
-    if let Some(peers) = peers {
+    dn.perform(first).await;
+    tokio::spawn(homecoming::follow_learned(dn.clone(), netlink));
+    if let Some(peers) = dn.peers.clone() {
         tokio::spawn(homecoming::listen(dn.clone(), peers));
     }
+    tokio::spawn(timers(dn.clone()));
     if let Some(link) = link {
         tokio::spawn(detector::run(dn.clone(), link));
     }
@@ -195,6 +217,26 @@ async fn serve(opts: Options, link: Option<Arc<detector::Link>>) -> Result<()> {
     outcome
 }
 
+/// Runs the machine's timeouts when they are due.
+async fn timers(dn: Arc<Dn>) {
+    loop {
+        let due = dn.lock_machine().poll_timeout();
+        let changed = dn.timer.notified();
+        match due {
+            Some(at) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at.into()) => {
+                        let actions = dn.lock_machine().handle_timeout(std::time::Instant::now());
+                        dn.perform(actions).await;
+                    }
+                    _ = changed => {}
+                }
+            }
+            None => changed.await,
+        }
+    }
+}
+
 /// Identity of the authenticated client: its certificate's common name.
 fn peer_identity(conn: &quinn::Connection) -> Option<String> {
     let certs = conn
@@ -219,150 +261,328 @@ async fn serve_session(dn: Arc<Dn>, incoming: quinn::Incoming) {
         conn.close(close::REFUSED.into(), b"certificate names no identity");
         return;
     };
-    match attach(&dn, &conn, &identity, remote).await {
-        Ok(session) => {
-            let reason = carry(&dn, &session).await;
-            let gone = {
-                let mut hosts = dn.hosts.write().unwrap_or_else(|e| e.into_inner());
-                if hosts
-                    .get(&session.address)
-                    .is_some_and(|s| s.conn.stable_id() == conn.stable_id())
-                {
-                    hosts.remove(&session.address);
-                }
-                !hosts.contains_key(&session.address)
-            };
-            if gone && session.promoted.load(Relaxed) {
-                if let Err(e) = dn.routes.lock().await.release(session.address).await {
-                    warn!(error = %format!("{e:#}"), "cannot withdraw the client's route");
-                }
-            }
-            info!(client = %identity, %remote, address = %session.address, %reason, "session ended");
-        }
+    let (send, mut reader, ticket) = match read_attach(&conn).await {
+        Ok(got) => got,
         Err(e) => {
             dn.counters.sessions_refused.fetch_add(1, Relaxed);
             warn!(client = %identity, %remote, error = %format!("{e:#}"), "session refused");
+            return;
         }
+    };
+    let id = conn.stable_id() as SessionId;
+    let (outbox, queued) = tokio::sync::mpsc::channel(OUTBOX);
+    let session = Arc::new(Session {
+        id,
+        identity: identity.clone(),
+        conn: conn.clone(),
+        traffic: Traffic::default(),
+        address: OnceLock::new(),
+        primary: AtomicBool::new(false),
+        outbox,
+    });
+    tokio::spawn(write_control(conn.clone(), send, queued));
+    dn.sessions
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(id, session.clone());
+    dn.handle(Event::Attach {
+        session: id,
+        identity: identity.clone(),
+        ticket,
+    })
+    .await;
+    let attached = dn.lock_machine().session(id).map(|s| s.address);
+    if let Some(address) = attached {
+        let _ = session.address.set(address);
+        dn.counters.sessions_accepted.fetch_add(1, Relaxed);
+        // Keep reading the control stream: a malformed message ends the session.
+        let (watcher, control_dn) = (conn.clone(), dn.clone());
+        tokio::spawn(async move {
+            loop {
+                match reader.next().await {
+                    Ok(Some(Message::Demote)) => control_dn.handle(Event::Demote(id)).await,
+                    Ok(Some(msg)) => debug!(?msg, "ignoring control message"),
+                    Ok(None) => break,
+                    Err(e) => {
+                        debug!(error = %format!("{e:#}"), "control stream ended");
+                        if watcher.close_reason().is_none() {
+                            watcher.close(close::PROTOCOL.into(), b"malformed control message");
+                        }
+                        break;
+                    }
+                }
+            }
+        });
+        let reason = carry(&dn, &session).await;
+        info!(client = %identity, %remote, %address, %reason, "session ended");
+    } else {
+        dn.counters.sessions_refused.fetch_add(1, Relaxed);
+        // The refusal is on its way; the writer closes the connection after it.
+        let _ = conn.closed().await;
     }
+    dn.handle(Event::Ended(id)).await;
+    dn.sessions
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&id);
 }
 
-/// Reads `Attach`, decides with the lease book, answers `Leased` or `Refused`.
-async fn attach(
-    dn: &Arc<Dn>,
+/// Reads the client's `Attach`: the control stream's halves and the ticket, if any.
+async fn read_attach(
     conn: &quinn::Connection,
-    identity: &str,
-    remote: SocketAddr,
-) -> Result<Arc<Session>> {
-    let (mut send, recv) = tokio::time::timeout(ATTACH_TIMEOUT, conn.accept_bi())
+) -> Result<(quinn::SendStream, ControlReader, Option<LeaseTicket>)> {
+    let (send, recv) = tokio::time::timeout(ATTACH_TIMEOUT, conn.accept_bi())
         .await
         .context("no control stream within the attach timeout")?
         .context("connection lost before attach")?;
     let mut reader = ControlReader::new(recv);
-    let ticket = match tokio::time::timeout(ATTACH_TIMEOUT, reader.next()).await {
-        Ok(Ok(Some(Message::Attach { ticket }))) => ticket,
+    match tokio::time::timeout(ATTACH_TIMEOUT, reader.next()).await {
+        Ok(Ok(Some(Message::Attach { ticket }))) => Ok((send, reader, ticket)),
         Ok(Ok(other)) => {
             conn.close(close::PROTOCOL.into(), b"expected Attach");
             bail!("expected Attach, got {other:?}");
         }
         Ok(Err(e)) => {
             conn.close(close::PROTOCOL.into(), b"malformed control message");
-            return Err(e);
+            Err(e)
         }
         Err(_) => {
             conn.close(close::PROTOCOL.into(), b"attach timeout");
             bail!("no Attach within {ATTACH_TIMEOUT:?}");
         }
-    };
-    let decision = dn.book.lock().unwrap_or_else(|e| e.into_inner()).attach(
-        identity,
-        ticket.as_ref(),
-        unix_now(),
-    );
-    let grant = match decision {
-        Ok(grant) => grant,
-        Err(e) => {
-            let reason = e.to_string();
-            let _ = send_message(
-                &mut send,
-                &Message::Refused {
-                    code: e.refuse_code(),
-                    reason: reason.clone(),
-                },
-            )
-            .await;
-            let _ = send.finish();
-            // Give the refusal a moment to arrive before the close overtakes it.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            conn.close(close::REFUSED.into(), reason.as_bytes());
-            return Err(e.into());
-        }
-    };
-    let ticket = grant.ticket().clone();
-    let address = ticket.claim.address;
-    let (ticket_owner, ticket_block) = (ticket.claim.issuer.clone(), ticket.claim.block);
-    let failover = dn.cluster.failover_order(&ticket.claim.issuer, address);
-    let lease = Lease {
-        ticket,
-        gateway: dn.spec.plan.gateway(),
-        mtu: dn.spec.mtu,
-        routes: dn.cluster.client_routes.clone(),
-        failover,
-    };
-    send_message(&mut send, &Message::Leased(lease)).await?;
-    let session = Arc::new(Session {
-        identity: identity.to_owned(),
-        address,
-        conn: conn.clone(),
-        traffic: Traffic::default(),
-        owner: ticket_owner.clone(),
-        block: ticket_block,
-        promoted: std::sync::atomic::AtomicBool::new(false),
-        demoted_at: Mutex::new(None),
-        control: tokio::sync::Mutex::new(send),
-    });
-    let replaced = dn
-        .hosts
-        .write()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(address, session.clone());
-    if let Some(old) = replaced {
-        info!(client = %old.identity, %address, "replacing the client's older session");
-        old.conn
-            .close(close::REPLACED.into(), b"replaced by a newer session");
     }
-    dn.counters.sessions_accepted.fetch_add(1, Relaxed);
-    let kind = match grant {
-        Grant::Home(_) => "home",
-        Grant::Foreign(_) => "foreign (secondary)",
-    };
-    info!(client = %identity, %remote, %address, lease = kind, "client attached");
-    // Keep reading the control stream: a malformed message ends the session.
-    let watcher = conn.clone();
-    let (dn, demoted) = (dn.clone(), session.clone());
-    tokio::spawn(async move {
-        loop {
-            match reader.next().await {
-                Ok(Some(Message::Demote)) => demote(&dn, &demoted).await,
-                Ok(Some(msg)) => debug!(?msg, "ignoring control message"),
-                Ok(None) => break,
-                Err(e) => {
-                    debug!(error = %format!("{e:#}"), "control stream ended");
-                    if watcher.close_reason().is_none() {
-                        watcher.close(close::PROTOCOL.into(), b"malformed control message");
+}
+
+/// Messages queued for one client before it counts as not reading.
+const OUTBOX: usize = 64;
+/// Longest a control write may wait for the client to take it.
+const CONTROL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Writes the session's control messages in order; a client that does not take them within
+/// the deadline is disconnected, so that nobody else waits on it.
+async fn write_control(
+    conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    mut queued: tokio::sync::mpsc::Receiver<Outgoing>,
+) {
+    while let Some(out) = queued.recv().await {
+        match out {
+            Outgoing::Message(message) => {
+                match tokio::time::timeout(CONTROL_WRITE_TIMEOUT, send_message(&mut send, &message))
+                    .await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        debug!(error = %format!("{e:#}"), "control write failed");
+                        return;
                     }
-                    break;
+                    Err(_) => {
+                        warn!("the client does not read its control stream: disconnecting it");
+                        conn.close(close::PROTOCOL.into(), b"control stream not read");
+                        return;
+                    }
                 }
             }
+            Outgoing::Refuse(reason) => {
+                let _ = send.finish();
+                // Give the refusal a moment to arrive before the close overtakes it.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                conn.close(close::REFUSED.into(), reason.as_bytes());
+                return;
+            }
         }
-    });
-    Ok(session)
+    }
+}
+
+impl Dn {
+    fn lock_machine(&self) -> std::sync::MutexGuard<'_, Machine> {
+        self.machine.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn session(&self, id: SessionId) -> Option<Arc<Session>> {
+        self.sessions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    /// Feeds the machine one event and performs what it decides.
+    async fn handle(self: &Arc<Self>, event: Event) {
+        let actions = self
+            .lock_machine()
+            .handle(event, std::time::Instant::now(), unix_now());
+        self.perform(actions).await;
+    }
+
+    /// Performs the machine's actions, in order.
+    async fn perform(self: &Arc<Self>, actions: Vec<Action>) {
+        if actions.is_empty() {
+            return;
+        }
+        for action in actions {
+            match action {
+                Action::Record(record) => {
+                    let dn = self.clone();
+                    let written = tokio::task::spawn_blocking(move || dn.record(&record)).await;
+                    match written {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            error!(error = %format!("{e:#}"), "lease not kept: a restart could give its address away")
+                        }
+                        Err(e) => error!(error = %e, "lease journal writer failed"),
+                    }
+                }
+                Action::Send(id, message) => {
+                    if let Some(session) = self.session(id) {
+                        if session
+                            .outbox
+                            .try_send(Outgoing::Message(Box::new(message)))
+                            .is_err()
+                        {
+                            warn!(client = %session.identity, "the client does not read its control stream: disconnecting it");
+                            session
+                                .conn
+                                .close(close::PROTOCOL.into(), b"control stream not read");
+                        }
+                    }
+                }
+                Action::Close(id, reason) => {
+                    let Some(session) = self.session(id) else {
+                        continue;
+                    };
+                    match reason {
+                        CloseReason::Refused(why) => {
+                            let _ = session.outbox.try_send(Outgoing::Refuse(why));
+                        }
+                        CloseReason::Replaced => session
+                            .conn
+                            .close(close::REPLACED.into(), b"replaced by a newer session"),
+                    }
+                }
+                Action::Host { address, session } => {
+                    let mut hosts = self.hosts.write().unwrap_or_else(|e| e.into_inner());
+                    match session.and_then(|id| self.session(id)) {
+                        Some(s) => {
+                            hosts.insert(address, s);
+                        }
+                        None => {
+                            hosts.remove(&address);
+                        }
+                    }
+                }
+                Action::Primary { session, primary } => {
+                    if let Some(s) = self.session(session) {
+                        s.primary.store(primary, Relaxed);
+                    }
+                }
+                Action::Routes { generation, routes } => {
+                    if let Err(e) = self.routes.lock().await.apply(generation, routes).await {
+                        warn!(error = %format!("{e:#}"), "cannot bring the kernel's routes in line");
+                    }
+                }
+                Action::AnnounceHomeIsBack => {
+                    if let Some(peers) = &self.peers {
+                        peers.announce_home_is_back(&self.spec.name).await;
+                    }
+                }
+                Action::Note(note) => log_note(self, &note),
+            }
+        }
+        self.timer.notify_one();
+    }
+
+    fn record(&self, record: &LeaseRecord) -> Result<()> {
+        let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        journal.append(record)?;
+        let live = self.lock_machine().lease_records(unix_now());
+        if journal.wants_compaction(live.len()) {
+            journal.compact(&live)?;
+        }
+        Ok(())
+    }
+}
+
+fn log_note(dn: &Dn, note: &Note) {
+    let who = |id: &SessionId| {
+        dn.session(*id)
+            .map(|s| (s.identity.clone(), s.conn.remote_address()))
+    };
+    match note {
+        Note::Attached {
+            session,
+            identity,
+            address,
+            home,
+        } => {
+            let remote = who(session).map(|(_, r)| r.to_string()).unwrap_or_default();
+            let lease = if *home { "home" } else { "foreign (secondary)" };
+            info!(client = %identity, %remote, %address, %lease, "client attached");
+        }
+        Note::Refused {
+            identity, reason, ..
+        } => {
+            warn!(client = %identity, %reason, "attach refused");
+        }
+        Note::Replaced { address, .. } => {
+            info!(%address, "replacing the client's older session");
+        }
+        Note::Promoted {
+            address,
+            home,
+            session,
+        } => {
+            let client = who(session).map(|(c, _)| c).unwrap_or_default();
+            info!(%client, %address, %home, "client's traffic arrived here: promoted to its primary");
+        }
+        Note::Demoted { address, session } => {
+            let client = who(session).map(|(c, _)| c).unwrap_or_default();
+            info!(%client, %address, "the client moved its traffic away: no longer its primary");
+        }
+        Note::Held { block, held: true } => {
+            info!(%block, "another DN serves this own block: not advertising or allocating from it until its clients come home");
+        }
+        Note::Held { block, held: false } => {
+            info!(%block, "own block free again: advertising and allocating from it");
+        }
+        Note::CarriedElsewhere {
+            block,
+            carried: true,
+        } => {
+            info!(%block, "another DN carries clients of this own block: telling the peers this DN is back");
+        }
+        Note::CarriedElsewhere {
+            block,
+            carried: false,
+        } => {
+            info!(%block, "no client of this own block is carried elsewhere any more");
+        }
+        Note::PeerState { dn: peer, up: true } => {
+            info!(%peer, "the failure detector says this DN is up");
+        }
+        Note::PeerState {
+            dn: peer,
+            up: false,
+        } => {
+            warn!(%peer, "the failure detector says this DN is down: taking over the blocks backed for it and telling the clients with a secondary session here");
+        }
+        Note::LetGo { dn: peer } => {
+            info!(%peer, "the DN has been back for the homecoming period: its blocks go back to standby; its clients still here keep host routes");
+        }
+        Note::SentHome { home, clients } => {
+            info!(%home, %clients, "home DN is back: telling its clients carried here");
+        }
+    }
 }
 
 /// Most datagrams taken from a session before one batched TUN write.
 const BATCH: usize = 64;
 
 /// Decapsulates the session's datagrams into the TUN device until the session ends.
-async fn carry(dn: &Dn, session: &Session) -> String {
+async fn carry(dn: &Arc<Dn>, session: &Session) -> String {
+    let Some(&address) = session.address.get() else {
+        return "never attached".into();
+    };
     let mut warned = false;
     let mut writer = tun::Writer::default();
     let mut batch = Vec::with_capacity(BATCH);
@@ -380,7 +600,7 @@ async fn carry(dn: &Dn, session: &Session) -> String {
                         .conn
                         .send_datagram(bytes::Bytes::copy_from_slice(&echo));
                 }
-            } else if packet::source(&datagram) == Some(session.address) {
+            } else if packet::source(&datagram) == Some(address) {
                 session.traffic.rx_packets.fetch_add(1, Relaxed);
                 session
                     .traffic
@@ -392,7 +612,7 @@ async fn carry(dn: &Dn, session: &Session) -> String {
                 session.traffic.dropped_spoofed.fetch_add(1, Relaxed);
                 if !warned {
                     warned = true;
-                    warn!(client = %session.identity, leased = %session.address, source = ?packet::source(&datagram), "dropping packets with a source that is not the client's address");
+                    warn!(client = %session.identity, leased = %address, source = ?packet::source(&datagram), "dropping packets with a source that is not the client's address");
                 }
             }
             if batch.len() < BATCH {
@@ -403,8 +623,8 @@ async fn carry(dn: &Dn, session: &Session) -> String {
                     .and_then(Result::ok);
             }
         }
-        if !batch.is_empty() && !session.promoted.load(Relaxed) && !session.just_demoted() {
-            promote(dn, session).await;
+        if !batch.is_empty() && !session.primary.load(Relaxed) {
+            dn.handle(Event::Data(session.id)).await;
         }
         match writer.send(&dn.tun, &batch).await {
             Ok(()) => {
@@ -413,60 +633,6 @@ async fn carry(dn: &Dn, session: &Session) -> String {
             Err(e) => debug!(error = %e, "TUN write failed"),
         }
         batch.clear();
-    }
-}
-
-/// The client's traffic arrived here: this DN is its primary. On a secondary session that
-/// means the client failed over, so this DN now routes its address (no control round trip
-/// first) and says so; an own client needs a route of its own only while another DN still
-/// serves its block.
-async fn promote(dn: &Dn, session: &Session) {
-    session.promoted.store(true, Relaxed);
-    let foreign = session.owner != dn.spec.name;
-    if foreign {
-        info!(client = %session.identity, address = %session.address, home = %session.owner, "client's traffic arrived here: promoted to its primary");
-    }
-    if let Err(e) = dn
-        .routes
-        .lock()
-        .await
-        .serve(session.address, &session.owner, session.block)
-        .await
-    {
-        warn!(error = %format!("{e:#}"), "cannot route the promoted client");
-    }
-    if !foreign {
-        return;
-    }
-    let mut control = session.control.lock().await;
-    if let Err(e) = send_message(&mut control, &Message::Promoted).await {
-        debug!(error = %format!("{e:#}"), "cannot tell the client it was promoted");
-    }
-}
-
-/// The client moved its traffic to another DN (it went home): stop routing its address here.
-/// The session stays, as a secondary; a data packet would promote it again.
-async fn demote(dn: &Dn, session: &Session) {
-    if !session.promoted.swap(false, Relaxed) {
-        return;
-    }
-    *session.demoted_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
-    info!(client = %session.identity, address = %session.address, home = %session.owner, "the client moved its traffic away: no longer its primary");
-    if let Err(e) = dn.routes.lock().await.release(session.address).await {
-        warn!(error = %format!("{e:#}"), "cannot withdraw the client's route");
-    }
-}
-
-/// Packets the client sent before it moved away may arrive after its `Demote` (datagrams and
-/// the control stream are not ordered); they must not make this DN its primary again.
-const DEMOTE_GRACE: Duration = Duration::from_secs(1);
-
-impl Session {
-    fn just_demoted(&self) -> bool {
-        self.demoted_at
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some_and(|t| t.elapsed() < DEMOTE_GRACE)
     }
 }
 
@@ -523,38 +689,43 @@ impl Dn {
     fn status(&self) -> serde_json::Value {
         let hosts = self.hosts.read().unwrap_or_else(|e| e.into_inner());
         let mut clients: Vec<serde_json::Value> = hosts
-            .values()
-            .map(|s| {
+            .iter()
+            .map(|(address, s)| {
+                let home = self
+                    .lock_machine()
+                    .session(s.id)
+                    .map(|m| m.home.clone())
+                    .unwrap_or_default();
                 serde_json::json!({
                     "identity": s.identity,
-                    "address": s.address,
+                    "address": address,
                     "remote": s.conn.remote_address(),
                     "rtt_us": s.conn.rtt().as_micros() as u64,
                     "max_datagram": s.conn.max_datagram_size(),
-                    "primary": s.promoted.load(Relaxed),
-                    "home": s.owner,
+                    "primary": s.primary.load(Relaxed),
+                    "home": home,
                     "traffic": s.traffic,
                 })
             })
             .collect();
+        drop(hosts);
         clients.sort_by(|a, b| a["address"].to_string().cmp(&b["address"].to_string()));
-        let leases = self
-            .book
-            .lock()
-            .map(|b| b.active_leases(unix_now()))
-            .unwrap_or(0);
-        let (routes, held, down): (Vec<serde_json::Value>, Vec<ipnet::IpNet>, Vec<String>) = self
+        let (leases, held, down) = {
+            let m = self.lock_machine();
+            (
+                m.active_leases(unix_now()),
+                m.held().iter().copied().collect::<Vec<ipnet::IpNet>>(),
+                m.peers_down().iter().cloned().collect::<Vec<String>>(),
+            )
+        };
+        let routes: Vec<serde_json::Value> = self
             .routes
             .try_lock()
             .map(|r| {
-                (
-                    r.installed()
-                        .iter()
-                        .map(|x| serde_json::json!({"net": x.net, "metric": x.metric, "reason": x.reason.to_string()}))
-                        .collect(),
-                    r.held().iter().copied().collect(),
-                    r.down().iter().cloned().collect(),
-                )
+                r.installed()
+                    .iter()
+                    .map(|x| serde_json::json!({"net": x.net, "metric": x.metric, "reason": x.reason.to_string()}))
+                    .collect()
             })
             .unwrap_or_default();
         let mut status = serde_json::json!({

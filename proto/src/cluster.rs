@@ -31,6 +31,8 @@ pub const DEFAULT_DN_TUN: &str = "holdfast0";
 /// "packet too big" for larger packets.
 pub const DEFAULT_DN_MTU: u16 = 1420;
 pub const DEFAULT_OSPF_INTERFACE: &str = "eth0";
+/// Where a DN keeps its lease journal unless `lease_journal` says otherwise: `<this>/<name>.leases`.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/holdfast";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -106,6 +108,7 @@ struct RawDn {
     signing_key: Option<PathBuf>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
+    lease_journal: Option<PathBuf>,
     tun: Option<String>,
     mtu: Option<u16>,
     router_id: Option<String>,
@@ -250,6 +253,8 @@ pub struct DnSpec {
     pub signing_key: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    /// Where the DN keeps its own pool's leases across restarts.
+    pub lease_journal: PathBuf,
     pub tun: String,
     pub mtu: u16,
     /// Its address on the cluster network, also its OSPF router id (with `[ospf]`).
@@ -695,6 +700,9 @@ impl Cluster {
                 signing_key: d.signing_key.clone().map(resolve),
                 cert: d.cert.clone().map(resolve),
                 key: d.key.clone().map(resolve),
+                lease_journal: d.lease_journal.clone().map(resolve).unwrap_or_else(|| {
+                    Path::new(DEFAULT_STATE_DIR).join(format!("{}.leases", d.name))
+                }),
                 tun,
                 mtu,
                 router_id,

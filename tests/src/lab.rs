@@ -368,6 +368,7 @@ impl Lab {
                  signing_key = \"pki/{name}.lease.key\"\n\
                  cert = \"pki/{name}.crt.pem\"\n\
                  key = \"pki/{name}.key.pem\"\n\
+                 lease_journal = \"state/{name}.leases\"\n\
                  tun = \"holdfast0\"\n",
                 endpoint = dn_address_towards(1, k),
                 pool = dn_pool(k),

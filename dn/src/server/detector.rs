@@ -11,13 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use holdfast_proto::control::Message;
 use holdfast_proto::fd::{LocalMessage, FD_SOCKET_ENV};
-use holdfast_shell::quic::send_message;
+use holdfast_proto::node::Event;
 use tokio::net::UnixDatagram;
 use tracing::{debug, info, warn};
 
-use super::{Dn, Session};
+use super::Dn;
 
 /// How often the DN tells its detector it is alive: a tenth of the detector's default
 /// heartbeat timeout, so that one late tick is never a kill.
@@ -86,7 +85,7 @@ pub(super) async fn run(dn: Arc<Dn>, link: Arc<Link>) {
             }),
             got = link.socket.recv(&mut buf) => match got {
                 Ok(n) => match LocalMessage::decode(&buf[..n]) {
-                    Some(LocalMessage::Peer { dn: peer, up }) => on_peer(&dn, &peer, up).await,
+                    Some(LocalMessage::Peer { dn: peer, up }) => dn.handle(Event::Peer { dn: peer, up }).await,
                     other => debug!(?other, "ignoring a detector datagram"),
                 },
                 Err(e) => {
@@ -94,47 +93,6 @@ pub(super) async fn run(dn: Arc<Dn>, link: Arc<Link>) {
                     tokio::time::sleep(HEARTBEAT_INTERVAL).await;
                 }
             },
-        }
-    }
-}
-
-/// The detector says DN `peer` is down or up again. Down: the blocks this DN backs for it go
-/// active now, and every client carried by a secondary session here is told, so that those
-/// whose primary it is switch before their own probes could tell.
-async fn on_peer(dn: &Dn, peer: &str, up: bool) {
-    if peer == dn.spec.name || dn.cluster.dn(peer).is_none() {
-        debug!(%peer, "ignoring a peer change about no other DN of the cluster");
-        return;
-    }
-    if up {
-        info!(%peer, "the failure detector says this DN is up");
-    } else {
-        warn!(%peer, "the failure detector says this DN is down: taking over the blocks backed for it");
-    }
-    if let Err(e) = dn.routes.lock().await.set_down(peer, !up).await {
-        warn!(error = %format!("{e:#}"), "cannot follow the peer's state in the routes");
-    }
-    if up {
-        return;
-    }
-    let secondaries: Vec<Arc<Session>> = dn
-        .hosts
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .values()
-        .filter(|s| !s.promoted.load(Relaxed))
-        .cloned()
-        .collect();
-    if !secondaries.is_empty() {
-        info!(%peer, clients = secondaries.len(), "telling the clients with a secondary session here");
-    }
-    let message = Message::PeerDown {
-        dn: peer.to_owned(),
-    };
-    for session in secondaries {
-        let mut control = session.control.lock().await;
-        if let Err(e) = send_message(&mut control, &message).await {
-            debug!(client = %session.identity, error = %format!("{e:#}"), "cannot tell the client");
         }
     }
 }

@@ -143,7 +143,7 @@ enum ToDn {
 #[derive(Debug, Clone)]
 enum ToEn {
     Connected,
-    Message(Message),
+    Message(Box<Message>),
     Lost(en::Loss),
 }
 
@@ -507,7 +507,7 @@ impl World {
         }
         self.detectors();
         self.timers();
-        if self.now % LEARN_MS == 0 {
+        if self.now.is_multiple_of(LEARN_MS) {
             for dn in 0..self.dns.len() {
                 self.learn(dn);
             }
@@ -1023,7 +1023,7 @@ impl World {
                 self.en_drops(conn);
                 en::Event::Lost(d, loss)
             }
-            ToEn::Message(m) => match m {
+            ToEn::Message(m) => match *m {
                 Message::Leased(lease) => {
                     let address = lease.ticket.claim.address;
                     let expiry = lease.ticket.claim.expires_at;
@@ -1124,7 +1124,7 @@ impl World {
                             self.send_stream(
                                 session,
                                 false,
-                                Delivery::ToEn(session, ToEn::Message(message)),
+                                Delivery::ToEn(session, ToEn::Message(Box::new(message))),
                             );
                         }
                     }
