@@ -580,3 +580,255 @@ impl Machine {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::RefuseCode;
+    use crate::routes::Reason;
+    use std::path::Path;
+
+    fn key(i: usize) -> SigningKey {
+        SigningKey::from_bytes(&[i as u8; 32])
+    }
+
+    fn cluster(n: usize) -> Cluster {
+        let mut text = "[cluster]\nclient_ca = \"ca.pem\"\n".to_owned();
+        for i in 1..=n {
+            let public = crate::lease::encode_key(&key(i).verifying_key().to_bytes());
+            text += &format!(
+                "[[dn]]\nname = \"dn{i}\"\nendpoint = \"10.0.0.{i}\"\npool = \"10.20{i}.0.0/24\"\npublic_key = \"{public}\"\n"
+            );
+        }
+        Cluster::parse(&text, Path::new("/")).unwrap()
+    }
+
+    fn machine(c: &Cluster, i: usize) -> Machine {
+        let mut m = Machine::new(
+            c,
+            &format!("dn{i}"),
+            key(i),
+            vec![],
+            NodePolicy::default(),
+            1000,
+        )
+        .unwrap();
+        m.start();
+        m
+    }
+
+    fn attach(
+        m: &mut Machine,
+        id: SessionId,
+        who: &str,
+        ticket: Option<LeaseTicket>,
+        now: Instant,
+    ) -> Vec<Action> {
+        m.handle(
+            Event::Attach {
+                session: id,
+                identity: who.into(),
+                ticket,
+            },
+            now,
+            1000,
+        )
+    }
+
+    fn leased(actions: &[Action]) -> Option<Lease> {
+        actions.iter().find_map(|a| match a {
+            Action::Send(_, Message::Leased(l)) => Some(l.clone()),
+            _ => None,
+        })
+    }
+
+    fn routes(m: &Machine) -> Vec<String> {
+        m.routes()
+            .iter()
+            .filter(|r| !matches!(r.reason, Reason::Home | Reason::Standby { .. }))
+            .map(|r| format!("{} {}", r.net, r.reason))
+            .collect()
+    }
+
+    #[test]
+    fn a_home_lease_is_recorded_before_the_client_hears_of_it() {
+        let c = cluster(2);
+        let mut m = machine(&c, 1);
+        let t = Instant::now();
+        let acts = attach(&mut m, 1, "laptop", None, t);
+        let record = acts.iter().position(|a| matches!(a, Action::Record(_)));
+        let send = acts
+            .iter()
+            .position(|a| matches!(a, Action::Send(_, Message::Leased(_))));
+        assert!(record.unwrap() < send.unwrap(), "{acts:?}");
+        let lease = leased(&acts).unwrap();
+        assert_eq!(lease.failover, vec!["dn2".to_owned()]);
+        assert!(acts.contains(&Action::Host {
+            address: lease.ticket.claim.address,
+            session: Some(1)
+        }));
+        // A restarted DN keeps it: another client gets another address.
+        let mut again = Machine::new(
+            &c,
+            "dn1",
+            key(1),
+            m.lease_records(1000),
+            NodePolicy::default(),
+            1000,
+        )
+        .unwrap();
+        let other = leased(&attach(&mut again, 7, "phone", None, t)).unwrap();
+        assert_ne!(other.ticket.claim.address, lease.ticket.claim.address);
+    }
+
+    #[test]
+    fn a_bad_ticket_is_refused_then_closed() {
+        let c = cluster(2);
+        let mut dn1 = machine(&c, 1);
+        let t = Instant::now();
+        let lease = leased(&attach(&mut dn1, 1, "laptop", None, t)).unwrap();
+        let acts = attach(&mut dn1, 2, "phone", Some(lease.ticket), t);
+        assert!(matches!(
+            &acts[1],
+            Action::Send(
+                2,
+                Message::Refused {
+                    code: RefuseCode::BadTicket,
+                    ..
+                }
+            )
+        ));
+        assert!(matches!(
+            &acts[2],
+            Action::Close(2, CloseReason::Refused(_))
+        ));
+        assert!(dn1.session(2).is_none());
+    }
+
+    #[test]
+    fn promotion_demotion_and_the_grace_period() {
+        let c = cluster(2);
+        let (mut dn1, mut dn2) = (machine(&c, 1), machine(&c, 2));
+        let t = Instant::now();
+        let lease = leased(&attach(&mut dn1, 1, "laptop", None, t)).unwrap();
+        let a = lease.ticket.claim.address;
+        attach(&mut dn2, 5, "laptop", Some(lease.ticket.clone()), t);
+        // dn1 is healthy: the client moves alone, as a host route.
+        let acts = dn2.handle(Event::Data(5), t, 1000);
+        assert!(acts.contains(&Action::Send(5, Message::Promoted)));
+        assert_eq!(routes(&dn2), vec![format!("{a}/32 host for dn1")]);
+        assert!(dn2.handle(Event::Data(5), t, 1000).is_empty());
+        dn2.handle(Event::Demote(5), t, 1000);
+        assert!(routes(&dn2).is_empty());
+        // Late packets from before the demotion do not promote it again...
+        let late = t + Duration::from_millis(500);
+        assert!(dn2.handle(Event::Data(5), late, 1000).is_empty());
+        // ...but traffic after the grace period does.
+        let after = t + NodePolicy::default().demote_grace;
+        assert!(!dn2.handle(Event::Data(5), after, 1000).is_empty());
+        assert_eq!(routes(&dn2).len(), 1);
+    }
+
+    #[test]
+    fn a_newer_session_replaces_the_older_and_its_routes_go_with_it() {
+        let c = cluster(2);
+        let (mut dn1, mut dn2) = (machine(&c, 1), machine(&c, 2));
+        let t = Instant::now();
+        let lease = leased(&attach(&mut dn1, 1, "laptop", None, t)).unwrap();
+        attach(&mut dn2, 5, "laptop", Some(lease.ticket.clone()), t);
+        dn2.handle(Event::Data(5), t, 1000);
+        assert_eq!(routes(&dn2).len(), 1);
+        let acts = attach(&mut dn2, 6, "laptop", Some(lease.ticket.clone()), t);
+        assert!(acts.contains(&Action::Close(5, CloseReason::Replaced)));
+        assert!(routes(&dn2).is_empty(), "{:?}", routes(&dn2));
+        assert_eq!(dn2.host(lease.ticket.claim.address), Some(6));
+        // The old session's end changes nothing now.
+        assert!(dn2.handle(Event::Ended(5), t, 1000).is_empty());
+        assert_eq!(dn2.host(lease.ticket.claim.address), Some(6));
+    }
+
+    #[test]
+    fn a_dead_owners_block_is_taken_whole_and_let_go_after_the_homecoming() {
+        let c = cluster(2);
+        let (mut dn1, mut dn2) = (machine(&c, 1), machine(&c, 2));
+        let t = Instant::now();
+        let lease = leased(&attach(&mut dn1, 1, "laptop", None, t)).unwrap();
+        let a = lease.ticket.claim.address;
+        attach(&mut dn2, 5, "laptop", Some(lease.ticket.clone()), t);
+        let acts = dn2.handle(
+            Event::Peer {
+                dn: "dn1".into(),
+                up: false,
+            },
+            t,
+            1000,
+        );
+        assert!(acts.contains(&Action::Send(5, Message::PeerDown { dn: "dn1".into() })));
+        let halves = vec![
+            "10.201.0.0/25 serving for dn1".to_owned(),
+            "10.201.0.128/25 serving for dn1".to_owned(),
+        ];
+        assert_eq!(routes(&dn2), halves);
+        dn2.handle(Event::Data(5), t, 1000);
+        assert_eq!(routes(&dn2), halves);
+        // dn1 is back; the client has the homecoming period to leave.
+        let up = t + Duration::from_secs(1);
+        dn2.handle(
+            Event::Peer {
+                dn: "dn1".into(),
+                up: true,
+            },
+            up,
+            1001,
+        );
+        assert_eq!(routes(&dn2), halves);
+        let deadline = dn2.poll_timeout().unwrap();
+        assert_eq!(deadline, up + NodePolicy::default().homecoming);
+        dn2.handle_timeout(deadline);
+        assert_eq!(routes(&dn2), vec![format!("{a}/32 host for dn1")]);
+        assert_eq!(dn2.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_restarted_dn_leaves_taken_over_blocks_alone_and_calls_its_clients_home() {
+        let c = cluster(2);
+        let mut dn1 = machine(&c, 1);
+        let mut dn2 = machine(&c, 2);
+        let t = Instant::now();
+        dn2.handle(
+            Event::Peer {
+                dn: "dn1".into(),
+                up: false,
+            },
+            t,
+            1000,
+        );
+        let learned: Vec<IpNet> = dn2.routes().iter().map(|r| r.net).collect();
+        let acts = dn1.handle(Event::Learned(learned), t, 1000);
+        assert!(acts.contains(&Action::AnnounceHomeIsBack));
+        assert!(!dn1.routes().iter().any(|r| r.reason == Reason::Home));
+        let refused = attach(&mut dn1, 1, "laptop", None, t);
+        assert!(matches!(
+            refused[1],
+            Action::Send(
+                1,
+                Message::Refused {
+                    code: RefuseCode::PoolExhausted,
+                    ..
+                }
+            )
+        ));
+        // It keeps telling its peers, once a notice interval.
+        let next = dn1.poll_timeout().unwrap();
+        assert_eq!(dn1.handle_timeout(next), vec![Action::AnnounceHomeIsBack]);
+        // A host route elsewhere moves one client, not the block: nothing is held, but the
+        // peers are still told.
+        let host: Vec<IpNet> = vec!["10.201.0.9/32".parse().unwrap()];
+        dn1.handle(Event::Learned(host), next, 1001);
+        assert!(dn1.held().is_empty());
+        assert!(dn1.routes().iter().any(|r| r.reason == Reason::Home));
+        assert!(dn1.poll_timeout().is_some());
+        dn1.handle(Event::Learned(vec![]), next, 1001);
+        assert_eq!(dn1.poll_timeout(), None);
+    }
+}

@@ -237,6 +237,42 @@ fn a_client_reconnects_with_its_address_after_the_dn_restarts() {
     });
 }
 
+/// A client asleep (SIGSTOP) through its DN's restart still holds a valid ticket: the
+/// restarted DN reads its lease journal and gives the next new client another address, and the
+/// sleeper wakes up to its own.
+#[test]
+fn a_restarted_dn_keeps_a_sleeping_clients_address_for_it() {
+    let spec = LabSpec {
+        clients: 2,
+        ..LabSpec::default()
+    };
+    with_lab(spec, |lab| {
+        lab.start_client(1, &Credential::Issued("client1".into()))?;
+        let sleeper = lab.wait_address(1, UP)?;
+        lab.net.signal("en1", libc::SIGSTOP)?;
+        lab.net.stop("dn1", libc::SIGKILL)?;
+        lab.start_dn(1)?;
+        lab.start_client(2, &Credential::Issued("client2".into()))?;
+        let newcomer = lab.wait_address(2, UP)?;
+        lab.net.signal("en1", libc::SIGCONT)?;
+        ensure!(
+            newcomer != sleeper,
+            "the restarted DN gave {sleeper}, still leased to client1, to client2"
+        );
+        let mut back = false;
+        for _ in 0..100 {
+            if lab.ping("en1", SERVER, 1, &[])?.1 == 1 {
+                back = true;
+                break;
+            }
+        }
+        ensure!(back, "client1 never came back");
+        let after = lab.wait_address(1, UP)?;
+        ensure!(after == sleeper, "client1's address changed from {sleeper} to {after}");
+        Ok(())
+    });
+}
+
 #[test]
 fn a_pushed_default_route_keeps_the_dn_endpoint_outside_the_tunnel() {
     let spec = LabSpec {
