@@ -268,7 +268,10 @@ fn a_restarted_dn_keeps_a_sleeping_clients_address_for_it() {
         }
         ensure!(back, "client1 never came back");
         let after = lab.wait_address(1, UP)?;
-        ensure!(after == sleeper, "client1's address changed from {sleeper} to {after}");
+        ensure!(
+            after == sleeper,
+            "client1's address changed from {sleeper} to {after}"
+        );
         Ok(())
     });
 }
