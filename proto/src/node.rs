@@ -635,6 +635,17 @@ mod tests {
         )
     }
 
+    /// Two DNs; "laptop" leased by dn1 (session 1) and attached to dn2 as a secondary
+    /// (session 5).
+    fn laptop_on_both() -> (Machine, Machine, Lease, Instant) {
+        let c = cluster(2);
+        let (mut dn1, mut dn2) = (machine(&c, 1), machine(&c, 2));
+        let t = Instant::now();
+        let lease = leased(&attach(&mut dn1, 1, "laptop", None, t)).unwrap();
+        attach(&mut dn2, 5, "laptop", Some(lease.ticket.clone()), t);
+        (dn1, dn2, lease, t)
+    }
+
     fn leased(actions: &[Action]) -> Option<Lease> {
         actions.iter().find_map(|a| match a {
             Action::Send(_, Message::Leased(l)) => Some(l.clone()),
@@ -707,12 +718,8 @@ mod tests {
 
     #[test]
     fn promotion_demotion_and_the_grace_period() {
-        let c = cluster(2);
-        let (mut dn1, mut dn2) = (machine(&c, 1), machine(&c, 2));
-        let t = Instant::now();
-        let lease = leased(&attach(&mut dn1, 1, "laptop", None, t)).unwrap();
+        let (_dn1, mut dn2, lease, t) = laptop_on_both();
         let a = lease.ticket.claim.address;
-        attach(&mut dn2, 5, "laptop", Some(lease.ticket.clone()), t);
         // dn1 is healthy: the client moves alone, as a host route.
         let acts = dn2.handle(Event::Data(5), t, 1000);
         assert!(acts.contains(&Action::Send(5, Message::Promoted)));
@@ -731,11 +738,7 @@ mod tests {
 
     #[test]
     fn a_newer_session_replaces_the_older_and_its_routes_go_with_it() {
-        let c = cluster(2);
-        let (mut dn1, mut dn2) = (machine(&c, 1), machine(&c, 2));
-        let t = Instant::now();
-        let lease = leased(&attach(&mut dn1, 1, "laptop", None, t)).unwrap();
-        attach(&mut dn2, 5, "laptop", Some(lease.ticket.clone()), t);
+        let (_dn1, mut dn2, lease, t) = laptop_on_both();
         dn2.handle(Event::Data(5), t, 1000);
         assert_eq!(routes(&dn2).len(), 1);
         let acts = attach(&mut dn2, 6, "laptop", Some(lease.ticket.clone()), t);
@@ -749,12 +752,8 @@ mod tests {
 
     #[test]
     fn a_dead_owners_block_is_taken_whole_and_let_go_after_the_homecoming() {
-        let c = cluster(2);
-        let (mut dn1, mut dn2) = (machine(&c, 1), machine(&c, 2));
-        let t = Instant::now();
-        let lease = leased(&attach(&mut dn1, 1, "laptop", None, t)).unwrap();
+        let (_dn1, mut dn2, lease, t) = laptop_on_both();
         let a = lease.ticket.claim.address;
-        attach(&mut dn2, 5, "laptop", Some(lease.ticket.clone()), t);
         let acts = dn2.handle(
             Event::Peer {
                 dn: "dn1".into(),

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{anyhow, ensure, Context, Result};
 use holdfast_lab::lab::{client_role, with_lab, Credential, Lab, LabSpec, SERVER};
 use holdfast_lab::netns::wait_until;
 use holdfast_lab::traffic;
@@ -218,14 +218,7 @@ fn a_client_reconnects_with_its_address_after_the_dn_restarts() {
         lab.net.stop("dn1", libc::SIGKILL)?;
         lab.start_dn(1)?;
         // Traffic makes the EN hit the restarted DN, which resets the stale session.
-        let mut reached = false;
-        for _ in 0..100 {
-            if lab.ping("en1", SERVER, 1, &[])?.1 == 1 {
-                reached = true;
-                break;
-            }
-        }
-        ensure!(reached, "the client never came back");
+        comes_back(lab, "en1")?;
         let after = lab.wait_address(1, UP)?;
         ensure!(before == after, "address changed from {before} to {after}");
         let sessions = lab.en_status(1)?["sessions"].clone();
@@ -235,6 +228,16 @@ fn a_client_reconnects_with_its_address_after_the_dn_restarts() {
         );
         Ok(())
     });
+}
+
+/// Pings from `client` until one gets through (at most 100 tries).
+fn comes_back(lab: &Lab, client: &str) -> Result<()> {
+    for _ in 0..100 {
+        if lab.ping(client, SERVER, 1, &[])?.1 == 1 {
+            return Ok(());
+        }
+    }
+    Err(anyhow!("{client} never came back"))
 }
 
 /// A client asleep (SIGSTOP) through its DN's restart still holds a valid ticket: the
@@ -259,14 +262,7 @@ fn a_restarted_dn_keeps_a_sleeping_clients_address_for_it() {
             newcomer != sleeper,
             "the restarted DN gave {sleeper}, still leased to client1, to client2"
         );
-        let mut back = false;
-        for _ in 0..100 {
-            if lab.ping("en1", SERVER, 1, &[])?.1 == 1 {
-                back = true;
-                break;
-            }
-        }
-        ensure!(back, "client1 never came back");
+        comes_back(lab, "en1")?;
         let after = lab.wait_address(1, UP)?;
         ensure!(
             after == sleeper,
