@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use holdfast_proto::fd::{
-    ChildState, HealthPolicy, KillReason, LocalMessage, PeerChange, PeerState, Peers,
-    RestartPolicy, StallWatch, Supervisor, SupervisorAction, FD_SOCKET_ENV,
+    Admission, ChildState, HealthPolicy, KillReason, LocalMessage, PeerChange, PeerGate, PeerState,
+    Peers, RestartPolicy, StallWatch, Supervisor, SupervisorAction, FD_SOCKET_ENV,
 };
 use holdfast_proto::lease::IssuerKeys;
 use holdfast_proto::peer::{Notice, PeerNotice};
@@ -175,6 +175,8 @@ struct PeerSocket {
     interval: Duration,
     /// Every peer's address, fixed by the config: heartbeats go to each.
     targets: Vec<SocketAddr>,
+    /// Which datagrams earn a signature check.
+    gate: PeerGate,
 }
 
 struct Detector {
@@ -233,6 +235,14 @@ pub async fn run(opts: Options) -> Result<()> {
                 keys: cluster.issuer_keys(),
                 interval: cluster.detector.peers.interval,
                 targets: peer_info.iter().map(|p| p.address).collect(),
+                gate: PeerGate::new(
+                    peer_info
+                        .iter()
+                        .map(|p| (p.name.clone(), p.address.ip()))
+                        .collect(),
+                    cluster.detector.peers,
+                    Instant::now(),
+                ),
             })
         }
         _ => {
@@ -569,9 +579,21 @@ impl Detector {
     }
 
     async fn on_peer_datagram(&mut self, datagram: &[u8], from: SocketAddr) {
-        let Some(peer_socket) = &self.peer_socket else {
+        let Some(peer_socket) = &mut self.peer_socket else {
             return;
         };
+        // Address and budget first: no signature work for a flood.
+        let Some(claimed) = PeerNotice::claimed_sender(datagram) else {
+            debug!(%from, "ignoring a datagram that is no peer notice");
+            return;
+        };
+        match peer_socket.gate.admit(&claimed, from.ip(), Instant::now()) {
+            Admission::Check(_) => {}
+            refused => {
+                debug!(%from, %claimed, ?refused, "ignoring a peer datagram before its signature");
+                return;
+            }
+        }
         let notice = match PeerNotice::open(datagram, &peer_socket.keys, unix_now()) {
             Ok(n) => n,
             Err(e) => {

@@ -51,6 +51,9 @@ struct Counters {
     dropped_too_big: AtomicU64,
     icmp_too_big_sent: AtomicU64,
     dropped_malformed: AtomicU64,
+    /// Decapsulated packets for the cluster network (detectors, peer notices, OSPF, BFD):
+    /// no client may reach it through the tunnel.
+    dropped_to_cluster: AtomicU64,
 }
 
 #[derive(Default, Serialize)]
@@ -86,6 +89,8 @@ enum Outgoing {
 
 struct Dn {
     spec: DnSpec,
+    /// The cluster network, closed to tunnel traffic.
+    cluster_net: Option<ipnet::IpNet>,
     machine: Mutex<Machine>,
     /// Every session the shell holds, attached or not yet.
     sessions: RwLock<HashMap<SessionId, Arc<Session>>>,
@@ -167,6 +172,7 @@ async fn serve(opts: Options, link: Option<Arc<detector::Link>>) -> Result<()> {
         .map(Arc::new);
     let dn = Arc::new(Dn {
         spec: spec.clone(),
+        cluster_net: cluster.ospf.as_ref().map(|o| o.network),
         machine: Mutex::new(machine),
         sessions: RwLock::new(HashMap::new()),
         hosts: RwLock::new(HashMap::new()),
@@ -600,20 +606,24 @@ async fn carry(dn: &Arc<Dn>, session: &Session) -> String {
                         .conn
                         .send_datagram(bytes::Bytes::copy_from_slice(&echo));
                 }
-            } else if packet::source(&datagram) == Some(address) {
-                session.traffic.rx_packets.fetch_add(1, Relaxed);
-                session
-                    .traffic
-                    .rx_bytes
-                    .fetch_add(datagram.len() as u64, Relaxed);
-                batch.push(datagram);
-            } else {
+            } else if packet::source(&datagram) != Some(address) {
                 dn.counters.dropped_spoofed.fetch_add(1, Relaxed);
                 session.traffic.dropped_spoofed.fetch_add(1, Relaxed);
                 if !warned {
                     warned = true;
                     warn!(client = %session.identity, leased = %address, source = ?packet::source(&datagram), "dropping packets with a source that is not the client's address");
                 }
+            } else if packet::destination(&datagram)
+                .is_some_and(|dst| dn.cluster_net.is_some_and(|net| net.contains(&dst)))
+            {
+                dn.counters.dropped_to_cluster.fetch_add(1, Relaxed);
+            } else {
+                session.traffic.rx_packets.fetch_add(1, Relaxed);
+                session
+                    .traffic
+                    .rx_bytes
+                    .fetch_add(datagram.len() as u64, Relaxed);
+                batch.push(datagram);
             }
             if batch.len() < BATCH {
                 next = session

@@ -16,7 +16,7 @@ use holdfast_proto::control::{close, Lease, Message, RefuseCode};
 use holdfast_proto::en::{Action, Event, Loss, Machine, Role, SessionState};
 use holdfast_proto::lease::LeaseTicket;
 use holdfast_proto::packet::{self, PortUnreachable};
-use holdfast_proto::probe::{self, encode_probe, ProbeConfig, Prober, Verdict};
+use holdfast_proto::probe::{self, encode_probe, Prober, Verdict};
 use holdfast_shell::netlink::{NextHop, Routes};
 use holdfast_shell::quic::{send_message, ControlReader};
 use holdfast_shell::{control, quic, tls, tun};
@@ -28,8 +28,12 @@ use tracing::{debug, info, warn};
 use crate::config::{DnEndpoint, EnConfig};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often the TUN MTU is re-derived from the primary session's path MTU.
+/// How often the TUN MTU is re-derived from the primary session's path MTU: often while path
+/// MTU discovery settles after a new primary, rarely afterwards, so that an idle client sleeps.
 const MTU_CHECK: Duration = Duration::from_millis(500);
+const MTU_SETTLED_CHECK: Duration = Duration::from_secs(60);
+/// How long after a new primary the MTU is checked often.
+const MTU_SETTLING: Duration = Duration::from_secs(10);
 /// Most datagrams taken from a session before one batched TUN write.
 const BATCH: usize = 64;
 
@@ -63,13 +67,46 @@ struct ControlStream {
     reader: Option<ControlReader>,
 }
 
-/// A session's prober, shared by the probing task and the reader that sees the echoes; `None`
-/// until the session is up.
-type SharedProber = Arc<Mutex<Option<Prober>>>;
+/// A session's prober, shared by its probing task, the reader that sees echoes and data, and
+/// the sender; the prober is `None` until the session is up.
+#[derive(Clone, Default)]
+struct Liveness {
+    prober: Arc<Mutex<Option<Prober>>>,
+    /// Wakes the probing task when the prober's next timeout moved earlier.
+    wake: Arc<tokio::sync::Notify>,
+}
+
+impl Liveness {
+    fn with<R>(&self, f: impl FnOnce(&mut Prober) -> R) -> Option<R> {
+        let mut guard = self.prober.lock().ok()?;
+        guard.as_mut().map(f)
+    }
+
+    /// The client sent data on the session.
+    fn sent(&self, now: Instant) {
+        if self.with(|p| p.on_sent(now)) == Some(true) {
+            self.wake.notify_one();
+        }
+    }
+
+    /// An unauthenticated hint that the DN may be gone.
+    fn hint(&self, now: Instant) {
+        if self.with(|p| p.on_hint(now)) == Some(true) {
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// The session traffic goes out on, and its liveness.
+#[derive(Clone)]
+struct Carrier {
+    conn: quinn::Connection,
+    liveness: Liveness,
+}
 
 #[derive(Default)]
 struct Slot {
-    prober: SharedProber,
+    liveness: Liveness,
     generation: u64,
     conn: Option<quinn::Connection>,
     control: Option<ControlStream>,
@@ -82,7 +119,7 @@ struct Shared {
     config: EnConfig,
     traffic: Traffic,
     /// The session packets go out on; `None` while no session can carry them.
-    current: watch::Sender<Option<quinn::Connection>>,
+    current: watch::Sender<Option<Carrier>>,
     /// The TUN device, once the first lease configured it.
     tun: watch::Sender<Option<Arc<tun::Tun>>>,
     status: Mutex<Snapshot>,
@@ -131,7 +168,9 @@ pub async fn run(config: EnConfig) -> Result<()> {
         "[::]:0".parse()?
     };
     let mut endpoint = quic::endpoint(bind, None, None)?;
-    endpoint.set_default_client_config(quic::client_config(tls)?);
+    // Three keepalive periods without a word end a session.
+    let idle = config.liveness.keepalive * 3;
+    endpoint.set_default_client_config(quic::client_config(tls, idle)?);
     let routes = Routes::connect()?;
     let shared = Arc::new(Shared {
         config: config.clone(),
@@ -157,6 +196,8 @@ pub async fn run(config: EnConfig) -> Result<()> {
         endpoint: endpoint.clone(),
         routes: &routes,
         tunnel: None,
+        primary_since: Instant::now(),
+        mtu_check_at: Instant::now() + MTU_CHECK,
         reports: mpsc::unbounded_channel(),
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -189,6 +230,10 @@ struct Driver<'a> {
     endpoint: quinn::Endpoint,
     routes: &'a Routes,
     tunnel: Option<Tunnel>,
+    /// When the primary last changed (path MTU discovery starts over).
+    primary_since: Instant,
+    /// When the TUN MTU is next compared with the primary's path.
+    mtu_check_at: Instant,
     reports: (
         mpsc::UnboundedSender<Report>,
         mpsc::UnboundedReceiver<Report>,
@@ -199,7 +244,6 @@ impl Driver<'_> {
     async fn run(&mut self) -> Result<()> {
         let actions = self.machine.start();
         self.perform(actions).await?;
-        let mut mtu_tick = tokio::time::interval(MTU_CHECK);
         let mut unreachable = match holdfast_shell::icmp::watch() {
             Ok(rx) => Some(rx),
             Err(e) => {
@@ -228,7 +272,11 @@ impl Driver<'_> {
                     let actions = self.machine.handle_timeout(Instant::now());
                     self.perform(actions).await?;
                 }
-                _ = mtu_tick.tick() => self.follow_mtu(),
+                _ = tokio::time::sleep_until(self.mtu_check_at.into()) => {
+                    self.follow_mtu();
+                    let settling = self.primary_since.elapsed() < MTU_SETTLING;
+                    self.mtu_check_at = Instant::now() + if settling { MTU_CHECK } else { MTU_SETTLED_CHECK };
+                }
                 Some(u) = async { match unreachable.as_mut() { Some(rx) => rx.recv().await, None => None } } => {
                     if let Some(event) = self.on_unreachable(u) {
                         let actions = self.machine.handle(event, Instant::now());
@@ -239,7 +287,8 @@ impl Driver<'_> {
         }
     }
 
-    /// A DN's port answered "unreachable" to one of our datagrams: its `dn` is gone.
+    /// A DN's port answered "unreachable" to one of our datagrams: its `dn` may be gone (or
+    /// someone forged the error); the machine decides what that is worth.
     fn on_unreachable(&mut self, u: PortUnreachable) -> Option<Event> {
         if self.endpoint.local_addr().ok()?.port() != u.local_port {
             return None;
@@ -253,14 +302,8 @@ impl Driver<'_> {
             .dns
             .iter()
             .position(|d| same(d.endpoint))?;
-        if matches!(
-            self.machine.state(dn),
-            None | Some(SessionState::Waiting { .. })
-        ) {
-            return None;
-        }
-        let generation = self.slots[dn].generation;
-        self.accept(Report::Lost(dn, generation, Loss::Unreachable))
+        debug!(dn = %self.shared.config.dns[dn].name, "ICMP port unreachable from the DN");
+        Some(Event::Unreachable(dn))
     }
 
     /// Turns a session report into a machine event, dropping reports about connections that
@@ -347,15 +390,24 @@ impl Driver<'_> {
                 Action::Attach(dn, ticket) => self.attach(dn, ticket),
                 Action::Configure(lease) => self.configure(&lease).await?,
                 Action::UsePrimary(dn) => {
-                    let conn = dn.and_then(|d| self.slots[d].conn.clone());
+                    let carrier = dn.and_then(|d| {
+                        let slot = &self.slots[d];
+                        slot.conn.clone().map(|conn| Carrier {
+                            conn,
+                            liveness: slot.liveness.clone(),
+                        })
+                    });
                     match dn {
                         Some(d) => info!(dn = %self.shared.config.dns[d].name, "primary session"),
                         None => warn!("no session can carry traffic"),
                     }
-                    self.shared.current.send_replace(conn);
+                    self.shared.current.send_replace(carrier);
+                    self.primary_since = Instant::now();
+                    self.mtu_check_at = self.primary_since + MTU_CHECK;
                 }
                 Action::Close(dn) => self.drop_session(dn),
                 Action::Demote(dn) => self.demote(dn).await,
+                Action::CheckNow(dn) => self.slots[dn].liveness.hint(Instant::now()),
             }
         }
         Ok(())
@@ -407,17 +459,17 @@ impl Driver<'_> {
                 Loss::Closed(describe_close(&reason)),
             ));
         });
-        let prober = Arc::new(Mutex::new(None));
-        self.slots[dn].prober = prober.clone();
-        tokio::spawn(session_to_tun(self.shared.clone(), conn.clone(), prober));
+        let liveness = Liveness::default();
+        self.slots[dn].liveness = liveness.clone();
+        tokio::spawn(session_to_tun(self.shared.clone(), conn.clone(), liveness));
     }
 
-    /// Probes the DN on this session until it stops answering, then reports it dead.
+    /// Probes the DN on this session when the prober says so, until it judges the DN dead.
     fn probe(&self, dn: usize, generation: u64, conn: &quinn::Connection) {
-        let prober = self.slots[dn].prober.clone();
-        if let Ok(mut p) = prober.lock() {
+        let liveness = self.slots[dn].liveness.clone();
+        if let Ok(mut p) = liveness.prober.lock() {
             *p = Some(Prober::new(
-                ProbeConfig::default(),
+                self.shared.config.liveness,
                 Instant::now(),
                 Some(conn.rtt()),
             ));
@@ -426,10 +478,10 @@ impl Driver<'_> {
         let conn = conn.clone();
         tokio::spawn(async move {
             loop {
-                let (verdict, next) = {
-                    let Ok(mut guard) = prober.lock() else { return };
-                    let Some(p) = guard.as_mut() else { return };
-                    (p.poll(Instant::now()), p.poll_timeout())
+                let Some((verdict, next)) =
+                    liveness.with(|p| (p.poll(Instant::now()), p.poll_timeout()))
+                else {
+                    return;
                 };
                 match verdict {
                     Verdict::Send(seq) => {
@@ -437,6 +489,7 @@ impl Driver<'_> {
                         if conn.send_datagram(probe).is_err() {
                             return;
                         }
+                        continue;
                     }
                     Verdict::Dead { silence } => {
                         warn!(?silence, "DN stopped answering probes");
@@ -448,9 +501,11 @@ impl Driver<'_> {
                 if conn.close_reason().is_some() {
                     return;
                 }
-                match next {
-                    Some(t) => tokio::time::sleep_until(t.into()).await,
-                    None => return,
+                let Some(at) = next else { return };
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at.into()) => {}
+                    _ = liveness.wake.notified() => {}
+                    _ = conn.closed() => return,
                 }
             }
         });
@@ -535,7 +590,7 @@ impl Driver<'_> {
 
     /// Keeps the TUN MTU equal to what the primary session's path carries.
     fn follow_mtu(&mut self) {
-        let Some(conn) = self.shared.current.borrow().clone() else {
+        let Some(conn) = self.shared.current.borrow().clone().map(|c| c.conn) else {
             return;
         };
         let Some(t) = self.tunnel.as_mut() else {
@@ -736,7 +791,7 @@ fn describe_close(e: &quinn::ConnectionError) -> String {
 }
 
 /// Writes what one session delivers into the TUN device until the session ends.
-async fn session_to_tun(shared: Arc<Shared>, conn: quinn::Connection, prober: SharedProber) {
+async fn session_to_tun(shared: Arc<Shared>, conn: quinn::Connection, liveness: Liveness) {
     let mut tun_rx = shared.tun.subscribe();
     let mut writer = tun::Writer::default();
     let mut batch = Vec::with_capacity(BATCH);
@@ -749,10 +804,8 @@ async fn session_to_tun(shared: Arc<Shared>, conn: quinn::Connection, prober: Sh
         let now = Instant::now();
         while let Some(d) = next.take() {
             if probe::is_probe(&d) {
-                if let (Some(seq), Ok(mut p)) = (probe::parse_echo(&d), prober.lock()) {
-                    if let Some(p) = p.as_mut() {
-                        p.on_echo(seq, now);
-                    }
+                if let Some(seq) = probe::parse_echo(&d) {
+                    liveness.with(|p| p.on_echo(seq, now));
                 }
             } else {
                 shared.traffic.rx_packets.fetch_add(1, Relaxed);
@@ -764,11 +817,7 @@ async fn session_to_tun(shared: Arc<Shared>, conn: quinn::Connection, prober: Sh
             }
         }
         if !batch.is_empty() {
-            if let Ok(mut p) = prober.lock() {
-                if let Some(p) = p.as_mut() {
-                    p.on_traffic(now);
-                }
-            }
+            liveness.with(|p| p.on_traffic(now));
         }
         let dev = tun_rx.borrow_and_update().clone();
         if let Some(dev) = dev {
@@ -797,13 +846,14 @@ async fn tun_to_session(shared: Arc<Shared>, dev: Arc<tun::Tun>) {
         if current.has_changed().unwrap_or(false) {
             conn = current.borrow_and_update().clone();
         }
-        let Some(c) = conn.as_ref() else {
+        let Some(Carrier { conn: c, liveness }) = conn.as_ref() else {
             traffic
                 .dropped_no_session
                 .fetch_add(batch.len() as u64, Relaxed);
             batch.clear();
             continue;
         };
+        liveness.sent(Instant::now());
         for pkt in batch.drain(..) {
             let len = pkt.len() as u64;
             match c.send_datagram_wait(pkt.clone()).await {

@@ -2,6 +2,9 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use holdfast_proto::probe::ProbeConfig;
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
@@ -18,7 +21,22 @@ struct Raw {
     tun: Option<String>,
     control_socket: Option<PathBuf>,
     #[serde(default)]
+    liveness: RawLiveness,
+    #[serde(default)]
     dn: Vec<RawDn>,
+}
+
+/// `[liveness]`: how the client checks its own path to each DN. The cluster's failure detector
+/// tells clients about dead DNs; these probes cover what only the client sees.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLiveness {
+    keepalive_secs: Option<u64>,
+    probe_interval_ms: Option<u64>,
+    dead_after_ms: Option<u64>,
+    probe_misses: Option<u32>,
+    rtt_factor: Option<u32>,
+    hinted_dead_after_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -36,7 +54,65 @@ pub struct EnConfig {
     pub server_ca: PathBuf,
     pub tun: String,
     pub control_socket: PathBuf,
+    /// How each session is probed.
+    pub liveness: ProbeConfig,
     pub dns: Vec<DnEndpoint>,
+}
+
+/// The longest keepalive: a QUIC connection that hears nothing for [`MAX_IDLE`] ends.
+pub const MAX_KEEPALIVE_SECS: u64 = 100;
+/// The QUIC idle timeout the DNs allow at most.
+pub const MAX_IDLE: std::time::Duration = holdfast_shell::quic::MAX_IDLE_TIMEOUT;
+
+fn liveness(raw: RawLiveness) -> Result<ProbeConfig> {
+    let d = ProbeConfig::default();
+    let ms =
+        |v: Option<u64>, key: &str, default: Duration, range: std::ops::RangeInclusive<u64>| {
+            let v = v.unwrap_or(default.as_millis() as u64);
+            if !range.contains(&v) {
+                bail!(
+                    "liveness.{key}: {v} is outside {}..={}",
+                    range.start(),
+                    range.end()
+                );
+            }
+            Ok(Duration::from_millis(v))
+        };
+    let keepalive_secs = raw.keepalive_secs.unwrap_or(d.keepalive.as_secs());
+    if !(1..=MAX_KEEPALIVE_SECS).contains(&keepalive_secs) {
+        bail!("liveness.keepalive_secs: {keepalive_secs} is outside 1..={MAX_KEEPALIVE_SECS} (the DNs end a session silent for {} s)", MAX_IDLE.as_secs());
+    }
+    let misses = raw.probe_misses.unwrap_or(d.misses);
+    let rtt_factor = raw.rtt_factor.unwrap_or(d.rtt_factor);
+    if !(1..=100).contains(&misses) {
+        bail!("liveness.probe_misses: {misses} is outside 1..=100");
+    }
+    if !(1..=100).contains(&rtt_factor) {
+        bail!("liveness.rtt_factor: {rtt_factor} is outside 1..=100");
+    }
+    Ok(ProbeConfig {
+        interval: ms(
+            raw.probe_interval_ms,
+            "probe_interval_ms",
+            d.interval,
+            1..=10_000,
+        )?,
+        misses,
+        rtt_factor,
+        min_silence: ms(
+            raw.dead_after_ms,
+            "dead_after_ms",
+            d.min_silence,
+            1..=60_000,
+        )?,
+        hinted_silence: ms(
+            raw.hinted_dead_after_ms,
+            "hinted_dead_after_ms",
+            d.hinted_silence,
+            1..=60_000,
+        )?,
+        keepalive: Duration::from_secs(keepalive_secs),
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -95,6 +171,7 @@ impl EnConfig {
                 .control_socket
                 .map(resolve)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL)),
+            liveness: liveness(raw.liveness)?,
             dns,
         })
     }
@@ -116,6 +193,28 @@ mod tests {
         assert_eq!(c.dns[0].endpoint.to_string(), "10.0.1.2:4433");
         assert_eq!(c.dns[0].server_name, "dn1");
         assert_eq!(c.tun, DEFAULT_TUN);
+        assert_eq!(c.liveness, ProbeConfig::default());
+    }
+
+    #[test]
+    fn liveness_is_configurable_within_bounds() {
+        let head = "cert = \"a\"\nkey = \"b\"\nserver_ca = \"c\"\n[[dn]]\nname = \"dn1\"\nendpoint = \"10.0.1.2\"\n";
+        let c = EnConfig::parse(
+            &format!("{head}[liveness]\nkeepalive_secs = 60\nprobe_interval_ms = 20\n"),
+            Path::new("/"),
+        )
+        .unwrap();
+        assert_eq!(c.liveness.keepalive, Duration::from_secs(60));
+        assert_eq!(c.liveness.interval, Duration::from_millis(20));
+        let err = format!(
+            "{:#}",
+            EnConfig::parse(
+                &format!("{head}[liveness]\nkeepalive_secs = 500\n"),
+                Path::new("/")
+            )
+            .unwrap_err()
+        );
+        assert!(err.contains("liveness.keepalive_secs"), "{err}");
     }
 
     #[test]

@@ -70,6 +70,9 @@ pub enum Event {
     HomeIsBack(Dn),
     /// A DN says the cluster's failure detector found DN `0` down.
     PeerDown(Dn),
+    /// An ICMP error says DN `0`'s port is unreachable. Nobody authenticated it: it ends an
+    /// attempt still under way (a retry is cheap), but a session only gets checked.
+    Unreachable(Dn),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +89,8 @@ pub enum Action {
     Close(Dn),
     /// Tell the DN it is no longer the client's primary, so it stops routing the address.
     Demote(Dn),
+    /// Probe the session now: something hints that the DN may be gone.
+    CheckNow(Dn),
 }
 
 struct Slot {
@@ -177,7 +182,8 @@ impl Machine {
             | Event::Refused(d, _)
             | Event::Lost(d, _)
             | Event::HomeIsBack(d)
-            | Event::PeerDown(d) => *d,
+            | Event::PeerDown(d)
+            | Event::Unreachable(d) => *d,
         };
         if dn >= self.slots.len() {
             return out;
@@ -222,6 +228,13 @@ impl Machine {
                     self.lose(d, Loss::ReportedDead, now, &mut out);
                 }
             }
+            Event::Unreachable(d) => match self.slots[d].state {
+                SessionState::Up(_) => out.push(Action::CheckNow(d)),
+                SessionState::Waiting { .. } => {}
+                SessionState::Connecting | SessionState::Ready | SessionState::Attaching => {
+                    self.lose(d, Loss::Unreachable, now, &mut out)
+                }
+            },
             Event::HomeIsBack(d) => {
                 // Only the DN carrying the client can know it carries it for the home DN.
                 if self.primary == Some(d) {
@@ -577,6 +590,22 @@ mod tests {
         assert_eq!(m.primary(), Some(1));
     }
 
+    #[test]
+    fn an_unreachable_hint_ends_an_attempt_but_only_checks_a_session() {
+        let t0 = Instant::now();
+        let (mut m, _) = two_sessions_up(t0);
+        assert_eq!(
+            m.handle(Event::Unreachable(0), t0),
+            vec![Action::CheckNow(0)]
+        );
+        assert_eq!(m.primary(), Some(0));
+        m.handle(Event::Lost(1, Loss::ProbeTimeout), t0);
+        m.handle_timeout(t0 + RETRY_MAX);
+        assert_eq!(m.state(1), Some(&SessionState::Connecting));
+        assert_eq!(m.handle(Event::Unreachable(1), t0 + RETRY_MAX), vec![]);
+        assert_eq!(m.last_loss(1), Some(&Loss::Unreachable));
+    }
+
     /// What the simulated world does next.
     #[derive(Debug, Clone)]
     enum Step {
@@ -626,7 +655,7 @@ mod tests {
                         Action::Connect(i) => connecting[i] = true,
                         Action::Attach(i, _) => attaching[i] = true,
                         Action::UsePrimary(p) => *carrier = p,
-                        Action::Demote(_) | Action::Configure(_) | Action::Close(_) => {}
+                        Action::Demote(_) | Action::Configure(_) | Action::Close(_) | Action::CheckNow(_) => {}
                     }
                 }
             };

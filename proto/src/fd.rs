@@ -415,6 +415,71 @@ impl Peers {
     }
 }
 
+/// Which datagrams on a peer port earn a signature check. Checking an Ed25519 signature costs
+/// tens of microseconds, so a flood of forged heartbeats could keep a detector too busy to read
+/// the real ones. A datagram must come from the configured address of the peer it claims to be
+/// from, and each peer gets a budget of checks (a token bucket: `per_interval` for every
+/// heartbeat interval, up to `burst`), so that a flood claiming one peer cannot crowd out
+/// another's heartbeats.
+#[derive(Debug, Clone)]
+pub struct PeerGate {
+    peers: Vec<(String, std::net::IpAddr)>,
+    buckets: Vec<(f64, Instant)>,
+    per_interval: f64,
+    interval: Duration,
+    burst: f64,
+}
+
+/// What [`PeerGate::admit`] says of a datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Check its signature; it claims peer number `0`.
+    Check(usize),
+    /// No peer of that name.
+    UnknownPeer,
+    /// Not from the claimed peer's address.
+    WrongAddress,
+    /// The claimed peer's budget is spent for now.
+    OverBudget,
+}
+
+impl PeerGate {
+    /// Checks a peer may earn per heartbeat interval (it sends one), and at most in a burst.
+    pub const PER_INTERVAL: u32 = 4;
+    pub const BURST: u32 = 64;
+
+    pub fn new(peers: Vec<(String, std::net::IpAddr)>, policy: PeerPolicy, now: Instant) -> Self {
+        let burst = f64::from(Self::BURST);
+        Self {
+            buckets: vec![(burst, now); peers.len()],
+            peers,
+            per_interval: f64::from(Self::PER_INTERVAL),
+            interval: policy.interval.max(Duration::from_micros(100)),
+            burst,
+        }
+    }
+
+    pub fn admit(&mut self, claimed: &str, from: std::net::IpAddr, now: Instant) -> Admission {
+        let Some(index) = self.peers.iter().position(|(n, _)| n == claimed) else {
+            return Admission::UnknownPeer;
+        };
+        if self.peers[index].1.to_canonical() != from.to_canonical() {
+            return Admission::WrongAddress;
+        }
+        let (tokens, since) = &mut self.buckets[index];
+        let earned = now.saturating_duration_since(*since).as_secs_f64()
+            / self.interval.as_secs_f64()
+            * self.per_interval;
+        *tokens = (*tokens + earned).min(self.burst);
+        *since = now;
+        if *tokens < 1.0 {
+            return Admission::OverBudget;
+        }
+        *tokens -= 1.0;
+        Admission::Check(index)
+    }
+}
+
 /// Environment variable through which `dn-fd` gives the DN its heartbeat socket's path.
 pub const FD_SOCKET_ENV: &str = "HOLDFAST_FD_SOCKET";
 
@@ -536,6 +601,41 @@ impl StallWatch {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod gate_tests {
+    use super::*;
+
+    #[test]
+    fn only_the_claimed_peers_address_within_its_budget_earns_a_check() {
+        let t0 = Instant::now();
+        let a: std::net::IpAddr = "10.9.0.1".parse().unwrap();
+        let b: std::net::IpAddr = "10.9.0.2".parse().unwrap();
+        let mut g = PeerGate::new(
+            vec![("dn1".into(), a), ("dn2".into(), b)],
+            PeerPolicy::default(),
+            t0,
+        );
+        assert_eq!(g.admit("dn1", a, t0), Admission::Check(0));
+        assert_eq!(g.admit("dn1", b, t0), Admission::WrongAddress);
+        assert_eq!(g.admit("dn9", a, t0), Admission::UnknownPeer);
+        // A flood claiming dn1 spends dn1's budget, not dn2's.
+        let mut checked = 0;
+        for _ in 0..10_000 {
+            if g.admit("dn1", a, t0) != Admission::OverBudget {
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, PeerGate::BURST - 1);
+        assert_eq!(g.admit("dn2", b, t0), Admission::Check(1));
+        // The budget comes back with time: PER_INTERVAL checks each heartbeat interval.
+        let later = t0 + PeerPolicy::default().interval;
+        let again = (0..100)
+            .filter(|_| g.admit("dn1", a, later) == Admission::Check(0))
+            .count();
+        assert_eq!(again, PeerGate::PER_INTERVAL as usize);
     }
 }
 

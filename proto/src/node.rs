@@ -480,11 +480,10 @@ impl Machine {
             return;
         }
         self.homecoming.remove(&dn);
-        // Clients whose primary it was switch now, before their own probes could tell.
-        for (id, s) in &self.sessions {
-            if !s.primary {
-                out.push(Action::Send(*id, Message::PeerDown { dn: dn.clone() }));
-            }
+        // Every client is told: those whose primary it was switch now, before their own probes
+        // could tell; the others stop counting on it as a secondary.
+        for id in self.sessions.keys() {
+            out.push(Action::Send(*id, Message::PeerDown { dn: dn.clone() }));
         }
     }
 

@@ -83,6 +83,19 @@ impl PeerNotice {
         out
     }
 
+    /// The sender a datagram claims to come from, read without any signature work: for the
+    /// checks that must come first (the sender's address, a rate limit). `None` if the
+    /// datagram is not a peer notice.
+    pub fn claimed_sender(datagram: &[u8]) -> Option<String> {
+        let mut r = Reader::new(datagram);
+        if r.fixed::<4>("magic").ok()? != *MAGIC || r.u8("version").ok()? != VERSION {
+            return None;
+        }
+        r.u8("notice kind").ok()?;
+        r.u64("sent at").ok()?;
+        r.short_str("sender").ok()
+    }
+
     /// Decodes a datagram and checks that a DN of `keys` signed it within [`MAX_AGE_SECS`] of
     /// `now` (unix seconds).
     pub fn open(datagram: &[u8], keys: &IssuerKeys, now: u64) -> Result<Self, PeerError> {
@@ -155,6 +168,26 @@ impl PeerNotice {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_claimed_sender_is_read_without_a_key() {
+        let (key, _) = keys();
+        let datagram = PeerNotice {
+            from: "dn2".into(),
+            sent_at: 5,
+            notice: Notice::Alive {
+                dn_up: true,
+                seq: 1,
+            },
+        }
+        .seal(&key);
+        assert_eq!(
+            PeerNotice::claimed_sender(&datagram).as_deref(),
+            Some("dn2")
+        );
+        assert_eq!(PeerNotice::claimed_sender(&datagram[..10]), None);
+        assert_eq!(PeerNotice::claimed_sender(b"GET / HTTP/1.1"), None);
+    }
 
     fn keys() -> (SigningKey, IssuerKeys) {
         let key = SigningKey::from_bytes(&[5; 32]);

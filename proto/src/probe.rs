@@ -1,10 +1,12 @@
 //! The EN's own liveness probes of each DN, and their wire form.
 //!
-//! QUIC notices a dead peer only at its idle timeout (seconds). The EN therefore sends a small
-//! probe on every session at a short interval and judges the DN dead when probes stop being
-//! answered for longer than a few round trips. Probes ride in QUIC DATAGRAM frames like packets;
-//! their first byte has a zero high nibble, which no IPv4 or IPv6 packet has, so the data path
-//! tells them apart for free.
+//! QUIC notices a dead peer only at its idle timeout (seconds). The EN therefore probes a
+//! session when it has reason to: what it sent goes unanswered, an ICMP error hints that the
+//! DN may be gone, or the session has been quiet for the keepalive period. The DN counts as
+//! dead when a probe goes unanswered for a few round trips. The cluster's failure detector is
+//! the main path for a DN's death; the probes cover what only the client can see, its own
+//! path. Probes ride in QUIC DATAGRAM frames like packets; their first byte has a zero high
+//! nibble, which no IPv4 or IPv6 packet has, so the data path tells them apart for free.
 
 use std::time::{Duration, Instant};
 
@@ -47,14 +49,20 @@ pub fn parse_echo(datagram: &[u8]) -> Option<u32> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProbeConfig {
-    /// Time between probes.
+    /// Time between probes while the session is suspect.
     pub interval: Duration,
-    /// The DN is dead when nothing was echoed for `misses` intervals and at least
+    /// The DN is dead when something sent is unanswered for `misses` intervals and at least
     /// `rtt_factor` round trips.
     pub misses: u32,
     pub rtt_factor: u32,
     /// Floor of the silence that counts as death, whatever the RTT.
     pub min_silence: Duration,
+    /// After an unauthenticated hint (an ICMP error about the session), the DN is dead when a
+    /// probe sent at once is unanswered for this long and `rtt_factor` round trips.
+    pub hinted_silence: Duration,
+    /// A session that brought nothing for this long sends one probe, which keeps NAT bindings
+    /// and the QUIC connection alive and checks the DN (WireGuard's persistent keepalive).
+    pub keepalive: Duration,
 }
 
 impl Default for ProbeConfig {
@@ -64,6 +72,8 @@ impl Default for ProbeConfig {
             misses: 3,
             rtt_factor: 4,
             min_silence: Duration::from_millis(30),
+            hinted_silence: Duration::from_millis(5),
+            keepalive: Duration::from_secs(25),
         }
     }
 }
@@ -75,18 +85,27 @@ pub enum Verdict {
     Send(u32),
     /// Nothing to do until [`Prober::poll_timeout`].
     Wait,
-    /// The DN has not answered for `silence`: treat it as dead.
+    /// What was sent has not been answered for `silence`: treat the DN as dead.
     Dead { silence: Duration },
 }
 
-/// One session's prober.
+/// One session's prober. It costs nothing while the session carries traffic both ways: probes
+/// go out only while something the client sent is unanswered for longer than a probe interval
+/// and two round trips (then every interval until an answer or the deadline), after an
+/// unauthenticated hint, and as a keepalive on a session that brought nothing for the
+/// keepalive period.
 #[derive(Debug, Clone)]
 pub struct Prober {
     config: ProbeConfig,
     next_seq: u32,
-    next_send: Instant,
-    /// When the last echo (or the start) was seen.
+    /// When anything last came from the DN (an echo or data).
     last_heard: Instant,
+    /// The first thing sent after `last_heard`, if any: the session is owed an answer.
+    unanswered_since: Option<Instant>,
+    /// When a hint last arrived, if nothing was heard since.
+    hinted_at: Option<Instant>,
+    /// The next probe, while the session is suspect.
+    next_probe: Option<Instant>,
     srtt: Option<Duration>,
     /// Send times of recent probes, by sequence number.
     in_flight: std::collections::VecDeque<(u32, Instant)>,
@@ -99,23 +118,47 @@ impl Prober {
         Self {
             config,
             next_seq: 0,
-            next_send: now,
             last_heard: now,
+            unanswered_since: None,
+            hinted_at: None,
+            next_probe: None,
             srtt: initial_rtt,
             in_flight: Default::default(),
             dead: false,
         }
     }
 
-    /// The silence after which the DN counts as dead.
+    pub fn config(&self) -> &ProbeConfig {
+        &self.config
+    }
+
+    /// How long something sent may stay unanswered before the DN counts as dead.
     pub fn deadline(&self) -> Duration {
         let by_interval = self.config.interval * self.config.misses;
-        let by_rtt = self.srtt.unwrap_or_default() * self.config.rtt_factor;
-        by_interval.max(by_rtt).max(self.config.min_silence)
+        by_interval.max(self.by_rtt()).max(self.config.min_silence)
+    }
+
+    /// How long a probe sent after a hint may stay unanswered.
+    pub fn hinted_deadline(&self) -> Duration {
+        self.by_rtt().max(self.config.hinted_silence)
+    }
+
+    fn by_rtt(&self) -> Duration {
+        self.srtt.unwrap_or_default() * self.config.rtt_factor
+    }
+
+    /// How long something sent may stay unanswered before probes start.
+    fn suspect_after(&self) -> Duration {
+        self.config.interval.max(self.srtt.unwrap_or_default() * 2)
     }
 
     pub fn srtt(&self) -> Option<Duration> {
         self.srtt
+    }
+
+    /// Whether the session is owed an answer (and so probed).
+    pub fn is_suspect(&self) -> bool {
+        self.unanswered_since.is_some()
     }
 
     /// Decides what to do at `now`.
@@ -123,48 +166,98 @@ impl Prober {
         if self.dead {
             return Verdict::Wait;
         }
-        let silence = now.saturating_duration_since(self.last_heard);
-        if silence >= self.deadline() {
+        if let Some(silence) = self.overdue(now) {
             self.dead = true;
             return Verdict::Dead { silence };
         }
-        if now >= self.next_send {
-            let seq = self.next_seq;
-            self.next_seq = self.next_seq.wrapping_add(1);
-            self.next_send = now + self.config.interval;
-            self.in_flight.push_back((seq, now));
-            // Remember only what could still be answered in time.
-            while self.in_flight.len() > 64 {
-                self.in_flight.pop_front();
-            }
-            return Verdict::Send(seq);
+        let due = match self.unanswered_since {
+            Some(since) => self.next_probe.unwrap_or(since + self.suspect_after()),
+            None => self.last_heard + self.config.keepalive,
+        };
+        if now < due {
+            return Verdict::Wait;
         }
-        Verdict::Wait
+        let seq = self.next_seq;
+        self.next_seq = self.next_seq.wrapping_add(1);
+        self.in_flight.push_back((seq, now));
+        // Remember only what could still be answered in time.
+        while self.in_flight.len() > 64 {
+            self.in_flight.pop_front();
+        }
+        self.unanswered_since.get_or_insert(now);
+        self.next_probe = Some(now + self.config.interval);
+        Verdict::Send(seq)
+    }
+
+    /// The silence that makes the DN dead at `now`, if it is.
+    fn overdue(&self, now: Instant) -> Option<Duration> {
+        if let Some(hint) = self.hinted_at {
+            let silence = now.saturating_duration_since(hint);
+            if silence >= self.hinted_deadline() {
+                return Some(silence);
+            }
+        }
+        let silence = now.saturating_duration_since(self.unanswered_since?);
+        (silence >= self.deadline()).then_some(silence)
     }
 
     /// When [`Prober::poll`] must next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        (!self.dead).then(|| self.next_send.min(self.last_heard + self.deadline()))
+        if self.dead {
+            return None;
+        }
+        let Some(since) = self.unanswered_since else {
+            return Some(self.last_heard + self.config.keepalive);
+        };
+        let probe = self.next_probe.unwrap_or(since + self.suspect_after());
+        let death = since + self.deadline();
+        let hinted = self.hinted_at.map(|h| h + self.hinted_deadline());
+        Some(hinted.map_or(probe.min(death), |h| probe.min(death).min(h)))
+    }
+
+    /// The client sent something on the session at `now`. Says whether the session just
+    /// became owed an answer, so that [`Prober::poll_timeout`] moved earlier.
+    pub fn on_sent(&mut self, now: Instant) -> bool {
+        if self.dead || self.unanswered_since.is_some() {
+            return false;
+        }
+        self.unanswered_since = Some(now);
+        true
     }
 
     /// An echo of probe `seq` arrived at `now`.
     pub fn on_echo(&mut self, seq: u32, now: Instant) {
-        let Some(pos) = self.in_flight.iter().position(|(s, _)| *s == seq) else {
-            return;
-        };
-        let (_, sent) = self.in_flight[pos];
-        self.in_flight.drain(..=pos);
-        let sample = now.saturating_duration_since(sent);
-        self.srtt = Some(match self.srtt {
-            Some(s) => (s * 7 + sample) / 8,
-            None => sample,
-        });
-        self.last_heard = now;
+        if let Some(pos) = self.in_flight.iter().position(|(s, _)| *s == seq) {
+            let (_, sent) = self.in_flight[pos];
+            self.in_flight.drain(..=pos);
+            let sample = now.saturating_duration_since(sent);
+            self.srtt = Some(match self.srtt {
+                Some(s) => (s * 7 + sample) / 8,
+                None => sample,
+            });
+        }
+        self.on_traffic(now);
     }
 
-    /// Any sign of life from the DN (e.g. a data packet) counts like an echo for liveness.
+    /// Anything from the DN (an echo, data) answers whatever was owed.
     pub fn on_traffic(&mut self, now: Instant) {
         self.last_heard = self.last_heard.max(now);
+        self.unanswered_since = None;
+        self.hinted_at = None;
+        self.next_probe = None;
+    }
+
+    /// Something nobody authenticated (an ICMP error quoting the session) says the DN may be
+    /// gone: probe at once, and count it dead only if that probe goes unanswered. Says whether
+    /// [`Prober::poll_timeout`] moved earlier.
+    pub fn on_hint(&mut self, now: Instant) -> bool {
+        if self.dead || self.hinted_at.is_some() {
+            return false;
+        }
+        self.hinted_at = Some(now);
+        self.unanswered_since.get_or_insert(now);
+        self.next_probe = Some(now);
+        true
     }
 }
 
@@ -186,95 +279,142 @@ mod tests {
         assert_eq!(echo_for(&p[..4]), None);
     }
 
-    #[test]
-    fn a_silent_dn_is_dead_after_the_deadline_and_not_before() {
-        let t0 = Instant::now();
-        let config = ProbeConfig::default();
-        let mut p = Prober::new(config, t0, None);
-        assert_eq!(p.poll(t0), Verdict::Send(0));
-        let mut t = t0;
-        let mut verdict = Verdict::Wait;
-        while t < t0 + Duration::from_secs(1) {
-            t = p.poll_timeout().unwrap();
-            verdict = p.poll(t);
-            if matches!(verdict, Verdict::Dead { .. }) {
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// Drives the prober to `until`, answering nothing; returns the probes sent and the verdict.
+    fn run_until(p: &mut Prober, until: Instant) -> (Vec<Instant>, Option<Instant>) {
+        let mut sent = Vec::new();
+        while let Some(t) = p.poll_timeout() {
+            if t > until {
                 break;
             }
-        }
-        assert_eq!(
-            verdict,
-            Verdict::Dead {
-                silence: Duration::from_millis(30)
-            }
-        );
-        assert_eq!(t - t0, Duration::from_millis(30));
-        assert_eq!(p.poll(t + Duration::from_secs(1)), Verdict::Wait);
-    }
-
-    #[test]
-    fn echoes_keep_it_alive_and_set_the_rtt() {
-        let t0 = Instant::now();
-        let mut p = Prober::new(ProbeConfig::default(), t0, None);
-        let mut t = t0;
-        let mut pending = Vec::new();
-        for _ in 0..100 {
-            // Echoes take 5 ms.
-            for (seq, at) in std::mem::take(&mut pending) {
-                if at <= t {
-                    p.on_echo(seq, at);
-                } else {
-                    pending.push((seq, at));
-                }
-            }
             match p.poll(t) {
-                Verdict::Send(seq) => pending.push((seq, t + Duration::from_millis(5))),
-                Verdict::Dead { .. } => panic!("declared dead at {:?}", t - t0),
+                Verdict::Send(_) => sent.push(t),
+                Verdict::Dead { .. } => return (sent, Some(t)),
                 Verdict::Wait => {}
             }
-            t += Duration::from_millis(5);
         }
-        assert_eq!(p.srtt(), Some(Duration::from_millis(5)));
+        (sent, None)
     }
 
     #[test]
-    fn a_slow_path_gets_a_longer_deadline() {
+    fn an_idle_session_only_keeps_alive() {
         let t0 = Instant::now();
-        let mut p = Prober::new(ProbeConfig::default(), t0, None);
+        let mut p = Prober::new(ProbeConfig::default(), t0, Some(ms(1)));
+        assert_eq!(p.poll(t0), Verdict::Wait);
+        assert_eq!(p.poll_timeout(), Some(t0 + Duration::from_secs(25)));
+        let mut t = t0;
+        let mut probes = 0;
+        for _ in 0..4 {
+            t = p.poll_timeout().unwrap();
+            let Verdict::Send(seq) = p.poll(t) else {
+                panic!("no keepalive at {:?}", t - t0)
+            };
+            probes += 1;
+            p.on_echo(seq, t + ms(1));
+        }
+        assert_eq!(probes, 4);
+        assert!(t - t0 >= Duration::from_secs(100));
+    }
+
+    #[test]
+    fn unanswered_sends_start_probes_and_death_comes_at_the_deadline() {
+        let t0 = Instant::now();
+        let mut p = Prober::new(ProbeConfig::default(), t0, Some(ms(1)));
+        assert!(p.on_sent(t0));
+        assert!(!p.on_sent(t0 + ms(2)), "already owed an answer");
+        let (sent, dead) = run_until(&mut p, t0 + Duration::from_secs(1));
+        assert_eq!(sent, vec![t0 + ms(10), t0 + ms(20)]);
+        assert_eq!(dead, Some(t0 + ms(30)));
+        assert_eq!(p.poll(t0 + Duration::from_secs(2)), Verdict::Wait);
+    }
+
+    #[test]
+    fn traffic_both_ways_needs_no_probes() {
+        let t0 = Instant::now();
+        let mut p = Prober::new(ProbeConfig::default(), t0, Some(ms(1)));
+        let mut t = t0;
+        for _ in 0..10_000 {
+            p.on_sent(t);
+            // The answer comes within a few milliseconds.
+            t += ms(3);
+            assert_eq!(p.poll(t), Verdict::Wait);
+            p.on_traffic(t);
+        }
+    }
+
+    #[test]
+    fn a_hint_is_checked_not_believed() {
+        let t0 = Instant::now();
+        let mut p = Prober::new(ProbeConfig::default(), t0, Some(ms(1)));
+        assert!(p.on_hint(t0));
         let Verdict::Send(seq) = p.poll(t0) else {
-            panic!()
+            panic!("no probe on a hint")
         };
-        p.on_echo(seq, t0 + Duration::from_millis(100));
-        assert_eq!(p.deadline(), Duration::from_millis(400));
+        // The DN answers: the hint was false, and nothing more is owed.
+        p.on_echo(seq, t0 + ms(1));
+        assert!(!p.is_suspect());
+        assert_eq!(p.poll_timeout(), Some(t0 + ms(1) + Duration::from_secs(25)));
+        // Another hint, and this time the DN is silent: dead after max(5 ms, 4 RTT).
+        let t1 = t0 + ms(100);
+        p.on_hint(t1);
+        let (sent, dead) = run_until(&mut p, t1 + Duration::from_secs(1));
+        assert_eq!(sent, vec![t1]);
+        assert_eq!(dead, Some(t1 + p.hinted_deadline()));
+        assert_eq!(p.hinted_deadline(), ms(5));
+    }
+
+    #[test]
+    fn a_slow_path_gets_longer_deadlines() {
+        let t0 = Instant::now();
+        let mut p = Prober::new(ProbeConfig::default(), t0, Some(ms(100)));
+        assert_eq!(p.deadline(), ms(400));
+        assert_eq!(p.hinted_deadline(), ms(400));
+        // And data is allowed two round trips before probes start.
+        p.on_sent(t0);
+        assert_eq!(p.poll_timeout(), Some(t0 + ms(200)));
     }
 
     proptest! {
-        /// Whatever the pattern of echoes, the verdict "dead" comes exactly when the silence
-        /// reaches the deadline, and never while echoes keep coming within it.
+        /// Whatever the client sends and the DN answers: the DN is declared dead exactly when
+        /// something has been unanswered for the deadline, never while answers keep coming in
+        /// time, and the prober never sleeps past a deadline.
         #[test]
-        fn death_is_declared_at_the_deadline(gaps in proptest::collection::vec(1u64..100, 1..60)) {
+        fn death_is_declared_at_the_deadline_and_only_then(
+            steps in proptest::collection::vec((0u8..4, 1u64..60), 1..80),
+        ) {
             let t0 = Instant::now();
-            let mut p = Prober::new(ProbeConfig::default(), t0, None);
+            let mut p = Prober::new(ProbeConfig::default(), t0, Some(ms(2)));
             let mut now = t0;
-            let mut last_echo = t0;
-            for gap in gaps {
-                let until = now + Duration::from_millis(gap);
-                // Drive the prober up to the next echo.
+            let mut owed: Option<Instant> = None;
+            let mut hinted: Option<Instant> = None;
+            for (what, gap) in steps {
+                let until = now + ms(gap);
                 while let Some(t) = p.poll_timeout() {
+                    prop_assert!(t >= now);
+                    if let Some(o) = owed { prop_assert!(t <= o + p.deadline()); }
                     if t > until { break; }
                     now = t;
                     match p.poll(now) {
                         Verdict::Dead { silence } => {
-                            prop_assert!(silence >= p.deadline());
-                            prop_assert_eq!(now - last_echo, silence);
+                            let by_owed = owed.is_some_and(|o| now - o >= p.deadline());
+                            let by_hint = hinted.is_some_and(|h| now - h >= p.hinted_deadline());
+                            prop_assert!(by_owed || by_hint, "dead after {:?} of silence", silence);
                             return Ok(());
                         }
-                        Verdict::Send(_) | Verdict::Wait => {}
+                        Verdict::Send(_) => { owed.get_or_insert(now); }
+                        Verdict::Wait => {}
                     }
                 }
                 now = until;
-                prop_assert!(now - last_echo <= p.deadline() + Duration::from_millis(100));
-                p.on_traffic(now);
-                last_echo = now;
+                match what {
+                    0 => { p.on_sent(now); owed.get_or_insert(now); }
+                    1 => { p.on_traffic(now); owed = None; hinted = None; }
+                    2 if p.on_hint(now) => { hinted = Some(now); owed.get_or_insert(now); }
+                    _ => {}
+                }
             }
         }
     }

@@ -8,20 +8,21 @@ use anyhow::{Context, Result};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use sha2::{Digest, Sha256};
 
-/// How long a silent session lives before QUIC declares it dead.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Keep-alives keep NAT bindings open and let both ends notice a dead peer within the idle timeout.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// The longest a silent session lives before QUIC ends it: what a DN allows. The client asks for
+/// less (three keepalive periods), and the shorter of the two applies. QUIC sends no keepalives
+/// of its own: the client's probes keep an idle session alive, so that an idle client sleeps.
+pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Datagram buffers: large enough for a congestion window of full-size packets at gigabit
 /// rates, small enough not to add much queueing delay.
 const DATAGRAM_BUFFER: usize = 2 * 1024 * 1024;
 
-pub fn transport() -> Arc<quinn::TransportConfig> {
+pub fn transport(idle_timeout: Duration) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
+    let idle = idle_timeout.min(MAX_IDLE_TIMEOUT).as_millis() as u32;
     t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
-        IDLE_TIMEOUT.as_millis() as u32,
+        idle,
     ))));
-    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.keep_alive_interval(None);
     t.datagram_receive_buffer_size(Some(DATAGRAM_BUFFER));
     t.datagram_send_buffer_size(DATAGRAM_BUFFER);
     // The control stream is the only stream; packets ride in datagrams.
@@ -33,14 +34,19 @@ pub fn transport() -> Arc<quinn::TransportConfig> {
 pub fn server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConfig> {
     let crypto = QuicServerConfig::try_from(tls).context("TLS config unusable for QUIC")?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(transport());
+    config.transport_config(transport(MAX_IDLE_TIMEOUT));
     Ok(config)
 }
 
-pub fn client_config(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig> {
+/// `idle_timeout`: how long a silent session may live (the client's keepalive keeps it shorter
+/// than that).
+pub fn client_config(
+    tls: rustls::ClientConfig,
+    idle_timeout: Duration,
+) -> Result<quinn::ClientConfig> {
     let crypto = QuicClientConfig::try_from(tls).context("TLS config unusable for QUIC")?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(transport());
+    config.transport_config(transport(idle_timeout));
     Ok(config)
 }
 

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use holdfast_proto::cluster::{Cluster, DnSpec};
+use holdfast_proto::fd::{Admission, PeerGate, PeerPolicy};
 use holdfast_proto::lease::IssuerKeys;
-use holdfast_proto::node::Event;
+use holdfast_proto::node::{Event, NodePolicy};
 use holdfast_proto::peer::{Notice, PeerNotice};
 use holdfast_shell::netlink::Routes;
 use holdfast_shell::unix_now;
@@ -106,6 +107,13 @@ pub(super) async fn follow_learned(dn: Arc<Dn>, netlink: Routes) {
 /// Reads the other DNs' notices; the machine tells a returning DN's clients carried here.
 pub(super) async fn listen(dn: Arc<Dn>, peers: Arc<Peers>) {
     let mut buf = [0u8; 512];
+    // Notices come once a notice interval; the gate keeps a flood from costing signature work.
+    let policy = PeerPolicy {
+        interval: NodePolicy::default().notice_interval,
+        ..PeerPolicy::default()
+    };
+    let addresses = peers.addresses.iter().map(|(n, a)| (n.clone(), a.ip()));
+    let mut gate = PeerGate::new(addresses.collect(), policy, std::time::Instant::now());
     loop {
         let (n, from) = match peers.socket.recv_from(&mut buf).await {
             Ok(got) => got,
@@ -114,6 +122,15 @@ pub(super) async fn listen(dn: Arc<Dn>, peers: Arc<Peers>) {
                 continue;
             }
         };
+        let Some(claimed) = PeerNotice::claimed_sender(&buf[..n]) else {
+            debug!(%from, "ignoring a datagram that is no peer notice");
+            continue;
+        };
+        let admission = gate.admit(&claimed, from.ip(), std::time::Instant::now());
+        if !matches!(admission, Admission::Check(_)) {
+            debug!(%from, %claimed, ?admission, "ignoring a peer datagram before its signature");
+            continue;
+        }
         match PeerNotice::open(&buf[..n], &peers.keys, unix_now()) {
             Ok(PeerNotice {
                 from: home,

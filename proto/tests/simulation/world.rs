@@ -1092,6 +1092,7 @@ impl World {
                         self.en_drops(conn);
                     }
                 }
+                en::Action::CheckNow(_) => {}
                 en::Action::Demote(d) => {
                     if let Some(conn) = self.ens[en].conns[d] {
                         self.send_stream(conn, true, Delivery::ToDn(conn, ToDn::Demote));

@@ -49,7 +49,7 @@ async fn main() -> Result<()> {
         .transpose()?;
     let tls = tls::client_config(&cli.cert, &cli.key, &cli.server_ca)?;
     let mut endpoint = quic::endpoint("0.0.0.0:0".parse()?, None, None)?;
-    endpoint.set_default_client_config(quic::client_config(tls)?);
+    endpoint.set_default_client_config(quic::client_config(tls, quic::MAX_IDLE_TIMEOUT)?);
     let answer = tokio::time::timeout(Duration::from_secs(5), async {
         let conn = endpoint.connect(cli.endpoint, &cli.server_name)?.await?;
         let (mut send, recv) = conn.open_bi().await?;
