@@ -307,6 +307,7 @@ async fn serve_session(dn: Arc<Dn>, incoming: quinn::Incoming) {
             loop {
                 match reader.next().await {
                     Ok(Some(Message::Demote)) => control_dn.handle(Event::Demote(id)).await,
+                    Ok(Some(Message::Switch)) => control_dn.handle(Event::Switch(id)).await,
                     Ok(Some(msg)) => debug!(?msg, "ignoring control message"),
                     Ok(None) => break,
                     Err(e) => {

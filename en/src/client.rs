@@ -406,27 +406,26 @@ impl Driver<'_> {
                     self.mtu_check_at = self.primary_since + MTU_CHECK;
                 }
                 Action::Close(dn) => self.drop_session(dn),
-                Action::Demote(dn) => self.demote(dn).await,
+                Action::Demote(dn) => self.tell(dn, Message::Demote).await,
+                Action::Switch(dn) => self.tell(dn, Message::Switch).await,
                 Action::CheckNow(dn) => self.slots[dn].liveness.hint(Instant::now()),
             }
         }
         Ok(())
     }
 
-    /// Tells the DN the client's traffic has moved home, so that it lowers its routes.
-    async fn demote(&mut self, dn: usize) {
+    /// Tells the DN that the client's traffic moved away from it (`Demote`, so that it lowers
+    /// its routes) or to it (`Switch`, so that it routes the client at once).
+    async fn tell(&mut self, dn: usize, message: Message) {
         let name = &self.shared.config.dns[dn].name;
         let Some(control) = self.slots[dn].control.as_mut() else {
             return;
         };
-        info!(dn = %name, "went home: telling the DN it is no longer the primary");
-        let sent = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            send_message(&mut control.send, &Message::Demote),
-        )
-        .await;
+        info!(dn = %name, ?message, "telling the DN where the traffic goes now");
+        let sent =
+            tokio::time::timeout(CONNECT_TIMEOUT, send_message(&mut control.send, &message)).await;
         if !matches!(sent, Ok(Ok(()))) {
-            warn!(dn = %name, "cannot tell the DN it is no longer the primary");
+            warn!(dn = %name, ?message, "cannot tell the DN");
         }
     }
 

@@ -25,6 +25,7 @@ const T_PROMOTED: u8 = 4;
 const T_HOME_IS_BACK: u8 = 5;
 const T_DEMOTE: u8 = 6;
 const T_PEER_DOWN: u8 = 7;
+const T_SWITCH: u8 = 8;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -48,6 +49,10 @@ pub enum Message {
     /// (its host silent, or its process dead). An EN whose primary it is switches now, before
     /// its own probes could tell.
     PeerDown { dn: String },
+    /// EN -> DN: the client's traffic comes through this DN from now on (it failed over here,
+    /// or came home). Data would say so too, but this is ordered after an earlier `Demote` on
+    /// the same stream, so a DN that was just left and is chosen again knows at once.
+    Switch,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,6 +159,7 @@ impl Message {
                 w.short_str(dn);
                 T_PEER_DOWN
             }
+            Message::Switch => T_SWITCH,
         };
         let body_len = out.len() - start - FRAME_HEADER;
         out[start] = kind;
@@ -218,6 +224,7 @@ impl Message {
             T_PEER_DOWN => Message::PeerDown {
                 dn: r.short_str("dn name")?,
             },
+            T_SWITCH => Message::Switch,
             tag => {
                 return Err(DecodeError::UnknownTag {
                     what: "control message",
@@ -303,6 +310,7 @@ mod tests {
             Just(Message::Promoted),
             Just(Message::HomeIsBack),
             Just(Message::Demote),
+            Just(Message::Switch),
             "[a-z0-9-]{1,30}".prop_map(|dn| Message::PeerDown { dn }),
         ]
     }

@@ -91,6 +91,8 @@ pub enum Action {
     Demote(Dn),
     /// Probe the session now: something hints that the DN may be gone.
     CheckNow(Dn),
+    /// Tell the DN the client's traffic comes through it from now on (after `UsePrimary`).
+    Switch(Dn),
 }
 
 struct Slot {
@@ -232,6 +234,7 @@ impl Machine {
                 SessionState::Up(_) => out.push(Action::CheckNow(d)),
                 SessionState::Waiting { .. } => {}
                 SessionState::Connecting | SessionState::Ready | SessionState::Attaching => {
+                    out.push(Action::Close(d));
                     self.lose(d, Loss::Unreachable, now, &mut out)
                 }
             },
@@ -268,6 +271,7 @@ impl Machine {
         self.slots[home].state = SessionState::Up(Role::Primary);
         self.primary = Some(home);
         out.push(Action::UsePrimary(Some(home)));
+        out.push(Action::Switch(home));
         out.push(Action::Demote(current));
     }
 
@@ -369,6 +373,9 @@ impl Machine {
                 self.primary = Some(i);
             }
             out.push(Action::UsePrimary(self.primary));
+            if let Some(i) = self.primary {
+                out.push(Action::Switch(i));
+            }
         }
     }
 
@@ -468,10 +475,10 @@ mod tests {
         );
         assert_eq!(m.handle(Event::Leased(0, Box::new(l.clone())), t0), vec![]);
         assert_eq!(m.state(0), Some(&SessionState::Up(Role::Secondary)));
-        // The primary dies: the next live session in order takes over at once.
+        // The primary dies: the next live session in order takes over at once, and is told.
         assert_eq!(
             m.handle(Event::Lost(1, Loss::ProbeTimeout), t0),
-            vec![Action::UsePrimary(Some(0))]
+            vec![Action::UsePrimary(Some(0)), Action::Switch(0)]
         );
         assert!(matches!(m.state(1), Some(SessionState::Waiting { .. })));
         // And it is reconnected in the background.
@@ -500,7 +507,7 @@ mod tests {
         // Configuration order after dn1 would be dn2; the lease says dn0.
         assert_eq!(
             m.handle(Event::Lost(1, Loss::ProbeTimeout), t0),
-            vec![Action::UsePrimary(Some(0))]
+            vec![Action::UsePrimary(Some(0)), Action::Switch(0)]
         );
     }
 
@@ -524,7 +531,7 @@ mod tests {
         let (mut m, l) = two_sessions_up(t0);
         assert_eq!(
             m.handle(Event::Lost(0, Loss::Unreachable), t0),
-            vec![Action::UsePrimary(Some(1))]
+            vec![Action::UsePrimary(Some(1)), Action::Switch(1)]
         );
         assert_eq!(
             m.handle(Event::Lost(1, Loss::Closed("reset".into())), t0),
@@ -560,7 +567,11 @@ mod tests {
         m.handle(Event::Connected(0), later);
         assert_eq!(
             m.handle(Event::Leased(0, Box::new(l.clone())), later),
-            vec![Action::UsePrimary(Some(0)), Action::Demote(1)]
+            vec![
+                Action::UsePrimary(Some(0)),
+                Action::Switch(0),
+                Action::Demote(1)
+            ]
         );
         assert_eq!(m.state(1), Some(&SessionState::Up(Role::Secondary)));
         // Told again while home: nothing to do.
@@ -602,7 +613,10 @@ mod tests {
         m.handle(Event::Lost(1, Loss::ProbeTimeout), t0);
         m.handle_timeout(t0 + RETRY_MAX);
         assert_eq!(m.state(1), Some(&SessionState::Connecting));
-        assert_eq!(m.handle(Event::Unreachable(1), t0 + RETRY_MAX), vec![]);
+        assert_eq!(
+            m.handle(Event::Unreachable(1), t0 + RETRY_MAX),
+            vec![Action::Close(1)]
+        );
         assert_eq!(m.last_loss(1), Some(&Loss::Unreachable));
     }
 
@@ -655,7 +669,7 @@ mod tests {
                         Action::Connect(i) => connecting[i] = true,
                         Action::Attach(i, _) => attaching[i] = true,
                         Action::UsePrimary(p) => *carrier = p,
-                        Action::Demote(_) | Action::Configure(_) | Action::Close(_) | Action::CheckNow(_) => {}
+                        Action::Demote(_) | Action::Configure(_) | Action::Close(_) | Action::CheckNow(_) | Action::Switch(_) => {}
                     }
                 }
             };

@@ -69,6 +69,8 @@ pub enum Event {
     },
     /// Data from the client arrived on the session.
     Data(SessionId),
+    /// The client says its traffic comes through this session from now on (`Switch`).
+    Switch(SessionId),
     /// The client moved its traffic to another DN.
     Demote(SessionId),
     /// The session's connection is gone.
@@ -308,7 +310,8 @@ impl Machine {
                 identity,
                 ticket,
             } => self.attach(session, identity, ticket, unix, &mut out),
-            Event::Data(session) => self.on_data(session, now, &mut out),
+            Event::Data(session) => self.promote(session, now, false, &mut out),
+            Event::Switch(session) => self.promote(session, now, true, &mut out),
             Event::Demote(session) => self.demote(session, now, &mut out),
             Event::Ended(session) => self.end(session, &mut out),
             Event::Peer { dn, up } => self.on_peer(dn, up, now, &mut out),
@@ -398,15 +401,19 @@ impl Machine {
         });
     }
 
-    fn on_data(&mut self, id: SessionId, now: Instant, out: &mut Vec<Action>) {
+    /// Makes the session the client's primary here. Data does so unless the client moved away
+    /// within the grace period (it may be a packet sent before the move); the client's word
+    /// (`told`), ordered after its `Demote`, always does.
+    fn promote(&mut self, id: SessionId, now: Instant, told: bool, out: &mut Vec<Action>) {
         let grace = self.policy.demote_grace;
         let Some(s) = self.sessions.get_mut(&id) else {
             return;
         };
-        if s.primary || s.demoted_at.is_some_and(|t| now < t + grace) {
+        if s.primary || (!told && s.demoted_at.is_some_and(|t| now < t + grace)) {
             return;
         }
         s.primary = true;
+        s.demoted_at = None;
         let (address, home, block) = (s.address, s.home.clone(), s.block);
         self.routes.serve(address, &home, block);
         out.push(Action::Primary {
@@ -732,6 +739,12 @@ mod tests {
         // ...but traffic after the grace period does.
         let after = t + NodePolicy::default().demote_grace;
         assert!(!dn2.handle(Event::Data(5), after, 1000).is_empty());
+        assert_eq!(routes(&dn2).len(), 1);
+        // A client that comes back within the grace period says so, and is promoted at once.
+        dn2.handle(Event::Demote(5), after, 1000);
+        assert!(routes(&dn2).is_empty());
+        let acts = dn2.handle(Event::Switch(5), after, 1000);
+        assert!(acts.contains(&Action::Send(5, Message::Promoted)));
         assert_eq!(routes(&dn2).len(), 1);
     }
 

@@ -36,6 +36,8 @@ enum Step {
     RogueReattach(usize, usize),
     /// A rogue client demotes a DN it still sends through.
     RogueDemote(usize, usize),
+    /// Someone forges an ICMP "port unreachable" quoting a client's session to a DN.
+    ForgedUnreachable(usize, usize),
 }
 
 #[derive(Debug, Clone)]
@@ -65,7 +67,8 @@ fn step() -> impl Strategy<Value = Step> {
         2 => en.clone().prop_map(Step::Join),
         2 => (en.clone(), dn.clone()).prop_map(|(e, d)| Step::RogueData(e, d)),
         1 => (en.clone(), dn.clone()).prop_map(|(e, d)| Step::RogueReattach(e, d)),
-        1 => (en, dn).prop_map(|(e, d)| Step::RogueDemote(e, d)),
+        1 => (en.clone(), dn.clone()).prop_map(|(e, d)| Step::RogueDemote(e, d)),
+        2 => (en, dn).prop_map(|(e, d)| Step::ForgedUnreachable(e, d)),
     ]
 }
 
@@ -119,6 +122,7 @@ fn play(s: &Scenario) -> Result<World, String> {
                 Step::Blip(e, d, ms) => w.blip(en(e), dn(d), *ms),
                 Step::Sleep(e, ms) => w.sleep(en(e), *ms),
                 Step::Join(e) => w.start_client(en(e)),
+                Step::ForgedUnreachable(e, d) => w.forge_unreachable(en(e), dn(d)),
                 Step::RogueData(e, d) if s.rogues > 0 => w.rogue_data(rogue(e), dn(d)),
                 Step::RogueReattach(e, d) if s.rogues > 0 => w.rogue_reattach(rogue(e), dn(d)),
                 Step::RogueDemote(e, d) if s.rogues > 0 => w.rogue_demote(rogue(e), dn(d)),
@@ -135,7 +139,11 @@ fn play(s: &Scenario) -> Result<World, String> {
     match outcome {
         Ok(()) => Ok(w),
         Err(e) => {
-            let tail = w.log.len().saturating_sub(60);
+            let tail = if std::env::var("SIM_FULL_LOG").is_ok() {
+                0
+            } else {
+                w.log.len().saturating_sub(60)
+            };
             Err(format!(
                 "{e}\nat {} ms; the last of the log:\n{}",
                 w.now,

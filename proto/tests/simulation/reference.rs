@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
+use holdfast_proto::en::{Role, SessionState};
 use holdfast_proto::routes::Reason;
 use ipnet::IpNet;
 
@@ -18,8 +19,17 @@ pub const LIVENESS_MS: u64 = 12_000;
 /// timeout that ends sessions a client left behind a broken path.
 pub const SETTLE_MS: u64 = 25_000;
 
+/// A client whose primary died (or went out of reach) sends through another DN within this
+/// long, when it holds a live session to one: the detector's word or its own probes' deadline,
+/// with room for the simulation's latency.
+pub const FAILOVER_MS: u64 = 200;
+/// How long after a forged hint the session it named is watched.
+const FORGERY_WATCH_MS: u64 = 1_000;
+
 pub fn check(w: &World) -> Result<(), String> {
     addresses(w)?;
+    dead_primaries_are_replaced(w)?;
+    forged_hints_move_nobody(w)?;
     for dn in 0..w.dns.len() {
         routes_follow_sessions(w, dn)?;
     }
@@ -56,6 +66,60 @@ fn addresses(w: &World) -> Result<(), String> {
             if let Some(other) = holder.insert(a, &e.identity) {
                 return Err(format!("{other} and {} both hold {a}", e.identity));
             }
+        }
+    }
+    Ok(())
+}
+
+fn dead_primaries_are_replaced(w: &World) -> Result<(), String> {
+    for (i, e) in w.ens.iter().enumerate() {
+        let (Some(since), Some(carrier)) = (e.stranded_since, e.carrier) else {
+            continue;
+        };
+        if e.conduct != Conduct::Honest || w.now - since <= FAILOVER_MS {
+            continue;
+        }
+        let alternative = (0..w.dns.len()).find(|&d| {
+            d != carrier
+                && e.machine.state(d) == Some(&SessionState::Up(Role::Secondary))
+                && w.session_alive(i, d)
+        });
+        if let Some(d) = alternative {
+            return Err(format!(
+                "{} still sends through {} {} ms after it died or went out of reach, while its session to {} is alive",
+                e.identity,
+                w.dns[carrier].name,
+                w.now - since,
+                w.dns[d].name
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn forged_hints_move_nobody(w: &World) -> Result<(), String> {
+    for (i, e) in w.ens.iter().enumerate() {
+        let Some((d, conn, at)) = e.forged else {
+            continue;
+        };
+        // A rogue's own outages are not tracked.
+        if e.conduct != Conduct::Honest {
+            continue;
+        }
+        // Only a hint in calm weather counts: a real outage around it may end the session.
+        if w.now - at > FORGERY_WATCH_MS || w.last_disruption + FORGERY_WATCH_MS >= at {
+            continue;
+        }
+        let c = &w.conns[&conn];
+        let still_alive = w.dn_running(d)
+            && w.path_up(i, d)
+            && c.incarnation == w.dns[d].incarnation
+            && !c.dn_closed;
+        if still_alive && e.conns[d] != Some(conn) {
+            return Err(format!(
+                "a forged ICMP error ended {}'s session to {}, which is alive",
+                e.identity, w.dns[d].name
+            ));
         }
     }
     Ok(())

@@ -20,19 +20,22 @@ use holdfast_proto::dn::LeaseRecord;
 use holdfast_proto::en;
 use holdfast_proto::fd::{self, SupervisorAction};
 use holdfast_proto::node::{self, NodePolicy, SessionId};
+use holdfast_proto::probe::{ProbeConfig, Prober, Verdict};
 use holdfast_proto::routes::RouteSpec;
 use ipnet::IpNet;
 
 pub const QUANTUM_MS: u64 = 10;
 /// How often a DN reads the routes its routing daemon learned (the shell's `HELD_CHECK`).
 const LEARN_MS: u64 = 250;
-/// A client's prober judges a silent DN dead after this long (10 ms probes, 30 ms deadline,
-/// plus the probe in flight).
-const PROBE_DEAD_MS: u64 = 40;
-/// A QUIC connection whose peer went silent ends after this long (`shell::quic::IDLE_TIMEOUT`).
-const IDLE_TIMEOUT_MS: u64 = 10_000;
+/// A QUIC connection whose peer went silent ends after this long: three keepalive periods, as
+/// the client asks.
+const IDLE_TIMEOUT_MS: u64 = 75_000;
 /// A handshake with a DN that never answers gives up after this long.
 const HANDSHAKE_TIMEOUT_MS: u64 = 1_000;
+/// The client gives up on an `Attach` unanswered this long (the shell's connect timeout).
+const ATTACH_TIMEOUT_MS: u64 = 5_000;
+/// A stream frame lost to a broken path is sent again this often while the connection lives.
+const RETRANSMIT_MS: u64 = 50;
 /// A DN host cut off the network: the edge's OSPF drops its routes after BFD notices.
 const BFD_MS: u64 = 150;
 const UNIX0: u64 = 1_800_000_000;
@@ -116,6 +119,14 @@ pub struct SimEn {
     pub rogue_conns: Vec<ConnId>,
     /// When each link to a DN is back up after a blip.
     pub blip_until: BTreeMap<usize, u64>,
+    /// The prober of each slot's session, once it is up.
+    pub probers: Vec<Option<Prober>>,
+    /// Since when the DN the client sends through has been dead or out of reach.
+    pub stranded_since: Option<u64>,
+    /// A forged ICMP error about the session to a DN: (DN, the session then, when).
+    pub forged: Option<(usize, ConnId, u64)>,
+    /// What arrived while it slept.
+    held: Vec<Delivery>,
 }
 
 pub type ConnId = u64;
@@ -130,12 +141,16 @@ pub struct Conn {
     pub en_closed: bool,
     /// The DN side ended it.
     pub dn_closed: bool,
+    /// When the DN last heard from the client on it (its idle timer).
+    pub heard_from_en: u64,
 }
 
 #[derive(Debug, Clone)]
 enum ToDn {
     Attach(Option<holdfast_proto::lease::LeaseTicket>),
     Data,
+    Probe(u32),
+    Switch,
     Demote,
     Ended,
 }
@@ -145,6 +160,13 @@ enum ToEn {
     Connected,
     Message(Box<Message>),
     Lost(en::Loss),
+    /// A reply from the server, through whichever DN the edge chose.
+    Data,
+    Echo(u32),
+    /// ICMP port unreachable, from the DN's host (or forged).
+    Unreachable,
+    /// The shell's deadline for an answer to `Attach`.
+    AttachTimeout,
 }
 
 #[derive(Debug, Clone)]
@@ -242,6 +264,10 @@ impl World {
                 tickets: Vec::new(),
                 rogue_conns: Vec::new(),
                 blip_until: BTreeMap::new(),
+                probers: vec![None; dns],
+                stranded_since: None,
+                forged: None,
+                held: Vec::new(),
             })
             .collect();
         let mut world = Self {
@@ -469,8 +495,7 @@ impl World {
     ) -> Result<(), String> {
         let end = self.now + ms;
         while self.now < end {
-            self.now += QUANTUM_MS;
-            self.quantum();
+            self.quantum(self.now + QUANTUM_MS);
             check(self)?;
         }
         Ok(())
@@ -494,17 +519,50 @@ impl World {
 
     // --- one quantum ----------------------------------------------------------------------
 
-    fn quantum(&mut self) {
-        self.wake_and_resume();
-        while let Some((&(due, seq), _)) = self.queue.iter().next() {
-            if due > self.now {
-                break;
+    /// Runs the world up to `end`. Deliveries and probers act at their own millisecond, the
+    /// rest (detectors, timers, traffic) once a quantum.
+    fn quantum(&mut self, end: u64) {
+        for spin in 0.. {
+            let delivery = self
+                .queue
+                .keys()
+                .next()
+                .copied()
+                .filter(|(due, _)| *due <= end);
+            let probe = self.next_prober_due().filter(|(due, ..)| *due <= end);
+            assert!(
+                spin < 100_000,
+                "the simulation spins at {} ms: next delivery {:?} {:?}, next probe {:?} {:?}",
+                self.now,
+                delivery,
+                delivery.and_then(|k| self.queue.get(&k)),
+                probe,
+                probe.map(|(_, e, d)| (
+                    self.ens[e].probers[d].clone(),
+                    self.ens[e].probers[d]
+                        .as_ref()
+                        .and_then(|p| p.poll_timeout())
+                        .map(|t| t.saturating_duration_since(self.t0)),
+                    self.ens[e].started,
+                    self.ens[e].asleep_until
+                ))
+            );
+            match (delivery, probe) {
+                (Some((due, seq)), p) if p.is_none_or(|(pd, ..)| due <= pd) => {
+                    self.now = self.now.max(due);
+                    if let Some(d) = self.queue.remove(&(due, seq)) {
+                        self.deliver(d);
+                    }
+                }
+                (_, Some((due, en, d))) => {
+                    self.now = self.now.max(due);
+                    self.poll_prober(en, d);
+                }
+                _ => break,
             }
-            let Some(delivery) = self.queue.remove(&(due, seq)) else {
-                break;
-            };
-            self.deliver(delivery);
         }
+        self.now = end;
+        self.wake_and_resume();
         self.detectors();
         self.timers();
         if self.now.is_multiple_of(LEARN_MS) {
@@ -513,7 +571,117 @@ impl World {
             }
         }
         self.traffic();
+        self.follow_stranded();
         self.settle_reference();
+    }
+
+    /// The earliest prober timeout among awake clients: (ms, client, DN).
+    fn next_prober_due(&self) -> Option<(u64, usize, usize)> {
+        let mut best: Option<(u64, usize, usize)> = None;
+        for (en, e) in self.ens.iter().enumerate() {
+            if !e.started || e.asleep_until.is_some() {
+                continue;
+            }
+            for (d, p) in e.probers.iter().enumerate() {
+                let Some(at) = p.as_ref().and_then(|p| p.poll_timeout()) else {
+                    continue;
+                };
+                // Rounded up to the millisecond, and never in the past.
+                let ms = at
+                    .saturating_duration_since(self.t0)
+                    .as_nanos()
+                    .div_ceil(1_000_000) as u64;
+                let ms = ms.max(self.now);
+                if best.is_none_or(|(b, ..)| ms < b) {
+                    best = Some((ms, en, d));
+                }
+            }
+        }
+        best
+    }
+
+    /// Does what client `en`'s prober of its session to `d` decides now.
+    fn poll_prober(&mut self, en: usize, d: usize) {
+        let now = self.instant();
+        while let Some(p) = self.ens[en].probers[d].as_mut() {
+            match p.poll(now) {
+                Verdict::Wait => break,
+                Verdict::Send(seq) => {
+                    if let Some(conn) = self.ens[en].conns[d] {
+                        if self.path_up(en, d) {
+                            let due = self.now + self.delay();
+                            self.schedule(due, Delivery::ToDn(conn, ToDn::Probe(seq)));
+                        }
+                    }
+                }
+                Verdict::Dead { silence } => {
+                    let srtt = p.srtt();
+                    let label = format!(
+                        "{}'s prober gives {} up after {silence:?} (srtt {srtt:?})",
+                        self.ens[en].identity, self.dns[d].name
+                    );
+                    self.note(label);
+                    if let Some(conn) = self.ens[en].conns[d].take() {
+                        self.en_drops(conn);
+                    }
+                    self.ens[en].probers[d] = None;
+                    let actions = self.ens[en]
+                        .machine
+                        .handle(en::Event::Lost(d, en::Loss::ProbeTimeout), now);
+                    self.perform_en(en, actions);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Whether client `en`'s session to `dn` reaches a live process of that DN.
+    pub fn session_alive(&self, en: usize, dn: usize) -> bool {
+        let Some(conn) = self.ens[en].conns[dn] else {
+            return false;
+        };
+        let c = &self.conns[&conn];
+        self.dn_running(dn)
+            && self.path_up(en, dn)
+            && c.incarnation == self.dns[dn].incarnation
+            && !c.dn_closed
+    }
+
+    fn follow_stranded(&mut self) {
+        for en in 0..self.ens.len() {
+            let e = &self.ens[en];
+            let stranded = e.started
+                && e.asleep_until.is_none()
+                && e.carrier.is_some_and(|d| !self.session_alive(en, d));
+            let since = if stranded {
+                Some(e.stranded_since.unwrap_or(self.now))
+            } else {
+                None
+            };
+            self.ens[en].stranded_since = since;
+        }
+    }
+
+    /// Someone forges an ICMP "port unreachable" quoting client `en`'s session to `dn`.
+    pub fn forge_unreachable(&mut self, en: usize, dn: usize) {
+        let e = &self.ens[en];
+        let (true, None, Some(conn)) = (e.started, e.asleep_until, e.conns[dn]) else {
+            return;
+        };
+        self.note(format!(
+            "forged ICMP unreachable to {} about {}",
+            self.ens[en].identity, self.dns[dn].name
+        ));
+        // Only an established session is promised to survive it; an attempt under way may end.
+        if matches!(
+            self.ens[en].machine.state(dn),
+            Some(en::SessionState::Up(_))
+        ) {
+            self.ens[en].forged = Some((dn, conn, self.now));
+        }
+        let now = self.instant();
+        let actions = self.ens[en].machine.handle(en::Event::Unreachable(dn), now);
+        self.perform_en(en, actions);
     }
 
     /// The primary sessions DN `dn` carries, by address, as its shell knows them.
@@ -566,19 +734,9 @@ impl World {
                 }
                 let id = self.ens[en].identity.clone();
                 self.note(format!("{id} wakes"));
-                // Its probes find every session dead.
-                let lost: Vec<usize> = (0..self.dns.len())
-                    .filter(|&d| self.ens[en].conns[d].is_some())
-                    .collect();
-                for d in lost {
-                    if let Some(conn) = self.ens[en].conns[d].take() {
-                        self.en_drops(conn);
-                    }
-                    let now = self.instant();
-                    let actions = self.ens[en]
-                        .machine
-                        .handle(en::Event::Lost(d, en::Loss::ProbeTimeout), now);
-                    self.perform_en(en, actions);
+                // It reads what arrived meanwhile; its probers find out the rest.
+                for d in std::mem::take(&mut self.ens[en].held) {
+                    self.deliver(d);
                 }
             }
         }
@@ -637,8 +795,14 @@ impl World {
             if !e.started || e.asleep_until.is_some() {
                 continue;
             }
-            if let Some(conn) = e.carrier.and_then(|d| e.conns[d]) {
-                self.send_data(conn);
+            if let Some(d) = e.carrier {
+                if let Some(conn) = e.conns[d] {
+                    let now = self.instant();
+                    if let Some(p) = self.ens[en].probers[d].as_mut() {
+                        p.on_sent(now);
+                    }
+                    self.send_data(conn);
+                }
             }
         }
     }
@@ -820,12 +984,12 @@ impl World {
             .filter(|(_, c)| c.dn == dn && c.incarnation == incarnation && !c.dn_closed)
             .map(|(id, _)| *id)
             .collect();
+        // Their clients find out from the cluster, from their probes, or from the port
+        // answering "unreachable" to what they send.
         for id in conns {
             if let Some(c) = self.conns.get_mut(&id) {
                 c.dn_closed = true;
             }
-            let due = self.now + PROBE_DEAD_MS;
-            self.schedule(due, Delivery::ToEn(id, ToEn::Lost(en::Loss::ProbeTimeout)));
         }
     }
 
@@ -905,6 +1069,7 @@ impl World {
                 incarnation: self.dns[dn].incarnation,
                 en_closed: false,
                 dn_closed: false,
+                heard_from_en: self.now,
             },
         );
         id
@@ -913,8 +1078,6 @@ impl World {
     /// The path under connection `id` broke: the client's prober notices; the DN only when
     /// the idle timeout ends the connection.
     fn path_broke(&mut self, id: ConnId) {
-        let due = self.now + PROBE_DEAD_MS;
-        self.schedule(due, Delivery::ToEn(id, ToEn::Lost(en::Loss::ProbeTimeout)));
         self.dn_times_out(id);
     }
 
@@ -962,13 +1125,29 @@ impl World {
         let Some(c) = self.conns.get(&conn).cloned() else {
             return;
         };
-        let d = &self.dns[c.dn];
-        if c.incarnation != d.incarnation || d.process == Process::Dead {
+        let ended = matches!(what, ToDn::Ended);
+        // A timeout is the DN's own doing; anything else must cross the network. Stream frames
+        // are sent again until the path is back, while the connection lives.
+        if !ended && !self.path_up(c.en, c.dn) {
+            if matches!(what, ToDn::Attach(_) | ToDn::Demote | ToDn::Switch)
+                && !c.en_closed
+                && !c.dn_closed
+            {
+                let due = self.now + RETRANSMIT_MS;
+                self.schedule(due, Delivery::ToDn(conn, what));
+            }
             return;
         }
-        let ended = matches!(what, ToDn::Ended);
-        // A timeout is the DN's own doing; anything else must cross the network.
-        if !ended && !self.path_up(c.en, c.dn) {
+        if matches!(what, ToDn::Data | ToDn::Probe(_)) {
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.heard_from_en = self.now;
+            }
+            if self.answer_for_gone_session(conn, &c) {
+                return;
+            }
+        }
+        let d = &self.dns[c.dn];
+        if c.incarnation != d.incarnation || d.process == Process::Dead {
             return;
         }
         if let Process::Hung { .. } = d.process {
@@ -978,20 +1157,34 @@ impl World {
         if c.dn_closed {
             return;
         }
+        if let ToDn::Probe(seq) = what {
+            let due = self.now + self.delay();
+            self.schedule(due, Delivery::ToEn(conn, ToEn::Echo(seq)));
+            return;
+        }
         let event = match what {
             ToDn::Attach(ticket) => node::Event::Attach {
                 session: conn,
                 identity: self.ens[c.en].identity.clone(),
                 ticket,
             },
+            ToDn::Probe(_) => return,
             ToDn::Data => {
+                self.reply(c.en);
                 if self.dns[c.dn].primary.contains(&conn) {
                     return;
                 }
                 node::Event::Data(conn)
             }
             ToDn::Demote => node::Event::Demote(conn),
+            ToDn::Switch => node::Event::Switch(conn),
             ToDn::Ended => {
+                // The idle timer runs from the last thing heard.
+                let idle_until = c.heard_from_en + IDLE_TIMEOUT_MS;
+                if !c.en_closed && idle_until > self.now {
+                    self.schedule(idle_until, Delivery::ToDn(conn, ToDn::Ended));
+                    return;
+                }
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.dn_closed = true;
                 }
@@ -1001,17 +1194,72 @@ impl World {
         self.dn_event(c.dn, event);
     }
 
+    /// A datagram for a session the DN no longer has: a restarted DN (same stateless-reset key)
+    /// resets the connection, a DN whose process is gone has its host answer "unreachable".
+    /// Says whether the datagram ended there.
+    fn answer_for_gone_session(&mut self, conn: ConnId, c: &Conn) -> bool {
+        let d = &self.dns[c.dn];
+        let answer = if d.process == Process::Dead {
+            ToEn::Unreachable
+        } else if d.process == Process::Running && (c.incarnation != d.incarnation || c.dn_closed) {
+            ToEn::Lost(en::Loss::Closed("stateless reset".into()))
+        } else {
+            return false;
+        };
+        let due = self.now + self.delay();
+        self.schedule(due, Delivery::ToEn(conn, answer));
+        true
+    }
+
+    /// The server answers client `en`'s packet; the edge picks the DN, which forwards it on
+    /// whatever session it holds for the address.
+    fn reply(&mut self, en: usize) {
+        let Some(address) = self.ens[en].machine.lease().map(|l| l.ticket.claim.address) else {
+            return;
+        };
+        let Some(&hop) = self.edge_next_hops(address).first() else {
+            return;
+        };
+        if !self.dn_running(hop) {
+            return;
+        }
+        let Some(&session) = self.dns[hop].hosts.get(&address) else {
+            return;
+        };
+        let Some(c) = self.conns.get(&session) else {
+            return;
+        };
+        if c.en_closed || !self.path_up(c.en, hop) {
+            return;
+        }
+        if (self.random() % 1000) < u64::from(self.net.loss_per_mille) {
+            return;
+        }
+        let due = self.now + 2 * self.delay();
+        self.schedule(due, Delivery::ToEn(session, ToEn::Data));
+    }
+
     fn deliver_to_en(&mut self, conn: ConnId, what: ToEn) {
         let Some(c) = self.conns.get(&conn).cloned() else {
             return;
         };
         let en = c.en;
-        if !self.ens[en].started || self.ens[en].asleep_until.is_some() {
+        if !self.ens[en].started {
+            return;
+        }
+        // A stopped process finds what arrived meanwhile when it runs again.
+        if self.ens[en].asleep_until.is_some() {
+            self.ens[en].held.push(Delivery::ToEn(conn, what));
             return;
         }
         // Reports about a connection the client has since replaced are dropped, as the shell's
         // generation check does.
         if self.ens[en].conns[c.dn] != Some(conn) {
+            return;
+        }
+        if matches!(what, ToEn::Message(_)) && !self.path_up(en, c.dn) {
+            let due = self.now + RETRANSMIT_MS;
+            self.schedule(due, Delivery::ToEn(conn, what));
             return;
         }
         let d = c.dn;
@@ -1020,20 +1268,51 @@ impl World {
             ToEn::Connected => en::Event::Connected(d),
             ToEn::Lost(loss) => {
                 self.ens[en].conns[d] = None;
+                self.ens[en].probers[d] = None;
                 self.en_drops(conn);
                 en::Event::Lost(d, loss)
             }
+            ToEn::Data => {
+                if let Some(p) = self.ens[en].probers[d].as_mut() {
+                    p.on_traffic(now);
+                }
+                return;
+            }
+            ToEn::Echo(seq) => {
+                if let Some(p) = self.ens[en].probers[d].as_mut() {
+                    p.on_echo(seq, now);
+                }
+                return;
+            }
+            ToEn::Unreachable => en::Event::Unreachable(d),
+            ToEn::AttachTimeout => {
+                if self.ens[en].machine.state(d) != Some(&en::SessionState::Attaching) {
+                    return;
+                }
+                self.ens[en].conns[d] = None;
+                self.en_drops(conn);
+                en::Event::Lost(d, en::Loss::Closed("no answer to Attach".into()))
+            }
             ToEn::Message(m) => match *m {
                 Message::Leased(lease) => {
-                    let address = lease.ticket.claim.address;
-                    let expiry = lease.ticket.claim.expires_at;
-                    if !self.ens[en].tickets.contains(&(address, expiry)) {
-                        self.ens[en].tickets.push((address, expiry));
+                    let rtt = Duration::from_millis(2 * self.net.latency_ms);
+                    self.ens[en].probers[d] =
+                        Some(Prober::new(ProbeConfig::default(), now, Some(rtt)));
+                    let ticket = (lease.ticket.claim.address, lease.ticket.claim.expires_at);
+                    let actions = self.ens[en]
+                        .machine
+                        .handle(en::Event::Leased(d, Box::new(lease)), now);
+                    // The client holds what its machine took.
+                    let held = self.ens[en].machine.lease().map(|l| l.ticket.claim.address);
+                    if held == Some(ticket.0) && !self.ens[en].tickets.contains(&ticket) {
+                        self.ens[en].tickets.push(ticket);
                     }
-                    en::Event::Leased(d, Box::new(lease))
+                    self.perform_en(en, actions);
+                    return;
                 }
                 Message::Refused { code, .. } => {
                     self.ens[en].conns[d] = None;
+                    self.ens[en].probers[d] = None;
                     self.en_drops(conn);
                     en::Event::Refused(d, code)
                 }
@@ -1044,9 +1323,15 @@ impl World {
                     };
                     en::Event::PeerDown(index)
                 }
-                Message::Promoted | Message::Attach { .. } | Message::Demote => return,
+                Message::Promoted | Message::Attach { .. } | Message::Demote | Message::Switch => {
+                    return
+                }
             },
         };
+        let label = format!("{} <- {event:?}", self.ens[en].identity);
+        if !matches!(event, en::Event::Leased(..)) {
+            self.note(label);
+        }
         let actions = self.ens[en].machine.handle(event, now);
         self.perform_en(en, actions);
     }
@@ -1055,6 +1340,15 @@ impl World {
         for action in actions {
             match action {
                 en::Action::Connect(d) => {
+                    let label = format!(
+                        "{} connects to {} (path up {}, running {})",
+                        self.ens[en].identity,
+                        self.dns[d].name,
+                        self.path_up(en, d),
+                        self.dn_running(d)
+                    );
+                    self.note(label);
+                    self.ens[en].probers[d] = None;
                     if let Some(old) = self.ens[en].conns[d].take() {
                         self.en_drops(old);
                     }
@@ -1072,6 +1366,8 @@ impl World {
                 en::Action::Attach(d, ticket) => {
                     if let Some(conn) = self.ens[en].conns[d] {
                         self.send_stream(conn, true, Delivery::ToDn(conn, ToDn::Attach(ticket)));
+                        let due = self.now + ATTACH_TIMEOUT_MS;
+                        self.schedule(due, Delivery::ToEn(conn, ToEn::AttachTimeout));
                     }
                 }
                 en::Action::Configure(lease) => {
@@ -1088,11 +1384,24 @@ impl World {
                     self.note(format!("{id} sends through {name}"));
                 }
                 en::Action::Close(d) => {
+                    self.ens[en].probers[d] = None;
                     if let Some(conn) = self.ens[en].conns[d].take() {
                         self.en_drops(conn);
                     }
                 }
-                en::Action::CheckNow(_) => {}
+                en::Action::CheckNow(d) => {
+                    let now = self.instant();
+                    if let Some(p) = self.ens[en].probers[d].as_mut() {
+                        p.on_hint(now);
+                    }
+                    // The shell wakes the probing task at once.
+                    self.poll_prober(en, d);
+                }
+                en::Action::Switch(d) => {
+                    if let Some(conn) = self.ens[en].conns[d] {
+                        self.send_stream(conn, true, Delivery::ToDn(conn, ToDn::Switch));
+                    }
+                }
                 en::Action::Demote(d) => {
                     if let Some(conn) = self.ens[en].conns[d] {
                         self.send_stream(conn, true, Delivery::ToDn(conn, ToDn::Demote));
@@ -1120,14 +1429,11 @@ impl World {
                 node::Action::Record(r) => self.dns[dn].journal.push(r),
                 node::Action::Send(session, message) => {
                     if self.conns.get(&session).is_some_and(|c| c.dn == dn) {
-                        let path = self.conns[&session].en;
-                        if self.path_up(path, dn) {
-                            self.send_stream(
-                                session,
-                                false,
-                                Delivery::ToEn(session, ToEn::Message(Box::new(message))),
-                            );
-                        }
+                        self.send_stream(
+                            session,
+                            false,
+                            Delivery::ToEn(session, ToEn::Message(Box::new(message))),
+                        );
                     }
                 }
                 node::Action::Close(session, reason) => {
@@ -1139,12 +1445,9 @@ impl World {
                     if self.path_up(en, dn) {
                         let loss = en::Loss::Closed(format!("{reason:?}"));
                         self.send_stream(session, false, Delivery::ToEn(session, ToEn::Lost(loss)));
-                    } else {
-                        // The client finds out by its probes once the path is back, or sooner.
-                        let due = self.now + PROBE_DEAD_MS;
-                        let loss = en::Loss::ProbeTimeout;
-                        self.schedule(due, Delivery::ToEn(session, ToEn::Lost(loss)));
                     }
+                    // Otherwise the client finds out by its probes, or by the stateless reset
+                    // its next datagram gets.
                 }
                 node::Action::Host { address, session } => match session {
                     Some(s) => {
