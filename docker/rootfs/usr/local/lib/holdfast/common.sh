@@ -25,9 +25,9 @@ wait_for_config() {
 # "10.0.2.0/24 via 10.9.0.254". Compose can only give a container a default route through the
 # host's bridge; the routes through the testbed's own routers are added here.
 add_routes() {
-  local IFS=,
-  local route
-  for route in ${HOLDFAST_ROUTES:-}; do
+  local routes route
+  IFS=, read -ra routes <<<"${HOLDFAST_ROUTES:-}"
+  for route in "${routes[@]}"; do
     # shellcheck disable=SC2086 # the route is words on purpose
     ip route replace $route
     log "route $route"
