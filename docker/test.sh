@@ -63,7 +63,7 @@ teardown() {
   local status=$?
   trap - EXIT INT TERM
   set +e
-  if [ "$status" != 0 ] && [ "$status" != 77 ] && [ -n "$work" ]; then
+  if [ "$status" != 0 ] && [ "$status" != 77 ] && [ "$status" != 130 ] && [ -n "$work" ]; then
     say "failed: the containers' logs (last 40 lines each):"
     for s in init dn1 dn2 esr server client; do
       c=$(container "$s")

@@ -13,7 +13,7 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 # Name our route protocol number so `ip route` shows "proto holdfast" (DNs install their routes
-# with protocol 200; see ARCHITECTURE.md).
+# with protocol 200; see docs/architecture.md).
 if [ -d /etc/iproute2 ] && [ ! -f /etc/iproute2/rt_protos.d/holdfast.conf ]; then
   mkdir -p /etc/iproute2/rt_protos.d
   echo "200 holdfast" > /etc/iproute2/rt_protos.d/holdfast.conf
