@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs every Debian package the lab, the tests and the benchmarks use. Idempotent; safe to run twice.
 set -euo pipefail
-packages=(iproute2 iputils-ping iperf3 wireguard-go wireguard-tools curl python3 procps frr bird2 keepalived)
+# systemd for systemd-analyze (scripts/test-install.sh); docker/test.sh installs what it needs itself.
+packages=(iproute2 iputils-ping iperf3 wireguard-go wireguard-tools curl python3 procps frr bird2 keepalived systemd)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
