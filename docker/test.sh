@@ -100,16 +100,7 @@ trap teardown EXIT
 trap 'exit 130' INT TERM
 
 # --- what the test needs on this machine -------------------------------------------------
-missing=()
-for p in podman runc debootstrap python3-venv; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  say "installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+bash scripts/install-deps.sh podman runc debootstrap python3-venv
 # Debian's podman-compose (1.0.3) rejects valid files ("missing networks"); 1.5 from PyPI works.
 if ! "$venv/bin/podman-compose" --version 2>/dev/null | grep -q "podman-compose version 1\.5"; then
   say "installing podman-compose 1.5 in $venv"

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs every Debian package the lab, the tests and the benchmarks use. Idempotent; safe to run twice.
+# With arguments, installs those packages instead (docker/test.sh: podman, runc, debootstrap, ...).
 set -euo pipefail
 # systemd for systemd-analyze (scripts/test-install.sh); docker/test.sh installs what it needs itself.
 packages=(iproute2 iputils-ping iperf3 wireguard-go wireguard-tools curl python3 procps frr bird2 keepalived systemd)
+(($#)) && packages=("$@")
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
