@@ -131,7 +131,7 @@ fi
 if ! podman image exists "$base"; then
   # The mirror this machine's apt uses; the images' own apt-get uses it too.
   mirror=$(grep -hoE '^(URIs:|deb) +https?://[^ ]+' /etc/apt/sources.list /etc/apt/sources.list.d/*.sources 2>/dev/null \
-    | awk '{print $2}' | grep -v security | head -n1)
+    | awk '{print $2}' | grep -v security | head -n1 || true)
   mirror=${mirror:-http://deb.debian.org/debian}
   say "making $base with debootstrap from $mirror"
   debootstrap --variant=minbase bookworm "$work/rootfs" "$mirror" >"$work/debootstrap.log" 2>&1 \
