@@ -136,7 +136,8 @@ if ! podman image exists "$base"; then
   say "making $base with debootstrap from $mirror"
   debootstrap --variant=minbase bookworm "$work/rootfs" "$mirror" >"$work/debootstrap.log" 2>&1 \
     || { tail -n 20 "$work/debootstrap.log"; fail "debootstrap failed"; }
-  tar -C "$work/rootfs" -c . | podman import - "$base" >/dev/null
+  tar -C "$work/rootfs" -c . | podman import - "$base" >"$work/import.log" 2>&1 \
+    || { tail -n 20 "$work/import.log"; fail "podman import of the base image failed"; }
   rm -rf "$work/rootfs"
   made_base=yes
 fi
