@@ -14,6 +14,15 @@
 # Environment: HOLDFAST_ROUTING=bird runs BIRD 2 instead of FRR; HOLDFAST_KEEP_IMAGES=1 keeps
 # the images for the next run; HOLDFAST_MAX_LOST (default 10).
 set -euo pipefail
+case "${1:-}" in
+  -h | --help)
+    # This file's opening comment.
+    sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'
+    exit 0
+    ;;
+  "") ;;
+  *) echo "usage: sudo bash docker/test.sh [--help]" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 started=$(date +%s)
