@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Installs every Debian package the lab, the tests and the benchmarks use. Idempotent; safe to run twice.
+# With arguments, installs those packages instead (docker/test.sh: podman, runc, debootstrap, ...).
 set -euo pipefail
-packages=(iproute2 iputils-ping iperf3 wireguard-go wireguard-tools curl python3 procps frr bird2 keepalived)
+# systemd for systemd-analyze (scripts/test-install.sh); docker/test.sh installs what it needs itself.
+packages=(iproute2 iputils-ping iperf3 wireguard-go wireguard-tools curl python3 procps frr bird2 keepalived systemd)
+(($#)) && packages=("$@")
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -13,7 +16,7 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 # Name our route protocol number so `ip route` shows "proto holdfast" (DNs install their routes
-# with protocol 200; see ARCHITECTURE.md).
+# with protocol 200; see docs/architecture.md).
 if [ -d /etc/iproute2 ] && [ ! -f /etc/iproute2/rt_protos.d/holdfast.conf ]; then
   mkdir -p /etc/iproute2/rt_protos.d
   echo "200 holdfast" > /etc/iproute2/rt_protos.d/holdfast.conf
