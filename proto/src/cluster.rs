@@ -137,7 +137,7 @@ pub struct Ospf {
 
 /// BFD timers: a neighbour is down after `multiplier` missed packets `interval_ms` apart. OSPF's
 /// own dead interval is whole seconds; BFD is what notices a lost DN host or link in tens of
-/// milliseconds (ARCHITECTURE.md, "Failover").
+/// milliseconds (docs/architecture.md, "Failover").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bfd {
     /// Transmit and receive interval.

@@ -487,10 +487,13 @@ impl Machine {
             return;
         }
         self.homecoming.remove(&dn);
-        // Every client is told: those whose primary it was switch now, before their own probes
-        // could tell; the others stop counting on it as a secondary.
-        for id in self.sessions.keys() {
-            out.push(Action::Send(*id, Message::PeerDown { dn: dn.clone() }));
+        // Clients whose primary it was switch now, before their own probes could tell. Clients
+        // whose primary this DN is are not told: when the cluster is split, each side reports
+        // the other down, and a client must follow the side that can still route it.
+        for (id, s) in &self.sessions {
+            if !s.primary {
+                out.push(Action::Send(*id, Message::PeerDown { dn: dn.clone() }));
+            }
         }
     }
 

@@ -2,7 +2,7 @@
 //!
 //! The servers' return traffic to every client goes to one virtual address on the service
 //! network; whichever ESR is master holds it, and the other takes it over when the master goes
-//! silent (ARCHITECTURE.md measured about 37 ms with 10 ms advertisements).
+//! silent (docs/architecture.md: measured about 37 ms with 10 ms advertisements).
 
 use ipnet::{IpNet, Ipv4Net};
 use serde::Deserialize;

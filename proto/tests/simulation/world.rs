@@ -69,6 +69,9 @@ pub struct SimDn {
     /// Cut off every network.
     pub cut: bool,
     cut_at: u64,
+    /// Cut off the cluster network only: its clients still reach it, its peers and the edge
+    /// do not.
+    pub cluster_cut: bool,
     pub machine: Option<node::Machine>,
     /// The lease journal on disk.
     pub journal: Vec<LeaseRecord>,
@@ -228,6 +231,7 @@ impl World {
                 incarnation: 0,
                 cut: false,
                 cut_at: 0,
+                cluster_cut: false,
                 machine: None,
                 journal: Vec::new(),
                 routes: Vec::new(),
@@ -411,6 +415,30 @@ impl World {
         }
     }
 
+    /// DN `dn` loses (or regains) the cluster network only: the detectors and the routing
+    /// plane lose it, its clients do not.
+    pub fn cut_cluster(&mut self, dn: usize, cut: bool) {
+        if self.dns[dn].cluster_cut == cut {
+            return;
+        }
+        let what = if cut {
+            "cut from the cluster network"
+        } else {
+            "back on the cluster network"
+        };
+        self.note(format!("{} {what}", self.dns[dn].name));
+        self.last_disruption = self.now;
+        self.dns[dn].cluster_cut = cut;
+        if cut {
+            self.dns[dn].cut_at = self.now;
+        }
+    }
+
+    /// Whether DN `dn` is off the cluster network (its host cut, or only that link).
+    fn off_cluster(&self, dn: usize) -> bool {
+        self.dns[dn].cut || self.dns[dn].cluster_cut
+    }
+
     /// The path between client `en` and DN `dn` fails for `ms`; neither end is told.
     pub fn blip(&mut self, en: usize, dn: usize, ms: u64) {
         if !self.ens[en].started {
@@ -505,6 +533,7 @@ impl World {
     pub fn heal(&mut self) {
         for dn in 0..self.dns.len() {
             self.cut(dn, false);
+            self.cut_cluster(dn, false);
             if let Process::Hung { .. } = self.dns[dn].process {
                 self.dns[dn].process = Process::Hung { until: self.now };
             }
@@ -845,7 +874,7 @@ impl World {
         // Detectors heartbeat each other over the cluster network.
         for to in 0..n {
             for from in 0..n {
-                if from == to || self.dns[from].cut || self.dns[to].cut {
+                if from == to || self.off_cluster(from) || self.off_cluster(to) {
                     continue;
                 }
                 let up = self.dns[from].fd_says_up;
@@ -997,13 +1026,12 @@ impl World {
 
     /// Whether the edge (and the other DNs) see DN `dn`'s routes.
     pub fn routes_visible(&self, dn: usize) -> bool {
-        let d = &self.dns[dn];
-        !d.cut || self.now < d.cut_at + BFD_MS
+        !self.off_cluster(dn) || self.now < self.dns[dn].cut_at + BFD_MS
     }
 
     /// The routes DN `dn`'s routing daemon learned from the others.
     fn learned_by(&self, dn: usize) -> Vec<IpNet> {
-        if self.dns[dn].cut && self.now >= self.dns[dn].cut_at + BFD_MS {
+        if !self.routes_visible(dn) {
             return Vec::new();
         }
         let mut out: Vec<IpNet> = (0..self.dns.len())
@@ -1474,7 +1502,7 @@ impl World {
                     }
                 }
                 node::Action::AnnounceHomeIsBack => {
-                    if self.dns[dn].cut {
+                    if self.off_cluster(dn) {
                         continue;
                     }
                     let from = self.dns[dn].name.clone();
