@@ -220,12 +220,11 @@ impl Machine {
             }
             Event::Lost(d, loss) => self.lose(d, loss, now, &mut out),
             Event::PeerDown(d) => {
-                // Only a session that got past its handshake is news; one being made again
-                // is dealt with by its own attempt.
-                if matches!(
-                    self.slots[d].state,
-                    SessionState::Ready | SessionState::Attaching | SessionState::Up(_)
-                ) {
+                // Only news about the primary moves the client. When the cluster is split, each
+                // side reports the other down; the primary's word about a secondary must not
+                // cut the client off from the side that can still route it. A dead secondary
+                // shows itself to its keepalive, or when the client fails over to it.
+                if self.primary == Some(d) {
                     out.push(Action::Close(d));
                     self.lose(d, Loss::ReportedDead, now, &mut out);
                 }
@@ -599,6 +598,24 @@ mod tests {
         m.handle(Event::Connected(0), t2);
         assert_eq!(m.handle(Event::Leased(0, Box::new(l)), t2), vec![]);
         assert_eq!(m.primary(), Some(1));
+    }
+
+    #[test]
+    fn only_news_of_the_primarys_death_moves_the_client() {
+        let t0 = Instant::now();
+        let (mut m, _) = two_sessions_up(t0);
+        // dn0, the primary, says dn1 is down: a split cluster says that of both sides.
+        assert_eq!(m.handle(Event::PeerDown(1), t0), vec![]);
+        assert_eq!(m.state(1), Some(&SessionState::Up(Role::Secondary)));
+        // dn1 says dn0, the primary, is down: switch now.
+        assert_eq!(
+            m.handle(Event::PeerDown(0), t0),
+            vec![
+                Action::Close(0),
+                Action::UsePrimary(Some(1)),
+                Action::Switch(1)
+            ]
+        );
     }
 
     #[test]
