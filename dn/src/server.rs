@@ -698,15 +698,16 @@ async fn tun_to_sessions(dn: Arc<Dn>) -> Result<()> {
 
 impl Dn {
     fn status(&self) -> serde_json::Value {
+        let homes: HashMap<SessionId, String> = self
+            .lock_machine()
+            .sessions()
+            .map(|(id, m)| (id, m.home.clone()))
+            .collect();
         let hosts = self.hosts.read().unwrap_or_else(|e| e.into_inner());
         let mut clients: Vec<serde_json::Value> = hosts
             .iter()
             .map(|(address, s)| {
-                let home = self
-                    .lock_machine()
-                    .session(s.id)
-                    .map(|m| m.home.clone())
-                    .unwrap_or_default();
+                let home = homes.get(&s.id).cloned().unwrap_or_default();
                 serde_json::json!({
                     "identity": s.identity,
                     "address": address,

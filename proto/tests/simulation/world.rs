@@ -410,7 +410,8 @@ impl World {
                 .map(|(id, _)| *id)
                 .collect();
             for id in conns {
-                self.path_broke(id);
+                // The client's prober notices; the DN only at its idle timeout.
+                self.dn_times_out(id);
             }
         }
     }
@@ -453,7 +454,8 @@ impl World {
         }
         self.ens[en].blip_until.insert(dn, self.now + ms);
         if let Some(id) = self.ens[en].conns[dn] {
-            self.path_broke(id);
+            // The client's prober notices; the DN only at its idle timeout.
+            self.dn_times_out(id);
         }
     }
 
@@ -1101,12 +1103,6 @@ impl World {
             },
         );
         id
-    }
-
-    /// The path under connection `id` broke: the client's prober notices; the DN only when
-    /// the idle timeout ends the connection.
-    fn path_broke(&mut self, id: ConnId) {
-        self.dn_times_out(id);
     }
 
     fn dn_times_out(&mut self, id: ConnId) {
