@@ -77,14 +77,24 @@ fn issue(
     usage: ExtendedKeyUsagePurpose,
     ca: &Issuer<'_, KeyPair>,
 ) -> Result<()> {
+    let (cert, key) = sign(name, usage, ca)?;
+    write_public(&dir.join(format!("{name}.crt.pem")), &cert.pem())?;
+    write_private(&dir.join(format!("{name}.key.pem")), &key.serialize_pem())
+}
+
+/// A new key and a certificate naming `name`, signed by `ca`.
+fn sign(
+    name: &str,
+    usage: ExtendedKeyUsagePurpose,
+    ca: &Issuer<'_, KeyPair>,
+) -> Result<(rcgen::Certificate, KeyPair)> {
     check_name("name", name).map_err(anyhow::Error::msg)?;
     let mut params = named(name)?;
     params.extended_key_usages = vec![usage];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, ca)?;
-    write_public(&dir.join(format!("{name}.crt.pem")), &cert.pem())?;
-    write_private(&dir.join(format!("{name}.key.pem")), &key.serialize_pem())
+    Ok((cert, key))
 }
 
 /// Creates both CAs, a TLS certificate and lease key for every DN and a certificate for every
@@ -111,6 +121,19 @@ pub fn generate(dir: &Path, dns: &[&str], clients: &[&str]) -> Result<Vec<(Strin
 
 fn add_client_with(dir: &Path, name: &str, ca: &Issuer<'_, KeyPair>) -> Result<()> {
     issue(dir, name, ExtendedKeyUsagePurpose::ClientAuth, ca)
+}
+
+/// Issues client certificates with the client CA in `dir`, in memory only: each name's DER
+/// certificate and PKCS#8 key. For load tests that need thousands of identities.
+pub fn issue_clients_in_memory(dir: &Path, names: &[String]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let ca = load_ca(dir, CLIENT_CA)?;
+    names
+        .iter()
+        .map(|name| {
+            let (cert, key) = sign(name, ExtendedKeyUsagePurpose::ClientAuth, &ca)?;
+            Ok((cert.der().to_vec(), key.serialize_der()))
+        })
+        .collect()
 }
 
 /// Issues one more client certificate with the client CA already in `dir`.

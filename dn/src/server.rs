@@ -97,6 +97,9 @@ struct Dn {
     /// The host table: leased address -> the session that carries it. O(1) per packet.
     hosts: RwLock<HashMap<IpAddr, Arc<Session>>>,
     tun: tun::Tun,
+    /// Shared by the sessions' decapsulating tasks (a writer per session would cost each
+    /// idle session a megabyte).
+    writers: tun::WriterPool,
     routes: tokio::sync::Mutex<RouteInjector>,
     journal: Mutex<Journal>,
     peers: Option<Arc<homecoming::Peers>>,
@@ -177,6 +180,7 @@ async fn serve(opts: Options, link: Option<Arc<detector::Link>>) -> Result<()> {
         sessions: RwLock::new(HashMap::new()),
         hosts: RwLock::new(HashMap::new()),
         tun,
+        writers: tun::WriterPool::default(),
         routes: tokio::sync::Mutex::new(routes),
         journal: Mutex::new(journal),
         peers,
@@ -502,9 +506,12 @@ impl Dn {
     fn record(&self, record: &LeaseRecord) -> Result<()> {
         let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
         journal.append(record)?;
-        let live = self.lock_machine().lease_records(unix_now());
-        if journal.wants_compaction(live.len()) {
-            journal.compact(&live)?;
+        // Counting is cheap; the records are built only when the file is rewritten, so that
+        // thousands of attaches do not each copy every lease.
+        let live = self.lock_machine().active_leases(unix_now());
+        if journal.wants_compaction(live) {
+            let records = self.lock_machine().lease_records(unix_now());
+            journal.compact(&records)?;
         }
         Ok(())
     }
@@ -591,7 +598,6 @@ async fn carry(dn: &Arc<Dn>, session: &Session) -> String {
         return "never attached".into();
     };
     let mut warned = false;
-    let mut writer = tun::Writer::default();
     let mut batch = Vec::with_capacity(BATCH);
     loop {
         let first = match session.conn.read_datagram().await {
@@ -637,7 +643,7 @@ async fn carry(dn: &Arc<Dn>, session: &Session) -> String {
         if !batch.is_empty() && !session.primary.load(Relaxed) {
             dn.handle(Event::Data(session.id)).await;
         }
-        match writer.send(&dn.tun, &batch).await {
+        match dn.writers.send(&dn.tun, &batch).await {
             Ok(()) => {
                 dn.forwarded.fetch_add(batch.len() as u64, Relaxed);
             }

@@ -33,7 +33,8 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
         .with_context(|| format!("cannot read a private key from {}", path.display()))
 }
 
-fn roots(path: &Path) -> Result<Arc<RootCertStore>> {
+/// The CA certificates in `path`, as trust anchors.
+pub fn roots(path: &Path) -> Result<Arc<RootCertStore>> {
     let mut store = RootCertStore::empty();
     for cert in load_certs(path)? {
         store
@@ -139,11 +140,22 @@ pub fn server_config(
 
 /// The EN's TLS configuration: trusts the cluster's server CA, presents its own certificate.
 pub fn client_config(cert: &Path, key: &Path, server_ca: &Path) -> Result<rustls::ClientConfig> {
+    client_config_with(roots(server_ca)?, load_certs(cert)?, load_key(key)?)
+        .with_context(|| format!("{} does not match {}", key.display(), cert.display()))
+}
+
+/// The EN's TLS configuration from certificates already in memory (the lab's load client holds
+/// thousands of identities).
+pub fn client_config_with(
+    server_roots: Arc<RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<rustls::ClientConfig> {
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots(server_ca)?)
-        .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
-        .with_context(|| format!("{} does not match {}", key.display(), cert.display()))?;
+        .with_root_certificates(server_roots)
+        .with_client_auth_cert(chain, key)
+        .context("the client key does not match its certificate")?;
     config.alpn_protocols = vec![holdfast_proto::ALPN.to_vec()];
     Ok(config)
 }

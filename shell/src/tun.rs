@@ -160,3 +160,29 @@ impl Writer {
         }
     }
 }
+
+/// Writers lent to the tasks that write to the device, for as long as one write takes. Each
+/// writer holds a GRO table of about a megabyte: a DN with thousands of sessions keeps only as
+/// many as write at once, not one per session.
+#[derive(Default)]
+pub struct WriterPool {
+    idle: std::sync::Mutex<Vec<Writer>>,
+}
+
+impl WriterPool {
+    /// Writers kept for reuse; more are made while more tasks write at once.
+    const KEEP: usize = 8;
+
+    /// Writes `pkts` as [`Writer::send`] does, with a lent writer.
+    pub async fn send(&self, tun: &Tun, pkts: &[Bytes]) -> io::Result<()> {
+        let lent = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+        let mut writer = lent.unwrap_or_default();
+        let result = writer.send(tun, pkts).await;
+        if let Ok(mut idle) = self.idle.lock() {
+            if idle.len() < Self::KEEP {
+                idle.push(writer);
+            }
+        }
+        result
+    }
+}

@@ -29,8 +29,10 @@ pub fn dn_role(k: usize) -> String {
     format!("dn{k}")
 }
 
-pub fn dn_pool(k: usize) -> String {
-    format!("10.{}.0.0/24", 199 + k)
+/// DN k's pool: 10.200.0.0/24 for DN 1, 10.201.0.0/24 for DN 2, ...; `prefix` (16 to 24)
+/// makes them larger for many clients.
+pub fn dn_pool(k: usize, prefix: u8) -> String {
+    format!("10.{}.0.0/{prefix}", 199 + k)
 }
 
 fn dn_on_server_net(k: usize) -> String {
@@ -110,6 +112,8 @@ pub struct LabSpec {
     pub supervised: bool,
     /// Extra arguments for every `dn-fd` (e.g. `--restart-base-ms 300`).
     pub fd_args: Vec<String>,
+    /// Prefix length of every DN's pool: 24 (253 clients) down to 16 (65,533).
+    pub pool_prefix: u8,
 }
 
 /// How a DN is failed in tests and experiments.
@@ -164,7 +168,7 @@ impl Routing {
 pub const CLUSTER_NET: &str = "10.9.0.0/24";
 const ESR_ON_CLUSTER_NET: &str = "10.9.0.254";
 const ESR_ON_SERVER_NET: &str = "10.0.2.254";
-/// Every pool the lab hands out (10.200.0.0/24 .. 10.203.0.0/24).
+/// Every pool the lab hands out (10.200.0.0/16 .. 10.203.0.0/16 at most).
 const ALL_POOLS: &str = "10.200.0.0/14";
 const FRR: &str = "/usr/lib/frr";
 
@@ -178,6 +182,7 @@ impl Default for LabSpec {
             routing: Routing::Static,
             supervised: false,
             fd_args: Vec::new(),
+            pool_prefix: 24,
         }
     }
 }
@@ -228,6 +233,9 @@ impl Lab {
     /// Builds the namespaces and links, writes certificates and `cluster.toml`, starts the DN
     /// and waits until it answers on its status socket.
     pub fn start(spec: &LabSpec) -> Result<Self> {
+        if !(16..=24).contains(&spec.pool_prefix) {
+            bail!("pool prefix /{} is outside the lab's /16../24", spec.pool_prefix);
+        }
         let bins = bin_dir()?;
         if spec.supervised && !bins.join("dn-fd").is_file() {
             bail!(
@@ -287,7 +295,7 @@ impl Lab {
                             "ip",
                             "route",
                             "add",
-                            &dn_pool(k),
+                            &dn_pool(k, spec.pool_prefix),
                             "via",
                             &dn_on_server_net(k),
                         ],
@@ -371,7 +379,7 @@ impl Lab {
                  lease_journal = \"state/{name}.leases\"\n\
                  tun = \"holdfast0\"\n",
                 endpoint = dn_address_towards(1, k),
-                pool = dn_pool(k),
+                pool = dn_pool(k, spec.pool_prefix),
             );
             if spec.routing.dynamic() {
                 cluster += &format!(

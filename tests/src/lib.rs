@@ -6,5 +6,6 @@ pub mod experiment;
 pub mod lab;
 pub mod netns;
 pub mod plot;
+pub mod scale;
 pub mod stats;
 pub mod traffic;

@@ -7,7 +7,7 @@ use holdfast_lab::experiment::{self, Setup};
 use holdfast_lab::lab::{
     client_role, dn_role, parse_ping, Credential, Failure, Lab, LabSpec, Routing, SERVER,
 };
-use holdfast_lab::{bench, netns, traffic};
+use holdfast_lab::{bench, netns, scale, traffic};
 use std::path::{Path, PathBuf};
 
 /// Holdfast's lab: the testbed in network namespaces on this machine (needs root).
@@ -85,6 +85,29 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Many idle sessions on one DN: its CPU and memory per session, and with `--fail kill`
+    /// how fast every session switches when that DN is killed.
+    ///
+    /// Builds two DNs under dn-fd with FRR and runs a load client (hf-load) in one client
+    /// namespace: N clients in one process, each with its own certificate, a lease from dn1
+    /// and a secondary session on dn2, all real QUIC and TLS, idle but for keepalives. The
+    /// DNs' CPU is read from /proc over 10 s, before the sessions and with them.
+    ///
+    /// Example: lab scale --sessions 2000 --fail kill --json
+    Scale {
+        /// Client sessions to open (each with a secondary on the other DN).
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=scale::MAX_SESSIONS as u64))]
+        sessions: u64,
+        /// Kill the DN holding the sessions (SIGKILL, `kill`) and time each session's switch.
+        #[arg(long, value_enum)]
+        fail: Option<ScaleFailure>,
+        /// Seconds between the keepalives of each session (the client's default).
+        #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..=100))]
+        keepalive_secs: u64,
+        /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// The thesis's chapter 5 experiments: what a client notices when its DN fails.
     ///
     /// Every run builds a fresh lab (client, two DNs, ESR, server), fails the client's primary
@@ -146,6 +169,12 @@ struct ExperimentOptions {
     /// Print one JSON object (per-run figures and summaries) instead of the table.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ScaleFailure {
+    /// SIGKILL of the `dn` process holding every session as primary.
+    Kill,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -455,6 +484,25 @@ fn main() -> Result<()> {
                     Some(dir) => println!("removed stale lab {} (kept {})", lab.id, dir.display()),
                     None => println!("removed stale lab {}", lab.id),
                 }
+            }
+            Ok(())
+        }
+        Command::Scale {
+            sessions,
+            fail,
+            keepalive_secs,
+            json,
+        } => {
+            let report = scale::run(&scale::ScaleOptions {
+                sessions: sessions as usize,
+                kill: fail == Some(ScaleFailure::Kill),
+                keepalive_secs,
+                quiet: json,
+            })?;
+            if json {
+                println!("{}", report.json());
+            } else {
+                print!("{}", report.table());
             }
             Ok(())
         }
