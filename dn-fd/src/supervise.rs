@@ -62,6 +62,8 @@ pub struct State {
     pid: Option<u32>,
     /// The DN's forwarded-packet count from its last heartbeat.
     forwarded: u64,
+    /// Its count of other inputs handled (connections accepted, probes answered).
+    handled: u64,
     routes_deleted: u64,
     kills_by_reason: BTreeMap<&'static str, u64>,
 }
@@ -258,6 +260,7 @@ pub async fn run(opts: Options) -> Result<()> {
         peer_info,
         pid: None,
         forwarded: 0,
+        handled: 0,
         routes_deleted: 0,
         kills_by_reason: BTreeMap::new(),
     }));
@@ -494,10 +497,15 @@ impl Detector {
         };
         let child_pid = lock(&self.state).pid;
         match message {
-            LocalMessage::Heartbeat { pid, forwarded } if Some(pid) == child_pid => {
+            LocalMessage::Heartbeat {
+                pid,
+                forwarded,
+                handled,
+            } if Some(pid) == child_pid => {
                 let actions = {
                     let mut s = lock(&self.state);
                     s.forwarded = forwarded;
+                    s.handled = handled;
                     s.supervisor.on_heartbeat(Instant::now())
                 };
                 if from.is_some() && from != self.dn_socket {
@@ -644,11 +652,11 @@ impl Detector {
     }
 
     async fn check_limits(&mut self) {
-        let (pid, forwarded, running) = {
+        let (pid, progress, running) = {
             let s = lock(&self.state);
             (
                 s.pid,
-                s.forwarded,
+                s.forwarded.wrapping_add(s.handled),
                 matches!(s.supervisor.state(), ChildState::Running { .. }),
             )
         };
@@ -669,7 +677,7 @@ impl Detector {
         }
         if reason.is_none() && !self.opts.stall.is_zero() {
             if let Some(queued) = udp_receive_queue(pid, self.listen_port) {
-                reason = self.stall.observe(Instant::now(), queued, forwarded);
+                reason = self.stall.observe(Instant::now(), queued, progress);
             }
         }
         if let Some(reason) = reason {

@@ -106,8 +106,10 @@ struct Dn {
     /// Woken when the machine's next timeout may have changed.
     timer: tokio::sync::Notify,
     counters: Counters,
-    /// Packets forwarded in either direction: the failure detector's view of the data path.
+    /// Packets forwarded in either direction, and other inputs handled (connections accepted,
+    /// probes answered): the failure detector's view of the data path's progress.
     forwarded: AtomicU64,
+    handled: AtomicU64,
 }
 
 pub async fn run(opts: Options) -> Result<()> {
@@ -187,6 +189,7 @@ async fn serve(opts: Options, link: Option<Arc<detector::Link>>) -> Result<()> {
         timer: tokio::sync::Notify::new(),
         counters: Counters::default(),
         forwarded: AtomicU64::new(0),
+        handled: AtomicU64::new(0),
     });
     dn.perform(first).await;
     tokio::spawn(homecoming::follow_learned(dn.clone(), netlink));
@@ -207,6 +210,7 @@ async fn serve(opts: Options, link: Option<Arc<detector::Link>>) -> Result<()> {
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break Ok(()) };
+                dn.handled.fetch_add(1, Relaxed);
                 let span = tracing::info_span!("session", remote = %incoming.remote_address());
                 tokio::spawn(serve_session(dn.clone(), incoming).instrument(span));
             }
@@ -609,6 +613,7 @@ async fn carry(dn: &Arc<Dn>, session: &Session) -> String {
         while let Some(datagram) = next.take() {
             if probe::is_probe(&datagram) {
                 if let Some(echo) = probe::echo_for(&datagram) {
+                    dn.handled.fetch_add(1, Relaxed);
                     let _ = session
                         .conn
                         .send_datagram(bytes::Bytes::copy_from_slice(&echo));

@@ -487,8 +487,14 @@ pub const FD_SOCKET_ENV: &str = "HOLDFAST_FD_SOCKET";
 /// can read in `strace` or `socat`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LocalMessage {
-    /// DN -> detector: alive, with how many packets it has forwarded so far (both directions).
-    Heartbeat { pid: u32, forwarded: u64 },
+    /// DN -> detector: alive, with how many packets it has forwarded so far (both directions)
+    /// and how many other inputs it has handled (connections accepted, probes answered): an
+    /// idle tunnel under a burst of handshakes forwards nothing and is still making progress.
+    Heartbeat {
+        pid: u32,
+        forwarded: u64,
+        handled: u64,
+    },
     /// DN -> detector: a fatal condition; the detector kills and restarts the DN.
     Fault { pid: u32, reason: String },
     /// Detector -> DN: peer `dn` changed; `up` says whether it can carry clients now.
@@ -501,7 +507,11 @@ const MAX_REASON: usize = 400;
 impl LocalMessage {
     pub fn encode(&self) -> String {
         match self {
-            LocalMessage::Heartbeat { pid, forwarded } => format!("HB {pid} {forwarded}"),
+            LocalMessage::Heartbeat {
+                pid,
+                forwarded,
+                handled,
+            } => format!("HB {pid} {forwarded} {handled}"),
             LocalMessage::Fault { pid, reason } => {
                 let reason: String = reason
                     .chars()
@@ -522,10 +532,18 @@ impl LocalMessage {
         let (kind, rest) = text.split_once(' ')?;
         match kind {
             "HB" => {
-                let (pid, forwarded) = rest.split_once(' ')?;
-                Some(LocalMessage::Heartbeat {
-                    pid: pid.parse().ok()?,
-                    forwarded: forwarded.parse().ok()?,
+                let mut fields = rest.split(' ');
+                let pid = fields.next()?.parse().ok()?;
+                let forwarded = fields.next()?.parse().ok()?;
+                // A DN of the release before counted only forwarded packets.
+                let handled = match fields.next() {
+                    Some(h) => h.parse().ok()?,
+                    None => 0,
+                };
+                fields.next().is_none().then_some(LocalMessage::Heartbeat {
+                    pid,
+                    forwarded,
+                    handled,
                 })
             }
             "FAULT" => {
@@ -552,9 +570,41 @@ impl LocalMessage {
     }
 }
 
-/// A stalled data path: bytes wait in the DN's receive queue while its forwarded count stands
+/// Whether a DN's event loop still makes progress, from a counter the loop advances on a timer.
+/// The DN heartbeats from a thread of its own, and only while this says the loop is alive: a
+/// burst of work (thousands of handshakes or notices) delays the loop without silencing the
+/// heartbeats, a loop stuck for `stuck_after` silences them, and a dead or frozen process is
+/// silent at once.
+#[derive(Debug, Clone)]
+pub struct LoopWatch {
+    stuck_after: Duration,
+    seen: u64,
+    moved_at: Instant,
+}
+
+impl LoopWatch {
+    pub fn new(stuck_after: Duration, ticks: u64, now: Instant) -> Self {
+        Self {
+            stuck_after,
+            seen: ticks,
+            moved_at: now,
+        }
+    }
+
+    /// One look at the loop's counter: whether the loop has moved within `stuck_after`.
+    pub fn alive(&mut self, now: Instant, ticks: u64) -> bool {
+        if ticks != self.seen {
+            self.seen = ticks;
+            self.moved_at = now;
+        }
+        now.saturating_duration_since(self.moved_at) < self.stuck_after
+    }
+}
+
+/// A stalled data path: bytes wait in the DN's receive queue while its progress count stands
 /// still, for longer than `window`. The shell samples the queue (the kernel's view of the QUIC
-/// socket) and the count (from heartbeats) and calls [`StallWatch::observe`].
+/// socket) and the count (packets forwarded plus other inputs handled, from heartbeats) and
+/// calls [`StallWatch::observe`].
 #[derive(Debug, Clone)]
 pub struct StallWatch {
     window: Duration,
@@ -580,24 +630,24 @@ impl StallWatch {
         &mut self,
         now: Instant,
         queued_bytes: u64,
-        forwarded: u64,
+        progress: u64,
     ) -> Option<KillReason> {
         if queued_bytes == 0 {
             self.stuck_since = None;
             return None;
         }
         match self.stuck_since {
-            Some((since, count)) if count == forwarded => {
+            Some((since, count)) if count == progress => {
                 let stalled = now.saturating_duration_since(since);
                 (stalled >= self.window).then(|| {
                     KillReason::Limit(format!(
-                        "data path stalled: {queued_bytes} bytes queued, nothing forwarded for {} ms",
+                        "data path stalled: {queued_bytes} bytes queued, nothing forwarded or handled for {} ms",
                         stalled.as_millis()
                     ))
                 })
             }
             _ => {
-                self.stuck_since = Some((now, forwarded));
+                self.stuck_since = Some((now, progress));
                 None
             }
         }
@@ -793,6 +843,7 @@ mod tests {
             LocalMessage::Heartbeat {
                 pid: 42,
                 forwarded: 7,
+                handled: 3,
             },
             LocalMessage::Fault {
                 pid: 42,
@@ -829,6 +880,8 @@ mod tests {
             "HB",
             "HB x 1",
             "HB 1",
+            "HB 1 2 x",
+            "HB 1 2 3 4",
             "PEER dn2 maybe",
             "PEER  up",
             "NOPE 1",
@@ -836,6 +889,29 @@ mod tests {
         ] {
             assert_eq!(LocalMessage::decode(bad.as_bytes()), None, "{bad:?}");
         }
+        assert_eq!(
+            LocalMessage::decode(b"HB 9 5"),
+            Some(LocalMessage::Heartbeat {
+                pid: 9,
+                forwarded: 5,
+                handled: 0
+            }),
+            "the heartbeat of the release before"
+        );
+    }
+
+    #[test]
+    fn a_busy_loop_keeps_the_heartbeats_and_a_stuck_one_silences_them() {
+        let t0 = Instant::now();
+        let mut w = LoopWatch::new(1000 * MS, 5, t0);
+        assert!(w.alive(t0 + 10 * MS, 5));
+        // Busy for 900 ms without a tick: still alive.
+        assert!(w.alive(t0 + 900 * MS, 5));
+        assert!(w.alive(t0 + 950 * MS, 6), "it moved");
+        assert!(w.alive(t0 + 1900 * MS, 6));
+        assert!(!w.alive(t0 + 1950 * MS, 6), "stuck for a second");
+        assert!(!w.alive(t0 + 5000 * MS, 6));
+        assert!(w.alive(t0 + 5010 * MS, 7), "moving again");
     }
 
     #[test]

@@ -234,7 +234,10 @@ impl Lab {
     /// and waits until it answers on its status socket.
     pub fn start(spec: &LabSpec) -> Result<Self> {
         if !(16..=24).contains(&spec.pool_prefix) {
-            bail!("pool prefix /{} is outside the lab's /16../24", spec.pool_prefix);
+            bail!(
+                "pool prefix /{} is outside the lab's /16../24",
+                spec.pool_prefix
+            );
         }
         let bins = bin_dir()?;
         if spec.supervised && !bins.join("dn-fd").is_file() {

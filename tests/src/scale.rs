@@ -134,7 +134,10 @@ impl LoadClient {
     }
 
     fn say(&mut self, line: &str) -> Result<()> {
-        let stdin = self.stdin.as_mut().context("the load client's input is closed")?;
+        let stdin = self
+            .stdin
+            .as_mut()
+            .context("the load client's input is closed")?;
         writeln!(stdin, "{line}").context("the load client is gone")?;
         stdin.flush()?;
         Ok(())
@@ -190,7 +193,10 @@ pub fn run(o: &ScaleOptions) -> Result<ScaleReport> {
     let rss_empty = [rss_kib(pids[0])?, rss_kib(pids[1])?];
     let cpu_empty = cpu_percents(pids, IDLE_WINDOW)?;
 
-    say(&format!("opening {} sessions from one load client ...", o.sessions));
+    say(&format!(
+        "opening {} sessions from one load client ...",
+        o.sessions
+    ));
     let pki = lab.pki_dir().display().to_string();
     let endpoint = |k: usize| format!("{}={}:4433", dn_role(k), dn_address_towards(1, k));
     let (primary, secondary) = (endpoint(1), endpoint(2));
@@ -213,9 +219,7 @@ pub fn run(o: &ScaleOptions) -> Result<ScaleReport> {
             &keepalive,
         ],
     );
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(log);
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(log);
     let mut child = cmd.spawn().context("cannot start the load client")?;
     let stdin = child.stdin.take();
     let stdout = BufReader::new(child.stdout.take().context("no load client output")?);
@@ -224,9 +228,7 @@ pub fn run(o: &ScaleOptions) -> Result<ScaleReport> {
         stdin,
         stdout,
     };
-    let ready = client
-        .next("ready")
-        .with_context(|| lab.net.logs())?;
+    let ready = client.next("ready").with_context(|| lab.net.logs())?;
     let opened = ready["sessions"].as_u64().unwrap_or(0) as usize;
     if opened == 0 {
         bail!(
@@ -305,7 +307,10 @@ impl ScaleReport {
             self.secondary_dn_cpu_percent_idle, self.secondary_dn_rss_kib_per_session
         );
         if let Some(n) = self.switched {
-            out += &format!("after kill -9 of dn1: {n} of {} sessions switched to dn2\n", self.sessions);
+            out += &format!(
+                "after kill -9 of dn1: {n} of {} sessions switched to dn2\n",
+                self.sessions
+            );
             let line = |what: &str, s: &Option<Spread>| match s {
                 Some(s) => format!(
                     "  {what}: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms\n",

@@ -92,7 +92,12 @@ async fn attach(
     config: quinn::ClientConfig,
     (name, addr): &(String, SocketAddr),
     ticket: Option<LeaseTicket>,
-) -> Result<(quinn::Connection, quinn::SendStream, ControlReader, LeaseTicket)> {
+) -> Result<(
+    quinn::Connection,
+    quinn::SendStream,
+    ControlReader,
+    LeaseTicket,
+)> {
     let conn = endpoint
         .connect_with(config, *addr, name)
         .with_context(|| format!("cannot connect to {name}"))?
@@ -129,7 +134,12 @@ async fn open_client(
 /// Follows one client's secondary session: on `PeerDown` for the primary it switches, as `en`
 /// does, and reports when the DN said so and when it said `Promoted`. Drains echoes on both
 /// sessions so that they do not pile up.
-async fn follow(mut client: Client, index: usize, primary_name: String, seen: mpsc::UnboundedSender<(usize, Seen)>) {
+async fn follow(
+    mut client: Client,
+    index: usize,
+    primary_name: String,
+    seen: mpsc::UnboundedSender<(usize, Seen)>,
+) {
     let mut state = Seen::default();
     let mut primary_alive = true;
     loop {
@@ -178,7 +188,7 @@ async fn keepalives(conns: Vec<quinn::Connection>, period: Duration) {
     }
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let cli = Arc::new(Cli::parse());
     if cli.sessions == 0 {
@@ -233,7 +243,12 @@ async fn main() -> Result<()> {
                 opened += 1;
                 conns.push(client.primary.clone());
                 conns.push(client.secondary.clone());
-                tokio::spawn(follow(client, index, cli.primary.0.clone(), seen_tx.clone()));
+                tokio::spawn(follow(
+                    client,
+                    index,
+                    cli.primary.0.clone(),
+                    seen_tx.clone(),
+                ));
                 if opened % 1000 == 0 {
                     eprintln!("hf-load: {opened} sessions up");
                 }
