@@ -415,12 +415,14 @@ impl Machine {
         s.primary = true;
         s.demoted_at = None;
         let (address, home, block) = (s.address, s.home.clone(), s.block);
-        self.routes.serve(address, &home, block);
+        let rerouted = self.routes.serve(address, &home, block);
         out.push(Action::Primary {
             session: id,
             primary: true,
         });
-        self.push_routes(out);
+        if rerouted {
+            self.push_routes(out);
+        }
         if home != self.me {
             out.push(Action::Note(Note::Promoted {
                 session: id,

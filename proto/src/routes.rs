@@ -182,12 +182,31 @@ impl RoutePlan {
 
     /// This DN now carries `address` (of `owner`'s pool, in `block`) for a client whose
     /// primary it has become. Own clients change nothing while their block is routed here.
-    pub fn serve(&mut self, address: IpAddr, owner: &str, block: IpNet) {
+    /// Returns whether [`RoutePlan::desired`] changed: most often it did not (the block is
+    /// routed here whole), and thousands of clients switching at once need not each rebuild it.
+    pub fn serve(&mut self, address: IpAddr, owner: &str, block: IpNet) -> bool {
+        let before = self.host_route(&address);
         if owner == self.me {
             self.home.insert(address, block);
         } else {
             self.active.insert(address, (owner.to_owned(), block));
         }
+        before != self.host_route(&address)
+    }
+
+    /// The host routes [`RoutePlan::desired`] holds for `address`: one for a client of another
+    /// DN (with its owner), one for an own client returning home.
+    fn host_route(&self, address: &IpAddr) -> (Option<String>, bool) {
+        let carried = self
+            .active
+            .get(address)
+            .filter(|(_, block)| !self.taken_over.contains(block))
+            .map(|(owner, _)| owner.clone());
+        let returning = self
+            .home
+            .get(address)
+            .is_some_and(|block| self.held.contains(block));
+        (carried, returning)
     }
 
     /// The client at `address` has left this DN.
@@ -355,7 +374,11 @@ mod tests {
         // dn1's block backed by dn2 is 10.201.0.0/25.
         let block: IpNet = "10.201.0.0/25".parse().unwrap();
         // dn1 is up: a client sending here moves its own address, never its block.
-        plan.serve("10.201.0.5".parse().unwrap(), "dn1", block);
+        assert!(plan.serve("10.201.0.5".parse().unwrap(), "dn1", block));
+        assert!(
+            !plan.serve("10.201.0.5".parse().unwrap(), "dn1", block),
+            "no change"
+        );
         let alone = show(&plan);
         assert!(alone.contains(&"10.201.0.5/32 100 host for dn1".to_owned()));
         assert!(!alone.iter().any(|r| r.contains("serving")), "{alone:?}");
@@ -363,9 +386,12 @@ mod tests {
         assert_eq!(show(&plan), standby);
         // dn1 is down: the block is taken over as its halves, and its clients ride on them.
         plan.set_down("dn1", true);
-        plan.serve("10.201.0.5".parse().unwrap(), "dn1", block);
-        plan.serve("10.201.0.6".parse().unwrap(), "dn1", block);
+        let taken_over = show(&plan);
+        // The block is routed here whole: its clients change no route.
+        assert!(!plan.serve("10.201.0.5".parse().unwrap(), "dn1", block));
+        assert!(!plan.serve("10.201.0.6".parse().unwrap(), "dn1", block));
         let serving = show(&plan);
+        assert_eq!(serving, taken_over);
         for want in [
             "10.201.0.0/25 300 standby for dn1",
             "10.201.0.0/26 100 serving for dn1",

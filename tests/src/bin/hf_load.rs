@@ -7,9 +7,10 @@
 //!
 //! It talks to `lab scale` in JSON lines. On stdout: `{"ready": ...}` once every session is up
 //! (or has failed), and after a `kill <unix-microseconds>` line on stdin, `{"switched": ...}`:
-//! for each session that switched, the milliseconds from the kill until the secondary DN said
-//! `PeerDown` for the primary, and until it said `Promoted` after the client's `Switch` (the
-//! moment the backup routes the client). End of stdin ends the process.
+//! for each session, the milliseconds from the kill until it switched (the secondary DN said
+//! `PeerDown` for the primary and the client sent `Switch`: from then on it sends through the
+//! secondary, which already routes the dead DN's blocks), and until the secondary confirmed
+//! with `Promoted`. End of stdin ends the process.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -132,7 +133,7 @@ async fn open_client(
 }
 
 /// Follows one client's secondary session: on `PeerDown` for the primary it switches, as `en`
-/// does, and reports when the DN said so and when it said `Promoted`. Drains echoes on both
+/// does, and reports when it switched and when the DN said `Promoted`. Drains echoes on both
 /// sessions so that they do not pile up.
 async fn follow(
     mut client: Client,
@@ -150,6 +151,7 @@ async fn follow(
                     if send_message(&mut client.secondary_send, &Message::Switch).await.is_err() {
                         return;
                     }
+                    let _ = seen.send((index, state));
                 }
                 Ok(Some(Message::Promoted)) if state.promoted.is_none() => {
                     state.promoted = Some(unix_micros());
@@ -283,19 +285,23 @@ async fn main() -> Result<()> {
         };
         let killed: u64 = at.trim().parse().context("kill takes unix microseconds")?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(cli.switch_timeout_secs);
-        let mut results: Vec<Seen> = Vec::with_capacity(opened);
-        while results.len() < opened {
+        let mut results = vec![Seen::default(); cli.sessions];
+        let mut promoted = 0;
+        while promoted < opened {
             match tokio::time::timeout_at(deadline, seen_rx.recv()).await {
-                Ok(Some((_, seen))) => results.push(seen),
+                Ok(Some((index, seen))) => {
+                    promoted += usize::from(seen.promoted.is_some());
+                    results[index] = seen;
+                }
                 Ok(None) | Err(_) => break,
             }
         }
         let ms = |t: Option<u64>| t.map(|t| t.saturating_sub(killed) as f64 / 1000.0);
-        let told: Vec<f64> = results.iter().filter_map(|s| ms(s.told)).collect();
-        let switched: Vec<f64> = results.iter().filter_map(|s| ms(s.promoted)).collect();
+        let switched: Vec<f64> = results.iter().filter_map(|s| ms(s.told)).collect();
+        let promoted: Vec<f64> = results.iter().filter_map(|s| ms(s.promoted)).collect();
         println!(
             "{}",
-            serde_json::json!({"switched": {"told_ms": told, "switched_ms": switched}})
+            serde_json::json!({"switched": {"switched_ms": switched, "promoted_ms": promoted}})
         );
     }
     Ok(())
