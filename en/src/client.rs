@@ -17,6 +17,7 @@ use holdfast_proto::en::{Action, Event, Loss, Machine, Role, SessionState};
 use holdfast_proto::lease::LeaseTicket;
 use holdfast_proto::packet::{self, PortUnreachable};
 use holdfast_proto::probe::{self, encode_probe, Prober, Verdict};
+use holdfast_proto::replay::Unanswered;
 use holdfast_shell::netlink::{NextHop, Routes};
 use holdfast_shell::quic::{send_message, ControlReader};
 use holdfast_shell::{control, quic, tls, tun};
@@ -46,6 +47,9 @@ struct Traffic {
     dropped_no_session: AtomicU64,
     dropped_too_big: AtomicU64,
     icmp_too_big_sent: AtomicU64,
+    /// Packets sent again through a new primary after its predecessor died (see
+    /// `holdfast_proto::replay`).
+    resent_packets: AtomicU64,
 }
 
 /// What a session task reports to the driver. `generation` tells reports of a connection that
@@ -74,6 +78,8 @@ struct Liveness {
     prober: Arc<Mutex<Option<Prober>>>,
     /// Wakes the probing task when the prober's next timeout moved earlier.
     wake: Arc<tokio::sync::Notify>,
+    /// Packets sent on the session since the DN was last heard from: sent again on failover.
+    unanswered: Arc<Mutex<Unanswered<bytes::Bytes>>>,
 }
 
 impl Liveness {
@@ -86,6 +92,13 @@ impl Liveness {
     fn sent(&self, now: Instant) {
         if self.with(|p| p.on_sent(now)) == Some(true) {
             self.wake.notify_one();
+        }
+    }
+
+    /// Something arrived from the DN at `now`.
+    fn heard(&self, now: Instant, rtt: Duration) {
+        if let Ok(mut u) = self.unanswered.lock() {
+            u.heard(now, rtt);
         }
     }
 
@@ -408,10 +421,35 @@ impl Driver<'_> {
                 Action::Close(dn) => self.drop_session(dn),
                 Action::Demote(dn) => self.tell(dn, Message::Demote).await,
                 Action::Switch(dn) => self.tell(dn, Message::Switch).await,
+                Action::Resend { from, to } => self.resend(from, to),
                 Action::CheckNow(dn) => self.slots[dn].liveness.hint(Instant::now()),
             }
         }
         Ok(())
+    }
+
+    /// Sends through `to` what the lost primary `from` may not have delivered.
+    fn resend(&self, from: usize, to: usize) {
+        let packets = match self.slots[from].liveness.unanswered.lock() {
+            Ok(mut u) => u.take(Instant::now()),
+            Err(_) => return,
+        };
+        let Some(conn) = self.slots[to].conn.as_ref() else {
+            return;
+        };
+        let mut resent = 0u64;
+        for packet in packets {
+            if conn.send_datagram(packet).is_ok() {
+                resent += 1;
+            }
+        }
+        if resent > 0 {
+            self.shared
+                .traffic
+                .resent_packets
+                .fetch_add(resent, Relaxed);
+            info!(packets = resent, from = %self.shared.config.dns[from].name, to = %self.shared.config.dns[to].name, "sent again what the lost DN may not have delivered");
+        }
     }
 
     /// Tells the DN that the client's traffic moved away from it (`Demote`, so that it lowers
@@ -815,6 +853,7 @@ async fn session_to_tun(shared: Arc<Shared>, conn: quinn::Connection, liveness: 
                 next = conn.read_datagram().now_or_never().and_then(Result::ok);
             }
         }
+        liveness.heard(now, conn.rtt());
         if !batch.is_empty() {
             liveness.with(|p| p.on_traffic(now));
         }
@@ -852,13 +891,17 @@ async fn tun_to_session(shared: Arc<Shared>, dev: Arc<tun::Tun>) {
             batch.clear();
             continue;
         };
-        liveness.sent(Instant::now());
+        let now = Instant::now();
+        liveness.sent(now);
         for pkt in batch.drain(..) {
             let len = pkt.len() as u64;
             match c.send_datagram_wait(pkt.clone()).await {
                 Ok(()) => {
                     traffic.tx_packets.fetch_add(1, Relaxed);
                     traffic.tx_bytes.fetch_add(len, Relaxed);
+                    if let Ok(mut u) = liveness.unanswered.lock() {
+                        u.sent(now, pkt);
+                    }
                 }
                 Err(quinn::SendDatagramError::TooLarge) => {
                     traffic.dropped_too_big.fetch_add(1, Relaxed);

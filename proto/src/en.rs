@@ -93,6 +93,9 @@ pub enum Action {
     CheckNow(Dn),
     /// Tell the DN the client's traffic comes through it from now on (after `UsePrimary`).
     Switch(Dn),
+    /// The primary `from` is gone: send again through `to` what `from` may not have delivered
+    /// (see [`crate::replay`]). Only on failover: a DN left for home delivers what it has.
+    Resend { from: Dn, to: Dn },
 }
 
 struct Slot {
@@ -374,6 +377,7 @@ impl Machine {
             out.push(Action::UsePrimary(self.primary));
             if let Some(i) = self.primary {
                 out.push(Action::Switch(i));
+                out.push(Action::Resend { from: d, to: i });
             }
         }
     }
@@ -477,7 +481,11 @@ mod tests {
         // The primary dies: the next live session in order takes over at once, and is told.
         assert_eq!(
             m.handle(Event::Lost(1, Loss::ProbeTimeout), t0),
-            vec![Action::UsePrimary(Some(0)), Action::Switch(0)]
+            vec![
+                Action::UsePrimary(Some(0)),
+                Action::Switch(0),
+                Action::Resend { from: 1, to: 0 }
+            ]
         );
         assert!(matches!(m.state(1), Some(SessionState::Waiting { .. })));
         // And it is reconnected in the background.
@@ -506,7 +514,11 @@ mod tests {
         // Configuration order after dn1 would be dn2; the lease says dn0.
         assert_eq!(
             m.handle(Event::Lost(1, Loss::ProbeTimeout), t0),
-            vec![Action::UsePrimary(Some(0)), Action::Switch(0)]
+            vec![
+                Action::UsePrimary(Some(0)),
+                Action::Switch(0),
+                Action::Resend { from: 1, to: 0 }
+            ]
         );
     }
 
@@ -530,7 +542,11 @@ mod tests {
         let (mut m, l) = two_sessions_up(t0);
         assert_eq!(
             m.handle(Event::Lost(0, Loss::Unreachable), t0),
-            vec![Action::UsePrimary(Some(1)), Action::Switch(1)]
+            vec![
+                Action::UsePrimary(Some(1)),
+                Action::Switch(1),
+                Action::Resend { from: 0, to: 1 }
+            ]
         );
         assert_eq!(
             m.handle(Event::Lost(1, Loss::Closed("reset".into())), t0),
@@ -613,7 +629,8 @@ mod tests {
             vec![
                 Action::Close(0),
                 Action::UsePrimary(Some(1)),
-                Action::Switch(1)
+                Action::Switch(1),
+                Action::Resend { from: 0, to: 1 }
             ]
         );
     }
@@ -686,7 +703,7 @@ mod tests {
                         Action::Connect(i) => connecting[i] = true,
                         Action::Attach(i, _) => attaching[i] = true,
                         Action::UsePrimary(p) => *carrier = p,
-                        Action::Demote(_) | Action::Configure(_) | Action::Close(_) | Action::CheckNow(_) | Action::Switch(_) => {}
+                        Action::Demote(_) | Action::Configure(_) | Action::Close(_) | Action::CheckNow(_) | Action::Switch(_) | Action::Resend { .. } => {}
                     }
                 }
             };
@@ -702,13 +719,19 @@ mod tests {
                     Step::HomeIsBack(i) if i < n => m.handle(Event::HomeIsBack(i), now),
                     _ => continue,
                 };
-                // A demoted DN was the primary, is live, and the client is now at home.
+                // A demoted DN was the primary, is live, and the client is now at home. Packets
+                // are sent again only from a lost primary to the new one.
                 let before = carrier;
                 for a in &acts {
                     if let Action::Demote(d) = a {
                         prop_assert_eq!(Some(*d), before);
                         prop_assert_eq!(m.state(*d), Some(&SessionState::Up(Role::Secondary)));
                         prop_assert_eq!(m.primary(), m.home());
+                    }
+                    if let Action::Resend { from, to } = a {
+                        prop_assert_eq!(Some(*from), before);
+                        prop_assert_eq!(Some(*to), m.primary());
+                        prop_assert!(!matches!(m.state(*from), Some(SessionState::Up(_))));
                     }
                 }
                 apply(acts, &mut connecting, &mut attaching, &mut carrier);

@@ -16,6 +16,7 @@ pub mod packet;
 pub mod peer;
 pub mod plan;
 pub mod probe;
+pub mod replay;
 pub mod routes;
 pub mod wire;
 

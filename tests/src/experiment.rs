@@ -182,8 +182,37 @@ pub struct IcmpOptions {
     pub rate: u32,
     pub runs: usize,
     pub setups: Vec<Setup>,
+    /// Bulk TCP traffic through the tunnel while the ping runs.
+    pub load: Load,
+    /// Failures per run, `KILL_EVERY` apart; each hits the client's primary of the moment.
+    pub kills: u32,
     pub quiet: bool,
 }
+
+/// Bulk traffic beside the ping: an unpaced iperf3 TCP stream between the client and the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Load {
+    /// Only the ping.
+    None,
+    /// The client sends as fast as TCP allows (iperf3 from the client to the server).
+    Upload,
+    /// The server sends to the client as fast as TCP allows (iperf3 -R).
+    Download,
+}
+
+impl Load {
+    pub fn name(self) -> &'static str {
+        match self {
+            Load::None => "none",
+            Load::Upload => "upload",
+            Load::Download => "download",
+        }
+    }
+}
+
+/// Time between the failures of a run with several: long enough for the failed DN to be
+/// restarted by its detector and for the client to go home.
+const KILL_EVERY: f64 = 5.0;
 
 /// Seconds of steady stream before the failure (plus a random fraction of the interval between
 /// packets) and after it.
@@ -230,12 +259,26 @@ pub fn losses(sent: u32, answered: &BTreeSet<u32>) -> (u32, u32) {
     (lost, longest)
 }
 
-fn icmp_run(setup: &Setup, rate: u32, run: usize) -> Result<IcmpRun> {
+fn icmp_run(setup: &Setup, o: &IcmpOptions, run: usize) -> Result<IcmpRun> {
     let Trial {
         mut lab, primary, ..
     } = setup.lab()?;
+    let rate = o.rate;
     let interval = 1.0 / f64::from(rate);
-    let count = (f64::from(rate) * (ICMP_BEFORE + ICMP_AFTER)).round() as u32;
+    let failures = f64::from(o.kills.saturating_sub(1)) * KILL_EVERY;
+    let seconds = ICMP_BEFORE + failures + ICMP_AFTER;
+    let count = (f64::from(rate) * seconds).round() as u32;
+    let bulk = match o.load {
+        Load::None => None,
+        load => Some(traffic::bulk(
+            &mut lab.net,
+            "srv",
+            "en1",
+            SERVER,
+            seconds.ceil() as u32 + 1,
+            load == Load::Download,
+        )?),
+    };
     let mut ping = lab.net.command(
         "en1",
         &[
@@ -257,7 +300,20 @@ fn icmp_run(setup: &Setup, rate: u32, run: usize) -> Result<IcmpRun> {
     let phase = rand::random::<f64>() * interval;
     std::thread::sleep(Duration::from_secs_f64(ICMP_BEFORE + phase));
     lab.fail_dn(primary, setup.fail)?;
+    for _ in 1..o.kills {
+        std::thread::sleep(Duration::from_secs_f64(KILL_EVERY));
+        // The detector restarted the DN and the client went home, or it stayed on the backup:
+        // the next failure hits whichever is its primary now.
+        let (now_primary, _) = lab.primary_and_secondary(1, Duration::from_secs(2))?;
+        lab.fail_dn(now_primary, setup.fail)?;
+    }
     let out = ping.wait_with_output()?;
+    if let Some(bulk) = bulk {
+        let carried = bulk.finish(&mut lab.net)?;
+        if carried == 0 {
+            bail!("the bulk {} carried nothing", o.load.name());
+        }
+    }
     let (sent, answered) = parse_ping_replies(&String::from_utf8_lossy(&out.stdout))?;
     let (lost, consecutive) = losses(sent, &answered);
     Ok(IcmpRun {
@@ -271,6 +327,8 @@ fn icmp_run(setup: &Setup, rate: u32, run: usize) -> Result<IcmpRun> {
 
 pub struct IcmpReport {
     pub rate: u32,
+    pub load: Load,
+    pub kills: u32,
     /// Per setup, in order: its runs.
     pub setups: Vec<(Setup, Vec<IcmpRun>)>,
     /// Runs that could not be measured (the lab failed), with why.
@@ -278,8 +336,13 @@ pub struct IcmpReport {
 }
 
 pub fn icmp(o: &IcmpOptions) -> Result<IcmpReport> {
+    if o.kills > 1 && o.setups.iter().any(|s| !s.dn_fd || s.fail != Failure::Kill) {
+        bail!("several kills per run need --fail kill and --dn-fd on: the detector restarts each killed DN");
+    }
     let mut report = IcmpReport {
         rate: o.rate,
+        load: o.load,
+        kills: o.kills,
         setups: Vec::new(),
         errors: Vec::new(),
     };
@@ -288,8 +351,15 @@ pub fn icmp(o: &IcmpOptions) -> Result<IcmpReport> {
         for run in 1..=o.runs {
             keep(
                 o.quiet,
-                format!("icmp {} pps, {} run {run}/{}", o.rate, setup.name(), o.runs),
-                icmp_run(setup, o.rate, run),
+                format!(
+                    "icmp {} pps, {} load {}, {} kill(s), run {run}/{}",
+                    o.rate,
+                    setup.name(),
+                    o.load.name(),
+                    o.kills,
+                    o.runs
+                ),
+                icmp_run(setup, o, run),
                 |r| format!("{} of {} lost, {} in a row", r.lost, r.sent, r.consecutive),
                 &mut runs,
                 &mut report.errors,
@@ -317,10 +387,17 @@ fn row(out: &mut String, name: &str, s: Option<Summary>) {
 
 impl Report for IcmpReport {
     fn table(&self) -> String {
+        let failures = f64::from(self.kills.saturating_sub(1)) * KILL_EVERY;
         let mut out = format!(
-            "ICMP at {} packets/s, the primary DN failed once per run ({ICMP_BEFORE} s and a random part of a packet interval into a {} s stream)\n\n",
+            "ICMP at {} packets/s, the primary DN failed {} per run ({ICMP_BEFORE} s and a random part of a packet interval into a {} s stream{}), bulk traffic: {}\n\n",
             self.rate,
-            ICMP_BEFORE + ICMP_AFTER
+            match self.kills {
+                1 => "once".to_owned(),
+                n => format!("{n} times, {KILL_EVERY} s apart,"),
+            },
+            ICMP_BEFORE + failures + ICMP_AFTER,
+            if self.kills > 1 { ", each kill hitting the primary of the moment" } else { "" },
+            self.load.name()
         );
         let _ = writeln!(
             out,
@@ -364,7 +441,7 @@ impl Report for IcmpReport {
             })
             .collect();
         report_json(
-            json!({"experiment": "icmp", "rate": self.rate}),
+            json!({"experiment": "icmp", "rate": self.rate, "load": self.load.name(), "kills": self.kills}),
             setups,
             &self.errors,
             &["lost", "consecutive", "summary"],
@@ -781,6 +858,8 @@ mod tests {
         };
         let icmp = IcmpReport {
             rate: 100,
+            load: Load::None,
+            kills: 1,
             setups: vec![(
                 setup,
                 (1..=3)

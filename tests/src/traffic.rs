@@ -229,6 +229,61 @@ pub fn iperf3(
     Ok(Iperf { mbps, bytes })
 }
 
+/// A bulk TCP stream running in the background (see [`bulk`]).
+pub struct Bulk {
+    server: String,
+    client: std::process::Child,
+}
+
+/// Starts an unpaced iperf3 TCP stream of `seconds` between `client_role` and `server_addr` in
+/// `server_role`: from the client, or to it with `download`. [`Bulk::finish`] waits for it.
+pub fn bulk(
+    net: &mut Netns,
+    server_role: &str,
+    client_role: &str,
+    server_addr: &str,
+    seconds: u32,
+    download: bool,
+) -> Result<Bulk> {
+    let server = format!("iperf3-bulk-{}", rand::random::<u32>());
+    net.spawn(
+        server_role,
+        &server,
+        &["iperf3", "-s", "-1", "-B", server_addr],
+        &[],
+    )?;
+    let listening = wait_until(Duration::from_secs(5), "iperf3 to listen", || {
+        net.try_exec(server_role, &["ss", "-Htln", "sport", "= :5201"])
+            .is_ok_and(|o| !o.stdout.is_empty())
+    });
+    if let Err(e) = listening {
+        let _ = net.stop(&server, libc::SIGTERM);
+        return Err(e);
+    }
+    let secs = seconds.to_string();
+    let mut argv = vec!["iperf3", "-c", server_addr, "-t", &secs, "--json"];
+    if download {
+        argv.push("-R");
+    }
+    let client = net
+        .command(client_role, &argv)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("cannot start iperf3")?;
+    Ok(Bulk { server, client })
+}
+
+impl Bulk {
+    /// Waits for the stream to end; the bytes it carried (0 if iperf3 reported none).
+    pub fn finish(self, net: &mut Netns) -> Result<u64> {
+        let out = self.client.wait_with_output();
+        let _ = net.stop(&self.server, libc::SIGTERM);
+        let json: serde_json::Value = serde_json::from_slice(&out?.stdout).unwrap_or_default();
+        Ok(json["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0))
+    }
+}
+
 /// Round-trip times in microseconds of `count` pings at `interval` seconds.
 pub fn ping_rtts(
     net: &Netns,

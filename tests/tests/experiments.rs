@@ -1,5 +1,6 @@
-//! Smoke runs of `lab experiment` and `lab bench` (2 runs, small sizes), so that the commands
-//! behind docs/results.md cannot rot unnoticed. The full runs are not part of the suite.
+//! Smoke runs of `lab experiment`, `lab bench` and `lab scale` (2 runs, small sizes, 2,000
+//! sessions), so that the commands behind docs/results.md cannot rot unnoticed. The full runs
+//! are not part of the suite.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -117,4 +118,21 @@ fn the_bench_writes_its_csv_and_charts() {
     let j = lab(&["bench", "--seconds", "1", "--json", "--out", &d]);
     assert!(j["holdfast_mbps"].as_f64() > Some(0.0), "{j}");
     assert_files(dir, &["bench.csv", "bench-throughput.svg", "bench-rtt.svg"]);
+}
+
+#[test]
+fn lab_scale_opens_thousands_of_sessions_and_every_one_switches_when_their_dn_is_killed() {
+    if !have_root() {
+        return;
+    }
+    let j = lab(&["scale", "--sessions", "2000", "--fail", "kill", "--json"]);
+    assert_eq!(j["sessions"], 2000, "{j}");
+    assert_eq!(j["switched"], 2000, "every session told and switched: {j}");
+    assert_eq!(j["promoted"], 2000, "the backup confirmed every one: {j}");
+    for key in ["dn_cpu_percent_idle", "dn_rss_kib_per_session"] {
+        assert!(j[key].as_f64().is_some_and(|v| v > 0.0), "{key}: {j}");
+    }
+    for key in ["p50", "p99", "max"] {
+        assert!(j["switched_within_ms"][key].is_f64(), "{key}: {j}");
+    }
 }

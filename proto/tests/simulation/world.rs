@@ -1431,6 +1431,9 @@ impl World {
                         self.send_stream(conn, true, Delivery::ToDn(conn, ToDn::Demote));
                     }
                 }
+                // The simulation carries no payload to send again; resent packets would be
+                // data to the new primary, which the `Switch` just before has already told.
+                en::Action::Resend { .. } => {}
             }
         }
     }

@@ -127,6 +127,13 @@ enum Experiment {
         /// Packets per second (the thesis: 10 and 100).
         #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
         rate: u32,
+        /// Bulk TCP traffic (iperf3, unpaced) through the tunnel beside the ping.
+        #[arg(long, value_enum, default_value = "none")]
+        load: experiment::Load,
+        /// Kills per run, 5 s apart, each of the client's primary of the moment (the detector
+        /// restarts the DN in between and the client goes home); needs --dn-fd on.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+        kills: u32,
         #[command(flatten)]
         common: ExperimentOptions,
     },
@@ -509,9 +516,16 @@ fn main() -> Result<()> {
         Command::Bench { seconds, out, json } => {
             finish(&bench::run(seconds)?, json, out.as_deref())
         }
-        Command::Experiment(Experiment::Icmp { rate, common }) => finish(
+        Command::Experiment(Experiment::Icmp {
+            rate,
+            load,
+            kills,
+            common,
+        }) => finish(
             &experiment::icmp(&experiment::IcmpOptions {
                 rate,
+                load,
+                kills,
                 runs: common.runs as usize,
                 setups: common.setups(),
                 quiet: common.json,
