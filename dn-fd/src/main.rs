@@ -49,7 +49,8 @@ struct Cli {
     /// The DN's status socket, passed to it as --control [default: /run/holdfast/dn-<node>.sock].
     #[arg(long)]
     dn_control: Option<PathBuf>,
-    /// Kill the DN when no heartbeat came for this long (it sends one every 10 ms).
+    /// Kill the DN when no heartbeat came for this long (it sends one every 10 ms while its
+    /// event loop has ticked within the last second).
     #[arg(long, default_value_t = 100, value_name = "MS")]
     heartbeat_timeout_ms: u64,
     /// How long a freshly started DN has to send its first heartbeat.
@@ -67,8 +68,9 @@ struct Cli {
     /// Kill the DN when its resident memory exceeds this many MiB (0: no limit).
     #[arg(long, default_value_t = 0, value_name = "MIB")]
     memory_limit_mib: u64,
-    /// Kill the DN when datagrams wait in its socket's receive queue while it forwards nothing,
-    /// for this long (0: do not watch).
+    /// Kill the DN when datagrams wait in its socket's receive queue while it does nothing with
+    /// them (forwards no packet, accepts no connection, answers no probe), for this long (0: do
+    /// not watch).
     #[arg(long, default_value_t = 1000, value_name = "MS")]
     stall_ms: u64,
     /// Serve Prometheus metrics over HTTP here (GET /metrics).

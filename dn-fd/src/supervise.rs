@@ -138,6 +138,7 @@ impl State {
                 "heartbeat_age_ms": heartbeat_age_ms,
                 "next_start_in_ms": next_start_in_ms,
                 "forwarded": self.forwarded,
+                "handled": self.handled,
             },
             "starts": sup.starts,
             "restarts": sup.starts.saturating_sub(1),

@@ -186,6 +186,9 @@ pub struct IcmpOptions {
     pub load: Load,
     /// Failures per run, `KILL_EVERY` apart; each hits the client's primary of the moment.
     pub kills: u32,
+    /// When above zero: the client sends nothing for this long, its primary fails halfway,
+    /// then the ping starts (what the next burst loses).
+    pub idle_secs: u32,
     pub quiet: bool,
 }
 
@@ -210,8 +213,8 @@ impl Load {
     }
 }
 
-/// Time between the failures of a run with several: long enough for the failed DN to be
-/// restarted by its detector and for the client to go home.
+/// Time between the failures of a run with several, at least: each also waits until the failed
+/// DN has been restarted by its detector and the client holds two sessions again.
 const KILL_EVERY: f64 = 5.0;
 
 /// Seconds of steady stream before the failure (plus a random fraction of the interval between
@@ -228,6 +231,8 @@ pub struct IcmpRun {
     pub lost: u32,
     /// The longest run of consecutive lost packets.
     pub consecutive: u32,
+    /// Milliseconds from the failure until the client switched to another DN (its log).
+    pub switch_ms: Option<f64>,
 }
 
 /// What ping printed: how many it sent and which sequence numbers were answered.
@@ -265,8 +270,21 @@ fn icmp_run(setup: &Setup, o: &IcmpOptions, run: usize) -> Result<IcmpRun> {
     } = setup.lab()?;
     let rate = o.rate;
     let interval = 1.0 / f64::from(rate);
+    let mut failed_at = None;
+    if o.idle_secs > 0 {
+        // Nothing to send while the primary dies; then a burst.
+        let half = Duration::from_secs(u64::from(o.idle_secs)) / 2;
+        std::thread::sleep(half);
+        failed_at = Some(unix_now());
+        lab.fail_dn(primary, setup.fail)?;
+        std::thread::sleep(half);
+    }
     let failures = f64::from(o.kills.saturating_sub(1)) * KILL_EVERY;
-    let seconds = ICMP_BEFORE + failures + ICMP_AFTER;
+    let seconds = if o.idle_secs > 0 {
+        ICMP_AFTER
+    } else {
+        ICMP_BEFORE + failures + ICMP_AFTER
+    };
     let count = (f64::from(rate) * seconds).round() as u32;
     let bulk = match o.load {
         Load::None => None,
@@ -279,56 +297,115 @@ fn icmp_run(setup: &Setup, o: &IcmpOptions, run: usize) -> Result<IcmpRun> {
             load == Load::Download,
         )?),
     };
-    let mut ping = lab.net.command(
-        "en1",
-        &[
-            "ping",
-            "-n",
-            "-i",
-            &format!("{interval}"),
-            "-c",
-            &count.to_string(),
-            "-W",
-            "1",
-            SERVER,
-        ],
-    );
+    let interval_s = format!("{interval}");
+    let count_s = count.to_string();
+    let mut argv = vec!["ping", "-n", "-i", &interval_s, "-W", "1", SERVER];
+    if o.kills == 1 {
+        // Several kills wait for the client to be home again in between, however long that
+        // takes: that ping runs until it is interrupted.
+        argv.extend(["-c", &count_s]);
+    }
+    let mut ping = lab.net.command("en1", &argv);
     ping.stdout(Stdio::piped());
-    let ping = ping.spawn().context("cannot start ping")?;
+    let mut ping = ping.spawn().context("cannot start ping")?;
+    // Read as it prints: a long stream's lines fill the pipe, and a blocked ping stops sending.
+    let mut stdout = ping.stdout.take().context("no ping output")?;
+    let printed = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut text);
+        text
+    });
     // The failure lands at a random point between two packets, as a real one would: at a
     // fixed phase every run would measure the same slice of the failover.
     let phase = rand::random::<f64>() * interval;
-    std::thread::sleep(Duration::from_secs_f64(ICMP_BEFORE + phase));
-    lab.fail_dn(primary, setup.fail)?;
+    if o.idle_secs == 0 {
+        std::thread::sleep(Duration::from_secs_f64(ICMP_BEFORE + phase));
+        failed_at = Some(unix_now());
+        lab.fail_dn(primary, setup.fail)?;
+    }
     for _ in 1..o.kills {
         std::thread::sleep(Duration::from_secs_f64(KILL_EVERY));
-        // The detector restarted the DN and the client went home, or it stayed on the backup:
-        // the next failure hits whichever is its primary now.
-        let (now_primary, _) = lab.primary_and_secondary(1, Duration::from_secs(2))?;
+        // The detector restarts the DN after its back-off (which grows with every kill) and the
+        // client goes home: the next failure hits the client's primary once it has a secondary
+        // again.
+        let (now_primary, _) = lab.primary_and_secondary(1, Duration::from_secs(60))?;
         lab.fail_dn(now_primary, setup.fail)?;
     }
-    let out = ping.wait_with_output()?;
+    if o.kills > 1 {
+        std::thread::sleep(Duration::from_secs_f64(ICMP_AFTER));
+        // SAFETY: the pid of the ping this function started (`ip netns exec` execs it).
+        unsafe { libc::kill(ping.id() as libc::pid_t, libc::SIGINT) };
+    }
+    ping.wait()?;
+    let printed = printed
+        .join()
+        .map_err(|_| anyhow!("the ping reader failed"))?;
     if let Some(bulk) = bulk {
         let carried = bulk.finish(&mut lab.net)?;
         if carried == 0 {
             bail!("the bulk {} carried nothing", o.load.name());
         }
     }
-    let (sent, answered) = parse_ping_replies(&String::from_utf8_lossy(&out.stdout))?;
+    let (sent, answered) = parse_ping_replies(&printed)?;
     let (lost, consecutive) = losses(sent, &answered);
+    let log = std::fs::read_to_string(lab.net.log_path("en1")).unwrap_or_default();
+    let switch_ms = failed_at.and_then(|t| first_switch_after(&log, t).map(|s| (s - t) * 1000.0));
     Ok(IcmpRun {
         setup: setup.name(),
         run,
         sent,
         lost,
         consecutive,
+        switch_ms,
     })
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// When (unix seconds) the client's log first says it sends through another session after
+/// `after`: the moment it switched.
+pub fn first_switch_after(log: &str, after: f64) -> Option<f64> {
+    log.lines()
+        .filter(|l| l.contains("primary session"))
+        .filter_map(log_time)
+        .find(|t| *t >= after)
+}
+
+/// The RFC 3339 UTC timestamp (`2026-12-02T19:21:40.685071Z`) a log line starts with, in unix
+/// seconds; colour codes around it are skipped.
+pub fn log_time(line: &str) -> Option<f64> {
+    let bytes = line.as_bytes();
+    let start = (0..bytes.len().saturating_sub(4))
+        .find(|&i| bytes[i..i + 4].iter().all(u8::is_ascii_digit) && bytes[i + 4] == b'-')?;
+    let stamp = line[start..].split('Z').next()?;
+    let (date, time) = stamp.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|x| x.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let mut t = time.splitn(3, ':');
+    let (h, min) = (
+        t.next()?.parse::<i64>().ok()?,
+        t.next()?.parse::<i64>().ok()?,
+    );
+    let sec: f64 = t.next()?.parse().ok()?;
+    // Days from 1970-01-01 to the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some((days * 86_400 + h * 3600 + min * 60) as f64 + sec)
 }
 
 pub struct IcmpReport {
     pub rate: u32,
     pub load: Load,
     pub kills: u32,
+    pub idle_secs: u32,
     /// Per setup, in order: its runs.
     pub setups: Vec<(Setup, Vec<IcmpRun>)>,
     /// Runs that could not be measured (the lab failed), with why.
@@ -339,10 +416,14 @@ pub fn icmp(o: &IcmpOptions) -> Result<IcmpReport> {
     if o.kills > 1 && o.setups.iter().any(|s| !s.dn_fd || s.fail != Failure::Kill) {
         bail!("several kills per run need --fail kill and --dn-fd on: the detector restarts each killed DN");
     }
+    if o.idle_secs > 0 && (o.kills > 1 || o.load != Load::None) {
+        bail!("--idle-secs fails the DN once while nothing flows: not with --kills or --load");
+    }
     let mut report = IcmpReport {
         rate: o.rate,
         load: o.load,
         kills: o.kills,
+        idle_secs: o.idle_secs,
         setups: Vec::new(),
         errors: Vec::new(),
     };
@@ -360,7 +441,16 @@ pub fn icmp(o: &IcmpOptions) -> Result<IcmpReport> {
                     o.runs
                 ),
                 icmp_run(setup, o, run),
-                |r| format!("{} of {} lost, {} in a row", r.lost, r.sent, r.consecutive),
+                |r| {
+                    format!(
+                        "{} of {} lost, {} in a row, switched after {}",
+                        r.lost,
+                        r.sent,
+                        r.consecutive,
+                        r.switch_ms
+                            .map_or_else(|| "-".to_owned(), |ms| format!("{ms:.1} ms"))
+                    )
+                },
                 &mut runs,
                 &mut report.errors,
             );
@@ -388,17 +478,27 @@ fn row(out: &mut String, name: &str, s: Option<Summary>) {
 impl Report for IcmpReport {
     fn table(&self) -> String {
         let failures = f64::from(self.kills.saturating_sub(1)) * KILL_EVERY;
-        let mut out = format!(
-            "ICMP at {} packets/s, the primary DN failed {} per run ({ICMP_BEFORE} s and a random part of a packet interval into a {} s stream{}), bulk traffic: {}\n\n",
-            self.rate,
-            match self.kills {
-                1 => "once".to_owned(),
-                n => format!("{n} times, {KILL_EVERY} s apart,"),
-            },
-            ICMP_BEFORE + failures + ICMP_AFTER,
-            if self.kills > 1 { ", each kill hitting the primary of the moment" } else { "" },
-            self.load.name()
-        );
+        let mut out = if self.idle_secs > 0 {
+            format!(
+                "ICMP at {} packets/s after {} s of silence: the primary DN failed {} s into the silence, then a {ICMP_AFTER} s stream\n\n",
+                self.rate,
+                self.idle_secs,
+                self.idle_secs / 2
+            )
+        } else {
+            format!(
+                "ICMP at {} packets/s, the primary DN failed {} per run ({ICMP_BEFORE} s and a random part of a packet interval into a {}{} s stream{}), bulk traffic: {}\n\n",
+                self.rate,
+                match self.kills {
+                    1 => "once".to_owned(),
+                    n => format!("{n} times, at least {KILL_EVERY} s apart and each once the client had two sessions again,"),
+                },
+                if self.kills > 1 { "at least " } else { "" },
+                ICMP_BEFORE + failures + ICMP_AFTER,
+                if self.kills > 1 { ", each kill hitting the primary of the moment" } else { "" },
+                self.load.name()
+            )
+        };
         let _ = writeln!(
             out,
             "{:<22} {:>4} {:>7} {:>7} {:>7} {:>7} {:>8} {:>8}",
@@ -410,6 +510,14 @@ impl Report for IcmpReport {
                 &setup.name(),
                 summary_of(runs, |r| f64::from(r.lost)),
             );
+        }
+        let _ = writeln!(
+            out,
+            "\nms from the failure until the client switched (its log)"
+        );
+        for (setup, runs) in &self.setups {
+            let switched: Vec<f64> = runs.iter().filter_map(|r| r.switch_ms).collect();
+            row(&mut out, &setup.name(), Summary::of(&switched));
         }
         let _ = writeln!(out, "\nlongest run of consecutive losses");
         for (setup, runs) in &self.setups {
@@ -433,6 +541,7 @@ impl Report for IcmpReport {
                     json!({
                         "lost": runs.iter().map(|r| r.lost).collect::<Vec<_>>(),
                         "consecutive": runs.iter().map(|r| r.consecutive).collect::<Vec<_>>(),
+                        "switch_ms": runs.iter().map(|r| r.switch_ms).collect::<Vec<_>>(),
                         "sent": runs.iter().map(|r| r.sent).collect::<Vec<_>>(),
                         "summary": summary_of(runs, |r| f64::from(r.lost)),
                         "consecutive_summary": summary_of(runs, |r| f64::from(r.consecutive)),
@@ -441,7 +550,7 @@ impl Report for IcmpReport {
             })
             .collect();
         report_json(
-            json!({"experiment": "icmp", "rate": self.rate, "load": self.load.name(), "kills": self.kills}),
+            json!({"experiment": "icmp", "rate": self.rate, "load": self.load.name(), "kills": self.kills, "idle_secs": self.idle_secs}),
             setups,
             &self.errors,
             &["lost", "consecutive", "summary"],
@@ -850,6 +959,17 @@ mod tests {
     }
 
     #[test]
+    fn log_times_read_as_unix_seconds() {
+        let line = "\u{1b}[2m2026-12-02T19:21:40.685071Z\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m primary session";
+        let t = log_time(line).unwrap();
+        assert!((t - 1_796_239_300.685_071).abs() < 1e-6, "{t}");
+        assert_eq!(log_time("1970-01-01T00:00:01.5Z x"), Some(1.5));
+        assert_eq!(log_time("no time here"), None);
+        assert_eq!(first_switch_after(line, t + 1.0), None);
+        assert_eq!(first_switch_after(line, t - 1.0), Some(t));
+    }
+
+    #[test]
     fn reports_render_tables_json_csv_and_charts() {
         let setup = Setup {
             esr: Routing::Frr,
@@ -860,6 +980,7 @@ mod tests {
             rate: 100,
             load: Load::None,
             kills: 1,
+            idle_secs: 0,
             setups: vec![(
                 setup,
                 (1..=3)
@@ -869,6 +990,7 @@ mod tests {
                         sent: 500,
                         lost: run as u32 - 1,
                         consecutive: run as u32 - 1,
+                        switch_ms: Some(5.0),
                     })
                     .collect(),
             )],

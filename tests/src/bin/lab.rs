@@ -130,10 +130,15 @@ enum Experiment {
         /// Bulk TCP traffic (iperf3, unpaced) through the tunnel beside the ping.
         #[arg(long, value_enum, default_value = "none")]
         load: experiment::Load,
-        /// Kills per run, 5 s apart, each of the client's primary of the moment (the detector
-        /// restarts the DN in between and the client goes home); needs --dn-fd on.
+        /// Kills per run, each of the client's primary of the moment, at least 5 s apart and each
+        /// once the detector has restarted the last one and the client holds two sessions
+        /// again; needs --dn-fd on.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
         kills: u32,
+        /// Instead of failing the primary during the ping: the client sends nothing for SECS,
+        /// its primary fails halfway, then the ping starts (what the next burst loses).
+        #[arg(long, value_name = "SECS", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=600))]
+        idle_secs: u32,
         #[command(flatten)]
         common: ExperimentOptions,
     },
@@ -520,12 +525,14 @@ fn main() -> Result<()> {
             rate,
             load,
             kills,
+            idle_secs,
             common,
         }) => finish(
             &experiment::icmp(&experiment::IcmpOptions {
                 rate,
                 load,
                 kills,
+                idle_secs,
                 runs: common.runs as usize,
                 setups: common.setups(),
                 quiet: common.json,
