@@ -176,14 +176,9 @@ pub struct Iperf {
     pub bytes: u64,
 }
 
-/// iperf3 TCP throughput from `client_role` to `server_addr` in `server_role`.
-pub fn iperf3(
-    net: &mut Netns,
-    server_role: &str,
-    client_role: &str,
-    server_addr: &str,
-    seconds: u32,
-) -> Result<Iperf> {
+/// Starts a one-test iperf3 server on `server_addr` in `server_role` and waits until it
+/// listens; returns its process name in the lab.
+fn iperf3_server(net: &mut Netns, server_role: &str, server_addr: &str) -> Result<String> {
     let name = format!("iperf3-server-{}", rand::random::<u32>());
     net.spawn(
         server_role,
@@ -200,6 +195,18 @@ pub fn iperf3(
         let _ = net.stop(&name, libc::SIGTERM);
         return Err(e);
     }
+    Ok(name)
+}
+
+/// iperf3 TCP throughput from `client_role` to `server_addr` in `server_role`.
+pub fn iperf3(
+    net: &mut Netns,
+    server_role: &str,
+    client_role: &str,
+    server_addr: &str,
+    seconds: u32,
+) -> Result<Iperf> {
+    let name = iperf3_server(net, server_role, server_addr)?;
     let secs = seconds.to_string();
     let out = net.exec(
         client_role,
@@ -245,21 +252,7 @@ pub fn bulk(
     seconds: u32,
     download: bool,
 ) -> Result<Bulk> {
-    let server = format!("iperf3-bulk-{}", rand::random::<u32>());
-    net.spawn(
-        server_role,
-        &server,
-        &["iperf3", "-s", "-1", "-B", server_addr],
-        &[],
-    )?;
-    let listening = wait_until(Duration::from_secs(5), "iperf3 to listen", || {
-        net.try_exec(server_role, &["ss", "-Htln", "sport", "= :5201"])
-            .is_ok_and(|o| !o.stdout.is_empty())
-    });
-    if let Err(e) = listening {
-        let _ = net.stop(&server, libc::SIGTERM);
-        return Err(e);
-    }
+    let server = iperf3_server(net, server_role, server_addr)?;
     let secs = seconds.to_string();
     let mut argv = vec!["iperf3", "-c", server_addr, "-t", &secs, "--json"];
     if download {
