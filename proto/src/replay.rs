@@ -72,11 +72,6 @@ impl<T> Unanswered<T> {
         self.sent.drain(..).map(|(_, item)| item).collect()
     }
 
-    /// Forgets everything (the session no longer carries traffic).
-    pub fn clear(&mut self) {
-        self.sent.clear();
-    }
-
     pub fn len(&self) -> usize {
         self.sent.len()
     }

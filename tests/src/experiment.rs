@@ -361,9 +361,7 @@ fn icmp_run(setup: &Setup, o: &IcmpOptions, run: usize) -> Result<IcmpRun> {
 }
 
 fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
+    crate::unix_micros() as f64 / 1e6
 }
 
 /// When (unix seconds) the client's log first says it sends through another session after

@@ -9,3 +9,11 @@ pub mod plot;
 pub mod scale;
 pub mod stats;
 pub mod traffic;
+
+/// Microseconds since the Unix epoch: the clock that times events across the lab's processes
+/// (the kill in one, the client's switch in another).
+pub fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}

@@ -10,7 +10,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -268,9 +268,7 @@ pub fn run(o: &ScaleOptions) -> Result<ScaleReport> {
     };
     if o.kill {
         say("kill -9 of dn1 ...");
-        let at = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros());
+        let at = crate::unix_micros();
         lab.fail_dn(1, Failure::Kill)?;
         client.say(&format!("kill {at}"))?;
         let seen = client.next("switched").with_context(|| lab.net.logs())?;

@@ -15,10 +15,11 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
+use holdfast_lab::unix_micros;
 use holdfast_proto::control::Message;
 use holdfast_proto::lease::LeaseTicket;
 use holdfast_proto::probe::encode_probe;
@@ -63,12 +64,6 @@ fn parse_dn(text: &str) -> Result<(String, SocketAddr), String> {
         .parse()
         .map_err(|_| format!("{addr:?} is not an ADDRESS:PORT"))?;
     Ok((name.to_owned(), addr))
-}
-
-fn unix_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// One client: its two sessions.
@@ -142,6 +137,7 @@ async fn follow(
     seen: mpsc::UnboundedSender<(usize, Seen)>,
 ) {
     let mut state = Seen::default();
+    // The primary's end is expected at the kill; the secondary is followed on.
     let mut primary_alive = true;
     loop {
         tokio::select! {
@@ -161,15 +157,7 @@ async fn follow(
                 Ok(None) | Err(_) => return,
             },
             got = client.secondary.read_datagram() => if got.is_err() { return },
-            got = client.primary.read_datagram(), if primary_alive => {
-                primary_alive = got.is_ok();
-                if !primary_alive {
-                    // The primary's end is expected at the kill; keep following the secondary.
-                    if state.told.is_some() && state.promoted.is_some() {
-                        return;
-                    }
-                }
-            }
+            got = client.primary.read_datagram(), if primary_alive => primary_alive = got.is_ok(),
         }
     }
 }
@@ -201,15 +189,8 @@ async fn main() -> Result<()> {
     let issued = holdfast_dn::pki::issue_clients_in_memory(&cli.pki, &names)?;
     let roots = tls::roots(&cli.pki.join(holdfast_dn::pki::SERVER_CA))?;
     let idle = Duration::from_secs(cli.keepalive_secs) * 3;
-    let mut endpoint = quic::endpoint("0.0.0.0:0".parse()?, None, None)?;
-    endpoint.set_default_client_config(quic::client_config(
-        tls::client_config_with(
-            roots.clone(),
-            vec![CertificateDer::from(issued[0].0.clone())],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(issued[0].1.clone())),
-        )?,
-        idle,
-    )?);
+    // No default client configuration: every client connects with its own certificate.
+    let endpoint = quic::endpoint("0.0.0.0:0".parse()?, None, None)?;
     eprintln!(
         "hf-load: {} certificates issued in {:.1} s; opening sessions",
         issued.len(),
