@@ -15,7 +15,7 @@ use holdfast_proto::fd::{
     Peers, RestartPolicy, StallWatch, Supervisor, SupervisorAction, FD_SOCKET_ENV,
 };
 use holdfast_proto::lease::IssuerKeys;
-use holdfast_proto::peer::{Notice, PeerNotice};
+use holdfast_proto::peer::{Freshness, Notice, PeerNotice, Sequence};
 use holdfast_shell::netlink::Routes;
 use holdfast_shell::unix_now;
 use tokio::net::{UdpSocket, UnixDatagram};
@@ -48,8 +48,6 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 struct PeerInfo {
     name: String,
     address: SocketAddr,
-    /// The highest heartbeat sequence seen from it: an older one is a replay.
-    last_seq: u64,
     changes: u64,
 }
 
@@ -59,6 +57,10 @@ pub struct State {
     supervisor: Supervisor,
     peers: Peers,
     peer_info: Vec<PeerInfo>,
+    /// The heartbeats taken from each peer: a replayed one is refused.
+    freshness: Freshness,
+    /// This detector's heartbeat sequence.
+    sequence: Sequence,
     pid: Option<u32>,
     /// The DN's forwarded-packet count from its last heartbeat.
     forwarded: u64,
@@ -221,7 +223,6 @@ pub async fn run(opts: Options) -> Result<()> {
             Some(PeerInfo {
                 name: d.name.clone(),
                 address: SocketAddr::from((d.router_id?, cluster.detector.port)),
-                last_seq: 0,
                 changes: 0,
             })
         })
@@ -259,6 +260,8 @@ pub async fn run(opts: Options) -> Result<()> {
         supervisor: Supervisor::new(opts.restart, opts.health, now),
         peers: Peers::new(cluster.detector.peers, peer_info.len()),
         peer_info,
+        freshness: Freshness::default(),
+        sequence: Sequence::default(),
         pid: None,
         forwarded: 0,
         handled: 0,
@@ -599,18 +602,18 @@ impl Detector {
         match peer_socket.gate.admit(&claimed, from.ip(), Instant::now()) {
             Admission::Check(_) => {}
             refused => {
-                debug!(%from, %claimed, ?refused, "ignoring a peer datagram before its signature");
+                debug!(%from, ?claimed, ?refused, "ignoring a peer datagram before its signature");
                 return;
             }
         }
-        let notice = match PeerNotice::open(datagram, &peer_socket.keys, unix_now()) {
+        let notice = match PeerNotice::open(datagram, &peer_socket.keys) {
             Ok(n) => n,
             Err(e) => {
                 debug!(%from, error = %e, "ignoring a peer datagram");
                 return;
             }
         };
-        let Notice::Alive { dn_up, seq } = notice.notice else {
+        let Notice::Alive { dn_up, .. } = notice.notice else {
             return;
         };
         let change = {
@@ -618,12 +621,10 @@ impl Detector {
             let Some(index) = s.peer_info.iter().position(|p| p.name == notice.from) else {
                 return;
             };
-            let info = &mut s.peer_info[index];
-            if seq <= info.last_seq {
-                debug!(peer = %notice.from, seq, "ignoring a replayed or reordered heartbeat");
+            if let Err(e) = s.freshness.take(&notice, unix_now()) {
+                debug!(error = %e, "ignoring a heartbeat");
                 return;
             }
-            info.last_seq = seq;
             s.peers.on_heartbeat(index, dn_up, Instant::now())
         };
         self.peer_changes(change.into_iter().collect()).await;
@@ -634,10 +635,9 @@ impl Detector {
         let Some(p) = &self.peer_socket else {
             return;
         };
-        let seq = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let seq = lock(&self.state)
+            .sequence
+            .next(holdfast_shell::unix_millis());
         let datagram = PeerNotice {
             from: self.opts.node.clone(),
             sent_at: unix_now(),

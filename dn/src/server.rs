@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures::FutureExt;
+use holdfast_proto::admit::{Admission, AdmissionPolicy, Verdict};
 use holdfast_proto::cluster::DnSpec;
 use holdfast_proto::control::{close, Message};
 use holdfast_proto::dn::LeaseRecord;
@@ -31,6 +32,9 @@ use tracing::{debug, error, info, warn, Instrument};
 
 /// How long a client has after its handshake to send `Attach`.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a handshake may take: one that stalls (a peer that sent an Initial and went quiet)
+/// gives its place back instead of holding it for the idle timeout.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Options {
     pub config: PathBuf,
@@ -54,6 +58,9 @@ struct Counters {
     /// Decapsulated packets for the cluster network (detectors, peer notices, OSPF, BFD):
     /// no client may reach it through the tunnel.
     dropped_to_cluster: AtomicU64,
+    /// Signed notices from peer DNs taken, and refused (bad signature, replayed, stale).
+    peer_notices_taken: AtomicU64,
+    peer_notices_refused: AtomicU64,
 }
 
 #[derive(Default, Serialize)]
@@ -110,6 +117,8 @@ struct Dn {
     /// probes answered): the failure detector's view of the data path's progress.
     forwarded: AtomicU64,
     handled: AtomicU64,
+    /// Which connection attempts get handshake work and memory.
+    admission: Mutex<Admission>,
 }
 
 pub async fn run(opts: Options) -> Result<()> {
@@ -190,6 +199,7 @@ async fn serve(opts: Options, link: Option<Arc<detector::Link>>) -> Result<()> {
         counters: Counters::default(),
         forwarded: AtomicU64::new(0),
         handled: AtomicU64::new(0),
+        admission: Mutex::new(Admission::new(AdmissionPolicy::default())),
     });
     dn.perform(first).await;
     tokio::spawn(homecoming::follow_learned(dn.clone(), netlink));
@@ -211,8 +221,7 @@ async fn serve(opts: Options, link: Option<Arc<detector::Link>>) -> Result<()> {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break Ok(()) };
                 dn.handled.fetch_add(1, Relaxed);
-                let span = tracing::info_span!("session", remote = %incoming.remote_address());
-                tokio::spawn(serve_session(dn.clone(), incoming).instrument(span));
+                admit(&dn, incoming);
             }
             res = tokio::signal::ctrl_c() => { res?; info!("interrupted, shutting down"); break Ok(()); }
             _ = term.recv() => { info!("terminated, shutting down"); break Ok(()); }
@@ -240,7 +249,9 @@ async fn timers(dn: Arc<Dn>) {
             Some(at) => {
                 tokio::select! {
                     _ = tokio::time::sleep_until(at.into()) => {
-                        let actions = dn.lock_machine().handle_timeout(std::time::Instant::now());
+                        let actions = dn
+                            .lock_machine()
+                            .handle_timeout(std::time::Instant::now(), unix_now());
                         dn.perform(actions).await;
                     }
                     _ = changed => {}
@@ -248,6 +259,57 @@ async fn timers(dn: Arc<Dn>) {
             }
             None => changed.await,
         }
+    }
+}
+
+/// Starts the handshake of a connection attempt, or answers it the cheap way the admission
+/// policy says (a Retry, a refusal, nothing).
+fn admit(dn: &Arc<Dn>, incoming: quinn::Incoming) {
+    let remote = incoming.remote_address();
+    let verdict = dn
+        .lock_admission()
+        .incoming(remote.ip(), incoming.remote_address_validated());
+    match verdict {
+        Verdict::Accept => {
+            let span = tracing::info_span!("session", %remote);
+            let handshake = InFlight {
+                dn: dn.clone(),
+                remote,
+            };
+            tokio::spawn(serve_session(dn.clone(), incoming, handshake).instrument(span));
+        }
+        Verdict::Retry => {
+            if let Err(e) = incoming.retry() {
+                // Only an address already validated cannot be sent another Retry.
+                e.into_incoming().ignore();
+            }
+        }
+        Verdict::Refuse => incoming.refuse(),
+        Verdict::Ignore => incoming.ignore(),
+    }
+}
+
+/// An accepted handshake's place; given back when dropped, however the handshake ends.
+struct InFlight {
+    dn: Arc<Dn>,
+    remote: std::net::SocketAddr,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.dn.lock_admission().handshake_ended(self.remote.ip());
+    }
+}
+
+/// A connection that authenticated and has not attached yet, counted against its identity.
+struct Unattached {
+    dn: Arc<Dn>,
+    identity: String,
+}
+
+impl Drop for Unattached {
+    fn drop(&mut self) {
+        self.dn.lock_admission().attached_or_gone(&self.identity);
     }
 }
 
@@ -260,13 +322,20 @@ fn peer_identity(conn: &quinn::Connection) -> Option<String> {
     tls::identity_of(certs.first()?)
 }
 
-async fn serve_session(dn: Arc<Dn>, incoming: quinn::Incoming) {
+async fn serve_session(dn: Arc<Dn>, incoming: quinn::Incoming, handshake: InFlight) {
     let remote = incoming.remote_address();
-    let conn = match incoming.await {
+    let handshake_done = match incoming.accept() {
+        Ok(connecting) => tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
+            .await
+            .unwrap_or_else(|_| Err(quinn::ConnectionError::TimedOut)),
+        Err(e) => Err(e),
+    };
+    drop(handshake);
+    let conn = match handshake_done {
         Ok(conn) => conn,
         Err(e) => {
             dn.counters.handshakes_failed.fetch_add(1, Relaxed);
-            warn!(%remote, error = %e, "handshake failed");
+            debug!(%remote, error = %e, "handshake failed");
             return;
         }
     };
@@ -275,11 +344,24 @@ async fn serve_session(dn: Arc<Dn>, incoming: quinn::Incoming) {
         conn.close(close::REFUSED.into(), b"certificate names no identity");
         return;
     };
-    let (send, mut reader, ticket) = match read_attach(&conn).await {
+    if !dn.lock_admission().identified(&identity) {
+        debug!(client = ?identity, %remote, "too many unattached connections for this identity");
+        conn.close(
+            close::REFUSED.into(),
+            b"too many connections not yet attached for this identity",
+        );
+        return;
+    }
+    let unattached = Unattached {
+        dn: dn.clone(),
+        identity: identity.clone(),
+    };
+    let attach = read_attach(&conn).await;
+    let (send, mut reader, ticket) = match attach {
         Ok(got) => got,
         Err(e) => {
             dn.counters.sessions_refused.fetch_add(1, Relaxed);
-            warn!(client = %identity, %remote, error = %format!("{e:#}"), "session refused");
+            warn!(client = ?identity, %remote, error = %format!("{e:#}"), "session refused");
             return;
         }
     };
@@ -306,6 +388,7 @@ async fn serve_session(dn: Arc<Dn>, incoming: quinn::Incoming) {
     })
     .await;
     let attached = dn.lock_machine().session(id).map(|s| s.address);
+    drop(unattached);
     if let Some(address) = attached {
         let _ = session.address.set(address);
         dn.counters.sessions_accepted.fetch_add(1, Relaxed);
@@ -412,6 +495,10 @@ async fn write_control(
 impl Dn {
     fn lock_machine(&self) -> std::sync::MutexGuard<'_, Machine> {
         self.machine.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_admission(&self) -> std::sync::MutexGuard<'_, Admission> {
+        self.admission.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn session(&self, id: SessionId) -> Option<Arc<Session>> {
@@ -769,6 +856,14 @@ impl Dn {
         {
             obj.extend(counters);
         }
+        let admission = self.lock_admission();
+        status["admission"] = serde_json::json!({
+            "handshakes_in_flight": admission.in_flight(),
+            "retried": admission.retried,
+            "refused": admission.refused,
+            "ignored": admission.ignored,
+            "over_identity_limit": admission.over_identity_limit,
+        });
         status
     }
 }

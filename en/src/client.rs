@@ -62,6 +62,8 @@ enum Report {
     HomeIsBack(usize, u64),
     /// The DN says the failure detector found this other DN down.
     PeerDown(usize, u64, String),
+    /// The home DN renewed the lease of the live session.
+    Renewed(usize, u64, Box<Lease>),
 }
 
 /// The control stream, kept open for the session's life.
@@ -328,7 +330,8 @@ impl Driver<'_> {
             | Report::Refused(d, g, ..)
             | Report::Lost(d, g, _)
             | Report::HomeIsBack(d, g)
-            | Report::PeerDown(d, g, _) => (*d, *g),
+            | Report::PeerDown(d, g, _)
+            | Report::Renewed(d, g, _) => (*d, *g),
         };
         if self.slots.get(dn)?.generation != generation {
             return None;
@@ -373,6 +376,10 @@ impl Driver<'_> {
             Report::HomeIsBack(..) => {
                 info!(dn = %name, "the DN says this client's home DN is back");
                 Event::HomeIsBack(dn)
+            }
+            Report::Renewed(_, _, lease) => {
+                debug!(dn = %name, expires_at = lease.ticket.claim.expires_at, "lease renewed");
+                Event::Leased(dn, lease)
             }
             Report::PeerDown(_, _, dead) => {
                 let Some(index) = self.shared.config.dns.iter().position(|d| d.name == dead) else {
@@ -780,6 +787,9 @@ async fn follow_control(
             }
             Ok(Some(Message::PeerDown { dn: dead })) => {
                 let _ = reports.send(Report::PeerDown(index, generation, dead));
+            }
+            Ok(Some(Message::Leased(lease))) => {
+                let _ = reports.send(Report::Renewed(index, generation, Box::new(lease)));
             }
             Ok(Some(other)) => debug!(%dn, ?other, "ignoring control message"),
             Ok(None) => return,

@@ -759,6 +759,7 @@ impl Cluster {
         let mut keys = IssuerKeys::default();
         for d in &self.dns {
             keys.insert(d.name.clone(), d.public_key);
+            keys.insert_pool(d.name.clone(), d.plan.pool);
         }
         keys
     }

@@ -230,6 +230,15 @@ impl LeaseBook {
         Ok(Grant::Home(self.lease(identity, address, now)))
     }
 
+    /// A later expiry for the lease `identity` holds at `address`, if it still holds it.
+    pub fn renew(&mut self, identity: &str, address: IpAddr, now: u64) -> Option<LeaseTicket> {
+        let holds = self
+            .by_address
+            .get(&address)
+            .is_some_and(|h| h.identity == identity);
+        holds.then(|| self.lease(identity, address, now))
+    }
+
     /// Records `identity` at `address` and signs a ticket for it.
     fn lease(&mut self, identity: &str, address: IpAddr, now: u64) -> LeaseTicket {
         let expires_at = now.saturating_add(self.lifetime_secs);

@@ -279,6 +279,17 @@ impl Machine {
 
     fn on_leased(&mut self, d: Dn, lease: Lease, now: Instant, out: &mut Vec<Action>) {
         if self.slots[d].state != SessionState::Attaching {
+            // The home DN renews the lease of a live session: the later ticket is the one to
+            // present from now on.
+            if let Some(ours) = &mut self.lease {
+                let (old, new) = (&ours.ticket.claim, &lease.ticket.claim);
+                if old.address == new.address
+                    && old.issuer == new.issuer
+                    && new.expires_at > old.expires_at
+                {
+                    *ours = lease;
+                }
+            }
             return;
         }
         match &self.lease {

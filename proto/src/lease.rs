@@ -59,6 +59,12 @@ pub enum TicketError {
     WrongIdentity { ticket: String, presented: String },
     #[error("ticket address {address} is not inside its block {block}")]
     AddressOutsideBlock { address: IpAddr, block: IpNet },
+    #[error("ticket block {block} is not in its issuer {issuer:?}'s pool {pool}")]
+    OutsideIssuerPool {
+        issuer: String,
+        block: IpNet,
+        pool: IpNet,
+    },
 }
 
 impl LeaseClaim {
@@ -139,6 +145,17 @@ impl LeaseTicket {
                 block: c.block,
             });
         }
+        // A DN vouches only for its own pool: its key (stolen, or a DN misconfigured) must
+        // not hand out another DN's clients' addresses.
+        if let Some(pool) = keys.pool(&c.issuer) {
+            if !(pool.contains(&c.block.network()) && c.block.prefix_len() >= pool.prefix_len()) {
+                return Err(TicketError::OutsideIssuerPool {
+                    issuer: c.issuer.clone(),
+                    block: c.block,
+                    pool,
+                });
+            }
+        }
         Ok(c)
     }
 
@@ -160,10 +177,11 @@ impl LeaseTicket {
     }
 }
 
-/// The public keys of every DN in the cluster, by DN name.
+/// The public keys of every DN in the cluster, by DN name, and the pool each may lease from.
 #[derive(Debug, Clone, Default)]
 pub struct IssuerKeys {
     keys: HashMap<String, VerifyingKey>,
+    pools: HashMap<String, IpNet>,
 }
 
 impl IssuerKeys {
@@ -171,8 +189,17 @@ impl IssuerKeys {
         self.keys.insert(dn.into(), key);
     }
 
+    /// The pool DN `dn` leases from: its tickets for blocks outside it are refused.
+    pub fn insert_pool(&mut self, dn: impl Into<String>, pool: IpNet) {
+        self.pools.insert(dn.into(), pool);
+    }
+
     pub fn get(&self, dn: &str) -> Option<&VerifyingKey> {
         self.keys.get(dn)
+    }
+
+    pub fn pool(&self, dn: &str) -> Option<IpNet> {
+        self.pools.get(dn).copied()
     }
 }
 
@@ -228,6 +255,8 @@ mod tests {
         let mut k = IssuerKeys::default();
         k.insert("dn1", key(1).verifying_key());
         k.insert("dn2", key(2).verifying_key());
+        k.insert_pool("dn1", "10.200.0.0/24".parse().unwrap());
+        k.insert_pool("dn2", "10.201.0.0/24".parse().unwrap());
         k
     }
 
@@ -296,6 +325,24 @@ mod tests {
     }
 
     #[test]
+    fn a_dn_vouches_only_for_its_own_pool() {
+        // dn2's key, a ticket for an address of dn1's pool.
+        let mut c = claim();
+        c.issuer = "dn2".into();
+        assert!(matches!(
+            c.sign(&key(2)).verify(&keys(), 1500),
+            Err(TicketError::OutsideIssuerPool { .. })
+        ));
+        // A block wider than the pool is outside it too.
+        let mut c = claim();
+        c.block = "10.200.0.0/23".parse().unwrap();
+        assert!(matches!(
+            c.sign(&key(1)).verify(&keys(), 1500),
+            Err(TicketError::OutsideIssuerPool { .. })
+        ));
+    }
+
+    #[test]
     fn every_truncation_is_rejected() {
         let bytes = claim().sign(&key(1)).encode();
         for cut in 0..bytes.len() {
@@ -330,7 +377,10 @@ mod tests {
             let c = LeaseClaim { identity, address: block.addr(), issuer: "dn2".into(), block, issued_at: t, expires_at: t + 10 };
             let ticket = c.clone().sign(&key(2));
             let back = LeaseTicket::decode(&ticket.encode()).unwrap();
-            prop_assert_eq!(back.verify(&keys(), t).unwrap(), &c);
+            // Any block: no pool is known for the issuer here.
+            let mut any_pool = IssuerKeys::default();
+            any_pool.insert("dn2", key(2).verifying_key());
+            prop_assert_eq!(back.verify(&any_pool, t).unwrap(), &c);
         }
     }
 }

@@ -4,6 +4,7 @@
 //! `std::time::Instant` supplied by the caller) and decisions go out as values. The `en` and
 //! `dn` crates are thin shells that perform what these types decide.
 
+pub mod admit;
 pub mod backoff;
 pub mod cluster;
 pub mod control;

@@ -186,6 +186,10 @@ pub struct Session {
     pub block: IpNet,
     pub primary: bool,
     demoted_at: Option<Instant>,
+    /// A session on its home DN: when its lease is renewed, so that a client connected longer
+    /// than the lease lifetime keeps its address (and its journal entry) for as long as it
+    /// stays.
+    renew_at: Option<Instant>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -309,7 +313,7 @@ impl Machine {
                 session,
                 identity,
                 ticket,
-            } => self.attach(session, identity, ticket, unix, &mut out),
+            } => self.attach(session, identity, ticket, now, unix, &mut out),
             Event::Data(session) => self.promote(session, now, false, &mut out),
             Event::Switch(session) => self.promote(session, now, true, &mut out),
             Event::Demote(session) => self.demote(session, now, &mut out),
@@ -326,6 +330,7 @@ impl Machine {
         session: SessionId,
         identity: String,
         ticket: Option<LeaseTicket>,
+        now: Instant,
         unix: u64,
         out: &mut Vec<Action>,
     ) {
@@ -353,20 +358,11 @@ impl Machine {
             }
         };
         let claim = grant.ticket().claim.clone();
-        if let Grant::Home(_) = grant {
+        let home = matches!(grant, Grant::Home(_));
+        if home {
             out.push(Action::Record(LeaseRecord::of(&claim)));
         }
-        let lease = Lease {
-            ticket: grant.ticket().clone(),
-            gateway: self
-                .cluster
-                .dn(&self.me)
-                .map(|d| d.plan.gateway())
-                .unwrap_or(claim.address),
-            mtu: self.cluster.dn(&self.me).map(|d| d.mtu).unwrap_or(1280),
-            routes: self.cluster.client_routes.clone(),
-            failover: self.cluster.failover_order(&claim.issuer, claim.address),
-        };
+        let lease = self.lease_message(grant.ticket().clone());
         out.push(Action::Note(Note::Attached {
             session,
             identity: identity.clone(),
@@ -392,6 +388,7 @@ impl Machine {
                 block: claim.block,
                 primary: false,
                 demoted_at: None,
+                renew_at: home.then(|| now + self.renewal_period()),
             },
         );
         self.hosts.insert(claim.address, session);
@@ -399,6 +396,53 @@ impl Machine {
             address: claim.address,
             session: Some(session),
         });
+    }
+
+    /// What a client is told with its lease.
+    fn lease_message(&self, ticket: LeaseTicket) -> Lease {
+        let claim = &ticket.claim;
+        Lease {
+            gateway: self
+                .cluster
+                .dn(&self.me)
+                .map(|d| d.plan.gateway())
+                .unwrap_or(claim.address),
+            mtu: self.cluster.dn(&self.me).map(|d| d.mtu).unwrap_or(1280),
+            routes: self.cluster.client_routes.clone(),
+            failover: self.cluster.failover_order(&claim.issuer, claim.address),
+            ticket,
+        }
+    }
+
+    /// Leases of live sessions are renewed at half their lifetime.
+    fn renewal_period(&self) -> Duration {
+        Duration::from_secs(self.cluster.lease_lifetime_secs.div_ceil(2).max(1))
+    }
+
+    /// Renews the leases of home sessions that are due: recorded, then sent to the client.
+    fn renew_due(&mut self, now: Instant, unix: u64, out: &mut Vec<Action>) {
+        let period = self.renewal_period();
+        let due: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.renew_at.is_some_and(|t| t <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            let Some(s) = self.sessions.get_mut(&id) else {
+                continue;
+            };
+            s.renew_at = Some(now + period);
+            let (identity, address) = (s.identity.clone(), s.address);
+            let Some(ticket) = self.book.renew(&identity, address, unix) else {
+                continue;
+            };
+            out.push(Action::Record(LeaseRecord::of(&ticket.claim)));
+            out.push(Action::Send(
+                id,
+                Message::Leased(self.lease_message(ticket)),
+            ));
+        }
     }
 
     /// Makes the session the client's primary here. Data does so unless the client moved away
@@ -564,11 +608,14 @@ impl Machine {
         self.next_notice
             .into_iter()
             .chain(self.homecoming.values().copied())
+            .chain(self.sessions.values().filter_map(|s| s.renew_at))
             .min()
     }
 
-    pub fn handle_timeout(&mut self, now: Instant) -> Vec<Action> {
+    /// `unix`: the wall clock now, for the leases renewed.
+    pub fn handle_timeout(&mut self, now: Instant, unix: u64) -> Vec<Action> {
         let mut out = Vec::new();
+        self.renew_due(now, unix, &mut out);
         let due: Vec<String> = self
             .homecoming
             .iter()
@@ -670,6 +717,32 @@ mod tests {
             .filter(|r| !matches!(r.reason, Reason::Home | Reason::Standby { .. }))
             .map(|r| format!("{} {}", r.net, r.reason))
             .collect()
+    }
+
+    #[test]
+    fn a_live_home_session_has_its_lease_renewed_at_half_life() {
+        let c = cluster(2);
+        let mut m = machine(&c, 1);
+        let t = Instant::now();
+        let first = leased(&attach(&mut m, 1, "laptop", None, t)).unwrap();
+        let due = m.poll_timeout().unwrap();
+        let half = Duration::from_secs(c.lease_lifetime_secs.div_ceil(2));
+        assert_eq!(due, t + half);
+        let acts = m.handle_timeout(due, 1000 + half.as_secs());
+        let renewed = leased(&acts).unwrap();
+        assert_eq!(renewed.ticket.claim.address, first.ticket.claim.address);
+        assert!(renewed.ticket.claim.expires_at > first.ticket.claim.expires_at);
+        // Kept across a restart before the client hears of it.
+        assert!(
+            matches!(acts[0], Action::Record(ref r) if r.expires_at == renewed.ticket.claim.expires_at)
+        );
+        // A secondary session's lease is its home's to renew.
+        let mut dn2 = machine(&c, 2);
+        attach(&mut dn2, 5, "laptop", Some(first.ticket.clone()), t);
+        assert_eq!(dn2.poll_timeout(), None);
+        // A session that ended is not renewed.
+        m.handle(Event::Ended(1), due, 1000);
+        assert_eq!(m.poll_timeout(), None);
     }
 
     #[test]
@@ -800,7 +873,7 @@ mod tests {
         assert_eq!(routes(&dn2), halves);
         let deadline = dn2.poll_timeout().unwrap();
         assert_eq!(deadline, up + NodePolicy::default().homecoming);
-        dn2.handle_timeout(deadline);
+        dn2.handle_timeout(deadline, 1000);
         assert_eq!(routes(&dn2), vec![format!("{a}/32 host for dn1")]);
         assert_eq!(dn2.poll_timeout(), None);
     }
@@ -836,7 +909,10 @@ mod tests {
         ));
         // It keeps telling its peers, once a notice interval.
         let next = dn1.poll_timeout().unwrap();
-        assert_eq!(dn1.handle_timeout(next), vec![Action::AnnounceHomeIsBack]);
+        assert_eq!(
+            dn1.handle_timeout(next, 1000),
+            vec![Action::AnnounceHomeIsBack]
+        );
         // A host route elsewhere moves one client, not the block: nothing is held, but the
         // peers are still told.
         let host: Vec<IpNet> = vec!["10.201.0.9/32".parse().unwrap()];

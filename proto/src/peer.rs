@@ -5,7 +5,12 @@
 //! home is back (thesis 3.1). "Alive": every failure detector (`dn-fd`) heartbeats every other
 //! one and says whether its DN is up (thesis 3.2). The lease key's public half is in
 //! `cluster.toml` already, so peers authenticate each other without another PKI. A notice is
-//! one UDP datagram: `magic, version, kind, sent_at, from, signature`.
+//! one UDP datagram: `magic, version, kind, sent_at, from, [body], signature`.
+//!
+//! Both kinds carry a sequence number that grows with every notice a sender sends ([`Sequence`]),
+//! so a receiver takes each notice at most once: a captured one replayed is refused. Wall
+//! clocks only vouch for the first notice a receiver hears from a peer ([`Freshness`]): after
+//! that, a sender whose clock steps back keeps being heard.
 
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier};
 
@@ -15,12 +20,13 @@ use crate::wire::{DecodeError, Reader, Writer};
 /// UDP port DNs listen on for peer notices, on their cluster-network address, unless
 /// `[ospf] peer_port` says otherwise.
 pub const DEFAULT_PEER_PORT: u16 = 4434;
-/// A notice older (or further in the future) than this is ignored: a replayed "home is back"
-/// must not send clients to a DN that has since died again.
+/// The first notice a receiver hears from a peer must be within this of its clock: a notice
+/// replayed to a receiver that just started must not send clients to a DN that has since died.
 pub const MAX_AGE_SECS: u64 = 10;
 
 const MAGIC: &[u8; 4] = b"HFPN";
-const VERSION: u8 = 1;
+/// Version 2 added the sequence to "home is back".
+const VERSION: u8 = 2;
 const SIGNING_CONTEXT: &[u8] = b"holdfast peer notice v1\0";
 const SIGNATURE_LEN: usize = 64;
 const K_HOME_IS_BACK: u8 = 1;
@@ -29,7 +35,7 @@ const K_ALIVE: u8 = 2;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Notice {
     /// The sender is up again and wants its clients back.
-    HomeIsBack,
+    HomeIsBack { seq: u64 },
     /// A failure detector's heartbeat: whether its DN is up. `seq` grows with every heartbeat
     /// (the sender's clock in milliseconds), so a replayed one is told from a fresh one.
     Alive { dn_up: bool, seq: u64 },
@@ -53,6 +59,74 @@ pub enum PeerError {
     BadSignature(String),
     #[error("peer notice from {from:?} is {age} s off this DN's clock (at most {MAX_AGE_SECS} s)")]
     Stale { from: String, age: u64 },
+    #[error("peer notice from {from:?} replayed or reordered (sequence {seq}, last taken {last})")]
+    Replayed { from: String, seq: u64, last: u64 },
+}
+
+impl Notice {
+    pub fn seq(&self) -> u64 {
+        match *self {
+            Notice::HomeIsBack { seq } | Notice::Alive { seq, .. } => seq,
+        }
+    }
+}
+
+/// A sender's sequence numbers: its clock in milliseconds, but never less than the last one
+/// plus one, so that it grows even when the clock steps back, and starts above anything the
+/// sender sent before a restart as long as the clock did not step back across it.
+#[derive(Debug, Clone, Default)]
+pub struct Sequence {
+    last: u64,
+}
+
+impl Sequence {
+    /// The next sequence number, given the clock now (unix milliseconds).
+    pub fn next(&mut self, unix_ms: u64) -> u64 {
+        self.last = unix_ms.max(self.last + 1);
+        self.last
+    }
+}
+
+/// What a receiver takes from each peer: a notice whose sequence is above the last one taken.
+/// The first notice from a peer (nothing taken yet) must also be within [`MAX_AGE_SECS`] of the
+/// receiver's clock.
+#[derive(Debug, Clone, Default)]
+pub struct Freshness {
+    last: std::collections::HashMap<String, u64>,
+}
+
+impl Freshness {
+    /// Takes `notice` (already opened, so its signature holds) if it is fresh; `now` is the
+    /// receiver's clock, unix seconds.
+    pub fn take(&mut self, notice: &PeerNotice, now: u64) -> Result<(), PeerError> {
+        let seq = notice.notice.seq();
+        match self.last.get(&notice.from) {
+            Some(&last) if seq <= last => {
+                return Err(PeerError::Replayed {
+                    from: notice.from.clone(),
+                    seq,
+                    last,
+                })
+            }
+            Some(_) => {}
+            None => {
+                let age = now.abs_diff(notice.sent_at);
+                if age > MAX_AGE_SECS {
+                    return Err(PeerError::Stale {
+                        from: notice.from.clone(),
+                        age,
+                    });
+                }
+            }
+        }
+        self.last.insert(notice.from.clone(), seq);
+        Ok(())
+    }
+
+    /// The last sequence taken from `from`.
+    pub fn last(&self, from: &str) -> Option<u64> {
+        self.last.get(from).copied()
+    }
 }
 
 impl PeerNotice {
@@ -61,14 +135,17 @@ impl PeerNotice {
         w.bytes(MAGIC);
         w.u8(VERSION);
         w.u8(match self.notice {
-            Notice::HomeIsBack => K_HOME_IS_BACK,
+            Notice::HomeIsBack { .. } => K_HOME_IS_BACK,
             Notice::Alive { .. } => K_ALIVE,
         });
         w.u64(self.sent_at);
         w.short_str(&self.from);
-        if let Notice::Alive { dn_up, seq } = self.notice {
-            w.u8(u8::from(dn_up));
-            w.u64(seq);
+        match self.notice {
+            Notice::HomeIsBack { seq } => w.u64(seq),
+            Notice::Alive { dn_up, seq } => {
+                w.u8(u8::from(dn_up));
+                w.u64(seq);
+            }
         }
     }
 
@@ -96,9 +173,9 @@ impl PeerNotice {
         r.short_str("sender").ok()
     }
 
-    /// Decodes a datagram and checks that a DN of `keys` signed it within [`MAX_AGE_SECS`] of
-    /// `now` (unix seconds).
-    pub fn open(datagram: &[u8], keys: &IssuerKeys, now: u64) -> Result<Self, PeerError> {
+    /// Decodes a datagram and checks that a DN of `keys` signed it. Whether it is fresh is
+    /// [`Freshness`]'s question.
+    pub fn open(datagram: &[u8], keys: &IssuerKeys) -> Result<Self, PeerError> {
         let mut r = Reader::new(datagram);
         if r.fixed::<4>("magic")? != *MAGIC {
             return Err(DecodeError::Invalid {
@@ -119,7 +196,9 @@ impl PeerNotice {
         let sent_at = r.u64("sent at")?;
         let from = r.short_str("sender")?;
         let notice = match kind {
-            K_HOME_IS_BACK => Notice::HomeIsBack,
+            K_HOME_IS_BACK => Notice::HomeIsBack {
+                seq: r.u64("sequence")?,
+            },
             K_ALIVE => Notice::Alive {
                 dn_up: match r.u8("dn up")? {
                     0 => false,
@@ -152,10 +231,6 @@ impl PeerNotice {
         signed.extend_from_slice(&datagram[..body_len]);
         key.verify(&signed, &Signature::from_bytes(&signature))
             .map_err(|_| PeerError::BadSignature(from.clone()))?;
-        let age = now.abs_diff(sent_at);
-        if age > MAX_AGE_SECS {
-            return Err(PeerError::Stale { from, age });
-        }
         Ok(Self {
             from,
             sent_at,
@@ -200,7 +275,15 @@ mod tests {
         PeerNotice {
             from: "dn1".into(),
             sent_at: at,
-            notice: Notice::HomeIsBack,
+            notice: Notice::HomeIsBack { seq: at * 1000 },
+        }
+    }
+
+    fn notice_with(seq: u64, sent_at: u64) -> PeerNotice {
+        PeerNotice {
+            from: "dn2".into(),
+            sent_at,
+            notice: Notice::HomeIsBack { seq },
         }
     }
 
@@ -208,7 +291,36 @@ mod tests {
     fn a_sealed_notice_opens_at_the_peer() {
         let (key, keys) = keys();
         let datagram = notice(1000).seal(&key);
-        assert_eq!(PeerNotice::open(&datagram, &keys, 1003), Ok(notice(1000)));
+        assert_eq!(PeerNotice::open(&datagram, &keys), Ok(notice(1000)));
+    }
+
+    #[test]
+    fn a_notice_is_taken_once() {
+        let mut fresh = Freshness::default();
+        assert_eq!(fresh.take(&notice(1000), 1003), Ok(()));
+        assert!(matches!(
+            fresh.take(&notice(1000), 1003),
+            Err(PeerError::Replayed { .. })
+        ));
+        assert_eq!(fresh.take(&notice(1001), 1003), Ok(()));
+        assert_eq!(fresh.last("dn1"), Some(1_001_000));
+    }
+
+    #[test]
+    fn only_the_first_notice_is_held_to_the_clock() {
+        let mut fresh = Freshness::default();
+        assert!(matches!(
+            fresh.take(&notice(1000), 1000 + MAX_AGE_SECS + 1),
+            Err(PeerError::Stale { .. })
+        ));
+        let mut seq = Sequence::default();
+        let before = seq.next(1_000_000);
+        assert_eq!(fresh.take(&notice_with(before, 5000), 5003), Ok(()));
+        // The sender's clock stepped back an hour: its sequence still grows and the receiver
+        // no longer asks its clock, so it is heard.
+        let after = seq.next(1_000_000 - 900_000);
+        assert!(after > before);
+        assert_eq!(fresh.take(&notice_with(after, 5000 - 3600), 5010), Ok(()));
     }
 
     #[test]
@@ -219,7 +331,7 @@ mod tests {
                 notice: Notice::Alive { dn_up, seq: 77 },
                 ..notice(1000)
             };
-            assert_eq!(PeerNotice::open(&alive.seal(&key), &keys, 1000), Ok(alive));
+            assert_eq!(PeerNotice::open(&alive.seal(&key), &keys), Ok(alive));
         }
     }
 
@@ -228,32 +340,26 @@ mod tests {
         let (key, keys) = keys();
         let other = SigningKey::from_bytes(&[6; 32]);
         assert_eq!(
-            PeerNotice::open(&notice(1000).seal(&other), &keys, 1000),
+            PeerNotice::open(&notice(1000).seal(&other), &keys),
             Err(PeerError::BadSignature("dn1".into()))
-        );
-        assert_eq!(
-            PeerNotice::open(&notice(1000).seal(&key), &keys, 1000 + MAX_AGE_SECS + 1),
-            Err(PeerError::Stale {
-                from: "dn1".into(),
-                age: MAX_AGE_SECS + 1
-            })
         );
         let stranger = PeerNotice {
             from: "dn9".into(),
             ..notice(1000)
         };
         assert_eq!(
-            PeerNotice::open(&stranger.seal(&key), &keys, 1000),
+            PeerNotice::open(&stranger.seal(&key), &keys),
             Err(PeerError::UnknownPeer("dn9".into()))
         );
         // The sender's name is signed: renaming the sender breaks the signature.
         let mut renamed = notice(1000).seal(&key);
-        let at = renamed.len() - SIGNATURE_LEN - 1;
+        // The sender's name's last byte, before the sequence.
+        let at = renamed.len() - SIGNATURE_LEN - 8 - 1;
         renamed[at] = b'2';
         let mut both = keys.clone();
         both.insert("dn2", key.verifying_key());
         assert_eq!(
-            PeerNotice::open(&renamed, &both, 1000),
+            PeerNotice::open(&renamed, &both),
             Err(PeerError::BadSignature("dn2".into()))
         );
     }
@@ -262,7 +368,7 @@ mod tests {
         #[test]
         fn arbitrary_datagrams_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let (_, keys) = keys();
-            let _ = PeerNotice::open(&bytes, &keys, 0);
+            let _ = PeerNotice::open(&bytes, &keys);
         }
 
         #[test]
@@ -271,7 +377,7 @@ mod tests {
             let mut datagram = notice(1000).seal(&key);
             let at = at % datagram.len();
             datagram[at] ^= 1 << bit;
-            prop_assert!(PeerNotice::open(&datagram, &keys, 1000).is_err());
+            prop_assert!(PeerNotice::open(&datagram, &keys).is_err());
         }
     }
 }

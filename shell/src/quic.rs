@@ -17,6 +17,10 @@ pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 const DATAGRAM_BUFFER: usize = 2 * 1024 * 1024;
 
 pub fn transport(idle_timeout: Duration) -> Arc<quinn::TransportConfig> {
+    Arc::new(transport_settings(idle_timeout))
+}
+
+fn transport_settings(idle_timeout: Duration) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     let idle = idle_timeout.min(MAX_IDLE_TIMEOUT).as_millis() as u32;
     t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
@@ -28,13 +32,28 @@ pub fn transport(idle_timeout: Duration) -> Arc<quinn::TransportConfig> {
     // The control stream is the only stream; packets ride in datagrams.
     t.max_concurrent_uni_streams(0u32.into());
     t.max_concurrent_bidi_streams(4u32.into());
+    t
+}
+
+/// Control data a client may have in flight towards the DN: its messages are a few hundred
+/// bytes, and a connection must not be a place to park megabytes the DN has not read.
+const CONTROL_WINDOW: u32 = 64 * 1024;
+
+/// The DN's side: one control stream per connection, with a small window, so that what a
+/// connection can make the DN buffer is bounded (the datagram buffer aside, which only an
+/// authenticated client can fill).
+fn server_transport() -> Arc<quinn::TransportConfig> {
+    let mut t = transport_settings(MAX_IDLE_TIMEOUT);
+    t.max_concurrent_bidi_streams(1u32.into());
+    t.stream_receive_window(CONTROL_WINDOW.into());
+    t.receive_window(CONTROL_WINDOW.into());
     Arc::new(t)
 }
 
 pub fn server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConfig> {
     let crypto = QuicServerConfig::try_from(tls).context("TLS config unusable for QUIC")?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(transport(MAX_IDLE_TIMEOUT));
+    config.transport_config(server_transport());
     Ok(config)
 }
 

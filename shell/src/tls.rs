@@ -80,8 +80,17 @@ impl ClientCertVerifier for RevokingVerifier {
             .inner
             .verify_client_cert(end_entity, intermediates, now)
         {
-            tracing::warn!(client = %identity, error = %e, "client refused: certificate not accepted");
+            // Not verified: the name is anyone's words, so it is logged escaped.
+            tracing::warn!(client = ?identity, error = %e, "client refused: certificate not accepted");
             return Err(e);
+        }
+        if identity.chars().any(char::is_control) {
+            // Identities go into logs, routes' reasons and tickets: no line breaks or escape
+            // sequences, whoever the CA is.
+            tracing::warn!(client = ?identity, "client refused: its common name has control characters");
+            return Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ));
         }
         let print = fingerprint(end_entity);
         if self
@@ -89,7 +98,7 @@ impl ClientCertVerifier for RevokingVerifier {
             .iter()
             .any(|r| *r == identity || r.eq_ignore_ascii_case(&print))
         {
-            tracing::warn!(client = %identity, fingerprint = %print, "client refused: revoked in cluster.toml");
+            tracing::warn!(client = ?identity, fingerprint = %print, "client refused: revoked in cluster.toml");
             return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
         }
         Ok(ClientCertVerified::assertion())

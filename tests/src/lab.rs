@@ -114,6 +114,8 @@ pub struct LabSpec {
     pub fd_args: Vec<String>,
     /// Prefix length of every DN's pool: 24 (253 clients) down to 16 (65,533).
     pub pool_prefix: u8,
+    /// `cluster.lease_lifetime_secs`; `None`: the default (a day).
+    pub lease_lifetime_secs: Option<u64>,
 }
 
 /// How a DN is failed in tests and experiments.
@@ -183,6 +185,7 @@ impl Default for LabSpec {
             supervised: false,
             fd_args: Vec::new(),
             pool_prefix: 24,
+            lease_lifetime_secs: None,
         }
     }
 }
@@ -363,6 +366,9 @@ impl Lab {
             routes = routes.join(", "),
             revoked = revoked.join(", "),
         );
+        if let Some(secs) = spec.lease_lifetime_secs {
+            cluster += &format!("lease_lifetime_secs = {secs}\n");
+        }
         if spec.routing.dynamic() {
             cluster += &format!(
                 "\n[ospf]\nnetwork = \"{CLUSTER_NET}\"\n\n[[esr]]\nname = \"esr\"\nrouter_id = \"{ESR_ON_CLUSTER_NET}\"\nospf_interface = \"cl0\"\n"

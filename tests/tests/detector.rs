@@ -88,6 +88,10 @@ fn alive(pid: u32) -> bool {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn a_stopped_dn_is_killed_its_routes_deleted_and_it_is_restarted() {
     // A slow restart leaves time to see that no route outlives the kill.
     let spec = supervised(1, Routing::Static, &["--restart-base-ms", "1500"]);
@@ -164,6 +168,10 @@ fn a_stopped_dn_is_killed_its_routes_deleted_and_it_is_restarted() {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn a_flapping_dn_is_restarted_with_growing_delays() {
     let spec = supervised(1, Routing::Static, &["--restart-base-ms", "300"]);
     with_lab(spec, |lab| {
@@ -201,6 +209,10 @@ fn a_flapping_dn_is_restarted_with_growing_delays() {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn no_dn_outlives_its_detector() {
     with_lab(supervised(1, Routing::Static, &[]), |lab| {
         let pid = wait_running(lab, 1, None, Duration::from_secs(10))?;
@@ -213,6 +225,10 @@ fn no_dn_outlives_its_detector() {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn a_dn_host_cut_off_is_reported_down_by_its_peer_which_takes_its_blocks() {
     with_lab(supervised(2, Routing::Frr, &[]), |lab| {
         let (address, primary, backup) = client_with_detectors_in_touch(lab)?;
@@ -259,6 +275,10 @@ fn a_dn_host_cut_off_is_reported_down_by_its_peer_which_takes_its_blocks() {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn a_dn_cut_from_the_cluster_network_is_reported_down_and_its_clients_told_to_switch() {
     with_lab(supervised(2, Routing::Frr, &[]), |lab| {
         let (address, primary, backup) = client_with_detectors_in_touch(lab)?;

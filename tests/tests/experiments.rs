@@ -51,6 +51,10 @@ fn assert_files(dir: &Path, names: &[&str]) {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn the_icmp_experiment_counts_losses_per_run_and_writes_csv_and_chart() {
     if !have_root() {
         return;
@@ -77,6 +81,10 @@ fn the_icmp_experiment_counts_losses_per_run_and_writes_csv_and_chart() {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn the_http_experiment_times_downloads_with_and_without_a_failure() {
     if !have_root() {
         return;
@@ -109,6 +117,10 @@ fn the_http_experiment_times_downloads_with_and_without_a_failure() {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn the_bench_writes_its_csv_and_charts() {
     if !have_root() {
         return;
@@ -121,6 +133,10 @@ fn the_bench_writes_its_csv_and_charts() {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn lab_scale_opens_thousands_of_sessions_and_every_one_switches_when_their_dn_is_killed() {
     if !have_root() {
         return;

@@ -22,6 +22,10 @@ fn role_of(status: &Value, role: &str) -> Option<usize> {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn the_client_fails_over_to_its_secondary_which_promotes_itself_and_routes_the_client() {
     let spec = LabSpec {
         dns: 2,
@@ -88,11 +92,19 @@ fn the_client_fails_over_to_its_secondary_which_promotes_itself_and_routes_the_c
 }
 
 #[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn with_frr_the_edge_router_follows_the_client_to_its_backup_dn() {
     the_edge_router_follows_the_client_to_its_backup_dn(Routing::Frr);
 }
 
 #[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn with_bird_the_edge_router_follows_the_client_to_its_backup_dn() {
     the_edge_router_follows_the_client_to_its_backup_dn(Routing::Bird);
 }
@@ -161,6 +173,10 @@ fn the_edge_router_follows_the_client_to_its_backup_dn(routing: Routing) {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn after_the_primary_and_then_its_backup_die_the_third_dn_carries_the_client() {
     let spec = LabSpec {
         dns: 3,
@@ -247,11 +263,19 @@ impl Drop for Running {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn with_frr_the_client_goes_home_when_its_dn_returns() {
     the_client_goes_home_when_its_dn_returns(Routing::Frr);
 }
 
 #[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn with_bird_the_client_goes_home_when_its_dn_returns() {
     the_client_goes_home_when_its_dn_returns(Routing::Bird);
 }
@@ -387,6 +411,10 @@ fn the_client_goes_home_when_its_dn_returns(routing: Routing) {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn a_dn_whose_port_answers_unreachable_counts_as_dead_at_once() {
     let spec = LabSpec {
         dns: 2,

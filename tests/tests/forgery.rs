@@ -89,6 +89,10 @@ fn session(status: &Value, dn: usize) -> Value {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn a_forged_icmp_error_ends_no_session() {
     let spec = LabSpec {
         dns: 2,
@@ -146,6 +150,10 @@ fn a_forged_icmp_error_ends_no_session() {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn a_flood_of_forged_heartbeats_changes_no_detectors_view() {
     let spec = LabSpec {
         dns: 2,

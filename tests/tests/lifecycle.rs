@@ -35,6 +35,10 @@ fn alive(pid: u32) -> bool {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn dropping_a_lab_removes_everything_it_made() {
     if !have_root() {
         return;
@@ -83,6 +87,10 @@ fn dropping_a_lab_removes_everything_it_made() {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn a_namespace_that_exists_already_is_refused_and_left_alone() {
     if !have_root() {
         return;
@@ -124,6 +132,10 @@ fn a_namespace_that_exists_already_is_refused_and_left_alone() {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn a_panicking_test_still_cleans_up() {
     if !have_root() {
         return;

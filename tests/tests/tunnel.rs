@@ -15,6 +15,10 @@ use std::net::IpAddr;
 const UP: Duration = Duration::from_secs(15);
 
 #[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn ping_reaches_the_server_through_the_tunnel() {
     with_lab(LabSpec::default(), |lab| {
         // Without the tunnel the server network is unreachable from the client.
@@ -42,6 +46,10 @@ fn ping_reaches_the_server_through_the_tunnel() {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn a_100_mb_transfer_arrives_intact() {
     with_lab(LabSpec::default(), |lab| {
         let www = lab.net.dir.join("www");
@@ -74,6 +82,10 @@ fn a_100_mb_transfer_arrives_intact() {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn a_second_client_gets_its_own_address() {
     let spec = LabSpec {
         clients: 2,
@@ -120,6 +132,10 @@ fn assert_refused(lab: &mut Lab, reason_in_dn_log: &str) -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn a_client_with_a_certificate_from_another_ca_is_refused() {
     with_lab(LabSpec::default(), |lab| {
         lab.start_client(1, &Credential::Foreign("intruder".into()))?;
@@ -128,6 +144,10 @@ fn a_client_with_a_certificate_from_another_ca_is_refused() {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn a_revoked_client_is_refused() {
     let spec = LabSpec {
         revoked: vec!["stolen-laptop".into()],
@@ -140,6 +160,10 @@ fn a_revoked_client_is_refused() {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn a_forged_source_address_is_dropped_and_counted() {
     with_lab(LabSpec::default(), |lab| {
         lab.start_client(1, &Credential::Issued("client1".into()))?;
@@ -166,6 +190,10 @@ fn a_forged_source_address_is_dropped_and_counted() {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn an_oversized_packet_gets_packet_too_big_not_silence() {
     with_lab(LabSpec::default(), |lab| {
         lab.start_client(1, &Credential::Issued("client1".into()))?;
@@ -211,6 +239,10 @@ fn an_oversized_packet_gets_packet_too_big_not_silence() {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn a_client_reconnects_with_its_address_after_the_dn_restarts() {
     with_lab(LabSpec::default(), |lab| {
         lab.start_client(1, &Credential::Issued("client1".into()))?;
@@ -244,6 +276,10 @@ fn comes_back(lab: &Lab, client: &str) -> Result<()> {
 /// restarted DN reads its lease journal and gives the next new client another address, and the
 /// sleeper wakes up to its own.
 #[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn a_restarted_dn_keeps_a_sleeping_clients_address_for_it() {
     let spec = LabSpec {
         clients: 2,
@@ -273,6 +309,10 @@ fn a_restarted_dn_keeps_a_sleeping_clients_address_for_it() {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn a_pushed_default_route_keeps_the_dn_endpoint_outside_the_tunnel() {
     let spec = LabSpec {
         client_routes: vec!["0.0.0.0/0".into()],
@@ -298,6 +338,10 @@ fn a_pushed_default_route_keeps_the_dn_endpoint_outside_the_tunnel() {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn the_dn_routes_its_pool_with_our_protocol_and_the_routes_die_with_it() {
     with_lab(LabSpec::default(), |lab| {
         let show = |lab: &Lab| -> Result<String> {
@@ -355,6 +399,10 @@ fn present(lab: &Lab, identity: &str, ticket: Option<&LeaseTicket>) -> Result<se
 }
 
 #[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn a_claim_without_a_valid_ticket_of_ones_own_gets_no_address_no_route_and_no_traffic() {
     with_lab(LabSpec::default(), |lab| {
         lab.start_client(1, &Credential::Issued("client1".into()))?;

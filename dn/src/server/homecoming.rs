@@ -14,9 +14,10 @@ use holdfast_proto::cluster::{Cluster, DnSpec};
 use holdfast_proto::fd::{Admission, PeerGate, PeerPolicy};
 use holdfast_proto::lease::IssuerKeys;
 use holdfast_proto::node::{Event, NodePolicy};
-use holdfast_proto::peer::{Notice, PeerNotice};
+use holdfast_proto::peer::{Freshness, Notice, PeerNotice, Sequence};
 use holdfast_shell::netlink::Routes;
-use holdfast_shell::unix_now;
+use holdfast_shell::{unix_millis, unix_now};
+use std::sync::atomic::Ordering::Relaxed;
 use tokio::net::UdpSocket;
 use tracing::{debug, warn};
 
@@ -31,6 +32,7 @@ pub(super) struct Peers {
     addresses: Vec<(String, SocketAddr)>,
     keys: IssuerKeys,
     signing_key: ed25519_dalek::SigningKey,
+    sequence: std::sync::Mutex<Sequence>,
 }
 
 impl Peers {
@@ -63,14 +65,20 @@ impl Peers {
             addresses,
             keys: cluster.issuer_keys(),
             signing_key,
+            sequence: std::sync::Mutex::new(Sequence::default()),
         }))
     }
 
     pub(super) async fn announce_home_is_back(&self, me: &str) {
+        let seq = self
+            .sequence
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .next(unix_millis());
         let datagram = PeerNotice {
             from: me.to_owned(),
             sent_at: unix_now(),
-            notice: Notice::HomeIsBack,
+            notice: Notice::HomeIsBack { seq },
         }
         .seal(&self.signing_key);
         for (name, address) in &self.addresses {
@@ -114,6 +122,7 @@ pub(super) async fn listen(dn: Arc<Dn>, peers: Arc<Peers>) {
     };
     let addresses = peers.addresses.iter().map(|(n, a)| (n.clone(), a.ip()));
     let mut gate = PeerGate::new(addresses.collect(), policy, std::time::Instant::now());
+    let mut freshness = Freshness::default();
     loop {
         let (n, from) = match peers.socket.recv_from(&mut buf).await {
             Ok(got) => got,
@@ -128,21 +137,34 @@ pub(super) async fn listen(dn: Arc<Dn>, peers: Arc<Peers>) {
         };
         let admission = gate.admit(&claimed, from.ip(), std::time::Instant::now());
         if !matches!(admission, Admission::Check(_)) {
-            debug!(%from, %claimed, ?admission, "ignoring a peer datagram before its signature");
+            debug!(%from, ?claimed, ?admission, "ignoring a peer datagram before its signature");
             continue;
         }
-        match PeerNotice::open(&buf[..n], &peers.keys, unix_now()) {
-            Ok(PeerNotice {
-                from: home,
-                notice: Notice::HomeIsBack,
-                ..
-            }) => dn.handle(Event::HomeIsBack { from: home }).await,
+        match PeerNotice::open(&buf[..n], &peers.keys) {
+            Ok(
+                notice @ PeerNotice {
+                    notice: Notice::HomeIsBack { .. },
+                    ..
+                },
+            ) => match freshness.take(&notice, unix_now()) {
+                Ok(()) => {
+                    dn.counters.peer_notices_taken.fetch_add(1, Relaxed);
+                    dn.handle(Event::HomeIsBack { from: notice.from }).await
+                }
+                Err(e) => {
+                    dn.counters.peer_notices_refused.fetch_add(1, Relaxed);
+                    warn!(%from, error = %e, "ignoring a peer notice");
+                }
+            },
             // Heartbeats are between the failure detectors, on their own port.
             Ok(PeerNotice {
                 notice: Notice::Alive { .. },
                 ..
             }) => debug!(%from, "ignoring a detector heartbeat on the DN's port"),
-            Err(e) => debug!(%from, error = %e, "ignoring a peer datagram"),
+            Err(e) => {
+                dn.counters.peer_notices_refused.fetch_add(1, Relaxed);
+                debug!(%from, error = %e, "ignoring a peer datagram");
+            }
         }
     }
 }

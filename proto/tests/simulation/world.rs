@@ -810,8 +810,9 @@ impl World {
                 .and_then(|m| m.poll_timeout())
                 .is_some_and(|t| t <= now);
             if due {
+                let unix = self.unix();
                 let actions = match self.dns[dn].machine.as_mut() {
-                    Some(m) => m.handle_timeout(now),
+                    Some(m) => m.handle_timeout(now, unix),
                     None => Vec::new(),
                 };
                 self.perform_dn(dn, actions);

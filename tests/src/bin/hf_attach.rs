@@ -11,10 +11,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use clap::Parser;
 use holdfast_proto::control::Message;
-use holdfast_proto::lease::LeaseTicket;
 use holdfast_shell::quic::{send_message, ControlReader};
 use holdfast_shell::{quic, tls};
 
@@ -39,14 +38,7 @@ struct Cli {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
-    let ticket = cli
-        .ticket_hex
-        .as_deref()
-        .map(|h| {
-            let bytes = hex::decode(h).context("--ticket-hex is not hex")?;
-            LeaseTicket::decode(&bytes).map_err(|e| anyhow!("bad ticket: {e}"))
-        })
-        .transpose()?;
+    let ticket = holdfast_lab::session::ticket_from_hex(cli.ticket_hex.as_deref())?;
     let tls = tls::client_config(&cli.cert, &cli.key, &cli.server_ca)?;
     let mut endpoint = quic::endpoint("0.0.0.0:0".parse()?, None, None)?;
     endpoint.set_default_client_config(quic::client_config(tls, quic::MAX_IDLE_TIMEOUT)?);

@@ -19,9 +19,9 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
+use holdfast_lab::session::{attach, parse_dn};
 use holdfast_lab::unix_micros;
 use holdfast_proto::control::Message;
-use holdfast_proto::lease::LeaseTicket;
 use holdfast_proto::probe::encode_probe;
 use holdfast_shell::quic::{send_message, ControlReader};
 use holdfast_shell::{quic, tls};
@@ -56,16 +56,6 @@ struct Cli {
     switch_timeout_secs: u64,
 }
 
-fn parse_dn(text: &str) -> Result<(String, SocketAddr), String> {
-    let (name, addr) = text
-        .split_once('=')
-        .ok_or_else(|| format!("{text:?} is not NAME=ADDRESS:PORT"))?;
-    let addr = addr
-        .parse()
-        .map_err(|_| format!("{addr:?} is not an ADDRESS:PORT"))?;
-    Ok((name.to_owned(), addr))
-}
-
 /// One client: its two sessions.
 struct Client {
     primary: quinn::Connection,
@@ -83,47 +73,19 @@ struct Seen {
     promoted: Option<u64>,
 }
 
-async fn attach(
-    endpoint: &quinn::Endpoint,
-    config: quinn::ClientConfig,
-    (name, addr): &(String, SocketAddr),
-    ticket: Option<LeaseTicket>,
-) -> Result<(
-    quinn::Connection,
-    quinn::SendStream,
-    ControlReader,
-    LeaseTicket,
-)> {
-    let conn = endpoint
-        .connect_with(config, *addr, name)
-        .with_context(|| format!("cannot connect to {name}"))?
-        .await
-        .with_context(|| format!("handshake with {name} failed"))?;
-    let (mut send, recv) = conn.open_bi().await?;
-    send_message(&mut send, &Message::Attach { ticket }).await?;
-    let mut reader = ControlReader::new(recv);
-    match reader.next().await? {
-        Some(Message::Leased(lease)) => Ok((conn, send, reader, lease.ticket)),
-        Some(Message::Refused { code, reason }) => bail!("{name} refused: {code:?}: {reason}"),
-        other => bail!("{name} answered {other:?}"),
-    }
-}
-
 async fn open_client(
     endpoint: quinn::Endpoint,
     config: quinn::ClientConfig,
     cli: Arc<Cli>,
 ) -> Result<Client> {
-    let (primary, p_send, p_reader, ticket) =
-        attach(&endpoint, config.clone(), &cli.primary, None).await?;
-    let (secondary, secondary_send, secondary_reader, _) =
-        attach(&endpoint, config, &cli.secondary, Some(ticket)).await?;
+    let primary = attach(&endpoint, config.clone(), &cli.primary, None).await?;
+    let secondary = attach(&endpoint, config, &cli.secondary, Some(primary.ticket)).await?;
     Ok(Client {
-        primary,
-        secondary,
-        _primary_control: (p_send, p_reader),
-        secondary_send,
-        secondary_reader,
+        primary: primary.conn,
+        secondary: secondary.conn,
+        _primary_control: (primary.send, primary.reader),
+        secondary_send: secondary.send,
+        secondary_reader: secondary.reader,
     })
 }
 

@@ -7,7 +7,7 @@ use holdfast_lab::experiment::{self, Setup};
 use holdfast_lab::lab::{
     client_role, dn_role, parse_ping, Credential, Failure, Lab, LabSpec, Routing, SERVER,
 };
-use holdfast_lab::{bench, netns, scale, traffic};
+use holdfast_lab::{attack, bench, netns, scale, traffic};
 use std::path::{Path, PathBuf};
 
 /// Holdfast's lab: the testbed in network namespaces on this machine (needs root).
@@ -105,6 +105,23 @@ enum Command {
         #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..=100))]
         keepalive_secs: u64,
         /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hostile input against the real binaries: floods, rogue clients, forged and replayed
+    /// notices, log injection. Each case builds its own lab (two DNs under dn-fd, FRR, a real
+    /// client pinging at 100/s) and holds when its check holds, no DN was killed or restarted,
+    /// every DN's routes match its sessions and the real client lost no ping.
+    ///
+    /// Example: lab attack --json
+    ///          lab attack --case initial_flood --case conn_flood
+    Attack {
+        /// Run only this case (repeatable); the cases: initial_flood, conn_flood,
+        /// non_reading_client, reattach_route_leak, block_pull, restart_address_reuse,
+        /// expired_lease_reuse, home_is_back_replay, log_injection, foreign_ticket.
+        #[arg(long = "case", value_name = "NAME")]
+        cases: Vec<String>,
+        /// Print one JSON object ({"cases": [{"name", "held", "detail"}]}) instead of the table.
         #[arg(long)]
         json: bool,
     },
@@ -515,6 +532,18 @@ fn main() -> Result<()> {
                 println!("{}", report.json());
             } else {
                 print!("{}", report.table());
+            }
+            Ok(())
+        }
+        Command::Attack { cases, json } => {
+            let report = attack::run(&cases, json)?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+            if !report.all_held() {
+                std::process::exit(1);
             }
             Ok(())
         }
