@@ -173,6 +173,7 @@ async fn main() -> Result<()> {
         return Ok(());
     }
     holdfast_shell::init_logging();
+    holdfast_shell::abort_on_panic();
     let Some(node) = cli.node else {
         anyhow::bail!(
             "which DN does this detector supervise? give --node NAME (a [[dn]] name in the config)"

@@ -210,9 +210,11 @@ pub async fn run(opts: Options) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     let _ = std::fs::remove_file(&local_path);
+    // Only this user may send it heartbeats and faults: a fault kills the DN.
+    let bound = holdfast_shell::control::bind_private_datagram(&local_path)?;
     let local = LocalSocket {
-        socket: UnixDatagram::bind(&local_path)
-            .with_context(|| format!("cannot bind {}", local_path.display()))?,
+        socket: UnixDatagram::from_std(bound)
+            .with_context(|| format!("cannot watch {}", local_path.display()))?,
         path: local_path,
     };
     let peer_info: Vec<PeerInfo> = cluster

@@ -159,6 +159,7 @@ async fn main() -> Result<()> {
         },
         None => {
             holdfast_shell::init_logging();
+            holdfast_shell::abort_on_panic();
             let node = cli
                 .node
                 .context("--node NAME is required to run a DN (see --help)")?;

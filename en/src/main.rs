@@ -87,6 +87,7 @@ async fn main() -> Result<()> {
     match cli.command {
         Command::Up => {
             holdfast_shell::init_logging();
+            holdfast_shell::abort_on_panic();
             holdfast_en::client::run(config).await
         }
         Command::Status { json } => {

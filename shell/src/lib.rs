@@ -21,6 +21,18 @@ pub fn init_logging() {
         .try_init();
 }
 
+/// A panic anywhere (any task, any thread) ends the daemon at once, after the usual message:
+/// a task that died holding a session, a route or a lock would otherwise leave stale state
+/// behind a process that still looks alive. The DN's failure detector then cleans up and
+/// restarts it; a client's tunnel and routes go with its process.
+pub fn abort_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::abort();
+    }));
+}
+
 /// Seconds since the Unix epoch; the clock lease tickets are stamped with.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()

@@ -43,9 +43,8 @@ impl Link {
         let path = holdfast_shell::control::beside(control, ".fd");
         // A socket file left by an earlier process of this DN.
         let _ = std::fs::remove_file(&path);
-        let bound = std::os::unix::net::UnixDatagram::bind(&path)
-            .with_context(|| format!("cannot bind the detector socket {}", path.display()))?;
-        bound.set_nonblocking(true)?;
+        let bound = holdfast_shell::control::bind_private_datagram(&path)
+            .context("cannot open the detector socket")?;
         let beats = bound
             .try_clone()
             .context("cannot share the detector socket")?;
