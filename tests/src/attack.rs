@@ -15,6 +15,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::bench::cpu_seconds;
 use crate::experiment::parse_ping_replies;
 use crate::lab::{
     client_address_towards, dn_address_towards, dn_on_cluster_net, dn_role, Credential, Lab,
@@ -38,6 +39,8 @@ pub const CASES: &[&str] = &[
 
 /// The attacker's namespace: client 2's, with a link to every DN.
 const ATTACKER: usize = 2;
+/// How soon a client arriving right behind a handshake flood must have its lease.
+const NEWCOMER_WITHIN_SECS: f64 = 2.0;
 /// Lease lifetime in the lab of `expired_lease_reuse`: short enough to expire during the case.
 const SHORT_LEASE_SECS: u64 = 8;
 
@@ -359,17 +362,28 @@ fn initial_flood(a: &Arena) -> Result<Outcome> {
     for s in &sources {
         args.extend(["--from".to_owned(), s.clone()]);
     }
+    let pid = a.lab.dn_pid(k)?;
+    let cpu_before = cpu_seconds(pid).unwrap_or(0.0);
     let sent = a.attack(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    // A new client right behind the flood must still get in.
+    let newcomer = a.attack_as("lease", k, "newcomer", &[])?;
     // The DN works through what it accepted; give it the time a handshake may take.
     std::thread::sleep(Duration::from_secs(6));
+    let cpu = cpu_seconds(pid).unwrap_or(0.0) - cpu_before;
     let status = a.lab.dn_status(k)?;
     let admission = &status["admission"];
-    let own = Vec::new();
+    let mut own = Vec::new();
+    let waited = newcomer["seconds"].as_f64();
+    match waited {
+        Some(s) if s <= NEWCOMER_WITHIN_SECS => {}
+        Some(s) => own.push(format!("a new client waited {s:.1} s for its lease")),
+        None => own.push(format!("a new client got no lease: {}", newcomer["detail"])),
+    }
     Ok((
         own,
         vec![],
         format!(
-            "{} Initials from {} addresses in {:.2} s; {}: {} retried, {} dropped, {} handshakes failed",
+            "{} Initials from {} addresses in {:.2} s; {}: {} retried, {} dropped, {} handshakes failed, {cpu:.1} CPU s; a new client leased in {}",
             sent["sent"],
             sources.len(),
             sent["send_seconds"].as_f64().unwrap_or(0.0),
@@ -377,6 +391,7 @@ fn initial_flood(a: &Arena) -> Result<Outcome> {
             admission["retried"],
             admission["ignored"],
             status["handshakes_failed"],
+            waited.map_or("-".to_owned(), |s| format!("{s:.2} s")),
         ),
     ))
 }

@@ -138,6 +138,9 @@ enum Command {
     },
 }
 
+/// How long `lease` waits for the DN's answer.
+const LEASE_WITHIN: Duration = Duration::from_secs(15);
+
 fn unix_now() -> u64 {
     holdfast_lab::unix_micros() / 1_000_000
 }
@@ -281,13 +284,18 @@ async fn promoted(session: &mut Attached, within: Duration) -> bool {
 
 async fn lease(client: Client) -> Result<serde_json::Value> {
     let conn = connector(&client, |_| {})?;
-    Ok(match conn.attach().await {
+    let started = Instant::now();
+    let attached = tokio::time::timeout(LEASE_WITHIN, conn.attach())
+        .await
+        .unwrap_or_else(|_| Err(anyhow!("no lease within {LEASE_WITHIN:?}")));
+    Ok(match attached {
         Ok(s) => {
             let json = serde_json::json!({
                 "answer": "leased",
                 "address": s.ticket.claim.address,
                 "expires_at": s.ticket.claim.expires_at,
                 "ticket_hex": hex::encode(s.ticket.encode()),
+                "seconds": started.elapsed().as_secs_f64(),
             });
             s.conn.close(0u32.into(), b"done");
             conn.endpoint.wait_idle().await;
