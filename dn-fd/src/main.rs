@@ -79,6 +79,9 @@ struct Cli {
     /// Serve no metrics.
     #[arg(long, conflicts_with = "metrics")]
     no_metrics: bool,
+    /// Log format: text, or one JSON object per line.
+    #[arg(long, global = true, value_enum, env = holdfast_shell::LOG_FORMAT_ENV, default_value_t = holdfast_shell::LogFormat::Text)]
+    log_format: holdfast_shell::LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -172,7 +175,7 @@ async fn main() -> Result<()> {
         }
         return Ok(());
     }
-    holdfast_shell::init_logging();
+    holdfast_shell::init_logging(cli.log_format);
     holdfast_shell::abort_on_panic();
     let Some(node) = cli.node else {
         anyhow::bail!(
@@ -199,6 +202,7 @@ async fn main() -> Result<()> {
         memory_limit_bytes: cli.memory_limit_mib.saturating_mul(1 << 20),
         stall: Duration::from_millis(cli.stall_ms),
         metrics: (!cli.no_metrics).then_some(cli.metrics),
+        log_format: cli.log_format,
     };
     supervise::run(opts).await
 }

@@ -37,6 +37,8 @@ pub struct Options {
     /// Zero: the data path is not watched.
     pub stall: Duration,
     pub metrics: Option<SocketAddr>,
+    /// The DN logs in the same format.
+    pub log_format: holdfast_shell::LogFormat,
 }
 
 /// How often limits (memory, stalled data path) are sampled.
@@ -448,6 +450,7 @@ impl Detector {
             .arg("--control")
             .arg(&self.opts.dn_control)
             .env(FD_SOCKET_ENV, &self.local.path)
+            .env(holdfast_shell::LOG_FORMAT_ENV, self.opts.log_format.name())
             .kill_on_drop(true);
         let parent = std::process::id();
         // SAFETY: prctl, getppid and _exit are async-signal-safe; nothing is allocated.

@@ -29,6 +29,9 @@ struct Cli {
     /// The local status socket [default: /run/holdfast/dn-<node>.sock].
     #[arg(long, global = true)]
     control: Option<PathBuf>,
+    /// Log format: text, or one JSON object per line.
+    #[arg(long, global = true, value_enum, env = holdfast_shell::LOG_FORMAT_ENV, default_value_t = holdfast_shell::LogFormat::Text)]
+    log_format: holdfast_shell::LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -158,7 +161,7 @@ async fn main() -> Result<()> {
             }
         },
         None => {
-            holdfast_shell::init_logging();
+            holdfast_shell::init_logging(cli.log_format);
             holdfast_shell::abort_on_panic();
             let node = cli
                 .node

@@ -17,6 +17,9 @@ struct Cli {
     /// The client configuration (see README.md, "en.toml").
     #[arg(long, short, global = true, default_value = "/etc/holdfast/en.toml")]
     config: PathBuf,
+    /// Log format: text, or one JSON object per line.
+    #[arg(long, global = true, value_enum, env = holdfast_shell::LOG_FORMAT_ENV, default_value_t = holdfast_shell::LogFormat::Text)]
+    log_format: holdfast_shell::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -86,7 +89,7 @@ async fn main() -> Result<()> {
     let config = EnConfig::load(&cli.config)?;
     match cli.command {
         Command::Up => {
-            holdfast_shell::init_logging();
+            holdfast_shell::init_logging(cli.log_format);
             holdfast_shell::abort_on_panic();
             holdfast_en::client::run(config).await
         }

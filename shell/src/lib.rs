@@ -7,18 +7,49 @@ pub mod quic;
 pub mod tls;
 pub mod tun;
 
-/// Logs to stderr; `RUST_LOG` overrides the default level (info). Colours only on a terminal
-/// (and not with `NO_COLOR`): a log file or the journal gets plain text.
-pub fn init_logging() {
+/// How the daemons write their logs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One line of text per event; colours only on a terminal (and not with `NO_COLOR`).
+    #[default]
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `target`, `message` and the event's
+    /// fields), for log pipelines.
+    Json,
+}
+
+impl LogFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+/// The environment variable behind every daemon's `--log-format`; `dn-fd` sets it for its DN.
+pub const LOG_FORMAT_ENV: &str = "HOLDFAST_LOG_FORMAT";
+
+/// Logs to stderr in `format`; `RUST_LOG` overrides the default level (info). A log file or the
+/// journal gets no colour codes.
+pub fn init_logging(format: LogFormat) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(colour)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => {
+            let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            builder.with_ansi(colour).try_init()
+        }
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_span_list(false)
+            .try_init(),
+    };
 }
 
 /// A panic anywhere (any task, any thread) ends the daemon at once, after the usual message:

@@ -302,3 +302,38 @@ fn a_dn_cut_from_the_cluster_network_is_reported_down_and_its_clients_told_to_sw
         traffic_flows_via(lab, address, backup)
     });
 }
+
+#[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
+fn with_log_format_json_the_detector_and_its_dn_log_one_json_object_per_line() {
+    with_lab(
+        supervised(1, Routing::Static, &["--log-format", "json"]),
+        |lab| {
+            lab.start_client(1, &Credential::Issued("client1".into()))?;
+            lab.wait_address(1, Duration::from_secs(15))?;
+            let log = std::fs::read_to_string(lab.net.log_path(&Lab::fd_role(1)))?;
+            let mut targets = std::collections::BTreeSet::new();
+            for line in log.lines().filter(|l| !l.trim().is_empty()) {
+                let v: Value = serde_json::from_str(line)
+                    .with_context(|| format!("not a JSON log line: {line:?}"))?;
+                ensure!(
+                    v["timestamp"].is_string()
+                        && v["level"].is_string()
+                        && v["message"].is_string(),
+                    "a JSON log line lacks timestamp, level or message: {line}"
+                );
+                targets.insert(v["target"].as_str().unwrap_or_default().to_owned());
+            }
+            // The DN inherits the format from its detector: both write here.
+            ensure!(
+                targets.iter().any(|t| t.starts_with("dn_fd"))
+                    && targets.iter().any(|t| t.starts_with("holdfast_dn")),
+                "expected lines of dn-fd and of its dn, got targets {targets:?}"
+            );
+            Ok(())
+        },
+    );
+}
