@@ -278,7 +278,14 @@ pub async fn run(opts: Options) -> Result<()> {
     })
     .await?;
     let _metrics = match opts.metrics {
-        Some(addr) => Some(metrics::serve(addr, state.clone()).await?),
+        Some(addr) => Some(
+            holdfast_shell::metrics::serve(
+                addr,
+                Arc::new(metrics::registry(state.clone())),
+                "dn-fd",
+            )
+            .await?,
+        ),
         None => None,
     };
     info!(

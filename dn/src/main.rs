@@ -29,6 +29,13 @@ struct Cli {
     /// The local status socket [default: /run/holdfast/dn-<node>.sock].
     #[arg(long, global = true)]
     control: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (a DN whose port is taken runs on
+    /// without them, with a warning).
+    #[arg(long, default_value = "127.0.0.1:9436", value_name = "ADDR")]
+    metrics: std::net::SocketAddr,
+    /// Serve no metrics.
+    #[arg(long, conflicts_with = "metrics")]
+    no_metrics: bool,
     /// Log format: text, or one JSON object per line.
     #[arg(long, global = true, value_enum, env = holdfast_shell::LOG_FORMAT_ENV, default_value_t = holdfast_shell::LogFormat::Text)]
     log_format: holdfast_shell::LogFormat,
@@ -171,6 +178,7 @@ async fn main() -> Result<()> {
                 config: cli.config,
                 node,
                 control,
+                metrics: (!cli.no_metrics).then_some(cli.metrics),
             })
             .await
         }

@@ -27,6 +27,7 @@ use crate::routes::RouteInjector;
 
 mod detector;
 mod homecoming;
+mod metrics;
 use serde::Serialize;
 use tracing::{debug, error, info, warn, Instrument};
 
@@ -40,6 +41,8 @@ pub struct Options {
     pub config: PathBuf,
     pub node: String,
     pub control: PathBuf,
+    /// Where to serve Prometheus metrics; `None`: nowhere.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Default, Serialize)]
@@ -61,6 +64,15 @@ struct Counters {
     /// Signed notices from peer DNs taken, and refused (bad signature, replayed, stale).
     peer_notices_taken: AtomicU64,
     peer_notices_refused: AtomicU64,
+    /// Clients whose traffic arrived here on a secondary session (promoted), and clients that
+    /// moved their traffic away (demoted).
+    promotions: AtomicU64,
+    demotions: AtomicU64,
+    /// Route sets applied to the kernel.
+    route_changes: AtomicU64,
+    /// Handshakes that failed because they timed out (the rest: TLS or transport errors,
+    /// `handshakes_failed` counts all).
+    handshakes_timed_out: AtomicU64,
 }
 
 #[derive(Default, Serialize)]
@@ -96,6 +108,8 @@ enum Outgoing {
 
 struct Dn {
     spec: DnSpec,
+    /// The other DNs of the cluster.
+    peer_names: Vec<String>,
     /// The cluster network, closed to tunnel traffic.
     cluster_net: Option<ipnet::IpNet>,
     machine: Mutex<Machine>,
@@ -117,6 +131,8 @@ struct Dn {
     /// probes answered): the failure detector's view of the data path's progress.
     forwarded: AtomicU64,
     handled: AtomicU64,
+    /// Packets and bytes through the DN, all sessions together (each session counts its own).
+    traffic: Traffic,
     /// Which connection attempts get handshake work and memory.
     admission: Mutex<Admission>,
 }
@@ -186,6 +202,12 @@ async fn serve(opts: Options, link: Option<Arc<detector::Link>>) -> Result<()> {
         .map(Arc::new);
     let dn = Arc::new(Dn {
         spec: spec.clone(),
+        peer_names: cluster
+            .dns
+            .iter()
+            .filter(|d| d.name != spec.name)
+            .map(|d| d.name.clone())
+            .collect(),
         cluster_net: cluster.ospf.as_ref().map(|o| o.network),
         machine: Mutex::new(machine),
         sessions: RwLock::new(HashMap::new()),
@@ -199,6 +221,7 @@ async fn serve(opts: Options, link: Option<Arc<detector::Link>>) -> Result<()> {
         counters: Counters::default(),
         forwarded: AtomicU64::new(0),
         handled: AtomicU64::new(0),
+        traffic: Traffic::default(),
         admission: Mutex::new(Admission::new(AdmissionPolicy::default())),
     });
     dn.perform(first).await;
@@ -212,6 +235,21 @@ async fn serve(opts: Options, link: Option<Arc<detector::Link>>) -> Result<()> {
     }
     let status_dn = dn.clone();
     let _control = control::serve(opts.control.clone(), move |_req| status_dn.status()).await?;
+    let _metrics = match opts.metrics {
+        Some(addr) => {
+            let registry = std::sync::Arc::new(metrics::registry(dn.clone()));
+            match holdfast_shell::metrics::serve(addr, registry, "dn").await {
+                Ok(task) => Some(task),
+                // Forwarding matters more than metrics: a DN whose port is taken (two DNs on
+                // one host with the same --metrics) runs on and says so.
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "running without metrics");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     info!(node = %spec.name, listen = %spec.listen, pool = %plan.pool, tun = %spec.tun, mtu = spec.mtu, control = %opts.control.display(), "dn up");
 
     let mut reader = tokio::spawn(tun_to_sessions(dn.clone()));
@@ -335,6 +373,9 @@ async fn serve_session(dn: Arc<Dn>, incoming: quinn::Incoming, handshake: InFlig
         Ok(conn) => conn,
         Err(e) => {
             dn.counters.handshakes_failed.fetch_add(1, Relaxed);
+            if matches!(e, quinn::ConnectionError::TimedOut) {
+                dn.counters.handshakes_timed_out.fetch_add(1, Relaxed);
+            }
             debug!(%remote, error = %e, "handshake failed");
             return;
         }
@@ -579,6 +620,7 @@ impl Dn {
                     }
                 }
                 Action::Routes { generation, routes } => {
+                    self.counters.route_changes.fetch_add(1, Relaxed);
                     if let Err(e) = self.routes.lock().await.apply(generation, routes).await {
                         warn!(error = %format!("{e:#}"), "cannot bring the kernel's routes in line");
                     }
@@ -637,10 +679,12 @@ fn log_note(dn: &Dn, note: &Note) {
             home,
             session,
         } => {
+            dn.counters.promotions.fetch_add(1, Relaxed);
             let client = who(session).map(|(c, _)| c).unwrap_or_default();
             info!(%client, %address, %home, "client's traffic arrived here: promoted to its primary");
         }
         Note::Demoted { address, session } => {
+            dn.counters.demotions.fetch_add(1, Relaxed);
             let client = who(session).map(|(c, _)| c).unwrap_or_default();
             info!(%client, %address, "the client moved its traffic away: no longer its primary");
         }
@@ -717,11 +761,10 @@ async fn carry(dn: &Arc<Dn>, session: &Session) -> String {
             {
                 dn.counters.dropped_to_cluster.fetch_add(1, Relaxed);
             } else {
-                session.traffic.rx_packets.fetch_add(1, Relaxed);
-                session
-                    .traffic
-                    .rx_bytes
-                    .fetch_add(datagram.len() as u64, Relaxed);
+                for traffic in [&session.traffic, &dn.traffic] {
+                    traffic.rx_packets.fetch_add(1, Relaxed);
+                    traffic.rx_bytes.fetch_add(datagram.len() as u64, Relaxed);
+                }
                 batch.push(datagram);
             }
             if batch.len() < BATCH {
@@ -775,8 +818,10 @@ async fn tun_to_sessions(dn: Arc<Dn>) -> Result<()> {
             match session.conn.send_datagram(pkt.clone()) {
                 Ok(()) => {
                     dn.forwarded.fetch_add(1, Relaxed);
-                    session.traffic.tx_packets.fetch_add(1, Relaxed);
-                    session.traffic.tx_bytes.fetch_add(len, Relaxed);
+                    for traffic in [&session.traffic, &dn.traffic] {
+                        traffic.tx_packets.fetch_add(1, Relaxed);
+                        traffic.tx_bytes.fetch_add(len, Relaxed);
+                    }
                 }
                 Err(quinn::SendDatagramError::TooLarge) => {
                     dn.counters.dropped_too_big.fetch_add(1, Relaxed);

@@ -18,10 +18,15 @@ use holdfast_proto::lease::LeaseTicket;
 use holdfast_proto::packet::{self, PortUnreachable};
 use holdfast_proto::probe::{self, encode_probe, Prober, Verdict};
 use holdfast_proto::replay::Unanswered;
+use holdfast_shell::metrics::{label, Families, Labels, Scraper};
 use holdfast_shell::netlink::{NextHop, Routes};
 use holdfast_shell::quic::{send_message, ControlReader};
 use holdfast_shell::{control, quic, tls, tun};
 use ipnet::IpNet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
@@ -138,6 +143,38 @@ struct Shared {
     /// The TUN device, once the first lease configured it.
     tun: watch::Sender<Option<Arc<tun::Tun>>>,
     status: Mutex<Snapshot>,
+    failovers: Failovers,
+}
+
+/// Failovers as they happen, for the metrics: by cause, and how long the client had not heard
+/// from the lost primary when it switched (what the outage cost, at most).
+struct Failovers {
+    by_cause: Family<Labels, Counter>,
+    outage: Histogram,
+}
+
+impl Default for Failovers {
+    fn default() -> Self {
+        let buckets = [
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        ];
+        Self {
+            by_cause: Family::default(),
+            outage: Histogram::new(buckets),
+        }
+    }
+}
+
+/// A loss as a metric label.
+fn cause(loss: Option<&Loss>) -> &'static str {
+    match loss {
+        Some(Loss::ProbeTimeout) => "probe_timeout",
+        Some(Loss::Unreachable) => "unreachable",
+        Some(Loss::ReportedDead) => "reported_dead",
+        Some(Loss::Closed(_)) => "closed",
+        Some(Loss::ConnectFailed(_)) => "connect_failed",
+        None => "unknown",
+    }
 }
 
 /// What the driver last published for `en status`; counters and RTTs are read live.
@@ -175,7 +212,8 @@ struct Tunnel {
     exemptions: Vec<IpNet>,
 }
 
-pub async fn run(config: EnConfig) -> Result<()> {
+/// `metrics`: where to serve Prometheus metrics, if anywhere.
+pub async fn run(config: EnConfig, metrics: Option<SocketAddr>) -> Result<()> {
     let tls = tls::client_config(&config.cert, &config.key, &config.server_ca)?;
     let bind: SocketAddr = if config.dns.iter().all(|d| d.endpoint.is_ipv4()) {
         "0.0.0.0:0".parse()?
@@ -193,12 +231,20 @@ pub async fn run(config: EnConfig) -> Result<()> {
         current: watch::channel(None).0,
         tun: watch::channel(None).0,
         status: Mutex::new(Snapshot::default()),
+        failovers: Failovers::default(),
     });
     let status_shared = shared.clone();
     let _control = control::serve(config.control_socket.clone(), move |_| {
         status_shared.status()
     })
     .await?;
+    let _metrics = match metrics {
+        Some(addr) => Some(
+            holdfast_shell::metrics::serve(addr, Arc::new(metrics_registry(shared.clone())), "en")
+                .await?,
+        ),
+        None => None,
+    };
     info!(control = %config.control_socket.display(), dns = config.dns.len(), "en starting");
 
     let mut driver = Driver {
@@ -435,12 +481,25 @@ impl Driver<'_> {
         Ok(())
     }
 
-    /// Sends through `to` what the lost primary `from` may not have delivered.
+    /// Sends through `to` what the lost primary `from` may not have delivered (this happens on
+    /// failover only: it is counted as one).
     fn resend(&self, from: usize, to: usize) {
-        let packets = match self.slots[from].liveness.unanswered.lock() {
-            Ok(mut u) => u.take(Instant::now()),
+        let now = Instant::now();
+        let (packets, last_heard) = match self.slots[from].liveness.unanswered.lock() {
+            Ok(mut u) => (u.take(now), u.last_heard()),
             Err(_) => return,
         };
+        let cause = cause(self.machine.last_loss(from));
+        let failovers = &self.shared.failovers;
+        failovers
+            .by_cause
+            .get_or_create(&label("cause", cause))
+            .inc();
+        if let Some(heard) = last_heard {
+            failovers
+                .outage
+                .observe(now.saturating_duration_since(heard).as_secs_f64());
+        }
         let Some(conn) = self.slots[to].conn.as_ref() else {
             return;
         };
@@ -812,6 +871,91 @@ fn refusal_or(conn: &quinn::Connection, e: anyhow::Error) -> anyhow::Error {
 fn inner_mtu(conn: &quinn::Connection) -> u16 {
     let size = conn.max_datagram_size().unwrap_or(1200);
     u16::try_from(size).unwrap_or(u16::MAX).clamp(576, 9000)
+}
+
+/// The client's metrics: failovers as they happened, and the rest from `en status` at scrape time.
+fn metrics_registry(shared: Arc<Shared>) -> Registry {
+    let mut registry = Registry::default();
+    registry.register(
+        "holdfast_en_failovers",
+        "Failovers from a lost primary to a secondary, by what lost it: probe_timeout, unreachable (ICMP), reported_dead (the cluster's detector), closed, connect_failed.",
+        shared.failovers.by_cause.clone(),
+    );
+    registry.register_with_unit(
+        "holdfast_en_failover_outage",
+        "At each failover, how long the lost primary had been silent: the most traffic the switch can have cost.",
+        prometheus_client::registry::Unit::Seconds,
+        shared.failovers.outage.clone(),
+    );
+    registry.register_collector(Box::new(Scraper::new(move |f| {
+        let status = shared.status();
+        write_metrics(f, &status);
+    })));
+    registry
+}
+
+fn write_metrics(f: &mut Families<'_>, s: &serde_json::Value) {
+    let sessions = s["sessions"].as_array().cloned().unwrap_or_default();
+    let dn = |x: &serde_json::Value| label("dn", x["dn"].as_str().unwrap_or(""));
+    f.gauge(
+        "holdfast_en_session_up",
+        "1 while the session to the DN is up, by DN and role (primary carries the traffic).",
+        &sessions
+            .iter()
+            .map(|x| {
+                let mut l = dn(x);
+                l.push(("role", x["role"].as_str().unwrap_or("-").to_owned()));
+                (l, i64::from(x["state"] == "up"))
+            })
+            .collect::<Vec<_>>(),
+    );
+    f.counter(
+        "holdfast_en_session_connects",
+        "Sessions made to each DN (a reconnect counts again).",
+        &sessions
+            .iter()
+            .map(|x| (dn(x), x["connects"].as_u64().unwrap_or(0)))
+            .collect::<Vec<_>>(),
+    );
+    f.gauge(
+        "holdfast_en_rtt_seconds",
+        "Round-trip time of each live session, as QUIC measures it.",
+        &sessions
+            .iter()
+            .filter_map(|x| Some((dn(x), x["rtt_us"].as_u64()? as f64 / 1e6)))
+            .collect::<Vec<_>>(),
+    );
+    let t = &s["traffic"];
+    let n = |k: &str| t[k].as_u64().unwrap_or(0);
+    f.counter(
+        "holdfast_en_packets",
+        "Packets through the tunnel: out (to the DN) and in (from it).",
+        &[
+            (label("direction", "out"), n("tx_packets")),
+            (label("direction", "in"), n("rx_packets")),
+        ],
+    );
+    f.counter(
+        "holdfast_en_bytes",
+        "Bytes of IP packets through the tunnel, by direction.",
+        &[
+            (label("direction", "out"), n("tx_bytes")),
+            (label("direction", "in"), n("rx_bytes")),
+        ],
+    );
+    f.counter(
+        "holdfast_en_dropped_packets",
+        "Packets dropped, by reason: no_session (nothing can carry them), oversized.",
+        &[
+            (label("reason", "no_session"), n("dropped_no_session")),
+            (label("reason", "oversized"), n("dropped_too_big")),
+        ],
+    );
+    f.counter_one(
+        "holdfast_en_resent_packets",
+        "Packets sent again through a new primary after a failover.",
+        n("resent_packets"),
+    );
 }
 
 /// A default route is installed as its two halves so that the original default route stays

@@ -27,7 +27,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Connect, create the TUN device and routes, forward traffic; reconnect when a session is lost.
-    Up,
+    Up {
+        /// Serve Prometheus metrics at http://ADDR/metrics (off unless given; e.g.
+        /// 127.0.0.1:9437).
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
+    },
     /// Show the running client's address, sessions, RTT and traffic.
     Status {
         /// Print one JSON object instead of text.
@@ -88,10 +93,10 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     let config = EnConfig::load(&cli.config)?;
     match cli.command {
-        Command::Up => {
+        Command::Up { metrics } => {
             holdfast_shell::init_logging(cli.log_format);
             holdfast_shell::abort_on_panic();
-            holdfast_en::client::run(config).await
+            holdfast_en::client::run(config, metrics).await
         }
         Command::Status { json } => {
             let status = holdfast_shell::control::request(&config.control_socket, "status").await?;

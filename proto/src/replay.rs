@@ -21,6 +21,7 @@ pub struct Unanswered<T> {
     window: Duration,
     max: usize,
     sent: VecDeque<(Instant, T)>,
+    last_heard: Option<Instant>,
 }
 
 impl<T> Default for Unanswered<T> {
@@ -35,7 +36,13 @@ impl<T> Unanswered<T> {
             window,
             max,
             sent: VecDeque::new(),
+            last_heard: None,
         }
+    }
+
+    /// When the DN was last heard from.
+    pub fn last_heard(&self) -> Option<Instant> {
+        self.last_heard
     }
 
     /// `item` went to the DN at `now`.
@@ -53,6 +60,7 @@ impl<T> Unanswered<T> {
     /// Something arrived from the DN at `now`: it was alive a one-way trip ago, so what was sent
     /// a round trip (`rtt`) before now has reached it.
     pub fn heard(&mut self, now: Instant, rtt: Duration) {
+        self.last_heard = Some(now);
         let Some(delivered_before) = now.checked_sub(rtt) else {
             return;
         };

@@ -2,6 +2,7 @@
 
 pub mod control;
 pub mod icmp;
+pub mod metrics;
 pub mod netlink;
 pub mod quic;
 pub mod tls;

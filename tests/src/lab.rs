@@ -168,6 +168,11 @@ impl Routing {
 }
 
 pub const CLUSTER_NET: &str = "10.9.0.0/24";
+/// Where each daemon serves its metrics, on its namespace's loopback: `en` (the lab turns them
+/// on), `dn` and `dn-fd` (their defaults).
+pub const EN_METRICS: &str = "127.0.0.1:9437";
+pub const DN_METRICS: &str = "127.0.0.1:9436";
+pub const FD_METRICS: &str = "127.0.0.1:9435";
 const ESR_ON_CLUSTER_NET: &str = "10.9.0.254";
 const ESR_ON_SERVER_NET: &str = "10.0.2.254";
 /// Every pool the lab hands out (10.200.0.0/16 .. 10.203.0.0/16 at most).
@@ -720,10 +725,11 @@ impl Lab {
         fs::write(&path, config)?;
         let en = self.bin("en");
         let path = path.display().to_string();
+        // Metrics on the namespace's own loopback: harmless, and there to scrape.
         self.net.spawn(
             &role,
             &role,
-            &[&en, "--config", &path, "up"],
+            &[&en, "--config", &path, "up", "--metrics", EN_METRICS],
             &[("RUST_LOG", "info")],
         )
     }
@@ -819,6 +825,15 @@ impl Lab {
             return Ok((count, 0));
         }
         parse_ping(&text)
+    }
+
+    /// What the daemon serving metrics at `addr` in `role`'s namespace says, in Prometheus'
+    /// text format.
+    pub fn scrape(&self, role: &str, addr: &str) -> Result<String> {
+        let out = self
+            .net
+            .exec(role, &["curl", "-sf", &format!("http://{addr}/metrics")])?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     pub fn pki_dir(&self) -> &Path {
