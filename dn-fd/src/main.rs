@@ -79,6 +79,12 @@ struct Cli {
     /// Serve no metrics.
     #[arg(long, conflicts_with = "metrics")]
     no_metrics: bool,
+    /// Where the DN serves its own metrics (given to it as `dn --metrics`).
+    #[arg(long, default_value = "127.0.0.1:9436", value_name = "ADDR")]
+    dn_metrics: SocketAddr,
+    /// The DN serves no metrics.
+    #[arg(long, conflicts_with = "dn_metrics")]
+    no_dn_metrics: bool,
     /// Log format: text, or one JSON object per line.
     #[arg(long, global = true, value_enum, env = holdfast_shell::LOG_FORMAT_ENV, default_value_t = holdfast_shell::LogFormat::Text)]
     log_format: holdfast_shell::LogFormat,
@@ -202,6 +208,7 @@ async fn main() -> Result<()> {
         memory_limit_bytes: cli.memory_limit_mib.saturating_mul(1 << 20),
         stall: Duration::from_millis(cli.stall_ms),
         metrics: (!cli.no_metrics).then_some(cli.metrics),
+        dn_metrics: (!cli.no_dn_metrics).then_some(cli.dn_metrics),
         log_format: cli.log_format,
     };
     supervise::run(opts).await

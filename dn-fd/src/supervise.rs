@@ -37,6 +37,8 @@ pub struct Options {
     /// Zero: the data path is not watched.
     pub stall: Duration,
     pub metrics: Option<SocketAddr>,
+    /// Where the DN serves its metrics; `None`: nowhere.
+    pub dn_metrics: Option<SocketAddr>,
     /// The DN logs in the same format.
     pub log_format: holdfast_shell::LogFormat,
 }
@@ -456,6 +458,10 @@ impl Detector {
             .arg(&self.opts.node)
             .arg("--control")
             .arg(&self.opts.dn_control)
+            .args(match self.opts.dn_metrics {
+                Some(addr) => vec!["--metrics".to_owned(), addr.to_string()],
+                None => vec!["--no-metrics".to_owned()],
+            })
             .env(FD_SOCKET_ENV, &self.local.path)
             .env(holdfast_shell::LOG_FORMAT_ENV, self.opts.log_format.name())
             .kill_on_drop(true);
