@@ -17,6 +17,8 @@ pub const MAX_BODY: usize = u16::MAX as usize;
 pub const MAX_ROUTES: usize = 256;
 /// At most this many DNs are named in a lease's failover order.
 pub const MAX_FAILOVER: usize = 64;
+/// A refusal's reason is cut to this many bytes, so that the frame stays small.
+pub const MAX_REASON: usize = 1024;
 
 const T_ATTACH: u8 = 1;
 const T_LEASED: u8 = 2;
@@ -100,6 +102,17 @@ impl RefuseCode {
     }
 }
 
+/// `n`, unless it exceeds the protocol's `max`.
+fn at_most(n: usize, max: usize, what: &'static str) -> Result<usize, DecodeError> {
+    if n > max {
+        return Err(DecodeError::Invalid {
+            what,
+            detail: format!("{n} > {max}"),
+        });
+    }
+    Ok(n)
+}
+
 fn ticket_error(e: TicketError) -> DecodeError {
     match e {
         TicketError::Malformed(d) => d,
@@ -149,7 +162,7 @@ impl Message {
             Message::Refused { code, reason } => {
                 w.u8(*code as u8);
                 // Keep the frame bounded whatever the reason's length.
-                w.long_str(truncate_str(reason, 1024));
+                w.long_str(truncate_str(reason, MAX_REASON));
                 T_REFUSED
             }
             Message::Promoted => T_PROMOTED,
@@ -192,17 +205,17 @@ impl Message {
                 let ticket = LeaseTicket::decode(r.take(n, "ticket")?).map_err(ticket_error)?;
                 let gateway = r.ip("gateway")?;
                 let mtu = r.u16("mtu")?;
-                let count = r.u16("route count")? as usize;
-                if count > MAX_ROUTES {
-                    return Err(DecodeError::Invalid {
-                        what: "route count",
-                        detail: format!("{count} > {MAX_ROUTES}"),
-                    });
-                }
+                let count = at_most(r.u16("route count")?.into(), MAX_ROUTES, "route count")?;
                 let routes = (0..count)
                     .map(|_| r.net("route"))
                     .collect::<Result<_, _>>()?;
-                let names = r.u8("failover count")? as usize;
+                // More than the encoder ever writes is malformed, not a longer list: what is
+                // decoded must encode back to the same frame.
+                let names = at_most(
+                    r.u8("failover count")?.into(),
+                    MAX_FAILOVER,
+                    "failover count",
+                )?;
                 let failover = (0..names)
                     .map(|_| r.short_str("failover DN"))
                     .collect::<Result<_, _>>()?;
@@ -214,10 +227,12 @@ impl Message {
                     failover,
                 })
             }
-            T_REFUSED => Message::Refused {
-                code: RefuseCode::from_u8(r.u8("refuse code")?)?,
-                reason: r.long_str("refuse reason")?,
-            },
+            T_REFUSED => {
+                let code = RefuseCode::from_u8(r.u8("refuse code")?)?;
+                let reason = r.long_str("refuse reason")?;
+                at_most(reason.len(), MAX_REASON, "refuse reason length")?;
+                Message::Refused { code, reason }
+            }
             T_PROMOTED => Message::Promoted,
             T_HOME_IS_BACK => Message::HomeIsBack,
             T_DEMOTE => Message::Demote,
@@ -371,6 +386,53 @@ mod tests {
             m.encode(&mut buf);
             assert_eq!(buf, [tag, 0, 0]);
             assert!(Message::decode(&[tag, 0, 1, 0]).is_err());
+        }
+    }
+
+    /// Found writing the fuzz checks (fuzz/corpus/control/found-*): the decoder took longer
+    /// reasons and failover lists than the encoder writes, so a decoded message did not encode
+    /// back to its frame. The longest each writes is taken; one more is malformed.
+    #[test]
+    fn lists_and_reasons_longer_than_the_encoder_writes_are_rejected() {
+        for (reason, ok) in [(MAX_REASON, true), (MAX_REASON + 1, false)] {
+            let body = [
+                &[1u8][..],
+                &(reason as u16).to_be_bytes(),
+                &vec![b'x'; reason],
+            ]
+            .concat();
+            let frame = [&[T_REFUSED][..], &(body.len() as u16).to_be_bytes(), &body].concat();
+            assert_eq!(
+                Message::decode(&frame).is_ok(),
+                ok,
+                "reason of {reason} bytes"
+            );
+        }
+        for (names, ok) in [(MAX_FAILOVER, true), (MAX_FAILOVER + 1, false)] {
+            let mut frame = Vec::new();
+            Message::Leased(Lease {
+                ticket: ticket(7, 9),
+                gateway: "10.200.0.1".parse().unwrap(),
+                mtu: 1380,
+                routes: vec![],
+                failover: vec![],
+            })
+            .encode(&mut frame);
+            // Replace the empty failover list (its count, the last byte) with `names` empty names.
+            frame.pop();
+            frame.push(names as u8);
+            frame.resize(frame.len() + names, 0);
+            let len = (frame.len() - FRAME_HEADER) as u16;
+            frame[1..3].copy_from_slice(&len.to_be_bytes());
+            match Message::decode(&frame) {
+                Ok(Some((m, _))) if ok => {
+                    let mut again = Vec::new();
+                    m.encode(&mut again);
+                    assert_eq!(again, frame);
+                }
+                Err(DecodeError::Invalid { .. }) if !ok => {}
+                other => panic!("{names} failover names: {other:?}"),
+            }
         }
     }
 

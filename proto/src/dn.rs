@@ -72,6 +72,9 @@ pub struct LeaseRecord {
     pub expires_at: u64,
 }
 
+/// The journal's word for an empty identity; not a base64 character, so never an identity.
+const EMPTY_IDENTITY: &str = "-";
+
 impl LeaseRecord {
     pub fn of(claim: &LeaseClaim) -> Self {
         Self {
@@ -82,10 +85,15 @@ impl LeaseRecord {
     }
 
     /// One line of the DN's lease journal: `EXPIRES ADDRESS IDENTITY`, the identity in base64
-    /// so that any certificate name fits on one line.
+    /// so that any certificate name fits on one line. An empty identity (a certificate whose
+    /// common name is empty) is written [`EMPTY_IDENTITY`]: an empty last field would be
+    /// trimmed away with the line break, and the line taken for a torn write.
     pub fn to_line(&self) -> String {
         use base64::Engine;
-        let identity = base64::engine::general_purpose::STANDARD.encode(&self.identity);
+        let identity = match self.identity.as_str() {
+            "" => EMPTY_IDENTITY.to_owned(),
+            id => base64::engine::general_purpose::STANDARD.encode(id),
+        };
         format!("{} {} {identity}", self.expires_at, self.address)
     }
 
@@ -95,9 +103,10 @@ impl LeaseRecord {
         let mut parts = line.trim().split(' ');
         let expires_at = parts.next()?.parse().ok()?;
         let address = parts.next()?.parse().ok()?;
-        let identity = base64::engine::general_purpose::STANDARD
-            .decode(parts.next()?)
-            .ok()?;
+        let identity = match parts.next()? {
+            EMPTY_IDENTITY => Vec::new(),
+            b64 => base64::engine::general_purpose::STANDARD.decode(b64).ok()?,
+        };
         if parts.next().is_some() {
             return None;
         }
@@ -420,6 +429,34 @@ mod tests {
             other => panic!("expected a foreign grant, got {other:?}"),
         }
         assert_eq!(dn2.active_leases(1), 0);
+    }
+
+    #[test]
+    fn journal_lines_read_back_even_with_an_empty_identity() {
+        // Found by fuzzing: an empty identity was written as an empty last field, which the
+        // reader trimmed away with the line break and took for a torn write, so a restarted DN
+        // forgot that lease.
+        for identity in ["", "laptop-1", "-", "CN with spaces\nand a line"] {
+            let r = LeaseRecord {
+                identity: identity.into(),
+                address: "10.200.0.5".parse().unwrap(),
+                expires_at: 170,
+            };
+            let line = r.to_line() + "\n";
+            assert_eq!(LeaseRecord::from_line(&line), Some(r), "{line:?}");
+        }
+        assert_eq!(
+            LeaseRecord {
+                identity: String::new(),
+                address: "fd00::5".parse().unwrap(),
+                expires_at: 7,
+            }
+            .to_line(),
+            "7 fd00::5 -"
+        );
+        // A line cut before its identity is still no record.
+        assert_eq!(LeaseRecord::from_line("170 10.200.0.5 \n"), None);
+        assert_eq!(LeaseRecord::from_line("170 10.200.0.5"), None);
     }
 
     proptest! {

@@ -504,6 +504,17 @@ pub enum LocalMessage {
 /// Longest fault reason carried; the rest is cut.
 const MAX_REASON: usize = 400;
 
+/// A fault reason as carried: one line of at most [`MAX_REASON`] characters. Applied when
+/// decoding too, so that what the detector logs has no control characters whoever sent it, and
+/// a decoded message encodes to one that decodes the same.
+fn clean(reason: &str) -> String {
+    reason
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(MAX_REASON)
+        .collect()
+}
+
 impl LocalMessage {
     pub fn encode(&self) -> String {
         match self {
@@ -512,14 +523,7 @@ impl LocalMessage {
                 forwarded,
                 handled,
             } => format!("HB {pid} {forwarded} {handled}"),
-            LocalMessage::Fault { pid, reason } => {
-                let reason: String = reason
-                    .chars()
-                    .map(|c| if c.is_control() { ' ' } else { c })
-                    .take(MAX_REASON)
-                    .collect();
-                format!("FAULT {pid} {reason}")
-            }
+            LocalMessage::Fault { pid, reason } => format!("FAULT {pid} {}", clean(reason)),
             LocalMessage::Peer { dn, up } => {
                 format!("PEER {dn} {}", if *up { "up" } else { "down" })
             }
@@ -550,7 +554,7 @@ impl LocalMessage {
                 let (pid, reason) = rest.split_once(' ').unwrap_or((rest, ""));
                 Some(LocalMessage::Fault {
                     pid: pid.parse().ok()?,
-                    reason: reason.chars().take(MAX_REASON).collect(),
+                    reason: clean(reason),
                 })
             }
             "PEER" => {
@@ -889,6 +893,20 @@ mod tests {
         ] {
             assert_eq!(LocalMessage::decode(bad.as_bytes()), None, "{bad:?}");
         }
+        // Found by fuzzing: a control character in a received reason was kept, so the
+        // message did not survive being encoded again (and reached the log as it was).
+        let received = LocalMessage::decode(b"FAULT 42 7\"242\x18TUN rea\x1b[2d").unwrap();
+        assert_eq!(
+            received,
+            LocalMessage::Fault {
+                pid: 42,
+                reason: "7\"242 TUN rea [2d".into()
+            }
+        );
+        assert_eq!(
+            LocalMessage::decode(received.encode().as_bytes()),
+            Some(received)
+        );
         assert_eq!(
             LocalMessage::decode(b"HB 9 5"),
             Some(LocalMessage::Heartbeat {

@@ -59,10 +59,16 @@ fn checksum(chunks: &[&[u8]]) -> u16 {
     !(sum as u16)
 }
 
+/// Whether an address names one host. Both ends of an ICMP error must: it goes to the
+/// packet's source, and comes from the packet's destination (see [`packet_too_big`]).
+fn one_host(a: IpAddr) -> bool {
+    !a.is_unspecified() && !a.is_multicast() && a != IpAddr::V4(Ipv4Addr::BROADCAST)
+}
+
 /// Whether an ICMP error may be sent about `pkt` (RFC 1122 / RFC 4443: never about an ICMP
-/// error, a non-first fragment, or a packet from an unspecified or multicast source).
-fn may_answer(pkt: &[u8], src: IpAddr) -> bool {
-    if src.is_unspecified() || src.is_multicast() {
+/// error, a non-first fragment, or a packet from or to an address that is not one host).
+fn may_answer(pkt: &[u8], src: IpAddr, dst: IpAddr) -> bool {
+    if !one_host(src) || !one_host(dst) {
         return false;
     }
     match pkt[0] >> 4 {
@@ -100,7 +106,7 @@ pub fn packet_too_big(pkt: &[u8], mtu: u16, out: &mut Vec<u8>) -> bool {
     let Some((src, from)) = addresses(pkt) else {
         return false;
     };
-    if !may_answer(pkt, src) {
+    if !may_answer(pkt, src, from) {
         return false;
     }
     match (src, from) {
@@ -168,21 +174,25 @@ const ICMP_HEADER: usize = 8;
 /// Parses what a raw ICMPv4 socket delivers (the IPv4 header, then the ICMP message): a
 /// "destination unreachable, port unreachable" about a UDP datagram.
 pub fn icmpv4_port_unreachable(pkt: &[u8]) -> Option<PortUnreachable> {
-    if pkt.first()? >> 4 != 4 || *pkt.get(9)? != PROTO_ICMP {
-        return None;
-    }
-    let icmp = pkt.get(usize::from(pkt[0] & 0x0f) * 4..)?;
+    let icmp = ipv4_payload(pkt, PROTO_ICMP)?;
     // Type 3 (destination unreachable), code 3 (port unreachable).
     if icmp.get(..2)? != [3, 3] {
         return None;
     }
     let original = icmp.get(ICMP_HEADER..)?;
-    if original.first()? >> 4 != 4 || *original.get(9)? != PROTO_UDP {
+    let udp = ipv4_payload(original, PROTO_UDP)?;
+    let dst: [u8; 4] = original.get(16..20)?.try_into().ok()?;
+    udp_ports(udp, Ipv4Addr::from(dst).into())
+}
+
+/// What follows the header of an IPv4 packet carrying `protocol`. A header length under the
+/// minimum of 5 words (RFC 791) is malformed: the payload would overlap the header.
+fn ipv4_payload(pkt: &[u8], protocol: u8) -> Option<&[u8]> {
+    let ihl = usize::from(pkt.first()? & 0x0f) * 4;
+    if pkt[0] >> 4 != 4 || ihl < IPV4_HEADER_MIN || *pkt.get(9)? != protocol {
         return None;
     }
-    let dst: [u8; 4] = original.get(16..20)?.try_into().ok()?;
-    let udp = original.get(usize::from(original[0] & 0x0f) * 4..)?;
-    udp_ports(udp, Ipv4Addr::from(dst).into())
+    pkt.get(ihl..)
 }
 
 /// Parses what a raw ICMPv6 socket delivers (the ICMPv6 message, without the IPv6 header): a
@@ -288,6 +298,31 @@ mod tests {
         assert!(out.is_empty());
     }
 
+    #[test]
+    fn packets_to_or_from_no_one_host_are_not_answered() {
+        // Found by fuzzing: a packet to 0.0.0.0 (or to a multicast or broadcast address) got an
+        // error sent from that address, which names no host.
+        let mut out = Vec::new();
+        for (at, addr) in [
+            (16, [0, 0, 0, 0]),
+            (16, [224, 0, 0, 251]),
+            (16, [255, 255, 255, 255]),
+            (12, [255, 255, 255, 255]),
+            (12, [0, 0, 0, 0]),
+        ] {
+            let mut p = v4_tcp(1500, true);
+            p[at..at + 4].copy_from_slice(&addr);
+            assert!(!packet_too_big(&p, 1380, &mut out), "{addr:?} at {at}");
+            assert!(out.is_empty());
+        }
+        let mut p = vec![0u8; 1500];
+        p[0] = 0x60;
+        p[6] = 17;
+        p[8..24].copy_from_slice(&"fd00::2".parse::<Ipv6Addr>().unwrap().octets());
+        p[24..40].copy_from_slice(&"ff02::fb".parse::<Ipv6Addr>().unwrap().octets());
+        assert!(!packet_too_big(&p, 1300, &mut out));
+    }
+
     proptest! {
         #[test]
         fn arbitrary_packets_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1600), mtu in any::<u16>()) {
@@ -346,6 +381,15 @@ mod tests {
         for cut in 0..pkt.len() - 4 {
             assert_eq!(icmpv4_port_unreachable(&pkt[..cut]), None, "cut at {cut}");
         }
+        // Found by fuzzing: a header length under 5 words, quoted or outer, was read as given,
+        // taking header bytes for ports.
+        let mut quoted = pkt.clone();
+        quoted[28] = 0x42;
+        assert_eq!(icmpv4_port_unreachable(&quoted), None);
+        // An outer header of 4 words, its ICMP message where the destination would be.
+        let mut outer = [&pkt[..16], &pkt[20..]].concat();
+        outer[0] = 0x44;
+        assert_eq!(icmpv4_port_unreachable(&outer), None);
 
         let mut v6 = vec![1, 4, 0, 0, 0, 0, 0, 0];
         let mut original = vec![0x60, 0, 0, 0, 0, 8, PROTO_UDP, 64];

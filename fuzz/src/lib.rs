@@ -1,0 +1,73 @@
+//! The checks behind each fuzz target, one function per decoder of bytes that come from the
+//! network, a local socket or the disk.
+//!
+//! They live in a library, not in the target files, so that `cargo test` (stable, no libFuzzer)
+//! can replay the committed corpus through exactly what the fuzzer runs, and so that the seeds
+//! are generated from the same key set the checks verify with. Every check panics on a
+//! finding: a decoder that panics, or a decoded value that does not survive being encoded and
+//! decoded again.
+
+use std::sync::OnceLock;
+
+use ed25519_dalek::SigningKey;
+use holdfast_proto::lease::IssuerKeys;
+
+mod checks;
+pub mod seeds;
+
+pub use checks::{control, icmp, lease_record, lease_ticket, local_message, packet, peer_notice};
+
+/// A target's check: panics on a finding.
+pub type Check = fn(&[u8]);
+
+/// Every target, by the name of its `fuzz_targets/` file and its corpus directory.
+pub const TARGETS: &[(&str, Check)] = &[
+    ("control", control),
+    ("lease_ticket", lease_ticket),
+    ("peer_notice", peer_notice),
+    ("local_message", local_message),
+    ("lease_record", lease_record),
+    ("packet", packet),
+    ("icmp", icmp),
+];
+
+/// The cluster the checks decode for: two DNs whose keys it knows, and a stranger's key that
+/// signs as a DN of another cluster would.
+pub struct Cluster {
+    pub dn1: SigningKey,
+    pub dn2: SigningKey,
+    pub stranger: SigningKey,
+    pub keys: IssuerKeys,
+}
+
+impl Cluster {
+    /// The key that signs for `name`: its own for a known DN, else the stranger's.
+    pub fn key_for(&self, name: &str) -> &SigningKey {
+        match name {
+            "dn1" => &self.dn1,
+            "dn2" => &self.dn2,
+            _ => &self.stranger,
+        }
+    }
+}
+
+/// Built once: deriving Ed25519 keys on every input would dominate the run time.
+pub fn cluster() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        let dn1 = SigningKey::from_bytes(&[1; 32]);
+        let dn2 = SigningKey::from_bytes(&[2; 32]);
+        let mut keys = IssuerKeys::default();
+        keys.insert("dn1", dn1.verifying_key());
+        keys.insert("dn2", dn2.verifying_key());
+        Cluster {
+            dn1,
+            dn2,
+            stranger: SigningKey::from_bytes(&[9; 32]),
+            keys,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests;
