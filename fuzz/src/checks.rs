@@ -10,7 +10,7 @@ use holdfast_proto::dn::LeaseRecord;
 use holdfast_proto::fd::LocalMessage;
 use holdfast_proto::lease::{LeaseClaim, LeaseTicket, TicketError};
 use holdfast_proto::packet::{self, PortUnreachable};
-use holdfast_proto::peer::{PeerError, PeerNotice, MAX_AGE_SECS};
+use holdfast_proto::peer::{Freshness, PeerError, PeerNotice, MAX_AGE_SECS};
 use holdfast_proto::probe;
 
 use crate::cluster;
@@ -130,7 +130,7 @@ fn sent_at(datagram: &[u8]) -> u64 {
 fn peer_datagram(datagram: &[u8]) {
     let c = cluster();
     let claimed = PeerNotice::claimed_sender(datagram);
-    match PeerNotice::open(datagram, &c.keys, sent_at(datagram)) {
+    match PeerNotice::open(datagram, &c.keys) {
         Ok(n) => {
             assert_eq!(claimed.as_deref(), Some(n.from.as_str()));
             // The body is canonical; the signature is whatever valid one the sender chose.
@@ -154,7 +154,9 @@ fn peer_signed(skew: i8, body: &[u8]) {
     datagram.extend_from_slice(&key.sign(&signed).to_bytes());
     let sent = sent_at(body);
     let now = sent.saturating_add_signed(i64::from(skew));
-    let opened = PeerNotice::open(&datagram, &c.keys, now);
+    // A receiver's first notice from a peer: signed, and within MAX_AGE_SECS of its clock.
+    let opened = PeerNotice::open(&datagram, &c.keys)
+        .and_then(|n| Freshness::default().take(&n, now).map(|()| n));
     let Some(from) = claimed else {
         assert!(matches!(opened, Err(PeerError::Malformed(_))), "{opened:?}");
         return;
@@ -172,6 +174,7 @@ fn peer_signed(skew: i8, body: &[u8]) {
             assert!(age > MAX_AGE_SECS);
         }
         Err(e @ PeerError::BadSignature(_)) => panic!("{e}: signed with {from:?}'s own key"),
+        Err(e @ PeerError::Replayed { .. }) => panic!("{e}: the first notice a receiver hears"),
         Ok(n) => {
             assert_eq!(n.from, from);
             assert_eq!(n.sent_at, sent);

@@ -88,7 +88,9 @@ pub fn all() -> Vec<Seed> {
     let home = PeerNotice {
         from: "dn2".into(),
         sent_at: NOW,
-        notice: Notice::HomeIsBack,
+        notice: Notice::HomeIsBack {
+            seq: 1_700_000_000_456,
+        },
     };
     let sealed = |n: &PeerNotice| n.seal(c.key_for(&n.from));
     // Mode byte 1 and no clock skew, then the body the check signs itself.

@@ -58,7 +58,7 @@ fn seeds_decode_and_verify() {
                 }
             }
             "peer_notice" if bytes[0] == 0 => {
-                PeerNotice::open(&bytes[1..], &c.keys, NOW).unwrap();
+                PeerNotice::open(&bytes[1..], &c.keys).unwrap();
             }
             _ => {}
         }
