@@ -73,7 +73,7 @@ fi
 # One build for every target (cargo fuzz builds one or all).
 build=()
 ((${#targets[@]} == 1)) && build=("${targets[0]}")
-echo "fuzz: building ${#targets[@]} targets (nightly, cargo fuzz build)"
+echo "fuzz: building ${build[*]:-every target} (nightly, cargo fuzz build)"
 build_started=$SECONDS
 step build cargo +nightly fuzz build --target-dir "$target_dir" "${build[@]}"
 echo "fuzz: build took $((SECONDS - build_started)) s; running each target for ${secs} s"

@@ -10,7 +10,7 @@ use holdfast_proto::dn::LeaseRecord;
 use holdfast_proto::fd::LocalMessage;
 use holdfast_proto::lease::{LeaseClaim, LeaseTicket, TicketError};
 use holdfast_proto::packet::{self, PortUnreachable};
-use holdfast_proto::peer::{Freshness, PeerError, PeerNotice, MAX_AGE_SECS};
+use holdfast_proto::peer::{Freshness, Notice, PeerError, PeerNotice, MAX_AGE_SECS};
 use holdfast_proto::probe;
 
 use crate::cluster;
@@ -100,7 +100,15 @@ fn verdict(claim: &LeaseClaim, now: u64) -> Result<(), TicketError> {
             block: claim.block,
         })
     } else {
-        Ok(())
+        match cluster().keys.pool(&claim.issuer) {
+            // The block must be a subnet of the issuer's pool (ipnet's own test of that).
+            Some(pool) if !pool.contains(&claim.block) => Err(TicketError::OutsideIssuerPool {
+                issuer: claim.issuer.clone(),
+                block: claim.block,
+                pool,
+            }),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -108,10 +116,11 @@ fn verdict(claim: &LeaseClaim, now: u64) -> Result<(), TicketError> {
 /// input would fail with `BadSignature`, which [`peer_signed`] treats as a finding.
 const PEER_SIGNING_CONTEXT: &[u8] = b"holdfast peer notice v1\0";
 
-/// A datagram on a detector's peer port. The first byte picks how the rest is used: even, as
-/// the datagram itself (only a replayed seed has a good signature); odd, as a second byte that
-/// moves the receiver's clock and then a notice body, which the check signs with the key of the
-/// DN it names, so that the fuzzer reaches everything after the signature check.
+/// A datagram on a DN's or a detector's peer port. The first byte picks how the rest is used:
+/// even, as the datagram itself (only a replayed seed has a good signature); odd, as a second
+/// byte that moves the receiver's clock and then a notice body, which the check signs with the
+/// key of the DN it names, so that the fuzzer reaches everything after the signature check.
+/// What opens is then put to a receiver's [`Freshness`].
 pub fn peer_notice(data: &[u8]) {
     match data.split_first() {
         Some((mode, rest)) if mode & 1 == 0 => peer_datagram(rest),
@@ -138,6 +147,7 @@ fn peer_datagram(datagram: &[u8]) {
             assert_eq!(sealed.len(), datagram.len());
             let body = datagram.len() - 64;
             assert_eq!(sealed[..body], datagram[..body], "{n:?}");
+            freshness(&n, n.sent_at);
         }
         Err(PeerError::Malformed(_)) => {}
         Err(e) => assert!(claimed.is_some(), "{e} yet no sender could be read"),
@@ -152,11 +162,7 @@ fn peer_signed(skew: i8, body: &[u8]) {
     signed.extend_from_slice(body);
     let mut datagram = body.to_vec();
     datagram.extend_from_slice(&key.sign(&signed).to_bytes());
-    let sent = sent_at(body);
-    let now = sent.saturating_add_signed(i64::from(skew));
-    // A receiver's first notice from a peer: signed, and within MAX_AGE_SECS of its clock.
-    let opened = PeerNotice::open(&datagram, &c.keys)
-        .and_then(|n| Freshness::default().take(&n, now).map(|()| n));
+    let opened = PeerNotice::open(&datagram, &c.keys);
     let Some(from) = claimed else {
         assert!(matches!(opened, Err(PeerError::Malformed(_))), "{opened:?}");
         return;
@@ -168,22 +174,50 @@ fn peer_signed(skew: i8, body: &[u8]) {
             assert_eq!(p, from);
             assert!(c.keys.get(&from).is_none());
         }
-        Err(PeerError::Stale { from: f, age }) => {
-            assert_eq!(f, from);
-            assert_eq!(age, now.abs_diff(sent));
-            assert!(age > MAX_AGE_SECS);
-        }
-        Err(e @ PeerError::BadSignature(_)) => panic!("{e}: signed with {from:?}'s own key"),
-        Err(e @ PeerError::Replayed { .. }) => panic!("{e}: the first notice a receiver hears"),
+        Err(e) => panic!("{e}: a notice signed with {from:?}'s own key"),
         Ok(n) => {
             assert_eq!(n.from, from);
-            assert_eq!(n.sent_at, sent);
-            assert!(now.abs_diff(sent) <= MAX_AGE_SECS);
+            assert_eq!(n.sent_at, sent_at(body));
             assert!(c.keys.get(&from).is_some());
             // Ed25519 signs deterministically: the same notice seals to the same datagram.
             assert_eq!(n.seal(key), datagram, "{n:?}");
+            freshness(&n, n.sent_at.saturating_add_signed(i64::from(skew)));
         }
     }
+}
+
+/// A receiver that has heard nothing from the sender yet takes `n` at `now` if `now` is close
+/// to the time it was sent; once it has taken one, it takes only higher sequences, whatever the
+/// clocks say.
+fn freshness(n: &PeerNotice, now: u64) {
+    let mut fresh = Freshness::default();
+    let age = now.abs_diff(n.sent_at);
+    match fresh.take(n, now) {
+        Ok(()) => assert!(age <= MAX_AGE_SECS, "taken {age} s off the clock"),
+        Err(PeerError::Stale { from, age: a }) => {
+            assert_eq!((from.as_str(), a), (n.from.as_str(), age));
+            assert!(age > MAX_AGE_SECS);
+            return;
+        }
+        Err(e) => panic!("{e}: the first notice from {}", n.from),
+    }
+    assert_eq!(fresh.last(&n.from), Some(n.notice.seq()));
+    assert!(
+        matches!(fresh.take(n, now), Err(PeerError::Replayed { .. })),
+        "{n:?} taken twice"
+    );
+    let Some(seq) = n.notice.seq().checked_add(1) else {
+        return;
+    };
+    let next = PeerNotice {
+        sent_at: n.sent_at.wrapping_add(1 << 40),
+        notice: match n.notice {
+            Notice::HomeIsBack { .. } => Notice::HomeIsBack { seq },
+            Notice::Alive { dn_up, .. } => Notice::Alive { dn_up, seq },
+        },
+        ..n.clone()
+    };
+    assert_eq!(fresh.take(&next, now), Ok(()), "{next:?} after {n:?}");
 }
 
 /// A datagram on the local socket between a DN and its detector.

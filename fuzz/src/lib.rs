@@ -31,11 +31,13 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("icmp", icmp),
 ];
 
-/// The cluster the checks decode for: two DNs whose keys it knows, and a stranger's key that
-/// signs as a DN of another cluster would.
+/// The cluster the checks decode for: three DNs whose keys it knows (dn1 and dn2 with their
+/// pools, dn3 with none, as in a `cluster.toml` that names no pool for it), and a stranger's
+/// key that signs as a DN of another cluster would.
 pub struct Cluster {
     pub dn1: SigningKey,
     pub dn2: SigningKey,
+    pub dn3: SigningKey,
     pub stranger: SigningKey,
     pub keys: IssuerKeys,
 }
@@ -46,6 +48,7 @@ impl Cluster {
         match name {
             "dn1" => &self.dn1,
             "dn2" => &self.dn2,
+            "dn3" => &self.dn3,
             _ => &self.stranger,
         }
     }
@@ -57,12 +60,17 @@ pub fn cluster() -> &'static Cluster {
     CLUSTER.get_or_init(|| {
         let dn1 = SigningKey::from_bytes(&[1; 32]);
         let dn2 = SigningKey::from_bytes(&[2; 32]);
+        let dn3 = SigningKey::from_bytes(&[3; 32]);
         let mut keys = IssuerKeys::default();
         keys.insert("dn1", dn1.verifying_key());
         keys.insert("dn2", dn2.verifying_key());
+        keys.insert("dn3", dn3.verifying_key());
+        keys.insert_pool("dn1", "10.200.0.0/16".parse().unwrap());
+        keys.insert_pool("dn2", "fd00:200::/48".parse().unwrap());
         Cluster {
             dn1,
             dn2,
+            dn3,
             stranger: SigningKey::from_bytes(&[9; 32]),
             keys,
         }

@@ -177,6 +177,11 @@ pub fn all() -> Vec<Seed> {
             "unknown-issuer",
             ticket("dn9", "10.200.0.5", "10.200.0.0/25").encode(),
         ),
+        (
+            "lease_ticket",
+            "no-pool",
+            ticket("dn3", "10.203.0.5", "10.203.0.0/25").encode(),
+        ),
         ("peer_notice", "alive", [&[0], &sealed(&alive)[..]].concat()),
         ("peer_notice", "home", [&[0], &sealed(&home)[..]].concat()),
         ("peer_notice", "alive-body", body(&alive)),
