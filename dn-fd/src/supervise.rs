@@ -345,6 +345,7 @@ fn describe_exit(status: &std::process::ExitStatus) -> String {
 impl Detector {
     async fn run(&mut self) -> Result<()> {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         let mut local_buf = [0u8; 1024];
         let mut peer_buf = [0u8; 512];
         let mut limits = tokio::time::interval(LIMIT_CHECK);
@@ -419,6 +420,17 @@ impl Detector {
                 _ = term.recv() => {
                     info!("terminated: stopping the DN");
                     return Ok(());
+                }
+                _ = hup.recv() => {
+                    // The DN reloads its configuration; the detector's own settings are flags.
+                    match lock(&self.state).pid {
+                        Some(pid) => {
+                            info!(pid, "SIGHUP: telling the DN to reload its configuration");
+                            // SAFETY: kill(2) on the pid of our own child.
+                            unsafe { libc::kill(pid as libc::pid_t, libc::SIGHUP) };
+                        }
+                        None => info!("SIGHUP: no DN running to reload"),
+                    }
                 }
             }
         }

@@ -89,6 +89,8 @@ struct Traffic {
 struct Session {
     id: SessionId,
     identity: String,
+    /// Its certificate's fingerprint, for revocations applied while it is up.
+    fingerprint: String,
     conn: quinn::Connection,
     traffic: Traffic,
     /// The address, once attached.
@@ -147,6 +149,9 @@ pub async fn run(opts: Options) -> Result<()> {
 }
 
 async fn serve(opts: Options, link: Option<Arc<detector::Link>>) -> Result<()> {
+    // The text as applied: a reload (SIGHUP) compares the file with it.
+    let mut applied = std::fs::read_to_string(&opts.config)
+        .with_context(|| format!("cannot read {}", opts.config.display()))?;
     let (cluster, spec) = holdfast_shell::load_dn(&opts.config, &opts.node)?;
     let signing_key = holdfast_shell::read_signing_key(&spec)?;
     let (cert, key) = match (&spec.cert, &spec.key) {
@@ -254,6 +259,7 @@ async fn serve(opts: Options, link: Option<Arc<detector::Link>>) -> Result<()> {
 
     let mut reader = tokio::spawn(tun_to_sessions(dn.clone()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let outcome = loop {
         tokio::select! {
             incoming = endpoint.accept() => {
@@ -263,6 +269,7 @@ async fn serve(opts: Options, link: Option<Arc<detector::Link>>) -> Result<()> {
             }
             res = tokio::signal::ctrl_c() => { res?; info!("interrupted, shutting down"); break Ok(()); }
             _ = term.recv() => { info!("terminated, shutting down"); break Ok(()); }
+            _ = hup.recv() => reload(&dn, &opts, &endpoint, &mut applied),
             res = &mut reader => {
                 break Err(match res {
                     Ok(Err(e)) => e,
@@ -276,6 +283,67 @@ async fn serve(opts: Options, link: Option<Arc<detector::Link>>) -> Result<()> {
     endpoint.wait_idle().await;
     let _ = std::fs::remove_file(&opts.control);
     outcome
+}
+
+/// Applies a changed `cluster.toml` (SIGHUP): revocations take effect at once (new handshakes
+/// are checked against the new list, live sessions of revoked clients are closed) and the TLS
+/// files are read again. A file that does not load, or that changes anything else, is refused
+/// with a message and nothing is applied.
+fn reload(dn: &Dn, opts: &Options, endpoint: &quinn::Endpoint, applied: &mut String) {
+    let refuse = |why: String| error!(config = %opts.config.display(), "reload refused, running on unchanged: {why}");
+    let text = match std::fs::read_to_string(&opts.config) {
+        Ok(text) => text,
+        Err(e) => return refuse(format!("cannot read it: {e}")),
+    };
+    let (cluster, spec) = match holdfast_shell::load_dn(&opts.config, &opts.node) {
+        Ok(loaded) => loaded,
+        Err(e) => return refuse(format!("{e:#}")),
+    };
+    match holdfast_proto::cluster::restart_needed(applied, &text) {
+        Ok(keys) if keys.is_empty() => {}
+        Ok(keys) => {
+            return refuse(format!(
+                "{} changed, which needs a restart of the DN (live: {})",
+                keys.join(", "),
+                holdfast_proto::cluster::LIVE_KEYS.join(", ")
+            ))
+        }
+        Err(e) => return refuse(e.to_string()),
+    }
+    let (Some(cert), Some(key)) = (&spec.cert, &spec.key) else {
+        return refuse(format!("dn {:?} needs both cert and key", spec.name));
+    };
+    let server = tls::server_config(
+        cert,
+        key,
+        &cluster.client_ca,
+        cluster.revoked_clients.clone(),
+    )
+    .and_then(quic::server_config);
+    match server {
+        Ok(config) => endpoint.set_server_config(Some(config)),
+        Err(e) => return refuse(format!("{e:#}")),
+    }
+    let revoked: Vec<Arc<Session>> = dn
+        .sessions
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .filter(|s| tls::is_revoked(&cluster.revoked_clients, &s.identity, &s.fingerprint))
+        .cloned()
+        .collect();
+    for session in &revoked {
+        warn!(client = %session.identity, remote = %session.conn.remote_address(), "client revoked: closing its session");
+        session
+            .conn
+            .close(close::REFUSED.into(), b"client revoked by the cluster");
+    }
+    *applied = text;
+    info!(
+        revoked_clients = cluster.revoked_clients.len(),
+        sessions_closed = revoked.len(),
+        "configuration reloaded"
+    );
 }
 
 /// Runs the machine's timeouts when they are due.
@@ -351,13 +419,15 @@ impl Drop for Unattached {
     }
 }
 
-/// Identity of the authenticated client: its certificate's common name.
-fn peer_identity(conn: &quinn::Connection) -> Option<String> {
+/// Identity of the authenticated client (its certificate's common name) and the certificate's
+/// fingerprint.
+fn peer_identity(conn: &quinn::Connection) -> Option<(String, String)> {
     let certs = conn
         .peer_identity()?
         .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
         .ok()?;
-    tls::identity_of(certs.first()?)
+    let cert = certs.first()?;
+    Some((tls::identity_of(cert)?, tls::fingerprint(cert)))
 }
 
 async fn serve_session(dn: Arc<Dn>, incoming: quinn::Incoming, handshake: InFlight) {
@@ -380,7 +450,7 @@ async fn serve_session(dn: Arc<Dn>, incoming: quinn::Incoming, handshake: InFlig
             return;
         }
     };
-    let Some(identity) = peer_identity(&conn) else {
+    let Some((identity, fingerprint)) = peer_identity(&conn) else {
         warn!(%remote, "client certificate has no common name; closing");
         conn.close(close::REFUSED.into(), b"certificate names no identity");
         return;
@@ -411,6 +481,7 @@ async fn serve_session(dn: Arc<Dn>, incoming: quinn::Incoming, handshake: InFlig
     let session = Arc::new(Session {
         id,
         identity: identity.clone(),
+        fingerprint,
         conn: conn.clone(),
         traffic: Traffic::default(),
         address: OnceLock::new(),
@@ -678,10 +749,14 @@ fn log_note(dn: &Dn, note: &Note) {
             address,
             home,
             session,
+            cause,
+            after,
         } => {
             dn.counters.promotions.fetch_add(1, Relaxed);
             let client = who(session).map(|(c, _)| c).unwrap_or_default();
-            info!(%client, %address, %home, "client's traffic arrived here: promoted to its primary");
+            let cause = cause.name();
+            let secondary_ms = after.as_millis() as u64;
+            info!(%client, %address, %home, %cause, secondary_ms, "client's traffic arrived here: promoted to its primary");
         }
         Note::Demoted { address, session } => {
             dn.counters.demotions.fetch_add(1, Relaxed);

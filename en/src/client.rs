@@ -258,6 +258,7 @@ pub async fn run(config: EnConfig, metrics: Option<SocketAddr>) -> Result<()> {
         routes: &routes,
         tunnel: None,
         primary_since: Instant::now(),
+        previous_primary_for: Duration::ZERO,
         mtu_check_at: Instant::now() + MTU_CHECK,
         reports: mpsc::unbounded_channel(),
     };
@@ -293,6 +294,8 @@ struct Driver<'a> {
     tunnel: Option<Tunnel>,
     /// When the primary last changed (path MTU discovery starts over).
     primary_since: Instant,
+    /// How long the previous primary carried the traffic (for the log line of going home).
+    previous_primary_for: Duration,
     /// When the TUN MTU is next compared with the primary's path.
     mtu_check_at: Instant,
     reports: (
@@ -468,11 +471,17 @@ impl Driver<'_> {
                         None => warn!("no session can carry traffic"),
                     }
                     self.shared.current.send_replace(carrier);
+                    self.previous_primary_for = self.primary_since.elapsed();
                     self.primary_since = Instant::now();
                     self.mtu_check_at = self.primary_since + MTU_CHECK;
                 }
                 Action::Close(dn) => self.drop_session(dn),
-                Action::Demote(dn) => self.tell(dn, Message::Demote).await,
+                Action::Demote(dn) => {
+                    // Only going home demotes: the client left `dn` for its home DN.
+                    let away_ms = self.previous_primary_for.as_millis() as u64;
+                    info!(from = %self.shared.config.dns[dn].name, away_ms, cause = "home DN up again", "going home");
+                    self.tell(dn, Message::Demote).await
+                }
                 Action::Switch(dn) => self.tell(dn, Message::Switch).await,
                 Action::Resend { from, to } => self.resend(from, to),
                 Action::CheckNow(dn) => self.slots[dn].liveness.hint(Instant::now()),
@@ -495,10 +504,20 @@ impl Driver<'_> {
             .by_cause
             .get_or_create(&label("cause", cause))
             .inc();
-        if let Some(heard) = last_heard {
-            failovers
-                .outage
-                .observe(now.saturating_duration_since(heard).as_secs_f64());
+        let silent = last_heard.map(|heard| now.saturating_duration_since(heard));
+        if let Some(silent) = silent {
+            failovers.outage.observe(silent.as_secs_f64());
+        }
+        let names = &self.shared.config.dns;
+        let (from_name, to_name) = (&names[from].name, &names[to].name);
+        match silent {
+            Some(silent) => {
+                let silent_ms = silent.as_millis() as u64;
+                info!(from = %from_name, to = %to_name, %cause, silent_ms, "failover: the primary is lost, traffic moved to the secondary");
+            }
+            None => {
+                info!(from = %from_name, to = %to_name, %cause, "failover: the primary is lost (never heard from), traffic moved to the secondary");
+            }
         }
         let Some(conn) = self.slots[to].conn.as_ref() else {
             return;

@@ -765,6 +765,49 @@ impl Cluster {
     }
 }
 
+/// Keys of `cluster.toml` a running DN applies when told to reload (SIGHUP); a change to any
+/// other key needs a restart. The files the configuration names (the client CA, the DN's
+/// certificate and key) are read again on reload as well.
+pub const LIVE_KEYS: &[&str] = &["cluster.revoked_clients"];
+
+/// The keys (dotted paths; `dn` for the `[[dn]]` list) whose values differ between two versions
+/// of `cluster.toml` and that a running DN cannot apply (all but [`LIVE_KEYS`]). Empty: the new
+/// version can be applied live. Formatting and comments do not count.
+pub fn restart_needed(old: &str, new: &str) -> Result<Vec<String>, toml::de::Error> {
+    let old: toml::Table = toml::from_str(old)?;
+    let new: toml::Table = toml::from_str(new)?;
+    let mut changed = Vec::new();
+    differences(
+        "",
+        &toml::Value::Table(old),
+        &toml::Value::Table(new),
+        &mut changed,
+    );
+    changed.retain(|k| !LIVE_KEYS.contains(&k.as_str()));
+    Ok(changed)
+}
+
+fn differences(path: &str, a: &toml::Value, b: &toml::Value, out: &mut Vec<String>) {
+    match (a, b) {
+        (toml::Value::Table(x), toml::Value::Table(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for key in keys {
+                let at = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                match (x.get(key), y.get(key)) {
+                    (Some(a), Some(b)) => differences(&at, a, b, out),
+                    _ => out.push(at),
+                }
+            }
+        }
+        _ if a != b => out.push(path.to_owned()),
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1056,5 +1099,28 @@ mod tests {
             check_name("dn[0].name", "").unwrap_err().to_string(),
             "dn[0].name: \"\" must be 1-63 characters of letters, digits, '-', '_' or '.'"
         );
+    }
+
+    #[test]
+    fn only_revocations_reload_live() {
+        let old = "[cluster]\nclient_ca = \"ca.pem\"\nrevoked_clients = []\n\n[[dn]]\nname = \"dn1\"\nmtu = 1400\n";
+        let revoked = old.replace(
+            "revoked_clients = []",
+            "revoked_clients = [\"laptop\"] # stolen",
+        );
+        assert_eq!(restart_needed(old, &revoked).unwrap(), Vec::<String>::new());
+        let reformatted = old.replace("[cluster]\n", "# the cluster\n[cluster]\n");
+        assert_eq!(
+            restart_needed(old, &reformatted).unwrap(),
+            Vec::<String>::new()
+        );
+        let mtu = revoked.replace("mtu = 1400", "mtu = 1300");
+        assert_eq!(restart_needed(old, &mtu).unwrap(), vec!["dn".to_owned()]);
+        let lifetime = old.replace("[[dn]]", "lease_lifetime_secs = 60\n[[dn]]");
+        assert_eq!(
+            restart_needed(old, &lifetime).unwrap(),
+            vec!["cluster.lease_lifetime_secs".to_owned()]
+        );
+        assert!(restart_needed(old, "[cluster").is_err());
     }
 }

@@ -146,6 +146,10 @@ pub enum Note {
         session: SessionId,
         address: IpAddr,
         home: String,
+        /// Why: the client said so (`Switch`), or its data arrived here.
+        cause: PromotionCause,
+        /// How long the session had been a secondary here.
+        after: Duration,
     },
     Demoted {
         session: SessionId,
@@ -177,6 +181,24 @@ pub enum Note {
     },
 }
 
+/// What made a DN a client's primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromotionCause {
+    /// The client's `Switch`.
+    Switch,
+    /// The client's data arrived on the secondary session.
+    Data,
+}
+
+impl PromotionCause {
+    pub fn name(self) -> &'static str {
+        match self {
+            PromotionCause::Switch => "switch",
+            PromotionCause::Data => "data",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Session {
     pub identity: String,
@@ -186,6 +208,8 @@ pub struct Session {
     pub block: IpNet,
     pub primary: bool,
     demoted_at: Option<Instant>,
+    /// When it became a secondary here (attached, or demoted).
+    secondary_since: Instant,
     /// A session on its home DN: when its lease is renewed, so that a client connected longer
     /// than the lease lifetime keeps its address (and its journal entry) for as long as it
     /// stays.
@@ -388,6 +412,7 @@ impl Machine {
                 block: claim.block,
                 primary: false,
                 demoted_at: None,
+                secondary_since: now,
                 renew_at: home.then(|| now + self.renewal_period()),
             },
         );
@@ -458,6 +483,7 @@ impl Machine {
         }
         s.primary = true;
         s.demoted_at = None;
+        let after = now.saturating_duration_since(s.secondary_since);
         let (address, home, block) = (s.address, s.home.clone(), s.block);
         let rerouted = self.routes.serve(address, &home, block);
         out.push(Action::Primary {
@@ -472,6 +498,12 @@ impl Machine {
                 session: id,
                 address,
                 home,
+                cause: if told {
+                    PromotionCause::Switch
+                } else {
+                    PromotionCause::Data
+                },
+                after,
             }));
             out.push(Action::Send(id, Message::Promoted));
         }
@@ -486,6 +518,7 @@ impl Machine {
         }
         s.primary = false;
         s.demoted_at = Some(now);
+        s.secondary_since = now;
         let address = s.address;
         self.routes.release(address);
         out.push(Action::Primary {

@@ -51,6 +51,13 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Option<String> {
     cn.as_str().ok().map(str::to_owned)
 }
 
+/// Whether `revoked_clients` names the client, by identity or by certificate fingerprint.
+pub fn is_revoked(revoked: &[String], identity: &str, fingerprint: &str) -> bool {
+    revoked
+        .iter()
+        .any(|r| r == identity || r.eq_ignore_ascii_case(fingerprint))
+}
+
 /// Lower-case hex SHA-256 of the DER certificate, as listed in `revoked_clients`.
 pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
     hex::encode(Sha256::digest(cert.as_ref()))
@@ -93,11 +100,7 @@ impl ClientCertVerifier for RevokingVerifier {
             ));
         }
         let print = fingerprint(end_entity);
-        if self
-            .revoked
-            .iter()
-            .any(|r| *r == identity || r.eq_ignore_ascii_case(&print))
-        {
+        if is_revoked(&self.revoked, &identity, &print) {
             tracing::warn!(client = ?identity, fingerprint = %print, "client refused: revoked in cluster.toml");
             return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
         }

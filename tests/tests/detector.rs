@@ -435,3 +435,80 @@ fn every_daemon_serves_its_metrics_and_a_failover_shows_in_them() {
         Ok(())
     });
 }
+
+#[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
+fn a_reload_revokes_a_live_client_and_refuses_bad_or_restart_only_changes() {
+    let spec = LabSpec {
+        clients: 2,
+        ..supervised(1, Routing::Static, &[])
+    };
+    with_lab(spec, |lab| {
+        lab.start_client(1, &Credential::Issued("client1".into()))?;
+        lab.start_client(2, &Credential::Issued("client2".into()))?;
+        lab.wait_address(1, Duration::from_secs(15))?;
+        lab.wait_address(2, Duration::from_secs(15))?;
+        let path = lab.net.dir.join("cluster.toml");
+        let original = std::fs::read_to_string(&path)?;
+        let sessions = |lab: &Lab| {
+            lab.dn_status(1)
+                .map(|s| s["sessions"].as_u64().unwrap_or(0))
+        };
+        let log = |lab: &Lab| std::fs::read_to_string(lab.net.log_path(&Lab::fd_role(1)));
+        let reload = |lab: &mut Lab, text: &str| -> Result<()> {
+            std::fs::write(&path, text)?;
+            lab.net.signal(&Lab::fd_role(1), libc::SIGHUP)?;
+            std::thread::sleep(Duration::from_millis(500));
+            Ok(())
+        };
+        // A file that does not parse, and one that changes what needs a restart: refused,
+        // nothing dropped.
+        reload(lab, &original.replace("[cluster]", "[cluster"))?;
+        reload(
+            lab,
+            &original.replace(
+                "revoked_clients = []",
+                "revoked_clients = []\nlease_lifetime_secs = 99",
+            ),
+        )?;
+        let text = log(lab)?;
+        ensure!(
+            text.matches("reload refused").count() == 2,
+            "expected two refused reloads in the log:\n{text}"
+        );
+        ensure!(
+            text.contains("lease_lifetime_secs changed, which needs a restart"),
+            "the refusal does not name the key:\n{text}"
+        );
+        ensure!(sessions(lab)? == 2, "a refused reload dropped sessions");
+        // Revoking client1: its live session is closed, it cannot come back; client2 stays.
+        reload(
+            lab,
+            &original.replace("revoked_clients = []", "revoked_clients = [\"client1\"]"),
+        )?;
+        wait_until(Duration::from_secs(5), "client1's session to close", || {
+            sessions(lab).is_ok_and(|n| n == 1)
+        })?;
+        let status = lab.dn_status(1)?;
+        ensure!(
+            status["clients"][0]["identity"] == "client2",
+            "the session left is not client2's: {status}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+        ensure!(
+            sessions(lab)? == 1,
+            "client1 came back after its revocation: {}",
+            lab.dn_status(1)?
+        );
+        let (sent, received) = lab.ping("en2", SERVER, 10, &[])?;
+        ensure!(received == sent, "client2 lost pings: {received} of {sent}");
+        ensure!(
+            log(lab)?.contains("client revoked: closing its session"),
+            "no log line for the revoked session"
+        );
+        Ok(())
+    });
+}
