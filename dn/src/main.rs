@@ -51,6 +51,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Take the running DN out of service without a failover: every client moves its traffic
+    /// to another DN while this one still delivers (make before break), and no new client is
+    /// taken. The DN keeps running; `dn undrain` takes it back into service.
+    Drain,
+    /// End a drain: the DN takes clients again and its own clients come home.
+    Undrain,
     /// Create certificates and keys for a cluster.
     Pki {
         #[command(subcommand)]
@@ -96,6 +102,9 @@ fn print_status(status: &serde_json::Value) {
         status["tun"].as_str().unwrap_or("?"),
         get("mtu")
     );
+    if status["draining"] == true {
+        println!("DRAINING: clients are told to move to another DN; no new client is taken");
+    }
     println!(
         "sessions {}  leases {}  refused {}  handshakes failed {}",
         get("sessions"),
@@ -140,6 +149,26 @@ async fn main() -> Result<()> {
                 println!("{status}");
             } else {
                 print_status(&status);
+            }
+            Ok(())
+        }
+        Some(Command::Drain) | Some(Command::Undrain) => {
+            let request = if matches!(cli.command, Some(Command::Drain)) {
+                "drain"
+            } else {
+                "undrain"
+            };
+            let path = control_path(cli.control, cli.node.as_deref());
+            let answer = holdfast_shell::control::request(&path, request).await?;
+            let clients = answer["clients_told"].as_u64().unwrap_or(0);
+            match (request, answer["draining"].as_bool()) {
+                ("drain", Some(true)) => println!(
+                    "draining: {clients} clients told to move their traffic to another DN; no new client is taken (dn status shows who is still here)"
+                ),
+                ("undrain", Some(false)) => {
+                    println!("in service again: {clients} clients told; its own clients come home")
+                }
+                _ => anyhow::bail!("the DN did not take the request: {answer}"),
             }
             Ok(())
         }

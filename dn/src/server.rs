@@ -239,7 +239,12 @@ async fn serve(opts: Options, link: Option<Arc<detector::Link>>) -> Result<()> {
         tokio::spawn(detector::run(dn.clone(), link));
     }
     let status_dn = dn.clone();
-    let _control = control::serve(opts.control.clone(), move |_req| status_dn.status()).await?;
+    let _control = control::serve(opts.control.clone(), move |request| match request {
+        "drain" => status_dn.drain(true),
+        "undrain" => status_dn.drain(false),
+        _ => status_dn.status(),
+    })
+    .await?;
     let _metrics = match opts.metrics {
         Some(addr) => {
             let registry = std::sync::Arc::new(metrics::registry(dn.clone()));
@@ -793,6 +798,12 @@ fn log_note(dn: &Dn, note: &Note) {
         Note::LetGo { dn: peer } => {
             info!(%peer, "the DN has been back for the homecoming period: its blocks go back to standby; its clients still here keep host routes");
         }
+        Note::Drain { on: true, clients } => {
+            warn!(%clients, "draining: every client is told to move its traffic to another DN; no new client is taken");
+        }
+        Note::Drain { on: false, clients } => {
+            info!(%clients, "drain ended: taking clients again; own clients come home");
+        }
         Note::SentHome { home, clients } => {
             info!(%home, %clients, "home DN is back: telling its clients carried here");
         }
@@ -915,6 +926,20 @@ async fn tun_to_sessions(dn: Arc<Dn>) -> Result<()> {
 }
 
 impl Dn {
+    /// Starts (`true`) or ends a drain, from the control socket; answers with the outcome.
+    fn drain(self: &Arc<Self>, on: bool) -> serde_json::Value {
+        let actions =
+            self.lock_machine()
+                .handle(Event::Drain(on), std::time::Instant::now(), unix_now());
+        let told = actions
+            .iter()
+            .filter(|a| matches!(a, Action::Send(..)))
+            .count();
+        let dn = self.clone();
+        tokio::spawn(async move { dn.perform(actions).await });
+        serde_json::json!({"draining": self.lock_machine().draining(), "clients_told": told})
+    }
+
     fn status(&self) -> serde_json::Value {
         let homes: HashMap<SessionId, String> = self
             .lock_machine()
@@ -962,6 +987,7 @@ impl Dn {
             "routes": routes,
             "held_blocks": held,
             "peers_down": down,
+            "draining": self.lock_machine().draining(),
             "node": self.spec.name,
             "listen": self.spec.listen,
             "pool": self.spec.plan.pool,

@@ -69,6 +69,8 @@ enum Report {
     PeerDown(usize, u64, String),
     /// The home DN renewed the lease of the live session.
     Renewed(usize, u64, Box<Lease>),
+    /// The DN is being drained (`true`) or back in service.
+    Drain(usize, u64, bool),
 }
 
 /// The control stream, kept open for the session's life.
@@ -380,7 +382,8 @@ impl Driver<'_> {
             | Report::Lost(d, g, _)
             | Report::HomeIsBack(d, g)
             | Report::PeerDown(d, g, _)
-            | Report::Renewed(d, g, _) => (*d, *g),
+            | Report::Renewed(d, g, _)
+            | Report::Drain(d, g, _) => (*d, *g),
         };
         if self.slots.get(dn)?.generation != generation {
             return None;
@@ -425,6 +428,14 @@ impl Driver<'_> {
             Report::HomeIsBack(..) => {
                 info!(dn = %name, "the DN says this client's home DN is back");
                 Event::HomeIsBack(dn)
+            }
+            Report::Drain(_, _, on) => {
+                if on {
+                    info!(dn = %name, "the DN is being drained: moving the traffic off it");
+                } else {
+                    info!(dn = %name, "the DN is back in service");
+                }
+                Event::Drain(dn, on)
             }
             Report::Renewed(_, _, lease) => {
                 debug!(dn = %name, expires_at = lease.ticket.claim.expires_at, "lease renewed");
@@ -477,9 +488,14 @@ impl Driver<'_> {
                 }
                 Action::Close(dn) => self.drop_session(dn),
                 Action::Demote(dn) => {
-                    // Only going home demotes: the client left `dn` for its home DN.
-                    let away_ms = self.previous_primary_for.as_millis() as u64;
-                    info!(from = %self.shared.config.dns[dn].name, away_ms, cause = "home DN up again", "going home");
+                    // Demoted: the client left `dn` for its home DN, or because `dn` is drained.
+                    let name = &self.shared.config.dns[dn].name;
+                    let on_it_ms = self.previous_primary_for.as_millis() as u64;
+                    if self.machine.is_draining(dn) {
+                        info!(from = %name, on_it_ms, cause = "drain", "moved the traffic off a DN being drained");
+                    } else {
+                        info!(from = %name, away_ms = on_it_ms, cause = "home DN up again", "going home");
+                    }
                     self.tell(dn, Message::Demote).await
                 }
                 Action::Switch(dn) => self.tell(dn, Message::Switch).await,
@@ -868,6 +884,12 @@ async fn follow_control(
             }
             Ok(Some(Message::Leased(lease))) => {
                 let _ = reports.send(Report::Renewed(index, generation, Box::new(lease)));
+            }
+            Ok(Some(Message::Drain)) => {
+                let _ = reports.send(Report::Drain(index, generation, true));
+            }
+            Ok(Some(Message::Undrain)) => {
+                let _ = reports.send(Report::Drain(index, generation, false));
             }
             Ok(Some(other)) => debug!(%dn, ?other, "ignoring control message"),
             Ok(None) => return,

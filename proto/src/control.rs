@@ -28,6 +28,8 @@ const T_HOME_IS_BACK: u8 = 5;
 const T_DEMOTE: u8 = 6;
 const T_PEER_DOWN: u8 = 7;
 const T_SWITCH: u8 = 8;
+const T_DRAIN: u8 = 9;
+const T_UNDRAIN: u8 = 10;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -55,6 +57,12 @@ pub enum Message {
     /// or came home). Data would say so too, but this is ordered after an earlier `Demote` on
     /// the same stream, so a DN that was just left and is chosen again knows at once.
     Switch,
+    /// DN -> EN: the DN is being drained (taken out of service by its operator): move the
+    /// traffic to another DN now, while this one still delivers, and do not come back until
+    /// `Undrain`.
+    Drain,
+    /// DN -> EN: the drain is over; a client whose home this DN is goes home.
+    Undrain,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,6 +181,8 @@ impl Message {
                 T_PEER_DOWN
             }
             Message::Switch => T_SWITCH,
+            Message::Drain => T_DRAIN,
+            Message::Undrain => T_UNDRAIN,
         };
         let body_len = out.len() - start - FRAME_HEADER;
         out[start] = kind;
@@ -240,6 +250,8 @@ impl Message {
                 dn: r.short_str("dn name")?,
             },
             T_SWITCH => Message::Switch,
+            T_DRAIN => Message::Drain,
+            T_UNDRAIN => Message::Undrain,
             tag => {
                 return Err(DecodeError::UnknownTag {
                     what: "control message",
@@ -326,6 +338,8 @@ mod tests {
             Just(Message::HomeIsBack),
             Just(Message::Demote),
             Just(Message::Switch),
+            Just(Message::Drain),
+            Just(Message::Undrain),
             "[a-z0-9-]{1,30}".prop_map(|dn| Message::PeerDown { dn }),
         ]
     }

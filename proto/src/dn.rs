@@ -25,6 +25,8 @@ pub enum AttachError {
     PoolExhausted(ipnet::IpNet),
     #[error("every block of pool {0} is served by another DN until its clients come home")]
     PoolHeld(ipnet::IpNet),
+    #[error("this DN is being drained and takes no new client")]
+    Draining,
 }
 
 impl AttachError {
@@ -34,7 +36,9 @@ impl AttachError {
             AttachError::AddressTaken { .. } | AttachError::NotLeasable(_) => {
                 RefuseCode::AddressUnavailable
             }
-            AttachError::PoolExhausted(_) | AttachError::PoolHeld(_) => RefuseCode::PoolExhausted,
+            AttachError::PoolExhausted(_) | AttachError::PoolHeld(_) | AttachError::Draining => {
+                RefuseCode::PoolExhausted
+            }
         }
     }
 }

@@ -73,6 +73,9 @@ pub enum Event {
     /// An ICMP error says DN `0`'s port is unreachable. Nobody authenticated it: it ends an
     /// attempt still under way (a retry is cheap), but a session only gets checked.
     Unreachable(Dn),
+    /// DN `0` is being drained (`true`: move away from it, make before break) or is back in
+    /// service (`false`).
+    Drain(Dn, bool),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +105,8 @@ struct Slot {
     state: SessionState,
     backoff: Backoff,
     last_loss: Option<Loss>,
+    /// The DN said it is being drained: it carries the traffic only if no other DN can.
+    draining: bool,
 }
 
 pub struct Machine {
@@ -131,6 +136,7 @@ impl Machine {
                     state: SessionState::Connecting,
                     backoff: Backoff::new(RETRY_BASE, RETRY_MAX),
                     last_loss: None,
+                    draining: false,
                 })
                 .collect(),
             primary: None,
@@ -164,6 +170,11 @@ impl Machine {
         self.slots.get(dn).map(|s| &s.state)
     }
 
+    /// Whether DN `dn` said it is being drained.
+    pub fn is_draining(&self, dn: Dn) -> bool {
+        self.slots.get(dn).is_some_and(|s| s.draining)
+    }
+
     pub fn last_loss(&self, dn: Dn) -> Option<&Loss> {
         self.slots.get(dn).and_then(|s| s.last_loss.as_ref())
     }
@@ -188,7 +199,8 @@ impl Machine {
             | Event::Lost(d, _)
             | Event::HomeIsBack(d)
             | Event::PeerDown(d)
-            | Event::Unreachable(d) => *d,
+            | Event::Unreachable(d)
+            | Event::Drain(d, _) => *d,
         };
         if dn >= self.slots.len() {
             return out;
@@ -247,8 +259,60 @@ impl Machine {
                     self.go_home(&mut out);
                 }
             }
+            Event::Drain(d, true) => {
+                self.slots[d].draining = true;
+                if self.primary == Some(d) {
+                    self.move_off(d, &mut out);
+                }
+            }
+            Event::Drain(d, false) => {
+                self.slots[d].draining = false;
+                // The home back in service: the client goes home as it would after a failure.
+                if self.home() == Some(d) && self.primary != Some(d) {
+                    self.going_home = true;
+                    self.go_home(&mut out);
+                }
+            }
         }
         out
+    }
+
+    /// The secondaries that may take the traffic from `from`, best first: the lease's failover
+    /// order (its block's designated backup first), then configuration order after `from`;
+    /// DNs being drained last.
+    fn successors(&self, from: Dn) -> Vec<Dn> {
+        let n = self.slots.len();
+        let by_lease = self
+            .lease
+            .iter()
+            .flat_map(|l| l.failover.iter())
+            .filter_map(|name| self.names.iter().position(|x| x == name));
+        let by_config = (1..n).map(|k| (from + k) % n);
+        let mut order: Vec<Dn> = Vec::new();
+        for i in by_lease.chain(by_config) {
+            if !order.contains(&i) && self.slots[i].state == SessionState::Up(Role::Secondary) {
+                order.push(i);
+            }
+        }
+        order.sort_by_key(|&i| self.slots[i].draining);
+        order
+    }
+
+    /// Moves the traffic off a primary being drained while it still delivers: the next
+    /// secondary is told first (`Switch`), then the drained DN (`Demote`); nothing is resent.
+    fn move_off(&mut self, from: Dn, out: &mut Vec<Action>) {
+        let Some(&next) = self.successors(from).first() else {
+            return;
+        };
+        if self.slots[next].draining {
+            return;
+        }
+        self.slots[from].state = SessionState::Up(Role::Secondary);
+        self.slots[next].state = SessionState::Up(Role::Primary);
+        self.primary = Some(next);
+        out.push(Action::UsePrimary(Some(next)));
+        out.push(Action::Switch(next));
+        out.push(Action::Demote(from));
     }
 
     /// The DN that issued the client's ticket.
@@ -262,7 +326,10 @@ impl Machine {
         let (Some(home), Some(current)) = (self.home(), self.primary) else {
             return;
         };
-        if !self.going_home || self.slots[home].state != SessionState::Up(Role::Secondary) {
+        if !self.going_home
+            || self.slots[home].state != SessionState::Up(Role::Secondary)
+            || self.slots[home].draining
+        {
             return;
         }
         self.going_home = false;
@@ -292,6 +359,8 @@ impl Machine {
             }
             return;
         }
+        // A DN still being drained says so again right after the lease.
+        self.slots[d].draining = false;
         match &self.lease {
             Some(ours) if ours.ticket.claim.address != lease.ticket.claim.address => {
                 // This DN would carry another address; the client has one already. Try again
@@ -370,18 +439,9 @@ impl Machine {
         if self.primary == Some(d) {
             self.primary = None;
             // The next live session in the lease's failover order (its block's designated
-            // backup first), then in configuration order after the lost one.
-            let n = self.slots.len();
-            let by_lease = self
-                .lease
-                .iter()
-                .flat_map(|l| l.failover.iter())
-                .filter_map(|name| self.names.iter().position(|x| x == name));
-            let by_config = (1..n).map(|k| (d + k) % n);
-            let next = by_lease
-                .chain(by_config)
-                .find(|&i| self.slots[i].state == SessionState::Up(Role::Secondary));
-            if let Some(i) = next {
+            // backup first), then in configuration order after the lost one; one being
+            // drained only if no other is up.
+            if let Some(&i) = self.successors(d).first() {
                 self.slots[i].state = SessionState::Up(Role::Primary);
                 self.primary = Some(i);
             }
@@ -458,6 +518,44 @@ mod tests {
         m.handle(Event::Connected(1), t0);
         m.handle(Event::Leased(1, Box::new(l.clone())), t0);
         (m, l)
+    }
+
+    #[test]
+    fn a_drained_primary_is_left_before_it_goes_and_taken_back_after() {
+        let t0 = Instant::now();
+        let (mut m, l) = two_sessions_up(t0);
+        assert_eq!(m.primary(), Some(0));
+        // Make before break: the secondary is told first, the drained DN keeps delivering.
+        assert_eq!(
+            m.handle(Event::Drain(0, true), t0),
+            vec![
+                Action::UsePrimary(Some(1)),
+                Action::Switch(1),
+                Action::Demote(0)
+            ]
+        );
+        // Its session coming back does not take the client home while the drain lasts, and
+        // the drained DN is the last resort when the other is lost.
+        assert_eq!(m.handle(Event::HomeIsBack(1), t0), vec![]);
+        assert_eq!(m.primary(), Some(1));
+        assert_eq!(
+            m.handle(Event::Drain(0, false), t0),
+            vec![
+                Action::UsePrimary(Some(0)),
+                Action::Switch(0),
+                Action::Demote(1)
+            ]
+        );
+        // A drained secondary: nothing moves; on reattach the mark is cleared (the DN says it
+        // again if the drain lasts).
+        assert_eq!(m.handle(Event::Drain(1, true), t0), vec![]);
+        assert!(m.is_draining(1));
+        m.handle(Event::Lost(1, Loss::Closed("x".into())), t0);
+        let later = t0 + RETRY_MAX * 2;
+        assert_eq!(m.handle_timeout(later), vec![Action::Connect(1)]);
+        m.handle(Event::Connected(1), later);
+        m.handle(Event::Leased(1, Box::new(l)), later);
+        assert!(!m.is_draining(1));
     }
 
     #[test]

@@ -81,6 +81,9 @@ pub enum Event {
     Learned(Vec<IpNet>),
     /// DN `from` (its notice verified) says it is back.
     HomeIsBack { from: String },
+    /// The operator drains the DN (`true`: every client moves its traffic elsewhere while this
+    /// DN still delivers, and no new client is taken) or ends the drain (`false`).
+    Drain(bool),
 }
 
 /// Why the DN closes a session.
@@ -179,6 +182,11 @@ pub enum Note {
         home: String,
         clients: usize,
     },
+    /// The drain began (`on`) or ended; `clients` sessions were told.
+    Drain {
+        on: bool,
+        clients: usize,
+    },
 }
 
 /// What made a DN a client's primary.
@@ -237,6 +245,8 @@ pub struct Machine {
     next_notice: Option<Instant>,
     /// DNs up again whose blocks this DN still announces whole, and until when it may.
     homecoming: BTreeMap<String, Instant>,
+    /// Being drained: clients are told to move away, new ones are not taken.
+    draining: bool,
 }
 
 impl Machine {
@@ -272,6 +282,7 @@ impl Machine {
             carried_elsewhere: BTreeSet::new(),
             next_notice: None,
             homecoming: BTreeMap::new(),
+            draining: false,
         })
     }
 
@@ -321,6 +332,10 @@ impl Machine {
         self.routes.down()
     }
 
+    pub fn draining(&self) -> bool {
+        self.draining
+    }
+
     pub fn active_leases(&self, unix: u64) -> usize {
         self.book.active_leases(unix)
     }
@@ -345,8 +360,27 @@ impl Machine {
             Event::Peer { dn, up } => self.on_peer(dn, up, now, &mut out),
             Event::Learned(learned) => self.on_learned(&learned, now, &mut out),
             Event::HomeIsBack { from } => self.send_home(&from, &mut out),
+            Event::Drain(on) => self.drain(on, &mut out),
         }
         out
+    }
+
+    /// Tells every client the DN is (or is no longer) being drained. Clients whose primary it
+    /// is move to a secondary at once, which promotes them (`Switch`) while this DN still
+    /// delivers; they `Demote` here after that, which lowers what this DN routed for them.
+    fn drain(&mut self, on: bool, out: &mut Vec<Action>) {
+        if self.draining == on {
+            return;
+        }
+        self.draining = on;
+        let message = if on { Message::Drain } else { Message::Undrain };
+        for id in self.sessions.keys() {
+            out.push(Action::Send(*id, message.clone()));
+        }
+        out.push(Action::Note(Note::Drain {
+            on,
+            clients: self.sessions.len(),
+        }));
     }
 
     fn attach(
@@ -361,7 +395,14 @@ impl Machine {
         if self.sessions.contains_key(&session) {
             return;
         }
-        let grant = match self.book.attach(&identity, ticket.as_ref(), unix) {
+        // A DN being drained takes no new client; a client it carries, or carries as a
+        // secondary, may still attach with its ticket (and is told of the drain).
+        let grant = if self.draining && ticket.is_none() {
+            Err(crate::dn::AttachError::Draining)
+        } else {
+            self.book.attach(&identity, ticket.as_ref(), unix)
+        };
+        let grant = match grant {
             Ok(grant) => grant,
             Err(e) => {
                 let reason = e.to_string();
@@ -394,6 +435,9 @@ impl Machine {
             home: claim.issuer == self.me,
         }));
         out.push(Action::Send(session, Message::Leased(lease)));
+        if self.draining {
+            out.push(Action::Send(session, Message::Drain));
+        }
         if let Some(old) = self.hosts.get(&claim.address).copied() {
             out.push(Action::Note(Note::Replaced {
                 old,
@@ -750,6 +794,36 @@ mod tests {
             .filter(|r| !matches!(r.reason, Reason::Home | Reason::Standby { .. }))
             .map(|r| format!("{} {}", r.net, r.reason))
             .collect()
+    }
+
+    #[test]
+    fn a_drained_dn_tells_every_client_and_takes_no_new_one() {
+        let (mut dn1, _, lease, t) = laptop_on_both();
+        let acts = dn1.handle(Event::Drain(true), t, 1000);
+        assert!(acts.contains(&Action::Send(1, Message::Drain)), "{acts:?}");
+        assert!(dn1.draining());
+        // A new client is refused; the laptop reattaching with its ticket is taken and told.
+        let newcomer = attach(&mut dn1, 2, "phone", None, t);
+        assert!(
+            newcomer
+                .iter()
+                .any(|a| matches!(a, Action::Send(2, Message::Refused { .. }))),
+            "{newcomer:?}"
+        );
+        let again = attach(&mut dn1, 3, "laptop", Some(lease.ticket.clone()), t);
+        let lease_at = again
+            .iter()
+            .position(|a| matches!(a, Action::Send(3, Message::Leased(_))));
+        let told_at = again
+            .iter()
+            .position(|a| *a == Action::Send(3, Message::Drain));
+        assert!(lease_at.unwrap() < told_at.unwrap(), "{again:?}");
+        let back = dn1.handle(Event::Drain(false), t, 1000);
+        assert!(
+            back.contains(&Action::Send(3, Message::Undrain)),
+            "{back:?}"
+        );
+        assert!(leased(&attach(&mut dn1, 4, "phone", None, t)).is_some());
     }
 
     #[test]

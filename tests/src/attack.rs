@@ -6,9 +6,7 @@
 //! second client namespace. A case holds when its own check holds and the DNs stayed up and
 //! unkilled, every DN's routes match the sessions it has, and the real client lost no ping.
 
-use std::io::Read;
 use std::net::IpAddr;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -16,12 +14,12 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::bench::cpu_seconds;
-use crate::experiment::parse_ping_replies;
 use crate::lab::{
     client_address_towards, dn_address_towards, dn_on_cluster_net, dn_role, Credential, Lab,
     LabSpec, Routing, SERVER,
 };
 use crate::netns::wait_until;
+use crate::traffic::Pinger;
 
 /// Every case, in the order they run.
 pub const CASES: &[&str] = &[
@@ -117,8 +115,7 @@ struct Arena {
     /// The real client's primary and secondary DN (1-based).
     primary: usize,
     secondary: usize,
-    ping: Child,
-    printed: std::thread::JoinHandle<String>,
+    ping: Pinger,
     /// Each DN's pid when the attack began.
     pids: Vec<u32>,
 }
@@ -136,24 +133,13 @@ impl Arena {
         lab.start_client(1, &Credential::Issued("client1".into()))?;
         lab.wait_address(1, Duration::from_secs(15))?;
         let (primary, secondary) = lab.primary_and_secondary(1, Duration::from_secs(10))?;
-        let mut ping = lab
-            .net
-            .command("en1", &["ping", "-n", "-i", "0.01", "-W", "1", SERVER]);
-        ping.stdout(Stdio::piped());
-        let mut ping = ping.spawn().context("cannot start ping")?;
-        let mut stdout = ping.stdout.take().context("no ping output")?;
-        let printed = std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = stdout.read_to_string(&mut text);
-            text
-        });
+        let ping = Pinger::start(&lab.net, "en1", SERVER, "0.01")?;
         let pids = (1..=2).map(|k| lab.dn_pid(k)).collect::<Result<_>>()?;
         Ok(Self {
             lab,
             primary,
             secondary,
             ping,
-            printed,
             pids,
         })
     }
@@ -208,7 +194,7 @@ impl Arena {
     }
 
     /// Ends the case: the checks every case shares, then the lab goes.
-    fn finish(mut self, restarted: &[usize]) -> Result<Vec<String>> {
+    fn finish(self, restarted: &[usize]) -> Result<Vec<String>> {
         // Let the last effects land (routes withdrawn, sessions closed).
         std::thread::sleep(Duration::from_secs(1));
         let mut broken = Vec::new();
@@ -226,15 +212,8 @@ impl Arena {
                 broken.extend(route_mismatches(k, &status));
             }
         }
-        // SAFETY: the pid of the ping this arena started (`ip netns exec` execs it).
-        unsafe { libc::kill(self.ping.id() as libc::pid_t, libc::SIGINT) };
-        self.ping.wait()?;
-        let printed = self
-            .printed
-            .join()
-            .map_err(|_| anyhow!("the ping reader failed"))?;
-        let (sent, answered) = parse_ping_replies(&printed)?;
-        let lost = sent.saturating_sub(answered.len() as u32);
+        let (sent, answered) = self.ping.stop()?;
+        let lost = sent.saturating_sub(answered);
         if lost > 0 {
             broken.push(format!("the real client lost {lost} of {sent} pings"));
         }

@@ -306,6 +306,41 @@ pub fn ping_rtts(
     Ok(rtts)
 }
 
+/// A ping running in the background (`ping -i INTERVAL`), its output read as it prints (a long
+/// stream would fill the pipe and stop ping). [`Pinger::stop`] ends it and counts.
+pub struct Pinger {
+    child: std::process::Child,
+    printed: std::thread::JoinHandle<String>,
+}
+
+impl Pinger {
+    pub fn start(net: &Netns, role: &str, target: &str, interval: &str) -> Result<Self> {
+        let mut ping = net.command(role, &["ping", "-n", "-i", interval, "-W", "1", target]);
+        ping.stdout(std::process::Stdio::piped());
+        let mut child = ping.spawn().context("cannot start ping")?;
+        let mut stdout = child.stdout.take().context("no ping output")?;
+        let printed = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut stdout, &mut text);
+            text
+        });
+        Ok(Self { child, printed })
+    }
+
+    /// Interrupts ping; returns (sent, answered), read from its per-reply lines.
+    pub fn stop(mut self) -> Result<(u32, u32)> {
+        // SAFETY: the pid of the ping this struct started (`ip netns exec` execs it).
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
+        self.child.wait()?;
+        let printed = self
+            .printed
+            .join()
+            .map_err(|_| anyhow::anyhow!("the ping reader failed"))?;
+        let (sent, answered) = crate::experiment::parse_ping_replies(&printed)?;
+        Ok((sent, answered.len() as u32))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,7 @@ use anyhow::{anyhow, ensure, Result};
 use std::process::Stdio;
 
 use holdfast_lab::lab::{dn_role, with_lab, Credential, Lab, LabSpec, Routing, SERVER};
+use holdfast_lab::netns::wait_until;
 use holdfast_lab::traffic;
 use serde_json::Value;
 
@@ -436,5 +437,77 @@ fn a_dn_whose_port_answers_unreachable_counts_as_dead_at_once() {
             std::thread::sleep(Duration::from_millis(20));
         }
         Err(anyhow!("dn2 was not marked unreachable: {last}"))
+    });
+}
+
+/// `dn drain` / `dn undrain` through the DN's control socket.
+fn drain(lab: &Lab, k: usize, on: bool) -> Result<()> {
+    let socket = lab.dn_socket(k).display().to_string();
+    let verb = if on { "drain" } else { "undrain" };
+    let out = lab
+        .net
+        .exec(&dn_role(k), &[&lab.bin("dn"), "--control", &socket, verb])?;
+    ensure!(
+        out.status.success(),
+        "dn {verb} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+#[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
+fn ten_drains_of_the_clients_dn_lose_no_ping_and_it_comes_home_after_each() {
+    let spec = LabSpec {
+        clients: 2,
+        dns: 2,
+        routing: Routing::Frr,
+        ..LabSpec::default()
+    };
+    with_lab(spec, |lab| {
+        lab.start_client(1, &Credential::Issued("client1".into()))?;
+        lab.wait_address(1, Duration::from_secs(15))?;
+        let (home, backup) = lab.primary_and_secondary(1, Duration::from_secs(10))?;
+        let ping = traffic::Pinger::start(&lab.net, "en1", SERVER, "0.01")?;
+        std::thread::sleep(Duration::from_millis(500));
+        let primary = |lab: &Lab| lab.en_status(1).ok().and_then(|s| role_of(&s, "primary"));
+        for round in 1..=10 {
+            drain(lab, home, true)?;
+            wait_until(
+                Duration::from_secs(5),
+                "the client to leave the drained DN",
+                || primary(lab) == Some(backup),
+            )?;
+            let status = lab.dn_status(home)?;
+            ensure!(
+                status["draining"] == true,
+                "round {round}: not draining: {status}"
+            );
+            std::thread::sleep(Duration::from_millis(700));
+            drain(lab, home, false)?;
+            wait_until(Duration::from_secs(5), "the client to come home", || {
+                primary(lab) == Some(home)
+            })?;
+            std::thread::sleep(Duration::from_millis(700));
+        }
+        let (sent, answered) = ping.stop()?;
+        ensure!(
+            answered == sent,
+            "{} of {sent} pings lost over 10 drains",
+            sent - answered
+        );
+        // A drained DN takes no new client.
+        drain(lab, home, true)?;
+        lab.start_client(2, &Credential::Issued("client2".into()))?;
+        std::thread::sleep(Duration::from_secs(2));
+        let status = lab.dn_status(home)?;
+        ensure!(
+            status["leases"] == 1,
+            "the drained DN leased to a new client: {status}"
+        );
+        Ok(())
     });
 }

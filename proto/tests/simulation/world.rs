@@ -1342,6 +1342,8 @@ impl World {
                     en::Event::Refused(d, code)
                 }
                 Message::HomeIsBack => en::Event::HomeIsBack(d),
+                Message::Drain => en::Event::Drain(d, true),
+                Message::Undrain => en::Event::Drain(d, false),
                 Message::PeerDown { dn } => {
                     let Some(index) = self.dns.iter().position(|x| x.name == dn) else {
                         return;
