@@ -460,7 +460,7 @@ fn drain(lab: &Lab, k: usize, on: bool) -> Result<()> {
     not(lab_root),
     ignore = "needs root: the lab builds network namespaces"
 )]
-fn ten_drains_of_the_clients_dn_lose_no_ping_and_it_comes_home_after_each() {
+fn ten_drains_of_the_clients_dn_lose_no_ping_nor_the_download_and_it_comes_home_after_each() {
     let spec = LabSpec {
         clients: 2,
         dns: 2,
@@ -471,6 +471,15 @@ fn ten_drains_of_the_clients_dn_lose_no_ping_and_it_comes_home_after_each() {
         lab.start_client(1, &Credential::Issued("client1".into()))?;
         lab.wait_address(1, Duration::from_secs(15))?;
         let (home, backup) = lab.primary_and_secondary(1, Duration::from_secs(10))?;
+        // A TCP download paced to last through every drain, and a ping at 100/s.
+        let www = lab.net.dir.join("www");
+        let blob = traffic::make_blob(&www, "blob", 48 << 20)?;
+        traffic::serve_http(&mut lab.net, "srv", &www, SERVER)?;
+        let out = lab.net.dir.join("downloaded");
+        let url = format!("http://{SERVER}:{}/blob", traffic::HTTP_PORT);
+        let curl = Running(Some(
+            traffic::paced_download(&lab.net, "en1", &url, &out, 2).spawn()?,
+        ));
         let ping = traffic::Pinger::start(&lab.net, "en1", SERVER, "0.01")?;
         std::thread::sleep(Duration::from_millis(500));
         let primary = |lab: &Lab| lab.en_status(1).ok().and_then(|s| role_of(&s, "primary"));
@@ -494,10 +503,21 @@ fn ten_drains_of_the_clients_dn_lose_no_ping_and_it_comes_home_after_each() {
             std::thread::sleep(Duration::from_millis(700));
         }
         let (sent, answered) = ping.stop()?;
+        eprintln!("10 drains: {answered} of {sent} pings answered");
         ensure!(
             answered == sent,
             "{} of {sent} pings lost over 10 drains",
             sent - answered
+        );
+        let curl = curl.finish()?;
+        ensure!(
+            curl.status.success(),
+            "the download through the drains failed: {}",
+            String::from_utf8_lossy(&curl.stderr)
+        );
+        ensure!(
+            traffic::sha256_file(&out)? == blob.sha256,
+            "the download through the drains arrived corrupted"
         );
         // A drained DN takes no new client.
         drain(lab, home, true)?;
