@@ -160,8 +160,21 @@ impl Default for Failovers {
         let buckets = [
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
         ];
+        let by_cause = Family::default();
+        // Every cause from the start, at 0: a series that appears only at the first failover
+        // would make rates and alerts on it miss that failover.
+        for cause in [
+            "probe_timeout",
+            "unreachable",
+            "reported_dead",
+            "closed",
+            "connect_failed",
+            "unknown",
+        ] {
+            let _ = by_cause.get_or_create(&label("cause", cause));
+        }
         Self {
-            by_cause: Family::default(),
+            by_cause,
             outage: Histogram::new(buckets),
         }
     }

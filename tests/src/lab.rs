@@ -58,6 +58,23 @@ fn attach_to_bridge(
     Ok(())
 }
 
+/// Writes one of esr-config's files (`NODE/NAME`) under `root`; returns the node, the file's
+/// directory and its path.
+fn write_node_file(
+    root: &Path,
+    file: &holdfast_esr_config::File,
+) -> Result<(String, PathBuf, String)> {
+    let path = root.join(&file.path);
+    let dir = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| root.to_path_buf());
+    fs::create_dir_all(&dir)?;
+    fs::write(&path, &file.text)?;
+    let node = file.path.split('/').next().unwrap_or_default().to_owned();
+    Ok((node, dir, path.display().to_string()))
+}
+
 /// Where the product binaries are: `HOLDFAST_BIN_DIR`, or beside this executable (tests run
 /// from `target/<profile>/deps/`, so its parent too).
 pub fn bin_dir() -> Result<PathBuf> {
@@ -116,6 +133,9 @@ pub struct LabSpec {
     pub pool_prefix: u8,
     /// `cluster.lease_lifetime_secs`; `None`: the default (a day).
     pub lease_lifetime_secs: Option<u64>,
+    /// Two ESRs (`esr`, `esr2`) sharing the servers' and the DNs' gateway addresses with
+    /// keepalived (VRRPv3, esr-config's configuration); needs FRR or BIRD.
+    pub esr_pair: bool,
 }
 
 /// How a DN is failed in tests and experiments.
@@ -175,6 +195,11 @@ pub const DN_METRICS: &str = "127.0.0.1:9436";
 pub const FD_METRICS: &str = "127.0.0.1:9435";
 const ESR_ON_CLUSTER_NET: &str = "10.9.0.254";
 const ESR_ON_SERVER_NET: &str = "10.0.2.254";
+/// The second ESR of a pair, and the addresses the pair shares (VRRP).
+const ESR2_ON_CLUSTER_NET: &str = "10.9.0.253";
+const ESR2_ON_SERVER_NET: &str = "10.0.2.253";
+pub const SERVERS_GATEWAY: &str = "10.0.2.1";
+pub const DNS_GATEWAY: &str = "10.9.0.250";
 /// Every pool the lab hands out (10.200.0.0/16 .. 10.203.0.0/16 at most).
 const ALL_POOLS: &str = "10.200.0.0/14";
 const FRR: &str = "/usr/lib/frr";
@@ -191,6 +216,7 @@ impl Default for LabSpec {
             fd_args: Vec::new(),
             pool_prefix: 24,
             lease_lifetime_secs: None,
+            esr_pair: false,
         }
     }
 }
@@ -262,31 +288,64 @@ impl Lab {
             &["ip", "addr", "add", &format!("{SERVER}/24"), "dev", "br0"],
         )?;
         net.exec("srv", &["ip", "link", "set", "br0", "up"])?;
+        if spec.esr_pair && !spec.routing.dynamic() {
+            bail!("an ESR pair needs a routing daemon (FRR or BIRD)");
+        }
+        // Where the cluster network's bridge lives: in the ESR, or with a pair in a switch of
+        // its own, so that either ESR can die without taking the network with it.
+        let cluster_switch = if spec.esr_pair { "sw" } else { "esr" };
         if spec.routing.dynamic() {
             net.add("esr")?;
-            net.exec("esr", &["ip", "link", "add", "cl0", "type", "bridge"])?;
+            if spec.esr_pair {
+                net.add("sw")?;
+                net.add("esr2")?;
+            }
             net.exec(
-                "esr",
+                cluster_switch,
+                &["ip", "link", "add", "cl0", "type", "bridge"],
+            )?;
+            net.exec(cluster_switch, &["ip", "link", "set", "cl0", "up"])?;
+            let esrs: &[(&str, &str, &str)] = if spec.esr_pair {
                 &[
-                    "ip",
-                    "addr",
-                    "add",
-                    &format!("{ESR_ON_CLUSTER_NET}/24"),
-                    "dev",
-                    "cl0",
-                ],
-            )?;
-            net.exec("esr", &["ip", "link", "set", "cl0", "up"])?;
-            net.exec("esr", &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
-            attach_to_bridge(
-                &net,
-                ("esr", "to-srv", &format!("{ESR_ON_SERVER_NET}/24")),
-                ("srv", "br0", "to-esr"),
-            )?;
-            net.exec(
-                "srv",
-                &["ip", "route", "add", ALL_POOLS, "via", ESR_ON_SERVER_NET],
-            )?;
+                    ("esr", ESR_ON_CLUSTER_NET, ESR_ON_SERVER_NET),
+                    ("esr2", ESR2_ON_CLUSTER_NET, ESR2_ON_SERVER_NET),
+                ]
+            } else {
+                &[("esr", ESR_ON_CLUSTER_NET, ESR_ON_SERVER_NET)]
+            };
+            for (role, on_cluster, on_server) in esrs {
+                if spec.esr_pair {
+                    attach_to_bridge(
+                        &net,
+                        (role, "cl0", &format!("{on_cluster}/24")),
+                        ("sw", "cl0", &format!("to-{role}")),
+                    )?;
+                } else {
+                    net.exec(
+                        role,
+                        &[
+                            "ip",
+                            "addr",
+                            "add",
+                            &format!("{on_cluster}/24"),
+                            "dev",
+                            "cl0",
+                        ],
+                    )?;
+                }
+                net.exec(role, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+                attach_to_bridge(
+                    &net,
+                    (role, "to-srv", &format!("{on_server}/24")),
+                    ("srv", "br0", &format!("to-{role}")),
+                )?;
+            }
+            let gateway = if spec.esr_pair {
+                SERVERS_GATEWAY
+            } else {
+                ESR_ON_SERVER_NET
+            };
+            net.exec("srv", &["ip", "route", "add", ALL_POOLS, "via", gateway])?;
         }
         for k in 1..=spec.dns {
             let dn = dn_role(k);
@@ -317,12 +376,14 @@ impl Lab {
                     attach_to_bridge(
                         &net,
                         (&dn, "to-esr", &own),
-                        ("esr", "cl0", &format!("to-{dn}")),
+                        (cluster_switch, "cl0", &format!("to-{dn}")),
                     )?;
-                    net.exec(
-                        &dn,
-                        &["ip", "route", "add", SERVER_NET, "via", ESR_ON_CLUSTER_NET],
-                    )?;
+                    let gateway = if spec.esr_pair {
+                        DNS_GATEWAY
+                    } else {
+                        ESR_ON_CLUSTER_NET
+                    };
+                    net.exec(&dn, &["ip", "route", "add", SERVER_NET, "via", gateway])?;
                 }
             }
         }
@@ -378,6 +439,15 @@ impl Lab {
             cluster += &format!(
                 "\n[ospf]\nnetwork = \"{CLUSTER_NET}\"\n\n[[esr]]\nname = \"esr\"\nrouter_id = \"{ESR_ON_CLUSTER_NET}\"\nospf_interface = \"cl0\"\n"
             );
+            if spec.esr_pair {
+                cluster += &format!(
+                    "service_address = \"{ESR_ON_SERVER_NET}/24\"\nservice_interface = \"to-srv\"\npriority = 150\n\n\
+                     [[esr]]\nname = \"esr2\"\nrouter_id = \"{ESR2_ON_CLUSTER_NET}\"\nospf_interface = \"cl0\"\n\
+                     service_address = \"{ESR2_ON_SERVER_NET}/24\"\nservice_interface = \"to-srv\"\n\n\
+                     [vrrp]\nvirtual_router_id = 51\nvirtual_address = \"{SERVERS_GATEWAY}/24\"\n\
+                     cluster_virtual_address = \"{DNS_GATEWAY}/24\"\nadvert_interval_ms = 10\n"
+                );
+            }
         }
         for (k, (name, public_key)) in keys.iter().enumerate() {
             let k = k + 1;
@@ -417,6 +487,9 @@ impl Lab {
             Routing::Frr => lab.start_frr()?,
             Routing::Bird => lab.start_bird()?,
         }
+        if spec.esr_pair {
+            lab.start_keepalived()?;
+        }
         for k in 1..=spec.dns {
             lab.start_dn(k)?;
         }
@@ -429,17 +502,81 @@ impl Lab {
                     Some((first, dn_on_cluster_net(k)))
                 })
                 .collect();
+            let esrs: &[&str] = if spec.esr_pair {
+                &["esr", "esr2"]
+            } else {
+                &["esr"]
+            };
             wait_until(
                 Duration::from_secs(30),
-                "OSPF to bring every pool to the ESR",
+                "OSPF to bring every pool to the ESRs",
                 || {
-                    want.iter()
-                        .all(|(a, via)| lab.esr_next_hop(*a).is_ok_and(|hop| hop == *via))
+                    esrs.iter().all(|esr| {
+                        want.iter()
+                            .all(|(a, via)| lab.next_hop_in(esr, *a).is_ok_and(|hop| hop == *via))
+                    })
                 },
             )
             .with_context(|| lab.net.logs())?;
         }
         Ok(lab)
+    }
+
+    /// Writes esr-config's keepalived configuration for the ESR pair and starts keepalived on
+    /// both (VRRP only, in the foreground); waits until one of them holds both gateways.
+    fn start_keepalived(&mut self) -> Result<()> {
+        let cluster = holdfast_proto::cluster::Cluster::load(&self.net.dir.join("cluster.toml"))?;
+        let root = self.net.dir.join("keepalived");
+        for file in holdfast_esr_config::keepalived(&cluster) {
+            let (node, dir, conf) = write_node_file(&root, &file)?;
+            let pid = |name: &str| dir.join(name).display().to_string();
+            self.net.spawn(
+                &node,
+                &format!("keepalived-{node}"),
+                &[
+                    "keepalived",
+                    "--dont-fork",
+                    "--log-console",
+                    "--vrrp",
+                    "--use-file",
+                    &conf,
+                    "--pid",
+                    &pid("keepalived.pid"),
+                    "--vrrp_pid",
+                    &pid("vrrp.pid"),
+                    "--checkers_pid",
+                    &pid("checkers.pid"),
+                ],
+                &[],
+            )?;
+        }
+        wait_until(
+            Duration::from_secs(15),
+            "an ESR to hold both gateways",
+            || self.esr_master().is_ok(),
+        )
+        .with_context(|| self.net.logs())
+    }
+
+    /// The ESR of the pair that holds the servers' and the DNs' gateway addresses (on links
+    /// that are up).
+    pub fn esr_master(&self) -> Result<String> {
+        for role in ["esr", "esr2"] {
+            if self.holds_gateways(role)? {
+                return Ok(role.to_owned());
+            }
+        }
+        bail!("no ESR holds both {SERVERS_GATEWAY} and {DNS_GATEWAY}")
+    }
+
+    /// Whether ESR `role` holds both shared gateway addresses on links that are up.
+    pub fn holds_gateways(&self, role: &str) -> Result<bool> {
+        let out = self
+            .net
+            .exec(role, &["ip", "-4", "-o", "addr", "show", "up"])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let has = |a: &str| text.contains(&format!("inet {a}/"));
+        Ok(has(SERVERS_GATEWAY) && has(DNS_GATEWAY))
     }
 
     /// Writes esr-config's BIRD configuration and starts BIRD on every DN and the ESR, in the
@@ -448,15 +585,7 @@ impl Lab {
         let cluster = holdfast_proto::cluster::Cluster::load(&self.net.dir.join("cluster.toml"))?;
         let root = self.net.dir.join("routing");
         for file in holdfast_esr_config::bird(&cluster)? {
-            let path = root.join(&file.path);
-            let dir = path
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| root.clone());
-            fs::create_dir_all(&dir)?;
-            fs::write(&path, &file.text)?;
-            let node = file.path.split('/').next().unwrap_or_default().to_owned();
-            let conf = path.display().to_string();
+            let (node, dir, conf) = write_node_file(&root, &file)?;
             let sock = dir.join("bird.ctl").display().to_string();
             let pid = dir.join("bird.pid").display().to_string();
             self.net.spawn(
@@ -801,15 +930,20 @@ impl Lab {
 
     /// The ESR's next hop towards `address`.
     pub fn esr_next_hop(&self, address: IpAddr) -> Result<String> {
+        self.next_hop_in("esr", address)
+    }
+
+    /// `role`'s next hop towards `address`.
+    fn next_hop_in(&self, role: &str, address: IpAddr) -> Result<String> {
         let out = self
             .net
-            .exec("esr", &["ip", "-4", "route", "get", &address.to_string()])?;
+            .exec(role, &["ip", "-4", "route", "get", &address.to_string()])?;
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         text.split_whitespace()
             .skip_while(|w| *w != "via")
             .nth(1)
             .map(str::to_owned)
-            .ok_or_else(|| anyhow!("the ESR has no route to {address}: {text:?}"))
+            .ok_or_else(|| anyhow!("{role} has no route to {address}: {text:?}"))
     }
 
     /// Pings `target` from `role`; returns (sent, received).
@@ -825,6 +959,33 @@ impl Lab {
             return Ok((count, 0));
         }
         parse_ping(&text)
+    }
+
+    /// `dn drain` (`on`) or `dn undrain` of DN k, through its control socket.
+    pub fn drain(&self, k: usize, on: bool) -> Result<()> {
+        let socket = self.dn_socket(k).display().to_string();
+        let verb = if on { "drain" } else { "undrain" };
+        let dn = self.bin("dn");
+        let out = self
+            .net
+            .try_exec(&dn_role(k), &[&dn, "--control", &socket, verb])?;
+        if !out.status.success() {
+            bail!(
+                "dn {verb} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    /// The DN (1-based) client `i` sends through now.
+    pub fn primary_of(&self, i: usize) -> Option<usize> {
+        let status = self.en_status(i).ok()?;
+        status["sessions"]
+            .as_array()?
+            .iter()
+            .position(|s| s["state"] == "up" && s["role"] == "primary")
+            .map(|p| p + 1)
     }
 
     /// What the daemon serving metrics at `addr` in `role`'s namespace says, in Prometheus'

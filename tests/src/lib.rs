@@ -6,6 +6,7 @@ pub mod bench;
 pub mod experiment;
 pub mod lab;
 pub mod netns;
+pub mod ops;
 pub mod plot;
 pub mod scale;
 pub mod session;

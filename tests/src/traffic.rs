@@ -327,7 +327,8 @@ impl Pinger {
         Ok(Self { child, printed })
     }
 
-    /// Interrupts ping; returns (sent, answered), read from its per-reply lines.
+    /// Interrupts ping; returns (sent, answered), read from its per-reply lines; a last request
+    /// still unanswered at the interrupt is not counted.
     pub fn stop(mut self) -> Result<(u32, u32)> {
         // SAFETY: the pid of the ping this struct started (`ip netns exec` execs it).
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
@@ -337,6 +338,13 @@ impl Pinger {
             .join()
             .map_err(|_| anyhow::anyhow!("the ping reader failed"))?;
         let (sent, answered) = crate::experiment::parse_ping_replies(&printed)?;
+        // The last request may still have been on its way when ping was interrupted: unanswered,
+        // it is not counted (whatever is measured happens well before the stop).
+        let sent = if sent > 0 && !answered.contains(&sent) {
+            sent - 1
+        } else {
+            sent
+        };
         Ok((sent, answered.len() as u32))
     }
 }

@@ -351,29 +351,14 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 )]
 fn every_daemon_serves_its_metrics_and_a_failover_shows_in_them() {
     use holdfast_lab::lab::{DN_METRICS, EN_METRICS, FD_METRICS};
+    use holdfast_lab::ops::{missing, DN_FAMILIES, EN_FAMILIES, FD_FAMILIES};
     with_lab(supervised(2, Routing::Frr, &[]), |lab| {
         let (_, primary, backup) = client_with_detectors_in_touch(lab)?;
         let (sent, received) = lab.ping("en1", SERVER, 20, &[])?;
         ensure!(received == sent, "{received} of {sent} pings came back");
         let dn = lab.scrape(&dn_role(primary), DN_METRICS)?;
-        for family in [
-            "holdfast_dn_sessions",
-            "holdfast_dn_leases",
-            "holdfast_dn_packets_total",
-            "holdfast_dn_bytes_total",
-            "holdfast_dn_dropped_packets_total",
-            "holdfast_dn_handshake_failures_total",
-            "holdfast_dn_connection_attempts_total",
-            "holdfast_dn_promotions_total",
-            "holdfast_dn_demotions_total",
-            "holdfast_dn_route_changes_total",
-            "holdfast_dn_peer_up",
-        ] {
-            ensure!(
-                dn.lines().any(|l| l.starts_with(family)),
-                "dn metrics lack {family}:\n{dn}"
-            );
-        }
+        let lacking = missing(&dn, DN_FAMILIES);
+        ensure!(lacking.is_empty(), "dn metrics lack {lacking:?}:\n{dn}");
         let out = sample(&dn, "holdfast_dn_packets_total{direction=\"out\"}").unwrap_or(0.0);
         ensure!(
             out >= 20.0,
@@ -384,16 +369,8 @@ fn every_daemon_serves_its_metrics_and_a_failover_shows_in_them() {
             "the client's primary DN counts no primary session:\n{dn}"
         );
         let fd = lab.scrape(&dn_role(primary), FD_METRICS)?;
-        for family in [
-            "holdfast_dnfd_dn_up",
-            "holdfast_dnfd_dn_kills_total",
-            "holdfast_dnfd_peer_up",
-        ] {
-            ensure!(
-                fd.lines().any(|l| l.starts_with(family)),
-                "dn-fd metrics lack {family}:\n{fd}"
-            );
-        }
+        let lacking = missing(&fd, FD_FAMILIES);
+        ensure!(lacking.is_empty(), "dn-fd metrics lack {lacking:?}:\n{fd}");
         lab.fail_dn(primary, Failure::Kill)?;
         wait_until(Duration::from_secs(10), "the client on its backup", || {
             lab.primary_and_secondary(1, Duration::from_millis(10))
@@ -416,17 +393,8 @@ fn every_daemon_serves_its_metrics_and_a_failover_shows_in_them() {
             sample(&en, "holdfast_en_failover_outage_seconds_count") == Some(1.0),
             "no failover outage observed:\n{en}"
         );
-        for family in [
-            "holdfast_en_session_up",
-            "holdfast_en_rtt_seconds",
-            "holdfast_en_packets_total",
-            "holdfast_en_dropped_packets_total",
-        ] {
-            ensure!(
-                en.lines().any(|l| l.starts_with(family)),
-                "en metrics lack {family}:\n{en}"
-            );
-        }
+        let lacking = missing(&en, EN_FAMILIES);
+        ensure!(lacking.is_empty(), "en metrics lack {lacking:?}:\n{en}");
         let backup_dn = lab.scrape(&dn_role(backup), DN_METRICS)?;
         ensure!(
             sample(&backup_dn, "holdfast_dn_promotions_total").unwrap_or(0.0) >= 1.0,

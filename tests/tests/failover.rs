@@ -440,21 +440,6 @@ fn a_dn_whose_port_answers_unreachable_counts_as_dead_at_once() {
     });
 }
 
-/// `dn drain` / `dn undrain` through the DN's control socket.
-fn drain(lab: &Lab, k: usize, on: bool) -> Result<()> {
-    let socket = lab.dn_socket(k).display().to_string();
-    let verb = if on { "drain" } else { "undrain" };
-    let out = lab
-        .net
-        .exec(&dn_role(k), &[&lab.bin("dn"), "--control", &socket, verb])?;
-    ensure!(
-        out.status.success(),
-        "dn {verb} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
 #[test]
 #[cfg_attr(
     not(lab_root),
@@ -482,9 +467,9 @@ fn ten_drains_of_the_clients_dn_lose_no_ping_nor_the_download_and_it_comes_home_
         ));
         let ping = traffic::Pinger::start(&lab.net, "en1", SERVER, "0.01")?;
         std::thread::sleep(Duration::from_millis(500));
-        let primary = |lab: &Lab| lab.en_status(1).ok().and_then(|s| role_of(&s, "primary"));
+        let primary = |lab: &Lab| lab.primary_of(1);
         for round in 1..=10 {
-            drain(lab, home, true)?;
+            lab.drain(home, true)?;
             wait_until(
                 Duration::from_secs(5),
                 "the client to leave the drained DN",
@@ -496,7 +481,7 @@ fn ten_drains_of_the_clients_dn_lose_no_ping_nor_the_download_and_it_comes_home_
                 "round {round}: not draining: {status}"
             );
             std::thread::sleep(Duration::from_millis(700));
-            drain(lab, home, false)?;
+            lab.drain(home, false)?;
             wait_until(Duration::from_secs(5), "the client to come home", || {
                 primary(lab) == Some(home)
             })?;
@@ -520,7 +505,7 @@ fn ten_drains_of_the_clients_dn_lose_no_ping_nor_the_download_and_it_comes_home_
             "the download through the drains arrived corrupted"
         );
         // A drained DN takes no new client.
-        drain(lab, home, true)?;
+        lab.drain(home, true)?;
         lab.start_client(2, &Credential::Issued("client2".into()))?;
         std::thread::sleep(Duration::from_secs(2));
         let status = lab.dn_status(home)?;

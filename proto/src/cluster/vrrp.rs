@@ -1,4 +1,5 @@
-//! `[vrrp]`: two ESRs share the servers' gateway address (VRRPv3, keepalived).
+//! `[vrrp]`: two ESRs share the servers' gateway address (VRRPv3, keepalived), and optionally
+//! the DNs' gateway towards the servers on the cluster network, moved together with it.
 //!
 //! The servers' return traffic to every client goes to one virtual address on the service
 //! network; whichever ESR is master holds it, and the other takes it over when the master goes
@@ -20,6 +21,7 @@ pub const DEFAULT_ADVERT_INTERVAL_MS: u16 = 10;
 pub(super) struct RawVrrp {
     virtual_router_id: u8,
     virtual_address: String,
+    cluster_virtual_address: Option<String>,
     advert_interval_ms: Option<u16>,
 }
 
@@ -29,6 +31,9 @@ pub struct Vrrp {
     pub virtual_router_id: u8,
     /// The servers' gateway, with the service network's prefix length.
     pub virtual_address: Ipv4Net,
+    /// The DNs' gateway towards the servers, on the cluster network: held by the same ESR as
+    /// `virtual_address` (one keepalived sync group), so both directions move at once.
+    pub cluster_virtual_address: Option<Ipv4Net>,
     /// A multiple of 10 in 10..=40950: VRRPv3 counts centiseconds in 12 bits.
     pub advert_interval_ms: u16,
     /// In `[[esr]]` order.
@@ -47,6 +52,8 @@ pub struct VrrpRouter {
     pub priority: u8,
     /// Its interface on the cluster network: without it, it reaches no client.
     pub cluster_interface: String,
+    /// Its address on the cluster network (its router id).
+    pub cluster_address: std::net::Ipv4Addr,
 }
 
 impl Vrrp {
@@ -169,6 +176,7 @@ pub(super) fn parse_vrrp(
             address,
             priority,
             cluster_interface: spec.ospf_interface.clone(),
+            cluster_address: spec.router_id,
         });
     }
     // The ESRs' own addresses define the service network; the virtual address must be on it.
@@ -244,6 +252,38 @@ pub(super) fn parse_vrrp(
             ),
         ));
     }
+    let cluster_virtual_address = match &raw.cluster_virtual_address {
+        None => None,
+        Some(text) => {
+            let key = "vrrp.cluster_virtual_address";
+            let address = parse_host(key, text, "10.9.0.250/24")?;
+            let on_cluster = IpNet::V4(address.trunc()) == ospf.network;
+            if !on_cluster {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{address} is not on the cluster network {} with its prefix length ({})",
+                        ospf.network,
+                        locator.refer("ospf.network")
+                    ),
+                ));
+            }
+            if let Some(i) = routers
+                .iter()
+                .position(|r| r.cluster_address == address.addr())
+            {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{} is also esr[{i}]'s router_id ({})",
+                        address.addr(),
+                        locator.refer(&format!("esr[{i}].router_id"))
+                    ),
+                ));
+            }
+            Some(address)
+        }
+    };
     let [a, b]: [VrrpRouter; 2] = routers.try_into().map_err(|_| {
         // Unreachable: there are exactly two ESRs, each pushed once.
         invalid("vrrp", "[vrrp] makes a pair of exactly two [[esr]]")
@@ -251,6 +291,7 @@ pub(super) fn parse_vrrp(
     Ok(Some(Vrrp {
         virtual_router_id: raw.virtual_router_id,
         virtual_address,
+        cluster_virtual_address,
         advert_interval_ms,
         routers: [a, b],
     }))
@@ -340,6 +381,29 @@ mod tests {
             .unwrap()
             .vrrp
             .is_none());
+    }
+
+    #[test]
+    fn the_dns_gateway_moves_with_the_servers_gateway() {
+        let with = |v: &str| {
+            text().replace(
+                "virtual_address = \"10.0.2.1/24\"",
+                &format!("virtual_address = \"10.0.2.1/24\"\ncluster_virtual_address = \"{v}\""),
+            )
+        };
+        let c = Cluster::parse(&with("10.9.0.250/24"), Path::new("/")).unwrap();
+        let v = c.vrrp.unwrap();
+        assert_eq!(
+            v.cluster_virtual_address.map(|a| a.to_string()),
+            Some("10.9.0.250/24".into())
+        );
+        assert_eq!(v.routers[1].cluster_address.to_string(), "10.9.0.253");
+        assert!(err(&with("10.8.0.250/24")).contains("is not on the cluster network 10.9.0.0/24"));
+        assert!(err(&with("10.9.0.254/24")).contains("is also esr[0]'s router_id"));
+        assert!(Cluster::parse(&text(), Path::new("/"))
+            .unwrap()
+            .vrrp
+            .is_some_and(|v| v.cluster_virtual_address.is_none()));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use holdfast_lab::experiment::{self, Setup};
 use holdfast_lab::lab::{
     client_role, dn_role, parse_ping, Credential, Failure, Lab, LabSpec, Routing, SERVER,
 };
-use holdfast_lab::{attack, bench, netns, scale, traffic};
+use holdfast_lab::{attack, bench, netns, ops, scale, traffic};
 use std::path::{Path, PathBuf};
 
 /// Holdfast's lab: the testbed in network namespaces on this machine (needs root).
@@ -105,6 +105,21 @@ enum Command {
         #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..=100))]
         keepalive_secs: u64,
         /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What an operator does to a running cluster, measured: a scrape of every daemon's
+    /// metrics, ten drains of the client's DN (each followed by undrain) during a 100/s ping
+    /// and a download, then the master ESR of a keepalived pair cut off during another ping
+    /// and download.
+    ///
+    /// One lab: two DNs under dn-fd, FRR, two ESRs sharing the servers' and the DNs' gateways
+    /// (VRRP adverts every 10 ms, esr-config's keepalived.conf), one client with metrics on.
+    ///
+    /// Example: lab ops --json
+    Ops {
+        /// Print one JSON object (metrics_ok, drain_lost, esr_failover_lost, download_ok, ...)
+        /// instead of the table.
         #[arg(long)]
         json: bool,
     },
@@ -530,6 +545,15 @@ fn main() -> Result<()> {
             })?;
             if json {
                 println!("{}", report.json());
+            } else {
+                print!("{}", report.table());
+            }
+            Ok(())
+        }
+        Command::Ops { json } => {
+            let report = ops::run(json)?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
             } else {
                 print!("{}", report.table());
             }
