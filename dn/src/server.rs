@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use futures::FutureExt;
 use holdfast_proto::admit::{Admission, AdmissionPolicy, Verdict};
-use holdfast_proto::cluster::DnSpec;
+use holdfast_proto::cluster::{Cluster, DnSpec};
 use holdfast_proto::control::{close, Message};
 use holdfast_proto::dn::LeaseRecord;
 use holdfast_proto::lease::LeaseTicket;
@@ -154,16 +154,6 @@ async fn serve(opts: Options, link: Option<Arc<detector::Link>>) -> Result<()> {
         .with_context(|| format!("cannot read {}", opts.config.display()))?;
     let (cluster, spec) = holdfast_shell::load_dn(&opts.config, &opts.node)?;
     let signing_key = holdfast_shell::read_signing_key(&spec)?;
-    let (cert, key) = match (&spec.cert, &spec.key) {
-        (Some(c), Some(k)) => (c.clone(), k.clone()),
-        _ => bail!("dn {:?} needs both cert and key in the config", spec.name),
-    };
-    let tls = tls::server_config(
-        &cert,
-        &key,
-        &cluster.client_ca,
-        cluster.revoked_clients.clone(),
-    )?;
     let plan = spec.plan.clone();
     // The device holds only the DN's own address; the pool reaches it through the routes below,
     // which carry our protocol number for the routing daemon to export.
@@ -174,7 +164,7 @@ async fn serve(opts: Options, link: Option<Arc<detector::Link>>) -> Result<()> {
     // The UDP socket goes first, so clients get "port unreachable" at once.
     let endpoint = quic::endpoint(
         spec.listen,
-        Some(quic::server_config(tls)?),
+        Some(server_config(&cluster, &spec)?),
         Some(&signing_key.to_bytes()),
     )?;
     let (mut journal, kept, unreadable) = Journal::open(&spec.lease_journal)?;
@@ -290,6 +280,21 @@ async fn serve(opts: Options, link: Option<Arc<detector::Link>>) -> Result<()> {
     outcome
 }
 
+/// The QUIC server side: the DN's certificate and key, client certificates from the cluster's
+/// client CA, less the revoked ones. Read at start and again on reload.
+fn server_config(cluster: &Cluster, spec: &DnSpec) -> Result<quinn::ServerConfig> {
+    let (Some(cert), Some(key)) = (&spec.cert, &spec.key) else {
+        bail!("dn {:?} needs both cert and key in the config", spec.name);
+    };
+    let tls = tls::server_config(
+        cert,
+        key,
+        &cluster.client_ca,
+        cluster.revoked_clients.clone(),
+    )?;
+    quic::server_config(tls)
+}
+
 /// Applies a changed `cluster.toml` (SIGHUP): revocations take effect at once (new handshakes
 /// are checked against the new list, live sessions of revoked clients are closed) and the TLS
 /// files are read again. A file that does not load, or that changes anything else, is refused
@@ -315,17 +320,7 @@ fn reload(dn: &Dn, opts: &Options, endpoint: &quinn::Endpoint, applied: &mut Str
         }
         Err(e) => return refuse(e.to_string()),
     }
-    let (Some(cert), Some(key)) = (&spec.cert, &spec.key) else {
-        return refuse(format!("dn {:?} needs both cert and key", spec.name));
-    };
-    let server = tls::server_config(
-        cert,
-        key,
-        &cluster.client_ca,
-        cluster.revoked_clients.clone(),
-    )
-    .and_then(quic::server_config);
-    match server {
+    match server_config(&cluster, &spec) {
         Ok(config) => endpoint.set_server_config(Some(config)),
         Err(e) => return refuse(format!("{e:#}")),
     }

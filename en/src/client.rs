@@ -163,15 +163,16 @@ impl Default for Failovers {
         let by_cause = Family::default();
         // Every cause from the start, at 0: a series that appears only at the first failover
         // would make rates and alerts on it miss that failover.
-        for cause in [
-            "probe_timeout",
-            "unreachable",
-            "reported_dead",
-            "closed",
-            "connect_failed",
-            "unknown",
-        ] {
-            let _ = by_cause.get_or_create(&label("cause", cause));
+        let every_loss = [
+            Some(Loss::ProbeTimeout),
+            Some(Loss::Unreachable),
+            Some(Loss::ReportedDead),
+            Some(Loss::Closed(String::new())),
+            Some(Loss::ConnectFailed(String::new())),
+            None,
+        ];
+        for loss in &every_loss {
+            let _ = by_cause.get_or_create(&label("cause", cause(loss.as_ref())));
         }
         Self {
             by_cause,

@@ -39,7 +39,8 @@ pub fn source(pkt: &[u8]) -> Option<IpAddr> {
     addresses(pkt).map(|(s, _)| s)
 }
 
-fn checksum(chunks: &[&[u8]]) -> u16 {
+/// The Internet checksum (RFC 1071) over `chunks` taken as one run of bytes.
+pub fn checksum(chunks: &[&[u8]]) -> u16 {
     let mut sum: u32 = 0;
     let mut odd: Option<u8> = None;
     for chunk in chunks {

@@ -13,7 +13,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::bench::cpu_seconds;
+use crate::bench::{cpu_seconds, rss_kib};
 use crate::lab::{
     client_address_towards, dn_address_towards, dn_on_cluster_net, dn_role, Credential, Lab,
     LabSpec, Routing, SERVER,
@@ -378,14 +378,14 @@ fn initial_flood(a: &Arena) -> Result<Outcome> {
 /// One certificate opens 200 connections and never attaches.
 fn conn_flood(a: &Arena) -> Result<Outcome> {
     let k = a.secondary;
-    let rss_before = rss_kib(a.lab.dn_pid(k)?);
+    let rss_before = rss_kib(a.lab.dn_pid(k)?)?;
     let got = a.attack_as(
         "conn-flood",
         k,
         "flooder",
         &["--connections", "200", "--hold-secs", "3"],
     )?;
-    let rss_after = rss_kib(a.lab.dn_pid(k)?);
+    let rss_after = rss_kib(a.lab.dn_pid(k)?)?;
     let held = got["held_for_the_period"].as_u64().unwrap_or(u64::MAX);
     let mut own = Vec::new();
     if held > 8 {
@@ -401,18 +401,6 @@ fn conn_flood(a: &Arena) -> Result<Outcome> {
             got["closed_by_dn"], got["failed"], rss_before, rss_after
         ),
     ))
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|n| n.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// A client attached as a secondary asks for answers and never reads them.

@@ -912,16 +912,10 @@ impl Lab {
     pub fn primary_and_secondary(&self, i: usize, timeout: Duration) -> Result<(usize, usize)> {
         let mut found = None;
         wait_until(timeout, "a primary and a secondary session", || {
-            found = self.en_status(i).ok().and_then(|s| {
-                let sessions = s["sessions"].as_array()?.clone();
-                let find = |role: &str| {
-                    sessions
-                        .iter()
-                        .position(|x| x["state"] == "up" && x["role"] == role)
-                        .map(|p| p + 1)
-                };
-                Some((find("primary")?, find("secondary")?))
-            });
+            found = self
+                .en_status(i)
+                .ok()
+                .and_then(|s| Some((role_of(&s, "primary")?, role_of(&s, "secondary")?)));
             found.is_some()
         })
         .with_context(|| self.net.logs())?;
@@ -980,12 +974,7 @@ impl Lab {
 
     /// The DN (1-based) client `i` sends through now.
     pub fn primary_of(&self, i: usize) -> Option<usize> {
-        let status = self.en_status(i).ok()?;
-        status["sessions"]
-            .as_array()?
-            .iter()
-            .position(|s| s["state"] == "up" && s["role"] == "primary")
-            .map(|p| p + 1)
+        role_of(&self.en_status(i).ok()?, "primary")
     }
 
     /// What the daemon serving metrics at `addr` in `role`'s namespace says, in Prometheus'
@@ -1000,6 +989,15 @@ impl Lab {
     pub fn pki_dir(&self) -> &Path {
         &self.pki
     }
+}
+
+/// The DN (1-based) whose session has `role` and is up, in a client's `en status --json`.
+pub fn role_of(status: &Value, role: &str) -> Option<usize> {
+    status["sessions"]
+        .as_array()?
+        .iter()
+        .position(|s| s["state"] == "up" && s["role"] == role)
+        .map(|p| p + 1)
 }
 
 /// Labs are heavy; even if the test harness runs tests in parallel, build one at a time.

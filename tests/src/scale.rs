@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::bench::cpu_seconds;
+use crate::bench::{cpu_seconds, rss_kib};
 use crate::lab::{dn_address_towards, dn_role, Failure, Lab, LabSpec, Routing};
 use crate::stats::percentile;
 
@@ -90,16 +90,6 @@ fn pool_prefix_for(sessions: usize) -> u8 {
         .rev()
         .find(|p| (1usize << (32 - p)) - 3 >= sessions)
         .unwrap_or(16)
-}
-
-fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("process {pid} is gone"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS in /proc/<pid>/status")
 }
 
 /// Percent of one core each of `pids` used over the same `window`.

@@ -8,19 +8,10 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, ensure, Result};
 use std::process::Stdio;
 
-use holdfast_lab::lab::{dn_role, with_lab, Credential, Lab, LabSpec, Routing, SERVER};
+use holdfast_lab::lab::{dn_role, role_of, with_lab, Credential, Lab, LabSpec, Routing, SERVER};
 use holdfast_lab::netns::wait_until;
 use holdfast_lab::traffic;
 use serde_json::Value;
-
-/// The DN (1-based) whose session has `role` and is up.
-fn role_of(status: &Value, role: &str) -> Option<usize> {
-    status["sessions"]
-        .as_array()?
-        .iter()
-        .position(|s| s["state"] == "up" && s["role"] == role)
-        .map(|p| p + 1)
-}
 
 #[test]
 #[cfg_attr(

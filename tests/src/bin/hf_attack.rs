@@ -16,7 +16,7 @@ use holdfast_proto::control::Message;
 use holdfast_proto::lease::{parse_signing_key, LeaseClaim, LeaseTicket};
 use holdfast_proto::peer::{Notice, PeerNotice};
 use holdfast_shell::quic::send_message;
-use holdfast_shell::{quic, tls};
+use holdfast_shell::{quic, tls, unix_now};
 use rcgen::{
     CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -141,10 +141,6 @@ enum Command {
 /// How long `lease` waits for the DN's answer.
 const LEASE_WITHIN: Duration = Duration::from_secs(15);
 
-fn unix_now() -> u64 {
-    holdfast_lab::unix_micros() / 1_000_000
-}
-
 /// A client certificate from the lab's client CA with common name `cn`, unchecked.
 fn issue(pki: &Path, cn: &str) -> Result<(Vec<u8>, Vec<u8>)> {
     let read = |f: &str| {
@@ -251,12 +247,7 @@ fn udp_packet(src: IpAddr, dst: IpAddr) -> Result<bytes::Bytes> {
     p.extend_from_slice(&[0, 0]);
     p.extend_from_slice(&src.octets());
     p.extend_from_slice(&dst.octets());
-    let sum: u32 = p
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
-        .sum();
-    let sum = (sum & 0xffff) + (sum >> 16);
-    let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
+    let sum = holdfast_proto::packet::checksum(&[&p]);
     p[10..12].copy_from_slice(&sum.to_be_bytes());
     let udp_len = (8 + payload.len()) as u16;
     p.extend_from_slice(&40000u16.to_be_bytes());
