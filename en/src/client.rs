@@ -6,14 +6,15 @@
 //! actions (connect, attach, configure, switch the primary).
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use futures::FutureExt;
 use holdfast_proto::control::{close, Lease, Message, RefuseCode};
-use holdfast_proto::en::{Action, Event, Loss, Machine, Role, SessionState};
+use holdfast_proto::en::{change_dn_list, Action, Event, Loss, Machine, Role, SessionState};
 use holdfast_proto::lease::LeaseTicket;
 use holdfast_proto::packet::{self, PortUnreachable};
 use holdfast_proto::probe::{self, encode_probe, Prober, Verdict};
@@ -29,7 +30,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::{DnEndpoint, EnConfig};
 
@@ -138,6 +139,7 @@ struct Slot {
 }
 
 struct Shared {
+    /// The configuration as started; the DN list in it is not kept current (the driver's is).
     config: EnConfig,
     traffic: Traffic,
     /// The session packets go out on; `None` while no session can carry them.
@@ -228,8 +230,9 @@ struct Tunnel {
     exemptions: Vec<IpNet>,
 }
 
-/// `metrics`: where to serve Prometheus metrics, if anywhere.
-pub async fn run(config: EnConfig, metrics: Option<SocketAddr>) -> Result<()> {
+/// `config` was read from `path`, which is read again on SIGHUP; `metrics`: where to serve
+/// Prometheus metrics, if anywhere.
+pub async fn run(config: EnConfig, path: PathBuf, metrics: Option<SocketAddr>) -> Result<()> {
     let tls = tls::client_config(&config.cert, &config.key, &config.server_ca)?;
     let bind: SocketAddr = if config.dns.iter().all(|d| d.endpoint.is_ipv4()) {
         "0.0.0.0:0".parse()?
@@ -237,9 +240,7 @@ pub async fn run(config: EnConfig, metrics: Option<SocketAddr>) -> Result<()> {
         "[::]:0".parse()?
     };
     let mut endpoint = quic::endpoint(bind, None, None)?;
-    // Three keepalive periods without a word end a session.
-    let idle = config.liveness.keepalive * 3;
-    endpoint.set_default_client_config(quic::client_config(tls, idle)?);
+    endpoint.set_default_client_config(quic::client_config(tls, idle_timeout(&config))?);
     let routes = Routes::connect()?;
     let shared = Arc::new(Shared {
         config: config.clone(),
@@ -269,6 +270,8 @@ pub async fn run(config: EnConfig, metrics: Option<SocketAddr>) -> Result<()> {
             rand::random(),
         ),
         slots: (0..config.dns.len()).map(|_| Slot::default()).collect(),
+        dns: config.dns.clone(),
+        path,
         shared: shared.clone(),
         endpoint: endpoint.clone(),
         routes: &routes,
@@ -304,6 +307,11 @@ pub async fn run(config: EnConfig, metrics: Option<SocketAddr>) -> Result<()> {
 struct Driver<'a> {
     machine: Machine,
     slots: Vec<Slot>,
+    /// Every DN the machine has an index for, retired ones included (reports about them may
+    /// still arrive); the machine says which are configured.
+    dns: Vec<DnEndpoint>,
+    /// The configuration file, read again on SIGHUP.
+    path: PathBuf,
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
     routes: &'a Routes,
@@ -324,6 +332,8 @@ impl Driver<'_> {
     async fn run(&mut self) -> Result<()> {
         let actions = self.machine.start();
         self.perform(actions).await?;
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("cannot watch for SIGHUP")?;
         let mut unreachable = match holdfast_shell::icmp::watch() {
             Ok(rx) => Some(rx),
             Err(e) => {
@@ -352,6 +362,7 @@ impl Driver<'_> {
                     let actions = self.machine.handle_timeout(Instant::now());
                     self.perform(actions).await?;
                 }
+                _ = hangup.recv() => self.reload().await?,
                 _ = tokio::time::sleep_until(self.mtu_check_at.into()) => {
                     self.follow_mtu();
                     let settling = self.primary_since.elapsed() < MTU_SETTLING;
@@ -376,13 +387,9 @@ impl Driver<'_> {
         let same = |a: SocketAddr| {
             a.port() == u.remote.port() && a.ip().to_canonical() == u.remote.ip().to_canonical()
         };
-        let dn = self
-            .shared
-            .config
-            .dns
-            .iter()
-            .position(|d| same(d.endpoint))?;
-        debug!(dn = %self.shared.config.dns[dn].name, "ICMP port unreachable from the DN");
+        // The newest entry: a DN retired for a changed name keeps its endpoint.
+        let dn = self.dns.iter().rposition(|d| same(d.endpoint))?;
+        debug!(dn = %self.dns[dn].name, "ICMP port unreachable from the DN");
         Some(Event::Unreachable(dn))
     }
 
@@ -402,7 +409,7 @@ impl Driver<'_> {
         if self.slots.get(dn)?.generation != generation {
             return None;
         }
-        let name = self.shared.config.dns[dn].name.clone();
+        let name = self.dns[dn].name.clone();
         Some(match report {
             Report::Connected(_, _, conn) => {
                 self.watch(dn, generation, &conn);
@@ -456,7 +463,7 @@ impl Driver<'_> {
                 Event::Leased(dn, lease)
             }
             Report::PeerDown(_, _, dead) => {
-                let Some(index) = self.shared.config.dns.iter().position(|d| d.name == dead) else {
+                let Some(index) = self.machine.dn_named(&dead) else {
                     debug!(dn = %name, %dead, "the DN reports a DN this client does not know");
                     return None;
                 };
@@ -492,7 +499,7 @@ impl Driver<'_> {
                         })
                     });
                     match dn {
-                        Some(d) => info!(dn = %self.shared.config.dns[d].name, "primary session"),
+                        Some(d) => info!(dn = %self.dns[d].name, "primary session"),
                         None => warn!("no session can carry traffic"),
                     }
                     self.shared.current.send_replace(carrier);
@@ -500,12 +507,20 @@ impl Driver<'_> {
                     self.primary_since = Instant::now();
                     self.mtu_check_at = self.primary_since + MTU_CHECK;
                 }
-                Action::Close(dn) => self.drop_session(dn),
+                Action::Close(dn) => {
+                    self.drop_session(dn);
+                    if self.machine.is_retired(dn) {
+                        info!(dn = %self.dns[dn].name, "session to a DN no longer configured closed");
+                        self.follow_exemptions().await;
+                    }
+                }
                 Action::Demote(dn) => {
                     // Demoted: the client left `dn` for its home DN, or because `dn` is drained.
-                    let name = &self.shared.config.dns[dn].name;
+                    let name = &self.dns[dn].name;
                     let on_it_ms = self.previous_primary_for.as_millis() as u64;
-                    if self.machine.is_draining(dn) {
+                    if self.machine.is_retired(dn) {
+                        info!(from = %name, on_it_ms, cause = "removed from the configuration", "moved the traffic off a DN no longer configured");
+                    } else if self.machine.is_draining(dn) {
                         info!(from = %name, on_it_ms, cause = "drain", "moved the traffic off a DN being drained");
                     } else {
                         info!(from = %name, away_ms = on_it_ms, cause = "home DN up again", "going home");
@@ -538,7 +553,7 @@ impl Driver<'_> {
         if let Some(silent) = silent {
             failovers.outage.observe(silent.as_secs_f64());
         }
-        let names = &self.shared.config.dns;
+        let names = &self.dns;
         let (from_name, to_name) = (&names[from].name, &names[to].name);
         match silent {
             Some(silent) => {
@@ -563,14 +578,14 @@ impl Driver<'_> {
                 .traffic
                 .resent_packets
                 .fetch_add(resent, Relaxed);
-            info!(packets = resent, from = %self.shared.config.dns[from].name, to = %self.shared.config.dns[to].name, "sent again what the lost DN may not have delivered");
+            info!(packets = resent, from = %from_name, to = %to_name, "sent again what the lost DN may not have delivered");
         }
     }
 
     /// Tells the DN that the client's traffic moved away from it (`Demote`, so that it lowers
     /// its routes) or to it (`Switch`, so that it routes the client at once).
     async fn tell(&mut self, dn: usize, message: Message) {
-        let name = &self.shared.config.dns[dn].name;
+        let name = &self.dns[dn].name;
         let Some(control) = self.slots[dn].control.as_mut() else {
             return;
         };
@@ -586,7 +601,7 @@ impl Driver<'_> {
         let slot = &mut self.slots[dn];
         slot.generation += 1;
         let generation = slot.generation;
-        let target = self.shared.config.dns[dn].clone();
+        let target = self.dns[dn].clone();
         let endpoint = self.endpoint.clone();
         let tx = self.reports.0.clone();
         tokio::spawn(async move {
@@ -709,13 +724,9 @@ impl Driver<'_> {
         let index = dev.index()?;
         // Keep every DN endpoint that a pushed route would swallow on its current path.
         let mut exemptions = Vec::new();
-        for dn in &config.dns {
-            let ip = dn.endpoint.ip();
-            if lease.routes.iter().any(|r| r.contains(&ip)) {
-                let hop: NextHop = self.routes.lookup(ip).await?;
-                let host = IpNet::from(ip);
-                self.routes.replace(host, &hop, None).await?;
-                info!(endpoint = %ip, ?hop, "keeping the DN endpoint outside the tunnel");
+        for dn in self.machine.configured() {
+            let ip = self.dns[dn].endpoint.ip();
+            if let Some(host) = self.exempt(ip, &lease.routes, &exemptions).await? {
                 exemptions.push(host);
             }
         }
@@ -740,6 +751,141 @@ impl Driver<'_> {
         Ok(())
     }
 
+    /// Puts a host route to a DN endpoint on its current path if one of the tunnel's `routes`
+    /// would otherwise carry the client's own sessions into the tunnel; returns it if it is new.
+    async fn exempt(&self, ip: IpAddr, routes: &[IpNet], done: &[IpNet]) -> Result<Option<IpNet>> {
+        let host = IpNet::from(ip);
+        if !routes.iter().any(|r| r.contains(&ip)) || done.contains(&host) {
+            return Ok(None);
+        }
+        let hop: NextHop = self.routes.lookup(ip).await?;
+        self.routes.replace(host, &hop, None).await?;
+        info!(endpoint = %ip, ?hop, "keeping the DN endpoint outside the tunnel");
+        Ok(Some(host))
+    }
+
+    /// Reads the configuration file again (SIGHUP) and applies its DN list: DNs no longer
+    /// listed (or listed differently) are retired, make before break if one carries the
+    /// traffic, new ones are connected to, and the TLS files are read again for the sessions
+    /// made from now on. A file that does not load, or that changes what needs a restart, is
+    /// refused with a message and nothing changes.
+    async fn reload(&mut self) -> Result<()> {
+        let path = self.path.display().to_string();
+        let new = match EnConfig::load(&self.path) {
+            Ok(new) => new,
+            Err(e) => {
+                error!(config = %path, "reload refused, running on unchanged: {e:#}");
+                return Ok(());
+            }
+        };
+        if let Err(why) = self.check_live(&new) {
+            error!(config = %path, "reload refused, running on unchanged: {why:#}");
+            return Ok(());
+        }
+        let now = Instant::now();
+        let running: Vec<(usize, DnEndpoint)> = self
+            .machine
+            .configured()
+            .map(|i| (i, self.dns[i].clone()))
+            .collect();
+        let change = change_dn_list(&running, &new.dns);
+        let mut actions = Vec::new();
+        for &dn in &change.retire {
+            info!(dn = %self.dns[dn].name, endpoint = %self.dns[dn].endpoint, "DN removed from the configuration");
+            actions.extend(self.machine.retire(dn, now));
+        }
+        for &i in &change.add {
+            let entry = new.dns[i].clone();
+            info!(dn = %entry.name, endpoint = %entry.endpoint, "DN added to the configuration");
+            let (dn, connect) = self.machine.add(entry.name.clone());
+            debug_assert_eq!(dn, self.dns.len());
+            self.dns.push(entry);
+            self.slots.push(Slot::default());
+            actions.extend(connect);
+        }
+        self.perform(actions).await?;
+        self.follow_exemptions().await;
+        info!(
+            config = %path,
+            dns = self.machine.configured().count(),
+            added = change.add.len(),
+            removed = change.retire.len(),
+            "configuration reloaded"
+        );
+        Ok(())
+    }
+
+    /// Whether `new` differs from the running configuration only in what a reload applies;
+    /// reads the TLS files of `new` for the sessions made from now on.
+    fn check_live(&mut self, new: &EnConfig) -> Result<()> {
+        let old = &self.shared.config;
+        let mut restart = Vec::new();
+        if new.tun != old.tun {
+            restart.push("tun");
+        }
+        if new.control_socket != old.control_socket {
+            restart.push("control_socket");
+        }
+        if new.liveness != old.liveness {
+            restart.push("[liveness]");
+        }
+        if !restart.is_empty() {
+            bail!(
+                "{} changed, which needs a restart of en (live: [[dn]], cert, key, server_ca)",
+                restart.join(", ")
+            );
+        }
+        let ipv4_only = self.endpoint.local_addr()?.is_ipv4();
+        if let Some(dn) = new.dns.iter().find(|d| ipv4_only && d.endpoint.is_ipv6()) {
+            bail!(
+                "dn {}: an IPv6 endpoint needs a restart of en (it started with IPv4 DNs only)",
+                dn.name
+            );
+        }
+        let tls = tls::client_config(&new.cert, &new.key, &new.server_ca)?;
+        self.endpoint
+            .set_default_client_config(quic::client_config(tls, idle_timeout(new))?);
+        Ok(())
+    }
+
+    /// After the DN list changed: exempts new DN endpoints from the tunnel's routes and removes
+    /// the exemptions of endpoints no DN uses any more.
+    async fn follow_exemptions(&mut self) {
+        let Some(routes) = self.machine.lease().map(|l| l.routes.clone()) else {
+            return;
+        };
+        let Some(mut exemptions) = self.tunnel.as_ref().map(|t| t.exemptions.clone()) else {
+            return;
+        };
+        let wanted: Vec<IpAddr> = (0..self.dns.len())
+            .filter(|&i| self.machine.state(i) != Some(&SessionState::Retired))
+            .map(|i| self.dns[i].endpoint.ip())
+            .collect();
+        for ip in &wanted {
+            match self.exempt(*ip, &routes, &exemptions).await {
+                Ok(Some(host)) => exemptions.push(host),
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(endpoint = %ip, error = %format!("{e:#}"), "cannot keep the DN endpoint outside the tunnel")
+                }
+            }
+        }
+        let mut kept = Vec::new();
+        for host in exemptions {
+            if wanted.iter().any(|ip| host.contains(ip)) {
+                kept.push(host);
+            } else if let Err(e) = self.routes.delete(host, None, None).await {
+                warn!(route = %host, error = %format!("{e:#}"), "could not remove endpoint route");
+                kept.push(host);
+            } else {
+                info!(route = %host, "endpoint route removed: no DN uses it");
+            }
+        }
+        if let Some(t) = self.tunnel.as_mut() {
+            t.exemptions = kept;
+        }
+    }
+
     /// Keeps the TUN MTU equal to what the primary session's path carries.
     fn follow_mtu(&mut self) {
         let Some(conn) = self.shared.current.borrow().clone().map(|c| c.conn) else {
@@ -761,20 +907,23 @@ impl Driver<'_> {
     }
 
     fn publish_status(&self) {
-        let sessions: Vec<serde_json::Value> = self
-            .shared
-            .config
-            .dns
+        // Retired DNs are shown until their session is closed.
+        let shown: Vec<usize> = (0..self.dns.len())
+            .filter(|&i| self.machine.state(i) != Some(&SessionState::Retired))
+            .collect();
+        let sessions: Vec<serde_json::Value> = shown
             .iter()
-            .enumerate()
-            .map(|(i, dn)| {
+            .map(|&i| {
+                let dn = &self.dns[i];
                 let (state, role) = match self.machine.state(i) {
                     Some(SessionState::Up(Role::Primary)) => ("up", "primary"),
                     Some(SessionState::Up(Role::Secondary)) => ("up", "secondary"),
                     Some(SessionState::Connecting) => ("connecting", "-"),
                     Some(SessionState::Ready) => ("ready", "-"),
                     Some(SessionState::Attaching) => ("attaching", "-"),
-                    Some(SessionState::Waiting { .. }) | None => ("backoff", "-"),
+                    Some(SessionState::Waiting { .. } | SessionState::Retired) | None => {
+                        ("backoff", "-")
+                    }
                 };
                 let slot = &self.slots[i];
                 serde_json::json!({
@@ -782,6 +931,7 @@ impl Driver<'_> {
                     "endpoint": dn.endpoint,
                     "state": state,
                     "role": role,
+                    "retired": self.machine.is_retired(i),
                     "up_since": slot.up_since,
                     "connects": slot.connects,
                     "last_error": self.machine.last_loss(i).map(|l| format!("{l:?}")),
@@ -798,12 +948,11 @@ impl Driver<'_> {
             "mtu": self.tunnel.as_ref().map(|t| t.mtu),
             "sessions": sessions,
         });
-        let conns = self
-            .slots
+        let conns = shown
             .iter()
-            .enumerate()
-            .map(|(i, slot)| {
-                slot.conn
+            .map(|&i| {
+                self.slots[i]
+                    .conn
                     .clone()
                     .filter(|_| matches!(self.machine.state(i), Some(SessionState::Up(_))))
             })
@@ -921,6 +1070,11 @@ fn refusal_or(conn: &quinn::Connection, e: anyhow::Error) -> anyhow::Error {
         Some(reason) => anyhow!(describe_close(&reason)),
         None => e,
     }
+}
+
+/// Three keepalive periods without a word end a session.
+fn idle_timeout(config: &EnConfig) -> Duration {
+    config.liveness.keepalive * 3
 }
 
 fn inner_mtu(conn: &quinn::Connection) -> u16 {

@@ -115,7 +115,7 @@ fn liveness(raw: RawLiveness) -> Result<ProbeConfig> {
     })
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DnEndpoint {
     pub name: String,
     pub endpoint: SocketAddr,

@@ -10,7 +10,9 @@ use holdfast_en::config::EnConfig;
 /// Look at it:         en --config /etc/holdfast/en.toml status [--json]
 ///
 /// `up` runs in the foreground (use your service manager to keep it running) and needs root or
-/// CAP_NET_ADMIN to create its TUN device. Stop it with Ctrl-C or SIGTERM.
+/// CAP_NET_ADMIN to create its TUN device. Stop it with Ctrl-C or SIGTERM. SIGHUP reads the
+/// configuration again and applies a changed [[dn]] list (and certificate files); any other
+/// change needs a restart and is refused with a message in the log.
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Cli {
@@ -73,12 +75,17 @@ fn print_status(s: &serde_json::Value) {
                 .as_u64()
                 .map(|r| format!("  rtt {r} us"))
                 .unwrap_or_default();
+            let retired = if x["retired"] == true {
+                "  leaving: no longer in en.toml"
+            } else {
+                ""
+            };
             let error = x["last_error"]
                 .as_str()
                 .map(|e| format!("  last loss: {e}"))
                 .unwrap_or_default();
             println!(
-                "  {:<10} {:<22} {:<10} {:<9}{rtt}{up}{error}",
+                "  {:<10} {:<22} {:<10} {:<9}{rtt}{up}{retired}{error}",
                 x["dn"].as_str().unwrap_or("?"),
                 x["endpoint"].as_str().unwrap_or("?"),
                 x["state"].as_str().unwrap_or("?"),
@@ -96,7 +103,7 @@ async fn main() -> Result<()> {
         Command::Up { metrics } => {
             holdfast_shell::init_logging(cli.log_format);
             holdfast_shell::abort_on_panic();
-            holdfast_en::client::run(config, metrics).await
+            holdfast_en::client::run(config, cli.config, metrics).await
         }
         Command::Status { json } => {
             let status = holdfast_shell::control::request(&config.control_socket, "status").await?;

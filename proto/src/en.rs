@@ -39,6 +39,8 @@ pub enum SessionState {
     Waiting {
         retry_at: Instant,
     },
+    /// Taken out of the client's configuration: closed, never tried again.
+    Retired,
 }
 
 /// Why a session ended, as the shell observed it.
@@ -107,6 +109,25 @@ struct Slot {
     last_loss: Option<Loss>,
     /// The DN said it is being drained: it carries the traffic only if no other DN can.
     draining: bool,
+    /// Taken out of the configuration: it carries the traffic only until another session can,
+    /// and is never reconnected.
+    retired: bool,
+    /// A retired DN that carried the traffic is closed at this time: until then it still
+    /// delivers what was on its way when the traffic moved.
+    close_at: Option<Instant>,
+}
+
+impl Slot {
+    fn new() -> Self {
+        Self {
+            state: SessionState::Connecting,
+            backoff: Backoff::new(RETRY_BASE, RETRY_MAX),
+            last_loss: None,
+            draining: false,
+            retired: false,
+            close_at: None,
+        }
+    }
 }
 
 pub struct Machine {
@@ -125,20 +146,16 @@ pub struct Machine {
 
 pub const RETRY_BASE: Duration = Duration::from_millis(200);
 pub const RETRY_MAX: Duration = Duration::from_secs(10);
+/// How long a retired DN that carried the traffic keeps its session after the traffic moved:
+/// long enough for what it was delivering to arrive.
+pub const RETIRE_GRACE: Duration = Duration::from_secs(2);
 
 impl Machine {
     /// A machine for the DNs `names` (configuration order); `seed` makes the retry jitter
     /// reproducible.
     pub fn new(names: Vec<String>, seed: u64) -> Self {
         Self {
-            slots: (0..names.len())
-                .map(|_| Slot {
-                    state: SessionState::Connecting,
-                    backoff: Backoff::new(RETRY_BASE, RETRY_MAX),
-                    last_loss: None,
-                    draining: false,
-                })
-                .collect(),
+            slots: (0..names.len()).map(|_| Slot::new()).collect(),
             primary: None,
             leasing: None,
             lease: None,
@@ -150,12 +167,95 @@ impl Machine {
 
     /// The first actions: connect to every DN at once.
     pub fn start(&mut self) -> Vec<Action> {
-        (0..self.slots.len())
-            .map(|i| {
-                self.slots[i].state = SessionState::Connecting;
-                Action::Connect(i)
-            })
-            .collect()
+        let mut out = Vec::new();
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            if !slot.retired {
+                slot.state = SessionState::Connecting;
+                out.push(Action::Connect(i));
+            }
+        }
+        out
+    }
+
+    /// A DN added to the configuration: it gets the next index and is connected to at once.
+    pub fn add(&mut self, name: String) -> (Dn, Vec<Action>) {
+        self.names.push(name);
+        self.slots.push(Slot::new());
+        let dn = self.slots.len() - 1;
+        (dn, vec![Action::Connect(dn)])
+    }
+
+    /// A DN taken out of the configuration. Its index stays taken (reports about it may still
+    /// be on their way) but it is never connected to again. A primary is left make before
+    /// break, as for a drain, and closed [`RETIRE_GRACE`] later; with no other session up it
+    /// carries the traffic until one is.
+    pub fn retire(&mut self, dn: Dn, now: Instant) -> Vec<Action> {
+        let mut out = Vec::new();
+        let Some(slot) = self.slots.get_mut(dn) else {
+            return out;
+        };
+        if slot.retired {
+            return out;
+        }
+        slot.retired = true;
+        if self.primary == Some(dn) {
+            self.leave_retired_primary(now, &mut out);
+        } else {
+            self.close_retired(dn, &mut out);
+        }
+        out
+    }
+
+    /// Moves the traffic off a retired primary if another session can take it.
+    fn leave_retired_primary(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let Some(p) = self.primary.filter(|&p| self.slots[p].retired) else {
+            return;
+        };
+        // Even a DN being drained takes the traffic: it is still in the configuration.
+        if let Some(&next) = self
+            .successors(p)
+            .first()
+            .filter(|&&n| !self.slots[n].retired)
+        {
+            self.hand_over(p, next, out);
+        }
+        self.schedule_retired_closes(now);
+    }
+
+    /// A retired DN that no longer carries the traffic (it handed over, or the client went
+    /// home) is closed after the grace.
+    fn schedule_retired_closes(&mut self, now: Instant) {
+        for slot in &mut self.slots {
+            if slot.retired
+                && slot.state == SessionState::Up(Role::Secondary)
+                && slot.close_at.is_none()
+            {
+                slot.close_at = Some(now + RETIRE_GRACE);
+            }
+        }
+    }
+
+    fn close_retired(&mut self, dn: Dn, out: &mut Vec<Action>) {
+        let slot = &mut self.slots[dn];
+        let was = std::mem::replace(&mut slot.state, SessionState::Retired);
+        slot.close_at = None;
+        if !matches!(was, SessionState::Waiting { .. } | SessionState::Retired) {
+            out.push(Action::Close(dn));
+        }
+        self.hand_over_leasing(dn, out);
+    }
+
+    /// The DN called `name` among those configured (a retired DN of the same name is not).
+    pub fn dn_named(&self, name: &str) -> Option<Dn> {
+        self.names
+            .iter()
+            .zip(&self.slots)
+            .position(|(n, s)| n == name && !s.retired)
+    }
+
+    /// The DNs the client is configured with: every index but the retired ones.
+    pub fn configured(&self) -> impl Iterator<Item = Dn> + '_ {
+        (0..self.slots.len()).filter(|&i| !self.slots[i].retired)
     }
 
     pub fn primary(&self) -> Option<Dn> {
@@ -173,6 +273,12 @@ impl Machine {
     /// Whether DN `dn` said it is being drained.
     pub fn is_draining(&self, dn: Dn) -> bool {
         self.slots.get(dn).is_some_and(|s| s.draining)
+    }
+
+    /// Whether DN `dn` was taken out of the configuration (its session may still be in its
+    /// grace).
+    pub fn is_retired(&self, dn: Dn) -> bool {
+        self.slots.get(dn).is_some_and(|s| s.retired)
     }
 
     pub fn last_loss(&self, dn: Dn) -> Option<&Loss> {
@@ -202,7 +308,11 @@ impl Machine {
             | Event::Unreachable(d)
             | Event::Drain(d, _) => *d,
         };
-        if dn >= self.slots.len() {
+        if self
+            .slots
+            .get(dn)
+            .is_none_or(|s| s.state == SessionState::Retired)
+        {
             return out;
         }
         match event {
@@ -246,7 +356,7 @@ impl Machine {
             }
             Event::Unreachable(d) => match self.slots[d].state {
                 SessionState::Up(_) => out.push(Action::CheckNow(d)),
-                SessionState::Waiting { .. } => {}
+                SessionState::Waiting { .. } | SessionState::Retired => {}
                 SessionState::Connecting | SessionState::Ready | SessionState::Attaching => {
                     out.push(Action::Close(d));
                     self.lose(d, Loss::Unreachable, now, &mut out)
@@ -274,19 +384,20 @@ impl Machine {
                 }
             }
         }
+        self.schedule_retired_closes(now);
         out
     }
 
     /// The secondaries that may take the traffic from `from`, best first: the lease's failover
     /// order (its block's designated backup first), then configuration order after `from`;
-    /// DNs being drained last.
+    /// DNs being drained after those, and retired DNs still in their grace last.
     fn successors(&self, from: Dn) -> Vec<Dn> {
         let n = self.slots.len();
         let by_lease = self
             .lease
             .iter()
             .flat_map(|l| l.failover.iter())
-            .filter_map(|name| self.names.iter().position(|x| x == name));
+            .filter_map(|name| self.dn_named(name));
         let by_config = (1..n).map(|k| (from + k) % n);
         let mut order: Vec<Dn> = Vec::new();
         for i in by_lease.chain(by_config) {
@@ -294,19 +405,22 @@ impl Machine {
                 order.push(i);
             }
         }
-        order.sort_by_key(|&i| self.slots[i].draining);
+        order.sort_by_key(|&i| (self.slots[i].retired, self.slots[i].draining));
         order
     }
 
     /// Moves the traffic off a primary being drained while it still delivers: the next
     /// secondary is told first (`Switch`), then the drained DN (`Demote`); nothing is resent.
     fn move_off(&mut self, from: Dn, out: &mut Vec<Action>) {
-        let Some(&next) = self.successors(from).first() else {
-            return;
-        };
-        if self.slots[next].draining {
-            return;
+        if let Some(&next) = self.successors(from).first() {
+            if !self.slots[next].draining && !self.slots[next].retired {
+                self.hand_over(from, next, out);
+            }
         }
+    }
+
+    /// The live primary `from` gives the traffic to the secondary `next`: `next` is told first.
+    fn hand_over(&mut self, from: Dn, next: Dn, out: &mut Vec<Action>) {
         self.slots[from].state = SessionState::Up(Role::Secondary);
         self.slots[next].state = SessionState::Up(Role::Primary);
         self.primary = Some(next);
@@ -318,7 +432,7 @@ impl Machine {
     /// The DN that issued the client's ticket.
     pub fn home(&self) -> Option<Dn> {
         let issuer = &self.lease.as_ref()?.ticket.claim.issuer;
-        self.names.iter().position(|n| n == issuer)
+        self.dn_named(issuer)
     }
 
     /// Moves the traffic to the home DN if the client was told it is back and its session is up.
@@ -399,6 +513,7 @@ impl Machine {
         } else {
             self.slots[d].state = SessionState::Up(Role::Secondary);
             self.go_home(out);
+            self.leave_retired_primary(now, out);
         }
     }
 
@@ -410,39 +525,37 @@ impl Machine {
     }
 
     fn lose(&mut self, d: Dn, loss: Loss, now: Instant, out: &mut Vec<Action>) {
-        if matches!(self.slots[d].state, SessionState::Waiting { .. }) {
+        if matches!(
+            self.slots[d].state,
+            SessionState::Waiting { .. } | SessionState::Retired
+        ) {
             return;
         }
         let jitter = self.jitter();
         let slot = &mut self.slots[d];
-        slot.state = SessionState::Waiting {
-            retry_at: now + slot.backoff.next_delay(jitter),
+        slot.state = if slot.retired {
+            slot.close_at = None;
+            SessionState::Retired
+        } else {
+            SessionState::Waiting {
+                retry_at: now + slot.backoff.next_delay(jitter),
+            }
         };
         slot.last_loss = Some(loss);
         if self.home() == Some(d) {
             // Home died again: wait to be told anew that it is back.
             self.going_home = false;
         }
-        if self.leasing == Some(d) {
-            self.leasing = None;
-            // Another session that is ready asks for the lease instead.
-            if let Some(next) = self
-                .slots
-                .iter()
-                .position(|s| s.state == SessionState::Ready)
-            {
-                self.leasing = Some(next);
-                self.slots[next].state = SessionState::Attaching;
-                out.push(Action::Attach(next, None));
-            }
-        }
+        self.hand_over_leasing(d, out);
         if self.primary == Some(d) {
             self.primary = None;
             // The next live session in the lease's failover order (its block's designated
             // backup first), then in configuration order after the lost one; one being
-            // drained only if no other is up.
+            // drained only if no other is up, a retired one only if nothing else is.
             if let Some(&i) = self.successors(d).first() {
                 self.slots[i].state = SessionState::Up(Role::Primary);
+                // A retired DN in its grace stays until another session can take over.
+                self.slots[i].close_at = None;
                 self.primary = Some(i);
             }
             out.push(Action::UsePrimary(self.primary));
@@ -453,29 +566,74 @@ impl Machine {
         }
     }
 
+    /// `d` asked for the lease and will not get it: another session that is ready asks instead.
+    fn hand_over_leasing(&mut self, d: Dn, out: &mut Vec<Action>) {
+        if self.leasing != Some(d) {
+            return;
+        }
+        self.leasing = None;
+        if let Some(next) = self
+            .slots
+            .iter()
+            .position(|s| s.state == SessionState::Ready)
+        {
+            self.leasing = Some(next);
+            self.slots[next].state = SessionState::Attaching;
+            out.push(Action::Attach(next, None));
+        }
+    }
+
     /// When [`Machine::handle_timeout`] must next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.slots
             .iter()
             .filter_map(|s| match s.state {
                 SessionState::Waiting { retry_at } => Some(retry_at),
-                _ => None,
+                _ => s.close_at,
             })
             .min()
     }
 
-    /// Starts the reconnects that are due.
+    /// Starts the reconnects that are due and closes retired DNs whose grace is over.
     pub fn handle_timeout(&mut self, now: Instant) -> Vec<Action> {
         let mut out = Vec::new();
-        for (i, slot) in self.slots.iter_mut().enumerate() {
-            if let SessionState::Waiting { retry_at } = slot.state {
-                if retry_at <= now {
+        for i in 0..self.slots.len() {
+            let slot = &mut self.slots[i];
+            match slot.state {
+                SessionState::Waiting { retry_at } if retry_at <= now => {
                     slot.state = SessionState::Connecting;
                     out.push(Action::Connect(i));
                 }
+                _ if slot.close_at.is_some_and(|t| t <= now) => self.close_retired(i, &mut out),
+                _ => {}
             }
         }
         out
+    }
+}
+
+/// What a reloaded DN list changes in the running one.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct DnListChange {
+    /// Running DNs that are no longer wanted as they are.
+    pub retire: Vec<Dn>,
+    /// Indices into the wanted list of the DNs to add.
+    pub add: Vec<usize>,
+}
+
+/// Compares the running DNs (index and entry) with a reloaded list: an entry found unchanged
+/// keeps its session; one that changed in any way (its endpoint, say) is retired and its new
+/// form added, so that no session stays connected to what the file no longer says.
+pub fn change_dn_list<T: PartialEq>(running: &[(Dn, T)], wanted: &[T]) -> DnListChange {
+    DnListChange {
+        retire: running
+            .iter()
+            .filter(|(_, entry)| !wanted.contains(entry))
+            .map(|(dn, _)| *dn)
+            .collect(),
+        add: (0..wanted.len())
+            .filter(|&i| !running.iter().any(|(_, entry)| *entry == wanted[i]))
+            .collect(),
     }
 }
 
@@ -763,6 +921,105 @@ mod tests {
         assert_eq!(m.last_loss(1), Some(&Loss::Unreachable));
     }
 
+    #[test]
+    fn a_reloaded_list_keeps_what_is_unchanged() {
+        let running = [(0, ("dn0", 1)), (1, ("dn1", 1)), (3, ("dn3", 1))];
+        let wanted = [("dn1", 1), ("dn3", 2), ("dn4", 1)];
+        assert_eq!(
+            change_dn_list(&running, &wanted),
+            DnListChange {
+                retire: vec![0, 3],
+                add: vec![1, 2]
+            }
+        );
+        assert_eq!(
+            change_dn_list(&running, &running.map(|(_, e)| e)),
+            DnListChange::default()
+        );
+    }
+
+    #[test]
+    fn a_retired_primary_hands_over_before_it_is_closed() {
+        let t0 = Instant::now();
+        let (mut m, l) = two_sessions_up(t0);
+        // Make before break, as for a drain; the session is closed after the grace.
+        assert_eq!(
+            m.retire(0, t0),
+            vec![
+                Action::UsePrimary(Some(1)),
+                Action::Switch(1),
+                Action::Demote(0)
+            ]
+        );
+        assert_eq!(m.poll_timeout(), Some(t0 + RETIRE_GRACE));
+        assert_eq!(m.handle_timeout(t0 + RETIRE_GRACE), vec![Action::Close(0)]);
+        assert_eq!(m.state(0), Some(&SessionState::Retired));
+        assert_eq!(m.poll_timeout(), None);
+        // Late reports about it change nothing, and it is never reconnected.
+        assert_eq!(m.handle(Event::Lost(0, Loss::ProbeTimeout), t0), vec![]);
+        assert_eq!(m.handle_timeout(t0 + RETRY_MAX * 10), vec![]);
+        // The retired DN was the lease's issuer: the client's home is gone, and a DN of the
+        // same name added again is a new one, the home from now on.
+        assert_eq!(m.home(), None);
+        let (dn, acts) = m.add("dn0".into());
+        assert_eq!((dn, acts), (2, vec![Action::Connect(2)]));
+        assert_eq!(m.home(), Some(2));
+        assert_eq!(
+            m.handle(Event::Connected(2), t0),
+            vec![Action::Attach(2, Some(l.ticket.clone()))]
+        );
+        m.handle(Event::HomeIsBack(1), t0);
+        assert_eq!(
+            m.handle(Event::Leased(2, Box::new(l)), t0),
+            vec![
+                Action::UsePrimary(Some(2)),
+                Action::Switch(2),
+                Action::Demote(1)
+            ]
+        );
+        assert_eq!(m.configured().collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    #[test]
+    fn a_retired_primary_alone_carries_the_traffic_until_a_new_dn_is_up() {
+        let t0 = Instant::now();
+        let mut m = Machine::new(names(1), 9);
+        m.start();
+        let l = lease("10.200.0.2", 100);
+        m.handle(Event::Connected(0), t0);
+        m.handle(Event::Leased(0, Box::new(l.clone())), t0);
+        assert_eq!(m.retire(0, t0), vec![]);
+        assert_eq!(m.primary(), Some(0));
+        let (dn, _) = m.add("dn9".into());
+        m.handle(Event::Connected(dn), t0);
+        assert_eq!(
+            m.handle(Event::Leased(dn, Box::new(l)), t0),
+            vec![
+                Action::UsePrimary(Some(1)),
+                Action::Switch(1),
+                Action::Demote(0)
+            ]
+        );
+        assert_eq!(m.handle_timeout(t0 + RETIRE_GRACE), vec![Action::Close(0)]);
+    }
+
+    #[test]
+    fn a_retired_dn_that_was_asked_for_the_lease_hands_the_request_on() {
+        let t0 = Instant::now();
+        let mut m = Machine::new(names(2), 9);
+        m.start();
+        m.handle(Event::Connected(0), t0);
+        m.handle(Event::Connected(1), t0);
+        assert_eq!(
+            m.retire(0, t0),
+            vec![Action::Close(0), Action::Attach(1, None)]
+        );
+        // A DN that was waiting for a retry is simply forgotten.
+        m.handle(Event::Lost(1, Loss::ProbeTimeout), t0);
+        assert_eq!(m.retire(1, t0), vec![]);
+        assert_eq!(m.poll_timeout(), None);
+    }
+
     /// What the simulated world does next.
     #[derive(Debug, Clone)]
     enum Step {
@@ -778,6 +1035,8 @@ mod tests {
         Wait(u64),
         /// DN i says the client's home is back.
         HomeIsBack(usize),
+        /// DN i is taken out of the configuration.
+        Retire(usize),
     }
 
     fn step(n: usize) -> impl Strategy<Value = Step> {
@@ -788,6 +1047,7 @@ mod tests {
             2 => (0..n).prop_map(Step::Kill),
             2 => (0u64..3000).prop_map(Step::Wait),
             1 => (0..n).prop_map(Step::HomeIsBack),
+            1 => (0..n).prop_map(Step::Retire),
         ]
     }
 
@@ -806,6 +1066,7 @@ mod tests {
             let mut connecting = vec![false; n];
             let mut attaching = vec![false; n];
             let mut carrier: Option<usize> = None;
+            let mut retired = vec![false; n];
             let apply = |acts: Vec<Action>, connecting: &mut [bool], attaching: &mut [bool], carrier: &mut Option<usize>| {
                 for a in acts {
                     match a {
@@ -826,6 +1087,7 @@ mod tests {
                     Step::Kill(i) if i < n => { connecting[i] = false; attaching[i] = false; m.handle(Event::Lost(i, Loss::ProbeTimeout), now) }
                     Step::Wait(ms) => { now += Duration::from_millis(ms); m.handle_timeout(now) }
                     Step::HomeIsBack(i) if i < n => m.handle(Event::HomeIsBack(i), now),
+                    Step::Retire(i) if i < n => { retired[i] = true; m.retire(i, now) }
                     _ => continue,
                 };
                 // A demoted DN was the primary, is live, and the client is now at home. Packets
@@ -835,7 +1097,8 @@ mod tests {
                     if let Action::Demote(d) = a {
                         prop_assert_eq!(Some(*d), before);
                         prop_assert_eq!(m.state(*d), Some(&SessionState::Up(Role::Secondary)));
-                        prop_assert_eq!(m.primary(), m.home());
+                        // Left for home, or because it was taken out of the configuration.
+                        prop_assert!(m.primary() == m.home() || retired[*d]);
                     }
                     if let Action::Resend { from, to } = a {
                         prop_assert_eq!(Some(*from), before);
@@ -843,6 +1106,7 @@ mod tests {
                         prop_assert!(!matches!(m.state(*from), Some(SessionState::Up(_))));
                     }
                 }
+                let acts_seen = acts.clone();
                 apply(acts, &mut connecting, &mut attaching, &mut carrier);
 
                 // The shell's view (last UsePrimary) and the machine's agree.
@@ -857,6 +1121,24 @@ mod tests {
                 }
                 if (0..n).any(|i| matches!(m.state(i), Some(SessionState::Up(_)))) {
                     prop_assert!(m.lease().is_some());
+                }
+                // A retired DN is never connected again, carries the traffic only while no
+                // configured session can, and is otherwise closed within the grace.
+                for a in &acts_seen {
+                    if let Action::Connect(i) = a {
+                        prop_assert!(!retired[*i], "a retired DN reconnected");
+                    }
+                }
+                if let Some(p) = m.primary().filter(|&p| retired[p]) {
+                    prop_assert!((0..n).all(|i| i == p || retired[i] || !matches!(m.state(i), Some(SessionState::Up(_)))));
+                }
+                for i in (0..n).filter(|&i| retired[i]) {
+                    let st = m.state(i).cloned();
+                    match st {
+                        Some(SessionState::Retired) => {}
+                        Some(SessionState::Up(_)) => prop_assert!(m.primary() == Some(i) || m.poll_timeout().is_some_and(|t| t <= now + RETIRE_GRACE)),
+                        other => prop_assert!(false, "retired DN {} in {:?}", i, other),
+                    }
                 }
                 // Nothing waits longer than the cap to be retried.
                 if let Some(t) = m.poll_timeout() {

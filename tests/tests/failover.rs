@@ -507,3 +507,115 @@ fn ten_drains_of_the_clients_dn_lose_no_ping_nor_the_download_and_it_comes_home_
         Ok(())
     });
 }
+
+#[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
+fn a_reloaded_dn_list_moves_the_client_off_a_removed_dn_without_loss_and_refuses_bad_files() {
+    let spec = LabSpec {
+        dns: 3,
+        routing: Routing::Frr,
+        client_routes: vec!["0.0.0.0/0".into()],
+        ..LabSpec::default()
+    };
+    with_lab(spec, |lab| {
+        lab.start_client(1, &Credential::Issued("client1".into()))?;
+        lab.wait_address(1, Duration::from_secs(15))?;
+        let (home, _) = lab.primary_and_secondary(1, Duration::from_secs(10))?;
+        let ping = traffic::Pinger::start(&lab.net, "en1", SERVER, "0.01")?;
+        let path = lab.en_config(1);
+        let original = std::fs::read_to_string(&path)?;
+        let reload = |lab: &mut Lab, text: &str| -> Result<()> {
+            std::fs::write(&path, text)?;
+            lab.net.signal("en1", libc::SIGHUP)?;
+            std::thread::sleep(Duration::from_millis(500));
+            Ok(())
+        };
+        let log = |lab: &Lab| std::fs::read_to_string(lab.net.log_path("en1"));
+        let listed = |lab: &Lab| -> Result<Vec<String>> {
+            let status = lab.en_status(1)?;
+            Ok(status["sessions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|s| s["state"] == "up")
+                .filter_map(|s| s["dn"].as_str().map(str::to_owned))
+                .collect())
+        };
+        let endpoint = holdfast_lab::lab::dn_address_towards(1, home);
+        let exempted = |lab: &Lab| -> Result<bool> {
+            let out = lab.net.exec("en1", &["ip", "-4", "route", "show"])?;
+            Ok(String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|l| l.starts_with(&format!("{endpoint} "))))
+        };
+        ensure!(
+            exempted(lab)?,
+            "no route keeps {endpoint} outside the tunnel"
+        );
+
+        // A file that does not parse, and one that changes what needs a restart: refused,
+        // nothing dropped.
+        reload(lab, &original.replace("[[dn]]", "[[dn]"))?;
+        reload(lab, &original.replace("holdfast0", "holdfast9"))?;
+        let text = log(lab)?;
+        ensure!(
+            text.matches("reload refused").count() == 2,
+            "expected two refused reloads in the log:\n{text}"
+        );
+        ensure!(
+            text.contains("tun changed, which needs a restart of en"),
+            "the refusal does not name the key:\n{text}"
+        );
+        ensure!(listed(lab)?.len() == 3, "a refused reload dropped sessions");
+
+        // The home DN taken out of the list: the client moves off it make before break, its
+        // session is closed and its endpoint's route goes.
+        let home_entry = format!(
+            "\n[[dn]]\nname = \"{}\"\nendpoint = \"{endpoint}:4433\"\n",
+            dn_role(home)
+        );
+        ensure!(
+            original.contains(&home_entry),
+            "unexpected en.toml:\n{original}"
+        );
+        reload(lab, &original.replace(&home_entry, ""))?;
+        wait_until(
+            Duration::from_secs(10),
+            "the removed DN's session to close",
+            || {
+                listed(lab).is_ok_and(|l| l.len() == 2 && !l.contains(&dn_role(home)))
+                    && lab.primary_of(1).is_some_and(|p| p != home)
+            },
+        )?;
+        ensure!(!exempted(lab)?, "the removed DN's endpoint route stayed");
+        let (sent, received) = lab.ping("en1", SERVER, 20, &[])?;
+        ensure!(
+            received == sent,
+            "no traffic after the reload: {received} of {sent}"
+        );
+
+        // Listed again: connected to again, and its endpoint kept out of the tunnel again.
+        reload(lab, &original)?;
+        wait_until(
+            Duration::from_secs(10),
+            "the DN listed again to be up",
+            || listed(lab).is_ok_and(|l| l.len() == 3),
+        )?;
+        ensure!(exempted(lab)?, "no route for the DN listed again");
+        let (sent, answered) = ping.stop()?;
+        eprintln!("reloads: {answered} of {sent} pings answered");
+        ensure!(
+            answered == sent,
+            "{} of {sent} pings lost over the reloads",
+            sent - answered
+        );
+        ensure!(
+            log(lab)?.matches("configuration reloaded").count() == 2,
+            "expected two applied reloads in the log"
+        );
+        Ok(())
+    });
+}
