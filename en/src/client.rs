@@ -19,6 +19,7 @@ use holdfast_proto::lease::LeaseTicket;
 use holdfast_proto::packet::{self, PortUnreachable};
 use holdfast_proto::probe::{self, encode_probe, Prober, Verdict};
 use holdfast_proto::replay::Unanswered;
+use holdfast_proto::underlay;
 use holdfast_shell::metrics::{label, Families, Labels, Scraper};
 use holdfast_shell::netlink::{NextHop, Routes};
 use holdfast_shell::quic::{send_message, ControlReader};
@@ -109,6 +110,13 @@ impl Liveness {
     fn heard(&self, now: Instant, rtt: Duration) {
         if let Ok(mut u) = self.unanswered.lock() {
             u.heard(now, rtt);
+        }
+    }
+
+    /// The path to the DN changed.
+    fn path_changed(&self, now: Instant) {
+        if self.with(|p| p.on_path_change(now)) == Some(true) {
+            self.wake.notify_one();
         }
     }
 
@@ -227,7 +235,19 @@ struct Tunnel {
     address: IpAddr,
     mtu: u16,
     /// Host routes that keep DN endpoints out of the tunnel, removed on exit.
-    exemptions: Vec<IpNet>,
+    exemptions: Vec<Exemption>,
+}
+
+/// How the kernel routes a DN endpoint: the next hop and the source address it gives.
+type Path = (NextHop, Option<IpAddr>);
+
+/// A host route that keeps a DN endpoint out of the tunnel, through the host's own route to
+/// it (`None`: there is none, and the endpoint is made unreachable rather than left to the
+/// tunnel's routes, which would loop the client's sessions into themselves).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Exemption {
+    host: IpNet,
+    hop: Option<NextHop>,
 }
 
 /// `config` was read from `path`, which is read again on SIGHUP; `metrics`: where to serve
@@ -272,6 +292,7 @@ pub async fn run(config: EnConfig, path: PathBuf, metrics: Option<SocketAddr>) -
         slots: (0..config.dns.len()).map(|_| Slot::default()).collect(),
         dns: config.dns.clone(),
         path,
+        paths: Vec::new(),
         shared: shared.clone(),
         endpoint: endpoint.clone(),
         routes: &routes,
@@ -294,8 +315,8 @@ pub async fn run(config: EnConfig, path: PathBuf, metrics: Option<SocketAddr>) -
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     if let Some(t) = &driver.tunnel {
-        for net in &t.exemptions {
-            if let Err(e) = routes.delete(*net, None, None).await {
+        for net in t.exemptions.iter().map(|e| e.host) {
+            if let Err(e) = routes.delete(net, None, None).await {
                 warn!(error = %format!("{e:#}"), "could not remove endpoint route");
             }
         }
@@ -312,6 +333,8 @@ struct Driver<'a> {
     dns: Vec<DnEndpoint>,
     /// The configuration file, read again on SIGHUP.
     path: PathBuf,
+    /// How the kernel last routed each DN endpoint (see [`Driver::on_network_change`]).
+    paths: Vec<(usize, Option<Path>)>,
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
     routes: &'a Routes,
@@ -334,6 +357,14 @@ impl Driver<'_> {
         self.perform(actions).await?;
         let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .context("cannot watch for SIGHUP")?;
+        let mut network = match holdfast_shell::netlink::watch() {
+            Ok(rx) => Some(rx),
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "network changes will not be followed: sessions move only when they fail");
+                None
+            }
+        };
+        self.paths = self.current_paths().await;
         let mut unreachable = match holdfast_shell::icmp::watch() {
             Ok(rx) => Some(rx),
             Err(e) => {
@@ -363,6 +394,17 @@ impl Driver<'_> {
                     self.perform(actions).await?;
                 }
                 _ = hangup.recv() => self.reload().await?,
+                Some(()) = async {
+                    let rx = network.as_mut()?;
+                    let first = rx.recv().await;
+                    // A change comes as a burst of notices: one look at the result.
+                    while rx.try_recv().is_ok() {}
+                    first
+                } => {
+                    if let Err(e) = self.on_network_change().await {
+                        warn!(error = %format!("{e:#}"), "cannot follow the network change; sessions move when they fail");
+                    }
+                }
                 _ = tokio::time::sleep_until(self.mtu_check_at.into()) => {
                     self.follow_mtu();
                     let settling = self.primary_since.elapsed() < MTU_SETTLING;
@@ -511,7 +553,7 @@ impl Driver<'_> {
                     self.drop_session(dn);
                     if self.machine.is_retired(dn) {
                         info!(dn = %self.dns[dn].name, "session to a DN no longer configured closed");
-                        self.follow_exemptions().await;
+                        self.sync_exemptions().await;
                     }
                 }
                 Action::Demote(dn) => {
@@ -530,6 +572,7 @@ impl Driver<'_> {
                 Action::Switch(dn) => self.tell(dn, Message::Switch).await,
                 Action::Resend { from, to } => self.resend(from, to),
                 Action::CheckNow(dn) => self.slots[dn].liveness.hint(Instant::now()),
+                Action::Reprobe(dn) => self.slots[dn].liveness.path_changed(Instant::now()),
             }
         }
         Ok(())
@@ -722,46 +765,28 @@ impl Driver<'_> {
         let prefix = if address.is_ipv4() { 32 } else { 128 };
         let dev = Arc::new(tun::open(&config.tun, address, prefix, mtu)?);
         let index = dev.index()?;
-        // Keep every DN endpoint that a pushed route would swallow on its current path.
-        let mut exemptions = Vec::new();
-        for dn in self.machine.configured() {
-            let ip = self.dns[dn].endpoint.ip();
-            if let Some(host) = self.exempt(ip, &lease.routes, &exemptions).await? {
-                exemptions.push(host);
-            }
-        }
+        let (tun_name, routes) = (config.tun.clone(), lease.routes.clone());
+        self.tunnel = Some(Tunnel {
+            dev: dev.clone(),
+            address,
+            mtu,
+            exemptions: Vec::new(),
+        });
+        // Every DN endpoint a pushed route would swallow keeps its path, before those routes.
+        self.sync_exemptions().await;
         let through_tunnel = NextHop {
             gateway: None,
             oif: Some(index),
         };
-        for net in &lease.routes {
+        for net in &routes {
             for part in split_default(*net) {
                 self.routes.replace(part, &through_tunnel, None).await?;
             }
         }
-        info!(tun = %config.tun, %address, mtu, routes = ?lease.routes, "tunnel configured");
+        info!(tun = %tun_name, %address, mtu, ?routes, "tunnel configured");
         tokio::spawn(tun_to_session(self.shared.clone(), dev.clone()));
-        self.shared.tun.send_replace(Some(dev.clone()));
-        self.tunnel = Some(Tunnel {
-            dev,
-            address,
-            mtu,
-            exemptions,
-        });
+        self.shared.tun.send_replace(Some(dev));
         Ok(())
-    }
-
-    /// Puts a host route to a DN endpoint on its current path if one of the tunnel's `routes`
-    /// would otherwise carry the client's own sessions into the tunnel; returns it if it is new.
-    async fn exempt(&self, ip: IpAddr, routes: &[IpNet], done: &[IpNet]) -> Result<Option<IpNet>> {
-        let host = IpNet::from(ip);
-        if !routes.iter().any(|r| r.contains(&ip)) || done.contains(&host) {
-            return Ok(None);
-        }
-        let hop: NextHop = self.routes.lookup(ip).await?;
-        self.routes.replace(host, &hop, None).await?;
-        info!(endpoint = %ip, ?hop, "keeping the DN endpoint outside the tunnel");
-        Ok(Some(host))
     }
 
     /// Reads the configuration file again (SIGHUP) and applies its DN list: DNs no longer
@@ -804,7 +829,7 @@ impl Driver<'_> {
             actions.extend(connect);
         }
         self.perform(actions).await?;
-        self.follow_exemptions().await;
+        self.sync_exemptions().await;
         info!(
             config = %path,
             dns = self.machine.configured().count(),
@@ -848,42 +873,112 @@ impl Driver<'_> {
         Ok(())
     }
 
-    /// After the DN list changed: exempts new DN endpoints from the tunnel's routes and removes
-    /// the exemptions of endpoints no DN uses any more.
-    async fn follow_exemptions(&mut self) {
+    /// Keeps a host route, through the host's own routes, to every DN endpoint the tunnel's
+    /// routes contain, and none to an endpoint no DN uses: after the tunnel came up, the DN
+    /// list changed, or the host's network did (another uplink, another default route).
+    async fn sync_exemptions(&mut self) {
         let Some(routes) = self.machine.lease().map(|l| l.routes.clone()) else {
             return;
         };
-        let Some(mut exemptions) = self.tunnel.as_ref().map(|t| t.exemptions.clone()) else {
+        let Some(current) = self.tunnel.as_ref().map(|t| t.exemptions.clone()) else {
             return;
         };
-        let wanted: Vec<IpAddr> = (0..self.dns.len())
+        let mut wanted: Vec<IpNet> = (0..self.dns.len())
             .filter(|&i| self.machine.state(i) != Some(&SessionState::Retired))
             .map(|i| self.dns[i].endpoint.ip())
+            .filter(|ip| routes.iter().any(|r| r.contains(ip)))
+            .map(IpNet::from)
             .collect();
-        for ip in &wanted {
-            match self.exempt(*ip, &routes, &exemptions).await {
-                Ok(Some(host)) => exemptions.push(host),
-                Ok(None) => {}
+        wanted.dedup();
+        let table = if wanted.is_empty() {
+            Vec::new()
+        } else {
+            match self.routes.underlay().await {
+                Ok(table) => table,
                 Err(e) => {
-                    warn!(endpoint = %ip, error = %format!("{e:#}"), "cannot keep the DN endpoint outside the tunnel")
+                    warn!(error = %format!("{e:#}"), "cannot read the host's routes: DN endpoint routes left as they are");
+                    return;
+                }
+            }
+        };
+        let mut kept = Vec::new();
+        for host in &wanted {
+            let hop = underlay::route_to(host.addr(), &table).map(|r| NextHop {
+                gateway: r.gateway,
+                oif: r.oif,
+            });
+            let want = Exemption { host: *host, hop };
+            if current.contains(&want) {
+                kept.push(want);
+                continue;
+            }
+            let installed = match &want.hop {
+                Some(hop) => self.routes.replace(*host, hop, None).await,
+                None => self.routes.replace_unreachable(*host).await,
+            };
+            match installed {
+                Ok(()) => {
+                    match &want.hop {
+                        Some(hop) => {
+                            info!(endpoint = %host.addr(), ?hop, "keeping the DN endpoint outside the tunnel")
+                        }
+                        None => {
+                            warn!(endpoint = %host.addr(), "no route to the DN endpoint outside the tunnel: unreachable until there is one")
+                        }
+                    }
+                    kept.push(want);
+                }
+                Err(e) => {
+                    warn!(endpoint = %host.addr(), error = %format!("{e:#}"), "cannot keep the DN endpoint outside the tunnel")
                 }
             }
         }
-        let mut kept = Vec::new();
-        for host in exemptions {
-            if wanted.iter().any(|ip| host.contains(ip)) {
-                kept.push(host);
-            } else if let Err(e) = self.routes.delete(host, None, None).await {
-                warn!(route = %host, error = %format!("{e:#}"), "could not remove endpoint route");
-                kept.push(host);
-            } else {
-                info!(route = %host, "endpoint route removed: no DN uses it");
+        for old in current.iter().filter(|e| !wanted.contains(&e.host)) {
+            match self.routes.delete(old.host, None, None).await {
+                Ok(()) => info!(route = %old.host, "endpoint route removed: no DN uses it"),
+                Err(e) => {
+                    warn!(route = %old.host, error = %format!("{e:#}"), "could not remove endpoint route");
+                    kept.push(old.clone());
+                }
             }
         }
         if let Some(t) = self.tunnel.as_mut() {
             t.exemptions = kept;
         }
+    }
+
+    /// How the kernel routes each configured DN's endpoint now: next hop and source address.
+    async fn current_paths(&self) -> Vec<(usize, Option<Path>)> {
+        let mut out = Vec::new();
+        for dn in self.machine.configured() {
+            out.push((
+                dn,
+                self.routes.lookup(self.dns[dn].endpoint.ip()).await.ok(),
+            ));
+        }
+        out
+    }
+
+    /// The host's links, addresses or routes changed. The DN endpoints' routes follow the host's
+    /// own; if the path to a DN moved (another uplink, another source address), the QUIC
+    /// endpoint moves to a fresh socket, so that every session migrates at once (QUIC
+    /// connection migration, a new connection ID, a packet at once so the DN follows), and the
+    /// machine probes the sessions and retries the DNs it was waiting for.
+    async fn on_network_change(&mut self) -> Result<()> {
+        self.sync_exemptions().await;
+        let paths = self.current_paths().await;
+        if paths == self.paths {
+            return Ok(());
+        }
+        self.paths = paths;
+        let local = self.endpoint.local_addr()?;
+        let socket = quic::udp_socket(SocketAddr::new(local.ip(), 0))?;
+        self.endpoint
+            .rebind(socket)
+            .context("cannot move the sessions to a new socket")?;
+        info!(from = %local, to = %self.endpoint.local_addr()?, "network changed: the sessions migrate to the new path");
+        let actions = self.machine.network_changed(Instant::now());
+        self.perform(actions).await
     }
 
     /// Keeps the TUN MTU equal to what the primary session's path carries.

@@ -101,6 +101,9 @@ pub enum Action {
     /// The primary `from` is gone: send again through `to` what `from` may not have delivered
     /// (see [`crate::replay`]). Only on failover: a DN left for home delivers what it has.
     Resend { from: Dn, to: Dn },
+    /// The session's path changed: probe it now, judged afresh (see
+    /// [`crate::probe::Prober::on_path_change`]).
+    Reprobe(Dn),
 }
 
 struct Slot {
@@ -566,6 +569,27 @@ impl Machine {
         }
     }
 
+    /// The host's network changed under the client (an uplink came or went, the address or
+    /// the default route moved): every live session is probed at once over its new path (the DN
+    /// follows the client there on its first packet, and a path that does not carry is found
+    /// out), and every DN waiting to be retried is tried now, its back-off started over: the
+    /// failures it counted were on the old network.
+    pub fn network_changed(&mut self, now: Instant) -> Vec<Action> {
+        let mut out = Vec::new();
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            match slot.state {
+                SessionState::Up(_) => out.push(Action::Reprobe(i)),
+                SessionState::Waiting { .. } => {
+                    slot.backoff.reset();
+                    slot.state = SessionState::Waiting { retry_at: now };
+                }
+                _ => {}
+            }
+        }
+        out.extend(self.handle_timeout(now));
+        out
+    }
+
     /// `d` asked for the lease and will not get it: another session that is ready asks instead.
     fn hand_over_leasing(&mut self, d: Dn, out: &mut Vec<Action>) {
         if self.leasing != Some(d) {
@@ -1020,6 +1044,24 @@ mod tests {
         assert_eq!(m.poll_timeout(), None);
     }
 
+    #[test]
+    fn a_network_change_reprobes_live_sessions_and_retries_the_others_now() {
+        let t0 = Instant::now();
+        let (mut m, _) = two_sessions_up(t0);
+        // dn1 lost twice: its back-off has grown.
+        m.handle(Event::Lost(1, Loss::ProbeTimeout), t0);
+        let t1 = t0 + RETRY_MAX;
+        m.handle_timeout(t1);
+        m.handle(Event::Lost(1, Loss::ConnectFailed("no route".into())), t1);
+        assert_eq!(
+            m.network_changed(t1),
+            vec![Action::Reprobe(0), Action::Connect(1)]
+        );
+        // The back-off started over: the next failure waits the base delay at most.
+        m.handle(Event::Lost(1, Loss::ConnectFailed("no route".into())), t1);
+        assert!(m.poll_timeout().is_some_and(|t| t <= t1 + RETRY_BASE));
+    }
+
     /// What the simulated world does next.
     #[derive(Debug, Clone)]
     enum Step {
@@ -1037,6 +1079,8 @@ mod tests {
         HomeIsBack(usize),
         /// DN i is taken out of the configuration.
         Retire(usize),
+        /// The host's network changed.
+        NetworkChanged,
     }
 
     fn step(n: usize) -> impl Strategy<Value = Step> {
@@ -1048,6 +1092,7 @@ mod tests {
             2 => (0u64..3000).prop_map(Step::Wait),
             1 => (0..n).prop_map(Step::HomeIsBack),
             1 => (0..n).prop_map(Step::Retire),
+            1 => Just(Step::NetworkChanged),
         ]
     }
 
@@ -1073,7 +1118,7 @@ mod tests {
                         Action::Connect(i) => connecting[i] = true,
                         Action::Attach(i, _) => attaching[i] = true,
                         Action::UsePrimary(p) => *carrier = p,
-                        Action::Demote(_) | Action::Configure(_) | Action::Close(_) | Action::CheckNow(_) | Action::Switch(_) | Action::Resend { .. } => {}
+                        Action::Demote(_) | Action::Configure(_) | Action::Close(_) | Action::CheckNow(_) | Action::Switch(_) | Action::Resend { .. } | Action::Reprobe(_) => {}
                     }
                 }
             };
@@ -1088,6 +1133,7 @@ mod tests {
                     Step::Wait(ms) => { now += Duration::from_millis(ms); m.handle_timeout(now) }
                     Step::HomeIsBack(i) if i < n => m.handle(Event::HomeIsBack(i), now),
                     Step::Retire(i) if i < n => { retired[i] = true; m.retire(i, now) }
+                    Step::NetworkChanged => m.network_changed(now),
                     _ => continue,
                 };
                 // A demoted DN was the primary, is live, and the client is now at home. Packets

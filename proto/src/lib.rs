@@ -19,6 +19,7 @@ pub mod plan;
 pub mod probe;
 pub mod replay;
 pub mod routes;
+pub mod underlay;
 pub mod wire;
 
 /// ALPN protocol identifier of Holdfast sessions; the version is part of it, so a peer that

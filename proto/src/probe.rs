@@ -247,6 +247,21 @@ impl Prober {
         self.next_probe = None;
     }
 
+    /// The client's own path to the DN changed (another uplink, another address): what the
+    /// round trip was says nothing about the new path, and the DN must hear from the client
+    /// at once (so that it follows it there). Probe now, judged by the floor deadlines until
+    /// the new path has been measured. Says whether [`Prober::poll_timeout`] moved earlier.
+    pub fn on_path_change(&mut self, now: Instant) -> bool {
+        if self.dead {
+            return false;
+        }
+        self.srtt = None;
+        self.in_flight.clear();
+        self.unanswered_since.get_or_insert(now);
+        self.next_probe = Some(now);
+        true
+    }
+
     /// Something nobody authenticated (an ICMP error quoting the session) says the DN may be
     /// gone: probe at once, and count it dead only if that probe goes unanswered. Says whether
     /// [`Prober::poll_timeout`] moved earlier.

@@ -6,8 +6,12 @@ use std::net::IpAddr;
 
 use anyhow::{anyhow, Context, Result};
 use futures::TryStreamExt;
+use holdfast_proto::underlay;
 use ipnet::IpNet;
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteType,
+};
+use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, RouteMessageBuilder};
 
 /// Our routing protocol number (name it `holdfast` in /etc/iproute2/rt_protos.d/).
@@ -62,13 +66,13 @@ impl Routes {
     /// Adds or replaces (same destination and metric) a route to `dest` through `hop`.
     pub async fn replace(&self, dest: IpNet, hop: &NextHop, metric: Option<u32>) -> Result<()> {
         let msg = Self::message(dest, hop.oif, hop.gateway, metric)?;
-        self.handle
-            .route()
-            .add(msg)
-            .replace()
-            .execute()
+        self.install(msg)
             .await
             .with_context(|| format!("cannot add route {dest} via {hop:?}"))
+    }
+
+    async fn install(&self, msg: RouteMessage) -> Result<(), rtnetlink::Error> {
+        self.handle.route().add(msg).replace().execute().await
     }
 
     pub async fn delete(&self, dest: IpNet, oif: Option<u32>, metric: Option<u32>) -> Result<()> {
@@ -149,8 +153,9 @@ impl Routes {
         Ok(deleted)
     }
 
-    /// Asks the kernel how it routes `addr` right now (like `ip route get`).
-    pub async fn lookup(&self, addr: IpAddr) -> Result<NextHop> {
+    /// Asks the kernel how it routes `addr` right now (like `ip route get`): the next hop and
+    /// the source address it would give a packet.
+    pub async fn lookup(&self, addr: IpAddr) -> Result<(NextHop, Option<IpAddr>)> {
         let prefix = if addr.is_ipv4() { 32 } else { 128 };
         let msg = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(addr, prefix)
@@ -166,16 +171,115 @@ impl Routes {
             gateway: None,
             oif: None,
         };
+        let mut source = None;
         for attr in reply.attributes {
             match attr {
                 RouteAttribute::Gateway(RouteAddress::Inet(a)) => hop.gateway = Some(a.into()),
                 RouteAttribute::Gateway(RouteAddress::Inet6(a)) => hop.gateway = Some(a.into()),
                 RouteAttribute::Oif(i) => hop.oif = Some(i),
+                RouteAttribute::PrefSource(RouteAddress::Inet(a)) => source = Some(a.into()),
+                RouteAttribute::PrefSource(RouteAddress::Inet6(a)) => source = Some(a.into()),
                 _ => {}
             }
         }
-        Ok(hop)
+        Ok((hop, source))
     }
+}
+
+impl Routes {
+    /// The unicast routes of the main table that others installed (the host's own: its
+    /// uplinks, its default routes), skipping those whose next hop is down: the routes the
+    /// client's sessions may take outside the tunnel.
+    pub async fn underlay(&self) -> Result<Vec<underlay::Route>> {
+        Ok(self
+            .dump()
+            .await?
+            .iter()
+            .filter(|r| !Self::is_ours(r))
+            .filter(|r| r.header.kind == RouteType::Unicast)
+            .filter(|r| {
+                !(r.header.flags.contains(RouteFlags::Linkdown)
+                    || r.header.flags.contains(RouteFlags::Dead))
+            })
+            .map(|r| {
+                let prefix = r.header.destination_prefix_length;
+                let any = match r.header.address_family {
+                    AddressFamily::Inet6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+                    _ => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                };
+                let mut route = underlay::Route {
+                    dest: destination(r)
+                        .unwrap_or_else(|| IpNet::new(any, prefix).unwrap_or(IpNet::from(any))),
+                    gateway: None,
+                    oif: None,
+                    metric: 0,
+                };
+                for attr in &r.attributes {
+                    match attr {
+                        RouteAttribute::Gateway(RouteAddress::Inet(a)) => {
+                            route.gateway = Some((*a).into())
+                        }
+                        RouteAttribute::Gateway(RouteAddress::Inet6(a)) => {
+                            route.gateway = Some((*a).into())
+                        }
+                        RouteAttribute::Oif(i) => route.oif = Some(*i),
+                        RouteAttribute::Priority(m) => route.metric = *m,
+                        _ => {}
+                    }
+                }
+                route
+            })
+            .collect())
+    }
+
+    /// Makes `dest` unreachable (the kernel refuses to send there): better than letting the
+    /// tunnel's own routes swallow what must never enter it.
+    pub async fn replace_unreachable(&self, dest: IpNet) -> Result<()> {
+        let mut msg = Self::message(dest, None, None, None)?;
+        msg.header.kind = RouteType::Unreachable;
+        self.install(msg)
+            .await
+            .with_context(|| format!("cannot make {dest} unreachable"))
+    }
+}
+
+/// Notices of changes to the host's links, addresses and routes, each as `()`, except for
+/// routes of ours (the client's own changes must not wake it again).
+pub fn watch() -> Result<tokio::sync::mpsc::UnboundedReceiver<()>> {
+    use rtnetlink::constants::{
+        RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE, RTMGRP_LINK,
+    };
+    use rtnetlink::packet_core::NetlinkPayload;
+    use rtnetlink::packet_route::RouteNetlinkMessage;
+    use rtnetlink::sys::{AsyncSocket, SocketAddr};
+    let (mut connection, _, mut messages) =
+        rtnetlink::new_connection().context("cannot open a netlink socket")?;
+    let groups = RTMGRP_LINK
+        | RTMGRP_IPV4_IFADDR
+        | RTMGRP_IPV4_ROUTE
+        | RTMGRP_IPV6_IFADDR
+        | RTMGRP_IPV6_ROUTE;
+    connection
+        .socket_mut()
+        .socket_mut()
+        .bind(&SocketAddr::new(0, groups))
+        .context("cannot listen to the kernel's network changes")?;
+    tokio::spawn(connection);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some((message, _)) = futures::StreamExt::next(&mut messages).await {
+            let ours = matches!(
+                &message.payload,
+                NetlinkPayload::InnerMessage(
+                    RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r)
+                ) if Routes::is_ours(r)
+            );
+            if !ours && tx.send(()).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
 }
 
 /// errno "no such process", which netlink answers for a route that is not there.

@@ -141,6 +141,16 @@ fn set_buffer(fd: std::os::fd::RawFd, force: libc::c_int, plain: libc::c_int) {
     }
 }
 
+/// A UDP socket on `addr` with large buffers, for an endpoint (or to rebind one to).
+pub fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket> {
+    use std::os::fd::AsRawFd;
+    let socket =
+        std::net::UdpSocket::bind(addr).with_context(|| format!("cannot bind UDP {addr}"))?;
+    set_buffer(socket.as_raw_fd(), libc::SO_RCVBUFFORCE, libc::SO_RCVBUF);
+    set_buffer(socket.as_raw_fd(), libc::SO_SNDBUFFORCE, libc::SO_SNDBUF);
+    Ok(socket)
+}
+
 /// A QUIC endpoint on `addr` with large socket buffers; a server if `server` is given.
 ///
 /// `reset_secret` keys stateless resets. A DN derives it from its long-lived lease key so that
@@ -151,11 +161,7 @@ pub fn endpoint(
     server: Option<quinn::ServerConfig>,
     reset_secret: Option<&[u8]>,
 ) -> Result<quinn::Endpoint> {
-    use std::os::fd::AsRawFd;
-    let socket =
-        std::net::UdpSocket::bind(addr).with_context(|| format!("cannot bind UDP {addr}"))?;
-    set_buffer(socket.as_raw_fd(), libc::SO_RCVBUFFORCE, libc::SO_RCVBUF);
-    set_buffer(socket.as_raw_fd(), libc::SO_SNDBUFFORCE, libc::SO_SNDBUF);
+    let socket = udp_socket(addr)?;
     let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
     let config = match reset_secret {
         Some(secret) => {

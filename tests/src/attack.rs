@@ -7,13 +7,13 @@
 //! unkilled, every DN's routes match the sessions it has, and the real client lost no ping.
 
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde::Serialize;
 use serde_json::Value;
 
 use crate::bench::{cpu_seconds, rss_kib};
+use crate::cases::{self, CaseReport, CaseResult};
 use crate::lab::{
     client_address_towards, dn_address_towards, dn_on_cluster_net, dn_role, Credential, Lab,
     LabSpec, Routing, SERVER,
@@ -42,71 +42,9 @@ const NEWCOMER_WITHIN_SECS: f64 = 2.0;
 /// Lease lifetime in the lab of `expired_lease_reuse`: short enough to expire during the case.
 const SHORT_LEASE_SECS: u64 = 8;
 
-#[derive(Debug, Clone, Serialize)]
-pub struct CaseResult {
-    pub name: String,
-    pub held: bool,
-    pub detail: String,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct AttackReport {
-    pub cases: Vec<CaseResult>,
-}
-
-impl AttackReport {
-    pub fn table(&self) -> String {
-        let width = self.cases.iter().map(|c| c.name.len()).max().unwrap_or(4);
-        let mut out = format!("{:width$}  held  detail\n", "case");
-        for c in &self.cases {
-            let held = if c.held { "yes " } else { "NO  " };
-            out += &format!("{:width$}  {held}  {}\n", c.name, c.detail);
-        }
-        let held = self.cases.iter().filter(|c| c.held).count();
-        out += &format!("{held} of {} cases held\n", self.cases.len());
-        out
-    }
-
-    pub fn all_held(&self) -> bool {
-        self.cases.iter().all(|c| c.held)
-    }
-}
-
 /// Runs the named cases (all if `only` is empty).
-pub fn run(only: &[String], quiet: bool) -> Result<AttackReport> {
-    for name in only {
-        if !CASES.contains(&name.as_str()) {
-            bail!("no case {name:?}; the cases are: {}", CASES.join(", "));
-        }
-    }
-    let mut cases = Vec::new();
-    for name in CASES {
-        if !only.is_empty() && !only.iter().any(|o| o == name) {
-            continue;
-        }
-        if !quiet {
-            eprintln!("lab attack: {name} ...");
-        }
-        let started = Instant::now();
-        let result = match run_case(name) {
-            Ok(r) => r,
-            Err(e) => CaseResult {
-                name: (*name).to_owned(),
-                held: false,
-                detail: format!("the case could not run: {e:#}"),
-            },
-        };
-        if !quiet {
-            eprintln!(
-                "lab attack: {name}: {} in {:.0} s: {}",
-                if result.held { "held" } else { "NOT HELD" },
-                started.elapsed().as_secs_f64(),
-                result.detail
-            );
-        }
-        cases.push(result);
-    }
-    Ok(AttackReport { cases })
+pub fn run(only: &[String], quiet: bool) -> Result<CaseReport> {
+    cases::run("lab attack", CASES, only, quiet, run_case)
 }
 
 /// The lab of one case, with the real client pinging through it.

@@ -295,6 +295,7 @@ fn icmp_run(setup: &Setup, o: &IcmpOptions, run: usize) -> Result<IcmpRun> {
             SERVER,
             seconds.ceil() as u32 + 1,
             load == Load::Download,
+            None,
         )?),
     };
     let interval_s = format!("{interval}");

@@ -60,6 +60,76 @@ fn attach_to_bridge(
 
 /// Writes one of esr-config's files (`NODE/NAME`) under `root`; returns the node, the file's
 /// directory and its path.
+/// Client `i` behind its access router: the router has the client's links to the DNs (the
+/// DNs see the router where they saw the client), the client two uplinks to the router.
+fn mobile_access(net: &mut Netns, i: usize, dns: usize, nat: bool) -> Result<()> {
+    let (role, ap) = (client_role(i), access_router(i));
+    net.add(&ap)?;
+    net.exec(&ap, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+    for k in 1..=dns {
+        net.link(
+            (
+                &ap,
+                &format!("to-dn{k}"),
+                &format!("{}/24", client_address_towards(i, k)),
+            ),
+            (
+                &dn_role(k),
+                &format!("to-{role}"),
+                &format!("{}/24", dn_address_towards(i, k)),
+            ),
+        )?;
+        if !nat {
+            for uplink in [Uplink::Wifi, Uplink::Lte] {
+                net.exec(
+                    &dn_role(k),
+                    &[
+                        "ip",
+                        "route",
+                        "add",
+                        &uplink.network(i),
+                        "via",
+                        &client_address_towards(i, k),
+                    ],
+                )?;
+            }
+        }
+    }
+    for uplink in [Uplink::Wifi, Uplink::Lte] {
+        net.link(
+            (&role, uplink.name(), &format!("{}/24", uplink.address(i))),
+            (&ap, uplink.name(), &format!("{}/24", uplink.gateway(i))),
+        )?;
+        net.exec(
+            &role,
+            &[
+                "ip",
+                "route",
+                "add",
+                "default",
+                "via",
+                &uplink.gateway(i),
+                "metric",
+                uplink.metric(),
+            ],
+        )?;
+    }
+    if nat {
+        // Random ports: a flushed NAT state gives the client a new external port, as a NAT
+        // rebinding does.
+        let rules = "table ip holdfast_lab_nat {\n\
+             chain post {\n\
+             type nat hook postrouting priority srcnat; policy accept;\n\
+             oifname \"to-dn*\" masquerade random\n\
+             }\n\
+             }\n";
+        let file = net.dir.join(format!("{ap}-nat.nft"));
+        std::fs::write(&file, rules)?;
+        net.exec(&ap, &["nft", "-f", &file.display().to_string()])?;
+    }
+    Ok(())
+}
+
 fn write_node_file(
     root: &Path,
     file: &holdfast_esr_config::File,
@@ -136,6 +206,72 @@ pub struct LabSpec {
     /// Two ESRs (`esr`, `esr2`) sharing the servers' and the DNs' gateway addresses with
     /// keepalived (VRRPv3, esr-config's configuration); needs FRR or BIRD.
     pub esr_pair: bool,
+    /// How clients reach the DNs.
+    pub access: Access,
+    /// The clients' `liveness.keepalive_secs`; `None`: en's default.
+    pub client_keepalive_secs: Option<u64>,
+}
+
+/// How a client's namespace reaches the DNs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// A link of its own to each DN.
+    Direct,
+    /// Through an access router (`apI`) over two uplinks, `wifi` (the default route) and
+    /// `lte` (a second default route, lower priority), as a laptop or a phone has; with
+    /// `nat`, the router masquerades the client behind its own address with random ports
+    /// (nftables), as a home router or a carrier-grade NAT does.
+    Mobile { nat: bool },
+}
+
+/// A mobile client's uplink: its interface, its address and its gateway (the access router).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Uplink {
+    Wifi,
+    Lte,
+}
+
+impl Uplink {
+    pub fn name(self) -> &'static str {
+        match self {
+            Uplink::Wifi => "wifi",
+            Uplink::Lte => "lte",
+        }
+    }
+
+    fn subnet(self) -> u8 {
+        match self {
+            Uplink::Wifi => 16,
+            Uplink::Lte => 17,
+        }
+    }
+
+    /// Client `i`'s address on this uplink.
+    pub fn address(self, i: usize) -> String {
+        format!("172.{}.{i}.10", self.subnet())
+    }
+
+    /// Client `i`'s network on this uplink.
+    pub fn network(self, i: usize) -> String {
+        format!("172.{}.{i}.0/24", self.subnet())
+    }
+
+    pub fn gateway(self, i: usize) -> String {
+        format!("172.{}.{i}.1", self.subnet())
+    }
+
+    /// The route metric: Wi-Fi preferred, as network managers do.
+    pub fn metric(self) -> &'static str {
+        match self {
+            Uplink::Wifi => "600",
+            Uplink::Lte => "700",
+        }
+    }
+}
+
+/// The access router of client `i` (with [`Access::Mobile`]).
+pub fn access_router(i: usize) -> String {
+    format!("ap{i}")
 }
 
 /// How a DN is failed in tests and experiments.
@@ -217,6 +353,8 @@ impl Default for LabSpec {
             pool_prefix: 24,
             lease_lifetime_secs: None,
             esr_pair: false,
+            access: Access::Direct,
+            client_keepalive_secs: None,
         }
     }
 }
@@ -231,6 +369,7 @@ pub struct Lab {
     /// DNs run under `dn-fd`.
     pub supervised: bool,
     fd_args: Vec<String>,
+    client_keepalive_secs: Option<u64>,
 }
 
 /// The EN namespace role and its addresses for client `i` (1-based).
@@ -390,6 +529,10 @@ impl Lab {
         for i in 1..=spec.clients {
             let role = client_role(i);
             net.add(&role)?;
+            if let Access::Mobile { nat } = spec.access {
+                mobile_access(&mut net, i, spec.dns, nat)?;
+                continue;
+            }
             for k in 1..=spec.dns {
                 let ifname = if k == 1 {
                     "to-dn".to_owned()
@@ -481,6 +624,7 @@ impl Lab {
             issued,
             supervised: spec.supervised,
             fd_args: spec.fd_args.clone(),
+            client_keepalive_secs: spec.client_keepalive_secs,
         };
         match spec.routing {
             Routing::Static => {}
@@ -843,6 +987,9 @@ impl Lab {
             ca = self.pki.join("server-ca.pem").display(),
             socket = self.net.dir.join(format!("{role}.sock")).display(),
         );
+        if let Some(secs) = self.client_keepalive_secs {
+            config += &format!("\n[liveness]\nkeepalive_secs = {secs}\n");
+        }
         for k in 1..=self.dns {
             config += &format!(
                 "\n[[dn]]\nname = \"{}\"\nendpoint = \"{}:4433\"\n",
@@ -993,11 +1140,15 @@ impl Lab {
 
 /// The DN (1-based) whose session has `role` and is up, in a client's `en status --json`.
 pub fn role_of(status: &Value, role: &str) -> Option<usize> {
+    // By the DN's name (dnK): the list's order changes when a reload retires a DN.
     status["sessions"]
         .as_array()?
         .iter()
-        .position(|s| s["state"] == "up" && s["role"] == role)
-        .map(|p| p + 1)
+        .find(|s| s["state"] == "up" && s["role"] == role)?["dn"]
+        .as_str()?
+        .strip_prefix("dn")?
+        .parse()
+        .ok()
 }
 
 /// Labs are heavy; even if the test harness runs tests in parallel, build one at a time.

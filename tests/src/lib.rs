@@ -3,8 +3,10 @@
 
 pub mod attack;
 pub mod bench;
+pub mod cases;
 pub mod experiment;
 pub mod lab;
+pub mod mobile;
 pub mod netns;
 pub mod ops;
 pub mod plot;

@@ -240,10 +240,13 @@ pub fn iperf3(
 pub struct Bulk {
     server: String,
     client: std::process::Child,
+    /// When the stream should be over, with a margin: a stalled stream is killed then.
+    deadline: std::time::Instant,
 }
 
-/// Starts an unpaced iperf3 TCP stream of `seconds` between `client_role` and `server_addr` in
-/// `server_role`: from the client, or to it with `download`. [`Bulk::finish`] waits for it.
+/// Starts an iperf3 TCP stream of `seconds` between `client_role` and `server_addr` in
+/// `server_role`: from the client, or to it with `download`; paced to `rate` (iperf3's `-b`,
+/// e.g. "20M") if given. [`Bulk::finish`] waits for it.
 pub fn bulk(
     net: &mut Netns,
     server_role: &str,
@@ -251,6 +254,7 @@ pub fn bulk(
     server_addr: &str,
     seconds: u32,
     download: bool,
+    rate: Option<&str>,
 ) -> Result<Bulk> {
     let server = iperf3_server(net, server_role, server_addr)?;
     let secs = seconds.to_string();
@@ -258,18 +262,31 @@ pub fn bulk(
     if download {
         argv.push("-R");
     }
+    if let Some(rate) = rate {
+        argv.extend(["-b", rate]);
+    }
     let client = net
         .command(client_role, &argv)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .context("cannot start iperf3")?;
-    Ok(Bulk { server, client })
+    let deadline = std::time::Instant::now() + Duration::from_secs(u64::from(seconds) + 15);
+    Ok(Bulk {
+        server,
+        client,
+        deadline,
+    })
 }
 
 impl Bulk {
     /// Waits for the stream to end; the bytes it carried (0 if iperf3 reported none).
-    pub fn finish(self, net: &mut Netns) -> Result<u64> {
+    pub fn finish(mut self, net: &mut Netns) -> Result<u64> {
+        // iperf3 waits forever for the end of a test whose connection died.
+        while self.client.try_wait()?.is_none() && std::time::Instant::now() < self.deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.client.kill();
         let out = self.client.wait_with_output();
         let _ = net.stop(&self.server, libc::SIGTERM);
         let json: serde_json::Value = serde_json::from_slice(&out?.stdout).unwrap_or_default();
@@ -329,7 +346,13 @@ impl Pinger {
 
     /// Interrupts ping; returns (sent, answered), read from its per-reply lines; a last request
     /// still unanswered at the interrupt is not counted.
-    pub fn stop(mut self) -> Result<(u32, u32)> {
+    pub fn stop(self) -> Result<(u32, u32)> {
+        let (sent, answered) = self.stop_with_replies()?;
+        Ok((sent, answered.len() as u32))
+    }
+
+    /// As [`Pinger::stop`], with the sequence numbers answered.
+    pub fn stop_with_replies(mut self) -> Result<(u32, std::collections::BTreeSet<u32>)> {
         // SAFETY: the pid of the ping this struct started (`ip netns exec` execs it).
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
         self.child.wait()?;
@@ -345,7 +368,7 @@ impl Pinger {
         } else {
             sent
         };
-        Ok((sent, answered.len() as u32))
+        Ok((sent, answered))
     }
 }
 

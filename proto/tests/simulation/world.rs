@@ -1424,6 +1424,13 @@ impl World {
                     // The shell wakes the probing task at once.
                     self.poll_prober(en, d);
                 }
+                en::Action::Reprobe(d) => {
+                    let now = self.instant();
+                    if let Some(p) = self.ens[en].probers[d].as_mut() {
+                        p.on_path_change(now);
+                    }
+                    self.poll_prober(en, d);
+                }
                 en::Action::Switch(d) => {
                     if let Some(conn) = self.ens[en].conns[d] {
                         self.send_stream(conn, true, Delivery::ToDn(conn, ToDn::Switch));

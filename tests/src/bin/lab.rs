@@ -7,7 +7,7 @@ use holdfast_lab::experiment::{self, Setup};
 use holdfast_lab::lab::{
     client_role, dn_role, parse_ping, Credential, Failure, Lab, LabSpec, Routing, SERVER,
 };
-use holdfast_lab::{attack, bench, netns, ops, scale, traffic};
+use holdfast_lab::{attack, bench, cases, mobile, netns, ops, scale, traffic};
 use std::path::{Path, PathBuf};
 
 /// Holdfast's lab: the testbed in network namespaces on this machine (needs root).
@@ -120,6 +120,22 @@ enum Command {
     Ops {
         /// Print one JSON object (metrics_ok, drain_lost, esr_failover_lost, download_ok, ...)
         /// instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What a laptop or a phone does to its tunnel, against the real binaries: its address
+    /// and default route move between two uplinks during an upload (roam), it sits behind a
+    /// NAT (nat), the NAT forgets its mapping (nat_rebind), it sleeps for 30 s (suspend). Each
+    /// case builds its own lab: two DNs, FRR, one client behind an access router with a
+    /// `wifi` and an `lte` uplink.
+    ///
+    /// Example: lab mobile --json
+    ///          lab mobile --case roam
+    Mobile {
+        /// Run only this case (repeatable); the cases: roam, nat, nat_rebind, suspend.
+        #[arg(long = "case", value_name = "NAME")]
+        cases: Vec<String>,
+        /// Print one JSON object ({"cases": [{"name", "held", "detail"}]}) instead of the table.
         #[arg(long)]
         json: bool,
     },
@@ -559,18 +575,8 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Attack { cases, json } => {
-            let report = attack::run(&cases, json)?;
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                print!("{}", report.table());
-            }
-            if !report.all_held() {
-                std::process::exit(1);
-            }
-            Ok(())
-        }
+        Command::Mobile { cases, json } => print_cases(&mobile::run(&cases, json)?, json),
+        Command::Attack { cases, json } => print_cases(&attack::run(&cases, json)?, json),
         Command::Bench { seconds, out, json } => {
             finish(&bench::run(seconds)?, json, out.as_deref())
         }
@@ -609,4 +615,17 @@ fn main() -> Result<()> {
             common.out.as_deref(),
         ),
     }
+}
+
+/// Prints a case report; exits with 1 unless every case held.
+fn print_cases(report: &cases::CaseReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    if !report.all_held() {
+        std::process::exit(1);
+    }
+    Ok(())
 }
