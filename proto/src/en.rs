@@ -663,6 +663,7 @@ mod tests {
             mtu: 1400,
             routes: vec![],
             failover: vec![],
+            dns: Default::default(),
         }
     }
 
