@@ -1,7 +1,7 @@
 //! Applies the DNS servers and search domains the cluster pushes with the lease, and takes them
 //! back when the client stops. The one place that knows how Linux configures its resolver:
-//! systemd-resolved over D-Bus (per-link DNS on the TUN device) where it runs, `/etc/resolv.conf`
-//! otherwise. What to write and what to restore is decided in [`holdfast_proto::dns`].
+//! systemd-resolved over D-Bus (per-link DNS on the TUN device) where resolv.conf points at it,
+//! `/etc/resolv.conf` itself otherwise. What to write and what to restore is decided in [`holdfast_proto::dns`].
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -124,12 +124,15 @@ impl Resolver {
     }
 
     async fn apply(&self, link: u32, dns: &DnsSettings) -> Result<Applied> {
-        let bus = resolved_bus().await;
         let kind = match std::fs::read_link(RESOLV_CONF) {
             Ok(target) if target.to_string_lossy().contains("run/systemd/resolve/") => {
                 ResolvConfKind::ResolvedLink
             }
             _ => ResolvConfKind::Plain,
+        };
+        let bus = match kind {
+            ResolvConfKind::ResolvedLink => resolved_bus().await,
+            ResolvConfKind::Plain => None,
         };
         let via = match (choose_backend(bus.is_some(), kind), bus) {
             (Backend::Resolved, Some(bus)) => {

@@ -169,14 +169,17 @@ pub enum Backend {
     None(&'static str),
 }
 
-/// Chooses the backend: systemd-resolved whenever it runs; otherwise resolv.conf, unless that
-/// is resolved's own file (then the stub address in it answers nothing while resolved is
-/// stopped, and anything written there is replaced when it starts: not ours to edit).
+/// Chooses the backend. systemd-resolved only where resolv.conf points at it: only then do
+/// this system's look-ups go through it (a plain file wins otherwise, and a process in another
+/// network namespace, as under `ip netns exec`, reaches the host's resolved over D-Bus, which
+/// knows nothing of its links). Where resolv.conf is resolved's but resolved is stopped, the
+/// stub address in it answers nothing and whatever is written there is replaced when resolved
+/// starts: not ours to edit.
 pub fn choose_backend(resolved_running: bool, kind: ResolvConfKind) -> Backend {
-    match (resolved_running, kind) {
-        (true, _) => Backend::Resolved,
-        (false, ResolvConfKind::Plain) => Backend::ResolvConf,
-        (false, ResolvConfKind::ResolvedLink) => Backend::None(
+    match (kind, resolved_running) {
+        (ResolvConfKind::Plain, _) => Backend::ResolvConf,
+        (ResolvConfKind::ResolvedLink, true) => Backend::Resolved,
+        (ResolvConfKind::ResolvedLink, false) => Backend::None(
             "/etc/resolv.conf belongs to systemd-resolved (a symlink into /run/systemd/resolve), \
              which is not running: start systemd-resolved, or make /etc/resolv.conf a file",
         ),
@@ -263,14 +266,14 @@ mod tests {
     }
 
     #[test]
-    fn resolved_wins_and_its_own_file_is_left_alone_while_it_is_stopped() {
+    fn resolved_serves_where_resolv_conf_is_its_and_is_left_alone_while_stopped() {
         assert_eq!(
             choose_backend(true, ResolvConfKind::ResolvedLink),
             Backend::Resolved
         );
         assert_eq!(
             choose_backend(true, ResolvConfKind::Plain),
-            Backend::Resolved
+            Backend::ResolvConf
         );
         assert_eq!(
             choose_backend(false, ResolvConfKind::Plain),

@@ -5,6 +5,7 @@ pub mod attack;
 pub mod bench;
 pub mod experiment;
 pub mod lab;
+pub mod mobile_dns;
 pub mod netns;
 pub mod ops;
 pub mod plot;
