@@ -83,3 +83,47 @@ fn dn_endpoints_may_be_host_names() {
         Ok(())
     });
 }
+
+#[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
+fn a_killed_clients_resolv_conf_is_restored_at_its_next_start() {
+    if mobile_dns::dnsmasq().is_none() {
+        eprintln!("skipped: this test needs dnsmasq (scripts/install-deps.sh)");
+        return;
+    }
+    with_lab(mobile_dns::spec(), |lab| {
+        let role = client_role(1);
+        let file = lab
+            .net
+            .etc_file(&role, "resolv.conf", mobile_dns::ORIGINAL)?;
+        let pushed = || {
+            std::fs::read_to_string(&file)
+                .is_ok_and(|t| t.contains(&format!("nameserver {SERVER}")))
+        };
+        lab.start_client(1, &Credential::Issued("client1".into()))?;
+        wait_until(UP, "the pushed DNS in resolv.conf", pushed)?;
+        // Killed: no chance to restore anything.
+        lab.net.stop(&role, libc::SIGKILL)?;
+        ensure!(pushed(), "resolv.conf changed without en");
+        // The next start restores the backup before it applies the cluster's DNS again, so
+        // that what it restores at its own exit is the original, not the killed client's file.
+        lab.start_client(1, &Credential::Issued("client1".into()))?;
+        let log = lab.net.log_path(&role);
+        wait_until(UP, "the second en to restore the backup", || {
+            std::fs::read_to_string(&log)
+                .is_ok_and(|l| l.contains("did not stop cleanly: restoring"))
+        })?;
+        lab.wait_address(1, UP)?;
+        wait_until(UP, "the pushed DNS in resolv.conf again", pushed)?;
+        lab.net.stop(&role, libc::SIGTERM)?;
+        let now = std::fs::read_to_string(&file)?;
+        ensure!(
+            now == mobile_dns::ORIGINAL,
+            "resolv.conf after the second en: {now:?}"
+        );
+        Ok(())
+    });
+}
