@@ -3,7 +3,9 @@
 # With arguments, installs those packages instead (docker/test.sh: podman, runc, debootstrap, ...).
 set -euo pipefail
 # systemd for systemd-analyze (scripts/test-install.sh); docker/test.sh installs what it needs itself.
-packages=(iproute2 iputils-ping iperf3 wireguard-go wireguard-tools curl python3 procps frr bird2 keepalived systemd nftables conntrack)
+# dnsmasq-base: the DNS server of the lab's DNS case, without the package that would start one
+# on the host; nftables and conntrack: the NAT of the lab's mobile cases.
+packages=(iproute2 iputils-ping iperf3 wireguard-go wireguard-tools curl python3 procps frr bird2 keepalived systemd dnsmasq-base nftables conntrack)
 (($#)) && packages=("$@")
 missing=()
 for p in "${packages[@]}"; do

@@ -33,7 +33,8 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
-use crate::config::{DnEndpoint, EnConfig};
+use crate::config::{DnEndpoint, EnConfig, Endpoint};
+use crate::resolver::Resolver;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the TUN MTU is re-derived from the primary session's path MTU: often while path
@@ -73,6 +74,9 @@ enum Report {
     Renewed(usize, u64, Box<Lease>),
     /// The DN is being drained (`true`) or back in service.
     Drain(usize, u64, bool),
+    /// The DN's host name was looked up: the driver keeps its endpoint out of the tunnel,
+    /// then answers, and the handshake starts.
+    Resolved(usize, u64, SocketAddr, tokio::sync::oneshot::Sender<()>),
 }
 
 /// The control stream, kept open for the session's life.
@@ -144,6 +148,8 @@ struct Slot {
     connects: u64,
     /// Unix seconds when the session last came up.
     up_since: Option<u64>,
+    /// The address a host-name endpoint last resolved to.
+    resolved: Option<SocketAddr>,
 }
 
 struct Shared {
@@ -254,7 +260,8 @@ struct Exemption {
 /// Prometheus metrics, if anywhere.
 pub async fn run(config: EnConfig, path: PathBuf, metrics: Option<SocketAddr>) -> Result<()> {
     let tls = tls::client_config(&config.cert, &config.key, &config.server_ca)?;
-    let bind: SocketAddr = if config.dns.iter().all(|d| d.endpoint.is_ipv4()) {
+    // A host name may resolve to either family.
+    let bind: SocketAddr = if config.dns.iter().all(|d| d.endpoint.is_ipv4_addr()) {
         "0.0.0.0:0".parse()?
     } else {
         "[::]:0".parse()?
@@ -283,6 +290,8 @@ pub async fn run(config: EnConfig, path: PathBuf, metrics: Option<SocketAddr>) -
         None => None,
     };
     info!(control = %config.control_socket.display(), dns = config.dns.len(), "en starting");
+    let resolver = Resolver::new(config.dns_mode, &config.control_socket);
+    resolver.recover();
 
     let mut driver = Driver {
         machine: Machine::new(
@@ -297,6 +306,7 @@ pub async fn run(config: EnConfig, path: PathBuf, metrics: Option<SocketAddr>) -
         endpoint: endpoint.clone(),
         routes: &routes,
         tunnel: None,
+        resolver,
         primary_since: Instant::now(),
         previous_primary_for: Duration::ZERO,
         mtu_check_at: Instant::now() + MTU_CHECK,
@@ -314,6 +324,7 @@ pub async fn run(config: EnConfig, path: PathBuf, metrics: Option<SocketAddr>) -
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    driver.resolver.remove().await;
     if let Some(t) = &driver.tunnel {
         for net in t.exemptions.iter().map(|e| e.host) {
             if let Err(e) = routes.delete(net, None, None).await {
@@ -339,6 +350,8 @@ struct Driver<'a> {
     endpoint: quinn::Endpoint,
     routes: &'a Routes,
     tunnel: Option<Tunnel>,
+    /// The DNS settings of the lease, applied to the system while the tunnel is up.
+    resolver: Resolver,
     /// When the primary last changed (path MTU discovery starts over).
     primary_since: Instant,
     /// How long the previous primary carried the traffic (for the log line of going home).
@@ -384,6 +397,14 @@ impl Driver<'_> {
             tokio::select! {
                 report = self.reports.1.recv() => {
                     let Some(report) = report else { return Err(anyhow!("session reports ended")) };
+                    let report = match report {
+                        Report::Resolved(dn, generation, addr, done) => {
+                            self.resolved(dn, generation, addr).await;
+                            let _ = done.send(());
+                            continue;
+                        }
+                        other => other,
+                    };
                     if let Some(event) = self.accept(report) {
                         let actions = self.machine.handle(event, Instant::now());
                         self.perform(actions).await?;
@@ -430,9 +451,27 @@ impl Driver<'_> {
             a.port() == u.remote.port() && a.ip().to_canonical() == u.remote.ip().to_canonical()
         };
         // The newest entry: a DN retired for a changed name keeps its endpoint.
-        let dn = self.dns.iter().rposition(|d| same(d.endpoint))?;
+        let dn = (0..self.dns.len())
+            .rev()
+            .find(|&i| self.address(i).is_some_and(same))?;
         debug!(dn = %self.dns[dn].name, "ICMP port unreachable from the DN");
         Some(Event::Unreachable(dn))
+    }
+
+    /// Where DN `dn` is: its configured address, or what its host name last resolved to.
+    fn address(&self, dn: usize) -> Option<SocketAddr> {
+        self.dns[dn].endpoint.addr().or(self.slots[dn].resolved)
+    }
+
+    /// DN `dn`'s host name resolved to `addr` (a new address): keep it outside a full tunnel,
+    /// and drop the exemption of the old one.
+    async fn resolved(&mut self, dn: usize, generation: u64, addr: SocketAddr) {
+        if self.slots.get(dn).map(|s| s.generation) != Some(generation) {
+            return;
+        }
+        info!(dn = %self.dns[dn].name, endpoint = %self.dns[dn].endpoint, %addr, "DN host name resolved");
+        self.slots[dn].resolved = Some(addr);
+        self.sync_exemptions().await;
     }
 
     /// Turns a session report into a machine event, dropping reports about connections that
@@ -446,7 +485,8 @@ impl Driver<'_> {
             | Report::HomeIsBack(d, g)
             | Report::PeerDown(d, g, _)
             | Report::Renewed(d, g, _)
-            | Report::Drain(d, g, _) => (*d, *g),
+            | Report::Drain(d, g, _)
+            | Report::Resolved(d, g, ..) => (*d, *g),
         };
         if self.slots.get(dn)?.generation != generation {
             return None;
@@ -504,6 +544,8 @@ impl Driver<'_> {
                 debug!(dn = %name, expires_at = lease.ticket.claim.expires_at, "lease renewed");
                 Event::Leased(dn, lease)
             }
+            // Taken by the run loop before it gets here.
+            Report::Resolved(..) => return None,
             Report::PeerDown(_, _, dead) => {
                 let Some(index) = self.machine.dn_named(&dead) else {
                     debug!(dn = %name, %dead, "the DN reports a DN this client does not know");
@@ -644,11 +686,33 @@ impl Driver<'_> {
         let slot = &mut self.slots[dn];
         slot.generation += 1;
         let generation = slot.generation;
+        let last = slot.resolved;
         let target = self.dns[dn].clone();
         let endpoint = self.endpoint.clone();
         let tx = self.reports.0.clone();
         tokio::spawn(async move {
-            let report = match handshake(&endpoint, &target).await {
+            let ipv4_only = endpoint.local_addr().map(|a| a.is_ipv4()).unwrap_or(false);
+            let addr = match &target.endpoint {
+                Endpoint::Addr(a) => Ok(*a),
+                Endpoint::Name { host, port } => {
+                    let found = resolve(host, *port, ipv4_only, last).await;
+                    match found {
+                        Ok(a) if Some(a) != last => {
+                            // Wait until the driver has kept the new address out of the tunnel.
+                            let (done, wait) = tokio::sync::oneshot::channel();
+                            let _ = tx.send(Report::Resolved(dn, generation, a, done));
+                            let _ = tokio::time::timeout(CONNECT_TIMEOUT, wait).await;
+                            Ok(a)
+                        }
+                        other => other,
+                    }
+                }
+            };
+            let connected = match addr {
+                Ok(addr) => handshake(&endpoint, &target, addr).await,
+                Err(e) => Err(e),
+            };
+            let report = match connected {
                 Ok(conn) => Report::Connected(dn, generation, conn),
                 Err(e) => Report::Lost(dn, generation, Loss::ConnectFailed(format!("{e:#}"))),
             };
@@ -751,6 +815,8 @@ impl Driver<'_> {
                     .with_context(|| format!("cannot move {} to {address}", t.dev.name()))?;
                 t.address = address;
             }
+            let link = t.dev.index()?;
+            self.resolver.follow(link, &lease.dns).await;
             return Ok(());
         }
         let mtu = self
@@ -784,6 +850,7 @@ impl Driver<'_> {
             }
         }
         info!(tun = %tun_name, %address, mtu, ?routes, "tunnel configured");
+        self.resolver.follow(index, &lease.dns).await;
         tokio::spawn(tun_to_session(self.shared.clone(), dev.clone()));
         self.shared.tun.send_replace(Some(dev));
         Ok(())
@@ -854,6 +921,9 @@ impl Driver<'_> {
         if new.liveness != old.liveness {
             restart.push("[liveness]");
         }
+        if new.dns_mode != old.dns_mode {
+            restart.push("dns");
+        }
         if !restart.is_empty() {
             bail!(
                 "{} changed, which needs a restart of en (live: [[dn]], cert, key, server_ca)",
@@ -861,9 +931,13 @@ impl Driver<'_> {
             );
         }
         let ipv4_only = self.endpoint.local_addr()?.is_ipv4();
-        if let Some(dn) = new.dns.iter().find(|d| ipv4_only && d.endpoint.is_ipv6()) {
+        if let Some(dn) = new
+            .dns
+            .iter()
+            .find(|d| ipv4_only && !d.endpoint.is_ipv4_addr())
+        {
             bail!(
-                "dn {}: an IPv6 endpoint needs a restart of en (it started with IPv4 DNs only)",
+                "dn {}: an IPv6 or host-name endpoint needs a restart of en (it started with IPv4 DNs only)",
                 dn.name
             );
         }
@@ -885,7 +959,7 @@ impl Driver<'_> {
         };
         let mut wanted: Vec<IpNet> = (0..self.dns.len())
             .filter(|&i| self.machine.state(i) != Some(&SessionState::Retired))
-            .map(|i| self.dns[i].endpoint.ip())
+            .filter_map(|i| self.address(i).map(|a| a.ip()))
             .filter(|ip| routes.iter().any(|r| r.contains(ip)))
             .map(IpNet::from)
             .collect();
@@ -951,10 +1025,11 @@ impl Driver<'_> {
     async fn current_paths(&self) -> Vec<(usize, Option<Path>)> {
         let mut out = Vec::new();
         for dn in self.machine.configured() {
-            out.push((
-                dn,
-                self.routes.lookup(self.dns[dn].endpoint.ip()).await.ok(),
-            ));
+            let path = match self.address(dn) {
+                Some(a) => self.routes.lookup(a.ip()).await.ok(),
+                None => None,
+            };
+            out.push((dn, path));
         }
         out
     }
@@ -1023,7 +1098,8 @@ impl Driver<'_> {
                 let slot = &self.slots[i];
                 serde_json::json!({
                     "dn": dn.name,
-                    "endpoint": dn.endpoint,
+                    "endpoint": dn.endpoint.to_string(),
+                    "address": self.address(i),
                     "state": state,
                     "role": role,
                     "retired": self.machine.is_retired(i),
@@ -1041,6 +1117,7 @@ impl Driver<'_> {
             "lease_expires_at": lease.map(|l| l.ticket.claim.expires_at),
             "tun": self.shared.config.tun,
             "mtu": self.tunnel.as_ref().map(|t| t.mtu),
+            "dns": self.resolver.status(),
             "sessions": sessions,
         });
         let conns = shown
@@ -1061,9 +1138,47 @@ impl Driver<'_> {
     }
 }
 
-async fn handshake(endpoint: &quinn::Endpoint, dn: &DnEndpoint) -> Result<quinn::Connection> {
+/// Looks up a DN's host name (at each connection attempt: its address may move). A failed
+/// look-up falls back on the address found last, if any: a full tunnel whose DNS servers sit
+/// behind the DNs cannot look anything up while no DN is reachable.
+async fn resolve(
+    host: &str,
+    port: u16,
+    ipv4_only: bool,
+    last: Option<SocketAddr>,
+) -> Result<SocketAddr> {
+    let found =
+        match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::lookup_host((host, port))).await {
+            Ok(Ok(addrs)) => addrs
+                .into_iter()
+                .find(|a| !ipv4_only || a.is_ipv4())
+                .ok_or_else(|| {
+                    anyhow!(if ipv4_only {
+                        "no IPv4 address"
+                    } else {
+                        "no address"
+                    })
+                }),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(anyhow!("no answer within {CONNECT_TIMEOUT:?}")),
+        };
+    match (found, last) {
+        (Ok(a), _) => Ok(a),
+        (Err(e), Some(last)) => {
+            warn!(%host, error = %format!("{e:#}"), %last, "cannot resolve the DN's host name: trying its last address");
+            Ok(last)
+        }
+        (Err(e), None) => Err(e.context(format!("cannot resolve {host}"))),
+    }
+}
+
+async fn handshake(
+    endpoint: &quinn::Endpoint,
+    dn: &DnEndpoint,
+    addr: SocketAddr,
+) -> Result<quinn::Connection> {
     let connecting = endpoint
-        .connect(dn.endpoint, &dn.server_name)
+        .connect(addr, &dn.server_name)
         .with_context(|| format!("cannot start a connection to {}", dn.endpoint))?;
     tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await

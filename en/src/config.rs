@@ -23,7 +23,21 @@ struct Raw {
     #[serde(default)]
     liveness: RawLiveness,
     #[serde(default)]
+    dns: DnsMode,
+    #[serde(default)]
     dn: Vec<RawDn>,
+}
+
+/// `dns`: whether the client applies the DNS servers and search domains the cluster pushes
+/// with the lease.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DnsMode {
+    /// Apply them while the tunnel is up (systemd-resolved, or /etc/resolv.conf).
+    #[default]
+    On,
+    /// Leave the system's DNS alone.
+    Off,
 }
 
 /// `[liveness]`: how the client checks its own path to each DN. The cluster's failure detector
@@ -56,6 +70,8 @@ pub struct EnConfig {
     pub control_socket: PathBuf,
     /// How each session is probed.
     pub liveness: ProbeConfig,
+    /// Whether pushed DNS settings are applied.
+    pub dns_mode: DnsMode,
     pub dns: Vec<DnEndpoint>,
 }
 
@@ -118,9 +134,69 @@ fn liveness(raw: RawLiveness) -> Result<ProbeConfig> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DnEndpoint {
     pub name: String,
-    pub endpoint: SocketAddr,
+    pub endpoint: Endpoint,
     /// The name the DN's certificate must carry.
     pub server_name: String,
+}
+
+/// Where a DN is reached: an address, or a host name looked up at each connection attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Addr(SocketAddr),
+    Name { host: String, port: u16 },
+}
+
+impl Endpoint {
+    /// `192.0.2.1:4433`, `[2001:db8::1]:4433`, `dn1.example.net:4433`, or any of them without
+    /// the port (then the default port).
+    pub fn parse(text: &str) -> Result<Self> {
+        let port = holdfast_proto::cluster::DEFAULT_PORT;
+        if let Ok(addr) = text.parse() {
+            return Ok(Self::Addr(addr));
+        }
+        if let Ok(ip) = text.parse::<std::net::IpAddr>() {
+            return Ok(Self::Addr(SocketAddr::new(ip, port)));
+        }
+        let (host, port) = match text.rsplit_once(':') {
+            Some((host, p)) => (
+                host,
+                p.parse::<u16>()
+                    .ok()
+                    .filter(|&p| p != 0)
+                    .ok_or_else(|| anyhow!("{p:?} is not a port"))?,
+            ),
+            None => (text, port),
+        };
+        holdfast_proto::dns::check_domain(host).map_err(|e| {
+            anyhow!("{e}; an endpoint is an address like 192.0.2.1:4433 or a host name like dn1.example.net:4433")
+        })?;
+        Ok(Self::Name {
+            host: host.to_owned(),
+            port,
+        })
+    }
+
+    /// The address, if the endpoint is one (no look-up needed).
+    pub fn addr(&self) -> Option<SocketAddr> {
+        match self {
+            Self::Addr(a) => Some(*a),
+            Self::Name { .. } => None,
+        }
+    }
+
+    /// An IPv4 address: a client whose DNs all have one needs no IPv6 socket.
+    pub fn is_ipv4_addr(&self) -> bool {
+        self.addr().is_some_and(|a| a.is_ipv4())
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Addr(a) => a.fmt(f),
+            Self::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
 }
 
 impl EnConfig {
@@ -140,17 +216,8 @@ impl EnConfig {
         let mut dns = Vec::new();
         for (i, d) in raw.dn.into_iter().enumerate() {
             holdfast_proto::cluster::check_name(&format!("dn[{i}].name"), &d.name)?;
-            let endpoint = d.endpoint.parse().or_else(|_| {
-                d.endpoint
-                    .parse::<std::net::IpAddr>()
-                    .map(|ip| SocketAddr::new(ip, holdfast_proto::cluster::DEFAULT_PORT))
-            });
-            let endpoint = endpoint.map_err(|_| {
-                anyhow!(
-                    "dn[{i}].endpoint: {:?} is not an address like 192.0.2.1:4433",
-                    d.endpoint
-                )
-            })?;
+            let endpoint = Endpoint::parse(&d.endpoint)
+                .with_context(|| format!("dn[{i}].endpoint: {:?}", d.endpoint))?;
             let server_name = d.server_name.unwrap_or_else(|| d.name.clone());
             dns.push(DnEndpoint {
                 name: d.name,
@@ -172,6 +239,7 @@ impl EnConfig {
                 .map(resolve)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL)),
             liveness: liveness(raw.liveness)?,
+            dns_mode: raw.dns,
             dns,
         })
     }
@@ -218,6 +286,42 @@ mod tests {
     }
 
     #[test]
+    fn endpoints_are_addresses_or_host_names() {
+        let ok = |t: &str| Endpoint::parse(t).unwrap().to_string();
+        assert_eq!(ok("192.0.2.1"), "192.0.2.1:4433");
+        assert_eq!(ok("[2001:db8::1]:5000"), "[2001:db8::1]:5000");
+        assert_eq!(ok("2001:db8::1"), "[2001:db8::1]:4433");
+        assert_eq!(ok("dn1.example.net"), "dn1.example.net:4433");
+        assert_eq!(ok("dn1.example.net:5000"), "dn1.example.net:5000");
+        assert!(Endpoint::parse("dn1.example.net:5000")
+            .unwrap()
+            .addr()
+            .is_none());
+        assert!(Endpoint::parse("192.0.2.1:1").unwrap().is_ipv4_addr());
+        assert!(!Endpoint::parse("dn1").unwrap().is_ipv4_addr());
+        for bad in [
+            "",
+            "dn1.example.net:0",
+            "dn1.example.net:x",
+            "dn 1",
+            "a:b:c",
+            "dn1.:4433",
+        ] {
+            assert!(Endpoint::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn dns_is_on_unless_turned_off() {
+        let head = "cert = \"a\"\nkey = \"b\"\nserver_ca = \"c\"\n";
+        let dn = "[[dn]]\nname = \"dn1\"\nendpoint = \"dn1.example.net\"\n";
+        let parse = |t: &str| EnConfig::parse(&format!("{head}{t}{dn}"), Path::new("/"));
+        assert_eq!(parse("").unwrap().dns_mode, DnsMode::On);
+        assert_eq!(parse("dns = \"off\"\n").unwrap().dns_mode, DnsMode::Off);
+        assert!(format!("{:#}", parse("dns = \"maybe\"\n").unwrap_err()).contains("dns"));
+    }
+
+    #[test]
     fn the_documented_example_is_valid() {
         let text = include_str!("../../examples/en.toml");
         let c = EnConfig::parse(text, Path::new("/etc/holdfast")).unwrap();
@@ -231,7 +335,7 @@ mod tests {
         let err = |t: &str| format!("{:#}", EnConfig::parse(t, base).unwrap_err());
         assert!(err(head).contains("dn:"));
         assert!(err(&format!(
-            "{head}[[dn]]\nname = \"x\"\nendpoint = \"nope\"\n"
+            "{head}[[dn]]\nname = \"x\"\nendpoint = \"no pe\"\n"
         ))
         .contains("dn[0].endpoint"));
         assert!(err(&format!("{head}colour = 1\n")).contains("unknown field"));

@@ -10,8 +10,10 @@ use holdfast_en::config::EnConfig;
 /// Look at it:         en --config /etc/holdfast/en.toml status [--json]
 ///
 /// `up` runs in the foreground (use your service manager to keep it running) and needs root or
-/// CAP_NET_ADMIN to create its TUN device. Stop it with Ctrl-C or SIGTERM. SIGHUP reads the
-/// configuration again and applies a changed [[dn]] list (and certificate files); any other
+/// CAP_NET_ADMIN to create its TUN device. It applies the DNS servers and search domains the
+/// cluster pushes (systemd-resolved on the TUN device, or /etc/resolv.conf) unless en.toml
+/// says dns = "off", and takes them back when it stops. Stop it with Ctrl-C or SIGTERM.
+/// SIGHUP reads the configuration again and applies a changed [[dn]] list (and certificate files); any other
 /// change needs a restart and is refused with a message in the log.
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
@@ -60,6 +62,7 @@ fn print_status(s: &serde_json::Value) {
         t["dropped_no_session"],
         t["dropped_too_big"]
     );
+    print_dns(&s["dns"]);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -92,6 +95,33 @@ fn print_status(s: &serde_json::Value) {
                 x["role"].as_str().unwrap_or("?"),
             );
         }
+    }
+}
+
+/// One line: the DNS servers applied from the lease, and how (or why not).
+fn print_dns(d: &serde_json::Value) {
+    let list = |k: &str| {
+        d[k].as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default()
+    };
+    if d["mode"] == "off" {
+        println!("dns off (en.toml): the cluster's DNS settings are not applied");
+    } else if let Some(error) = d["error"].as_str() {
+        println!("dns not applied: {error}");
+    } else if let Some(via) = d["via"].as_str() {
+        let search = match list("search") {
+            s if s.is_empty() => String::new(),
+            s => format!("  search {s}"),
+        };
+        println!("dns {}{search}  via {via}", list("servers"));
+    } else {
+        println!("dns none pushed by the cluster");
     }
 }
 

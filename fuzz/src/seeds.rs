@@ -7,6 +7,7 @@ use std::net::Ipv6Addr;
 
 use holdfast_proto::control::{Lease, Message, RefuseCode, MAX_FAILOVER, MAX_REASON};
 use holdfast_proto::dn::LeaseRecord;
+use holdfast_proto::dns::{DnsSettings, MAX_DOMAIN, MAX_SEARCH};
 use holdfast_proto::fd::LocalMessage;
 use holdfast_proto::lease::{LeaseClaim, LeaseTicket};
 use holdfast_proto::peer::{Notice, PeerNotice};
@@ -30,6 +31,14 @@ fn ticket(issuer: &str, address: &str, block: &str) -> LeaseTicket {
         expires_at: NOW + 3600,
     }
     .sign(cluster().key_for(issuer))
+}
+
+/// A domain name of the greatest length a lease carries, different for each `i` below 10.
+fn longest_domain(i: usize) -> String {
+    let label = |n: usize| "a".repeat(n);
+    let name = format!("{i}{}.{}.{}.{}", label(62), label(63), label(63), label(61));
+    debug_assert_eq!(name.len(), MAX_DOMAIN);
+    name
 }
 
 fn frames(msgs: &[Message]) -> Vec<u8> {
@@ -76,6 +85,7 @@ pub fn all() -> Vec<Seed> {
         mtu: 1380,
         routes: vec!["10.0.0.0/8".parse().unwrap(), "fd01::/64".parse().unwrap()],
         failover: vec!["dn2".into(), "dn3".into()],
+        dns: DnsSettings::default(),
     };
     let alive = PeerNotice {
         from: "dn1".into(),
@@ -143,13 +153,32 @@ pub fn all() -> Vec<Seed> {
             frames(&[
                 Message::Leased(Lease {
                     failover: (0..MAX_FAILOVER).map(|i| format!("dn{i}")).collect(),
-                    ..lease
+                    dns: DnsSettings {
+                        servers: vec![
+                            "10.0.2.53".parse().unwrap(),
+                            "fd00::53".parse().unwrap(),
+                            "10.0.3.53".parse().unwrap(),
+                        ],
+                        search: (0..MAX_SEARCH).map(longest_domain).collect(),
+                    },
+                    ..lease.clone()
                 }),
                 Message::Refused {
                     code: RefuseCode::PoolExhausted,
                     reason: "é".repeat(MAX_REASON / 2),
                 },
             ]),
+        ),
+        (
+            "control",
+            "leased-dns",
+            frames(&[Message::Leased(Lease {
+                dns: DnsSettings {
+                    servers: vec!["10.0.2.53".parse().unwrap()],
+                    search: vec!["corp.example".into()],
+                },
+                ..lease.clone()
+            })]),
         ),
         (
             "control",

@@ -15,6 +15,7 @@ use ed25519_dalek::VerifyingKey;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use crate::dns::{check_domain, check_server, DnsSettings, MAX_SEARCH, MAX_SERVERS};
 use crate::lease::{parse_public_key, IssuerKeys};
 use crate::plan::{first_overlap, PoolPlan};
 use crate::routes::Metrics;
@@ -113,6 +114,10 @@ struct RawDn {
     mtu: Option<u16>,
     router_id: Option<String>,
     ospf_interface: Option<String>,
+    #[serde(default)]
+    dns_servers: Vec<String>,
+    #[serde(default)]
+    dns_search: Vec<String>,
 }
 
 /// The routing plane: OSPF between the DNs and the edge service routers.
@@ -261,6 +266,8 @@ pub struct DnSpec {
     pub router_id: Option<std::net::Ipv4Addr>,
     /// The interface on the cluster network (default "eth0").
     pub ospf_interface: String,
+    /// DNS servers and search domains pushed to the clients whose address is in this pool.
+    pub dns: DnsSettings,
 }
 
 /// What is wrong with a cluster description, and where.
@@ -405,6 +412,50 @@ fn parse_socket(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
                 format!("{text:?} is not an address like 192.0.2.1:4433 or [2001:db8::1]:4433"),
             )
         })
+}
+
+/// `dns_servers` and `dns_search` of `dn[i]`.
+fn parse_dns(i: usize, d: &RawDn) -> Result<DnsSettings, ConfigError> {
+    let key = |field: &str| format!("dn[{i}].{field}");
+    if d.dns_servers.len() > MAX_SERVERS {
+        return Err(invalid(
+            key("dns_servers"),
+            format!(
+                "{} servers, at most {MAX_SERVERS} (the C library ignores more)",
+                d.dns_servers.len()
+            ),
+        ));
+    }
+    if d.dns_search.len() > MAX_SEARCH {
+        return Err(invalid(
+            key("dns_search"),
+            format!("{} domains, at most {MAX_SEARCH}", d.dns_search.len()),
+        ));
+    }
+    let mut dns = DnsSettings::default();
+    for (j, text) in d.dns_servers.iter().enumerate() {
+        let key = key(&format!("dns_servers[{j}]"));
+        let ip: std::net::IpAddr = text.parse().map_err(|_| {
+            invalid(
+                &key,
+                format!("{text:?} is not an IP address like 10.0.2.53"),
+            )
+        })?;
+        check_server(ip).map_err(|e| invalid(&key, e))?;
+        if dns.servers.contains(&ip) {
+            return Err(invalid(key, format!("{ip} is listed twice")));
+        }
+        dns.servers.push(ip);
+    }
+    for (j, name) in d.dns_search.iter().enumerate() {
+        let key = key(&format!("dns_search[{j}]"));
+        check_domain(name).map_err(|e| invalid(&key, e))?;
+        if dns.search.iter().any(|o| o.eq_ignore_ascii_case(name)) {
+            return Err(invalid(key, format!("{name:?} is listed twice")));
+        }
+        dns.search.push(name.clone());
+    }
+    Ok(dns)
 }
 
 fn parse_ospf(
@@ -691,6 +742,7 @@ impl Cluster {
                 .clone()
                 .unwrap_or_else(|| DEFAULT_OSPF_INTERFACE.into());
             check_interface(&key("ospf_interface"), &ospf_interface)?;
+            let dns_settings = parse_dns(i, d)?;
             dns.push(DnSpec {
                 name: d.name.clone(),
                 endpoint,
@@ -707,6 +759,7 @@ impl Cluster {
                 mtu,
                 router_id,
                 ospf_interface,
+                dns: dns_settings,
             });
         }
         let ospf = raw
@@ -749,6 +802,16 @@ impl Cluster {
                     .filter(|n| n != issuer && Some(n) != backup.as_ref()),
             )
             .collect()
+    }
+
+    /// The DNS settings for a client at `address`: those of the pool it belongs to, whichever
+    /// DN carries the client (a backup hands out its owner's settings). None outside every pool.
+    pub fn dns_for(&self, address: std::net::IpAddr) -> DnsSettings {
+        self.dns
+            .iter()
+            .find(|d| d.plan.pool.contains(&address))
+            .map(|d| d.dns.clone())
+            .unwrap_or_default()
     }
 
     pub fn dn(&self, name: &str) -> Option<&DnSpec> {
@@ -1006,6 +1069,51 @@ mod tests {
             "cluster.toml:10: dn[0].mtu: 100 is outside 1280..=9000"
         );
         assert!(err(&cluster("")).starts_with("cluster.toml:1: dn: the cluster needs"));
+    }
+
+    #[test]
+    fn dns_settings_are_per_pool_and_checked() {
+        let base = cluster(&(dn("dn1", "10.200.0.0/24") + &dn("dn2", "10.201.0.0/24")));
+        let c = Cluster::parse(&base, Path::new("/")).unwrap();
+        assert!(c.dn("dn1").unwrap().dns.is_empty());
+        // dn[1]'s keys go at its end, line 16 on.
+        let with = |extra: &str| format!("{base}{extra}");
+        let c = Cluster::parse(
+            &with("dns_servers = [\"10.0.2.53\", \"fd00::53\"]\ndns_search = [\"corp.example\"]\n"),
+            Path::new("/"),
+        )
+        .unwrap();
+        let d = &c.dn("dn2").unwrap().dns;
+        assert_eq!(d.servers.len(), 2);
+        assert_eq!(d.search, ["corp.example"]);
+        assert_eq!(c.dns_for("10.201.0.9".parse().unwrap()), *d);
+        assert!(c.dns_for("10.200.0.9".parse().unwrap()).is_empty());
+        assert!(c.dns_for("192.0.2.1".parse().unwrap()).is_empty());
+        assert_eq!(
+            err(&with("dns_servers = [\"10.0.2.300\"]\n")),
+            "cluster.toml:16: dn[1].dns_servers[0]: \"10.0.2.300\" is not an IP address like 10.0.2.53"
+        );
+        assert_eq!(
+            err(&with(
+                "dns_servers = [\"1.1.1.1\", \"1.1.1.2\", \"1.1.1.3\", \"1.1.1.4\"]\n"
+            )),
+            "cluster.toml:16: dn[1].dns_servers: 4 servers, at most 3 (the C library ignores more)"
+        );
+        assert_eq!(
+            err(&with("dns_servers = [\"10.0.2.53\", \"10.0.2.53\"]\n")),
+            "cluster.toml:16: dn[1].dns_servers[1]: 10.0.2.53 is listed twice"
+        );
+        assert!(err(&with("dns_servers = [\"0.0.0.0\"]\n"))
+            .starts_with("cluster.toml:16: dn[1].dns_servers[0]: 0.0.0.0 cannot be"));
+        assert!(
+            err(&with("dns_search = [\"ok.example\", \"bad domain\"]\n")).starts_with(
+                "cluster.toml:16: dn[1].dns_search[1]: \"bad domain\" is not a domain name"
+            )
+        );
+        assert!(err(&with(
+            "dns_search = [\"a\", \"b\", \"c\", \"d\", \"e\", \"f\", \"g\"]\n"
+        ))
+        .starts_with("cluster.toml:16: dn[1].dns_search: 7 domains, at most 6"));
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+use crate::dns::{DnsSettings, MAX_SEARCH, MAX_SERVERS};
 use crate::lease::{LeaseTicket, TicketError};
 use crate::wire::{truncate_str, DecodeError, Reader, Writer};
 
@@ -77,6 +78,10 @@ pub struct Lease {
     /// DN names in the order the client should fail over to them: the designated backup of
     /// its block first, whose standing route the edge already holds.
     pub failover: Vec<String>,
+    /// DNS servers and search domains of the address's pool; empty when the cluster pushes
+    /// none. On the wire an optional trailing section, absent when empty: a lease without DNS
+    /// is byte for byte what clients before it decode.
+    pub dns: DnsSettings,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,6 +136,38 @@ fn ticket_error(e: TicketError) -> DecodeError {
     }
 }
 
+/// The lease's DNS section. Present only when it says something, and every value checked as
+/// `cluster.toml` checks it: the client writes these into a system file.
+fn decode_dns(r: &mut Reader) -> Result<DnsSettings, DecodeError> {
+    let invalid = |detail: String| DecodeError::Invalid {
+        what: "DNS settings",
+        detail,
+    };
+    let count = at_most(
+        r.u8("DNS server count")?.into(),
+        MAX_SERVERS,
+        "DNS server count",
+    )?;
+    let servers = (0..count)
+        .map(|_| r.ip("DNS server"))
+        .collect::<Result<_, _>>()?;
+    let count = at_most(
+        r.u8("DNS search count")?.into(),
+        MAX_SEARCH,
+        "DNS search count",
+    )?;
+    let search = (0..count)
+        .map(|_| r.short_str("DNS search domain"))
+        .collect::<Result<_, _>>()?;
+    let dns = DnsSettings { servers, search };
+    if dns.is_empty() {
+        // The encoder leaves an empty section out; one that is there must say something.
+        return Err(invalid("an empty section".into()));
+    }
+    dns.check().map_err(invalid)?;
+    Ok(dns)
+}
+
 impl Message {
     /// Appends one frame to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
@@ -164,6 +201,18 @@ impl Message {
                 w.u8(failover.len() as u8);
                 for name in failover {
                     w.short_str(name);
+                }
+                if !lease.dns.is_empty() {
+                    let servers = &lease.dns.servers[..lease.dns.servers.len().min(MAX_SERVERS)];
+                    w.u8(servers.len() as u8);
+                    for s in servers {
+                        w.ip(*s);
+                    }
+                    let search = &lease.dns.search[..lease.dns.search.len().min(MAX_SEARCH)];
+                    w.u8(search.len() as u8);
+                    for d in search {
+                        w.short_str(d);
+                    }
                 }
                 T_LEASED
             }
@@ -229,12 +278,18 @@ impl Message {
                 let failover = (0..names)
                     .map(|_| r.short_str("failover DN"))
                     .collect::<Result<_, _>>()?;
+                let dns = if r.remaining() == 0 {
+                    DnsSettings::default()
+                } else {
+                    decode_dns(&mut r)?
+                };
                 Message::Leased(Lease {
                     ticket,
                     gateway,
                     mtu,
                     routes,
                     failover,
+                    dns,
                 })
             }
             T_REFUSED => {
@@ -305,6 +360,24 @@ mod tests {
         .sign(&SigningKey::from_bytes(&[3; 32]))
     }
 
+    /// Valid settings (distinct servers and domains), empty as often as not.
+    fn arb_dns() -> impl Strategy<Value = DnsSettings> {
+        (
+            proptest::collection::btree_set(1u32..u32::MAX / 2, 0..=MAX_SERVERS),
+            proptest::collection::btree_set(
+                "[a-z][a-z0-9]{0,10}(\\.[a-z]{2,6}){0,2}",
+                0..=MAX_SEARCH,
+            ),
+        )
+            .prop_map(|(servers, search)| DnsSettings {
+                servers: servers
+                    .into_iter()
+                    .map(|s| std::net::Ipv4Addr::from(s).into())
+                    .collect(),
+                search: search.into_iter().collect(),
+            })
+    }
+
     fn arb_message() -> impl Strategy<Value = Message> {
         let net = (any::<u32>(), 0u8..=32).prop_map(|(a, l)| {
             IpNet::new(std::net::Ipv4Addr::from(a).into(), l)
@@ -321,15 +394,19 @@ mod tests {
                 any::<u128>(),
                 any::<u16>(),
                 proptest::collection::vec(net, 0..20),
-                proptest::collection::vec("[a-z0-9-]{1,20}", 0..5)
+                proptest::collection::vec("[a-z0-9-]{1,20}", 0..5),
+                arb_dns(),
             )
-                .prop_map(|(a, e, gw, mtu, routes, failover)| Message::Leased(Lease {
-                    ticket: ticket(a, e),
-                    gateway: std::net::Ipv6Addr::from(gw).into(),
-                    mtu,
-                    routes,
-                    failover
-                })),
+                .prop_map(|(a, e, gw, mtu, routes, failover, dns)| Message::Leased(
+                    Lease {
+                        ticket: ticket(a, e),
+                        gateway: std::net::Ipv6Addr::from(gw).into(),
+                        mtu,
+                        routes,
+                        failover,
+                        dns,
+                    }
+                )),
             (1u8..=5, "\\PC{0,100}").prop_map(|(c, reason)| Message::Refused {
                 code: RefuseCode::from_u8(c).unwrap(),
                 reason
@@ -430,6 +507,7 @@ mod tests {
                 mtu: 1380,
                 routes: vec![],
                 failover: vec![],
+                dns: DnsSettings::default(),
             })
             .encode(&mut frame);
             // Replace the empty failover list (its count, the last byte) with `names` empty names.
@@ -448,6 +526,66 @@ mod tests {
                 other => panic!("{names} failover names: {other:?}"),
             }
         }
+    }
+
+    fn leased(dns: DnsSettings) -> Vec<u8> {
+        let mut frame = Vec::new();
+        Message::Leased(Lease {
+            ticket: ticket(7, 9),
+            gateway: "10.200.0.1".parse().unwrap(),
+            mtu: 1380,
+            routes: vec!["10.0.2.0/24".parse().unwrap()],
+            failover: vec!["dn2".into()],
+            dns,
+        })
+        .encode(&mut frame);
+        frame
+    }
+
+    /// Appends `section` to a lease frame without DNS, fixing the frame's length.
+    fn with_section(mut frame: Vec<u8>, section: &[u8]) -> Vec<u8> {
+        frame.extend_from_slice(section);
+        let len = (frame.len() - FRAME_HEADER) as u16;
+        frame[1..3].copy_from_slice(&len.to_be_bytes());
+        frame
+    }
+
+    /// A lease without DNS is the frame clients before the DNS section decode; one with DNS
+    /// carries it as a trailing section that such clients reject (they refuse trailing bytes),
+    /// so a cluster pushes DNS only once its clients are new enough.
+    #[test]
+    fn the_dns_section_is_optional_and_checked() {
+        let plain = leased(DnsSettings::default());
+        let dns = DnsSettings {
+            servers: vec!["10.0.2.53".parse().unwrap()],
+            search: vec!["corp.example".into()],
+        };
+        let full = leased(dns.clone());
+        let section = [&[1u8, 4, 10, 0, 2, 53, 1, 12][..], b"corp.example"].concat();
+        assert_eq!(full, with_section(plain.clone(), &section));
+        match Message::decode(&full) {
+            Ok(Some((Message::Leased(l), n))) => assert_eq!((l.dns, n), (dns, full.len())),
+            other => panic!("{other:?}"),
+        }
+        match Message::decode(&plain) {
+            Ok(Some((Message::Leased(l), _))) => assert!(l.dns.is_empty()),
+            other => panic!("{other:?}"),
+        }
+        let bad = |section: &[u8]| Message::decode(&with_section(plain.clone(), section)).is_err();
+        // Present but empty: not what the encoder writes.
+        assert!(bad(&[0, 0]));
+        // More servers or domains than allowed, before reading them.
+        assert!(bad(&[4]));
+        assert!(bad(&[0, 7]));
+        // A domain that would write a second line into resolv.conf.
+        let evil = b"corp.example\nnameserver 6.6.6.6";
+        assert!(bad(&[&[0, 1, evil.len() as u8][..], evil].concat()));
+        // The same server twice, a multicast server.
+        assert!(bad(&[2, 4, 10, 0, 2, 53, 4, 10, 0, 2, 53, 0]));
+        assert!(bad(&[1, 4, 224, 0, 0, 1, 0]));
+        // Truncated, and trailing bytes after the section.
+        assert!(bad(&[1, 4, 10, 0]));
+        assert!(bad(&[1, 4, 10, 0, 2, 53, 0, 9]));
     }
 
     #[test]

@@ -687,6 +687,7 @@ mod tests {
             mtu: 1400,
             routes: vec![],
             failover: vec![],
+            dns: Default::default(),
         }
     }
 

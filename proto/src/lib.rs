@@ -9,6 +9,7 @@ pub mod backoff;
 pub mod cluster;
 pub mod control;
 pub mod dn;
+pub mod dns;
 pub mod en;
 pub mod fd;
 pub mod lease;

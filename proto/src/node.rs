@@ -96,6 +96,9 @@ pub enum CloseReason {
     Replaced,
 }
 
+// A lease (with its DNS settings) is the large variant; actions come per control event, never
+// per packet, so boxing it would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Keep this lease across restarts before anything else is done (the next action tells the
@@ -479,6 +482,9 @@ impl Machine {
             mtu: self.cluster.dn(&self.me).map(|d| d.mtu).unwrap_or(1280),
             routes: self.cluster.client_routes.clone(),
             failover: self.cluster.failover_order(&claim.issuer, claim.address),
+            // The pool's, not this DN's: a backup carrying another DN's client says what the
+            // client's home would.
+            dns: self.cluster.dns_for(claim.address),
             ticket,
         }
     }
@@ -794,6 +800,38 @@ mod tests {
             .filter(|r| !matches!(r.reason, Reason::Home | Reason::Standby { .. }))
             .map(|r| format!("{} {}", r.net, r.reason))
             .collect()
+    }
+
+    /// Each pool names its own DNS; a secondary (the backup) attaching a client of dn1's
+    /// block tells it dn1's pool's settings, not its own.
+    #[test]
+    fn the_lease_carries_the_dns_of_the_addresss_pool_from_any_dn() {
+        let mut text = "[cluster]\nclient_ca = \"ca.pem\"\n".to_owned();
+        for i in 1..=2 {
+            let public = crate::lease::encode_key(&key(i).verifying_key().to_bytes());
+            text += &format!(
+                "[[dn]]\nname = \"dn{i}\"\nendpoint = \"10.0.0.{i}\"\npool = \"10.20{i}.0.0/24\"\n\
+                 public_key = \"{public}\"\ndns_servers = [\"10.0.{i}.53\"]\ndns_search = [\"pool{i}.example\"]\n"
+            );
+        }
+        let c = Cluster::parse(&text, Path::new("/")).unwrap();
+        let (mut dn1, mut dn2) = (machine(&c, 1), machine(&c, 2));
+        let t = Instant::now();
+        let home = leased(&attach(&mut dn1, 1, "laptop", None, t)).unwrap();
+        assert_eq!(home.dns, c.dn("dn1").unwrap().dns);
+        assert_eq!(
+            home.dns.servers,
+            ["10.0.1.53".parse::<std::net::IpAddr>().unwrap()]
+        );
+        let backup = leased(&attach(&mut dn2, 5, "laptop", Some(home.ticket.clone()), t)).unwrap();
+        assert_eq!(backup.dns, home.dns);
+        // A cluster that pushes nothing sends nothing.
+        let plain = cluster(2);
+        let mut m = machine(&plain, 1);
+        assert!(leased(&attach(&mut m, 1, "laptop", None, t))
+            .unwrap()
+            .dns
+            .is_empty());
     }
 
     #[test]

@@ -210,6 +210,9 @@ pub struct LabSpec {
     pub access: Access,
     /// The clients' `liveness.keepalive_secs`; `None`: en's default.
     pub client_keepalive_secs: Option<u64>,
+    /// `dns_servers` and `dns_search` of every pool: what the DNs push to clients.
+    pub dns_servers: Vec<String>,
+    pub dns_search: Vec<String>,
 }
 
 /// How a client's namespace reaches the DNs.
@@ -355,6 +358,8 @@ impl Default for LabSpec {
             esr_pair: false,
             access: Access::Direct,
             client_keepalive_secs: None,
+            dns_servers: Vec::new(),
+            dns_search: Vec::new(),
         }
     }
 }
@@ -613,6 +618,13 @@ impl Lab {
                     "router_id = \"{}\"\nospf_interface = \"to-esr\"\n",
                     dn_on_cluster_net(k)
                 );
+            }
+            let quoted = |v: &[String]| v.iter().map(|x| format!("{x:?}")).collect::<Vec<_>>();
+            if !spec.dns_servers.is_empty() {
+                cluster += &format!("dns_servers = [{}]\n", quoted(&spec.dns_servers).join(", "));
+            }
+            if !spec.dns_search.is_empty() {
+                cluster += &format!("dns_search = [{}]\n", quoted(&spec.dns_search).join(", "));
             }
         }
         fs::write(net.dir.join("cluster.toml"), cluster)?;
@@ -960,6 +972,53 @@ impl Lab {
 
     /// Writes client `i`'s `en.toml` with `credential` and starts its `en`.
     pub fn start_client(&mut self, i: usize, credential: &Credential) -> Result<()> {
+        self.start_client_with(i, credential, |k| {
+            format!("{}:4433", dn_address_towards(i, k))
+        })
+    }
+
+    /// Starts DNS server dnsmasq on the server (at [`SERVER`], port 53) with `records` (name,
+    /// IPv4 address) and nothing else: no upstream, no /etc/hosts. Fails if dnsmasq is not
+    /// installed (see [`crate::mobile_dns::dnsmasq`]).
+    pub fn start_dnsmasq(&mut self, records: &[(&str, &str)]) -> Result<()> {
+        let bin = crate::mobile_dns::dnsmasq()
+            .ok_or_else(|| anyhow!("dnsmasq is not installed (scripts/install-deps.sh)"))?;
+        let pid = self.net.dir.join("dnsmasq.pid").display().to_string();
+        let mut argv: Vec<String> = [
+            bin.display().to_string(),
+            "--keep-in-foreground".into(),
+            "--conf-file=/dev/null".into(),
+            "--no-resolv".into(),
+            "--no-hosts".into(),
+            "--bind-interfaces".into(),
+            format!("--listen-address={SERVER}"),
+            format!("--pid-file={pid}"),
+            "--log-queries".into(),
+            "--log-facility=-".into(),
+        ]
+        .into();
+        argv.extend(
+            records
+                .iter()
+                .map(|(name, ip)| format!("--host-record={name},{ip}")),
+        );
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        self.net.spawn("srv", "dnsmasq", &argv, &[])?;
+        let log = self.net.log_path("dnsmasq");
+        wait_until(Duration::from_secs(10), "dnsmasq to start", || {
+            fs::read_to_string(&log).is_ok_and(|l| l.contains("started"))
+        })
+        .with_context(|| self.net.logs())
+    }
+
+    /// Like [`Lab::start_client`], with DN k's endpoint in `en.toml` given by `endpoint(k)`
+    /// (a host name, say).
+    pub fn start_client_with(
+        &mut self,
+        i: usize,
+        credential: &Credential,
+        endpoint: impl Fn(usize) -> String,
+    ) -> Result<()> {
         let (dir, identity) = match credential {
             Credential::Issued(name) => {
                 if !self.issued.contains(name) {
@@ -992,9 +1051,9 @@ impl Lab {
         }
         for k in 1..=self.dns {
             config += &format!(
-                "\n[[dn]]\nname = \"{}\"\nendpoint = \"{}:4433\"\n",
+                "\n[[dn]]\nname = \"{}\"\nendpoint = \"{}\"\n",
                 dn_role(k),
-                dn_address_towards(i, k)
+                endpoint(k)
             );
         }
         let path = self.en_config(i);

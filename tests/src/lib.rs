@@ -7,6 +7,7 @@ pub mod cases;
 pub mod experiment;
 pub mod lab;
 pub mod mobile;
+pub mod mobile_dns;
 pub mod netns;
 pub mod ops;
 pub mod plot;

@@ -243,6 +243,25 @@ impl Netns {
         append_line(&self.marker.join(FILES), &path.display().to_string())
     }
 
+    /// Writes `/etc/netns/<namespace>/<name>`, which `ip netns exec` bind-mounts over
+    /// `/etc/<name>` for every process it starts in `role` from then on (resolv.conf, hosts).
+    /// Recorded, with the directories it needed, before it is created: cleanup removes it.
+    pub fn etc_file(&self, role: &str, name: &str, content: &str) -> Result<PathBuf> {
+        let root = Path::new("/etc/netns");
+        let dir = root.join(self.ns(role));
+        for d in [root, dir.as_path()] {
+            if !d.exists() {
+                // Removed only if empty at cleanup: another lab's files there stay.
+                self.own_file(d)?;
+                fs::create_dir(d).with_context(|| format!("cannot create {}", d.display()))?;
+            }
+        }
+        let path = dir.join(name);
+        self.own_file(&path)?;
+        fs::write(&path, content).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(path)
+    }
+
     /// A veth pair between two namespaces, created directly inside them (never in the host's
     /// namespace), addressed and up. Addresses are in CIDR form, e.g. "10.0.1.2/24".
     pub fn link(&self, a: (&str, &str, &str), b: (&str, &str, &str)) -> Result<()> {
@@ -410,8 +429,9 @@ pub fn cleanup(marker: &Path) {
             .status();
     }
     let files = fs::read_to_string(marker.join(FILES)).unwrap_or_default();
-    for file in files.lines().filter(|l| !l.is_empty()) {
-        let _ = fs::remove_file(file);
+    // Newest first: a directory is recorded before the files in it, and goes once empty.
+    for file in files.lines().rev().filter(|l| !l.is_empty()) {
+        let _ = fs::remove_file(file).or_else(|_| fs::remove_dir(file));
     }
     if !keep_workdirs() {
         if let Some(dir) = recorded_workdir(marker) {

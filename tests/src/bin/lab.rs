@@ -125,14 +125,15 @@ enum Command {
     },
     /// What a laptop or a phone does to its tunnel, against the real binaries: its address
     /// and default route move between two uplinks during an upload (roam), it sits behind a
-    /// NAT (nat), the NAT forgets its mapping (nat_rebind), it sleeps for 30 s (suspend). Each
-    /// case builds its own lab: two DNs, FRR, one client behind an access router with a
-    /// `wifi` and an `lte` uplink.
+    /// NAT (nat), the NAT forgets its mapping (nat_rebind), it sleeps for 30 s (suspend), it
+    /// takes the DNS servers the cluster pushes and gives them back (dns). Each case builds its
+    /// own lab: two DNs, FRR, one client behind an access router with a `wifi` and an `lte`
+    /// uplink (dns: one DN, dnsmasq on the server).
     ///
     /// Example: lab mobile --json
     ///          lab mobile --case roam
     Mobile {
-        /// Run only this case (repeatable); the cases: roam, nat, nat_rebind, suspend.
+        /// Run only this case (repeatable); the cases: roam, nat, nat_rebind, suspend, dns.
         #[arg(long = "case", value_name = "NAME")]
         cases: Vec<String>,
         /// Print one JSON object ({"cases": [{"name", "held", "detail"}]}) instead of the table.
