@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::config::{DnEndpoint, EnConfig, Endpoint};
-use crate::resolver::Resolver;
+use holdfast_shell::resolver::Resolver;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the TUN MTU is re-derived from the primary session's path MTU: often while path
@@ -1047,7 +1047,7 @@ impl Driver<'_> {
         }
         self.paths = paths;
         let local = self.endpoint.local_addr()?;
-        let socket = quic::udp_socket(SocketAddr::new(local.ip(), 0))?;
+        let socket = holdfast_shell::os::udp::socket(SocketAddr::new(local.ip(), 0))?;
         self.endpoint
             .rebind(socket)
             .context("cannot move the sessions to a new socket")?;

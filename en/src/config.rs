@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use holdfast_proto::dns::DnsMode;
 use holdfast_proto::probe::ProbeConfig;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -26,18 +27,6 @@ struct Raw {
     dns: DnsMode,
     #[serde(default)]
     dn: Vec<RawDn>,
-}
-
-/// `dns`: whether the client applies the DNS servers and search domains the cluster pushes
-/// with the lease.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DnsMode {
-    /// Apply them while the tunnel is up (systemd-resolved, or /etc/resolv.conf).
-    #[default]
-    On,
-    /// Leave the system's DNS alone.
-    Off,
 }
 
 /// `[liveness]`: how the client checks its own path to each DN. The cluster's failure detector

@@ -7,6 +7,18 @@
 
 use std::net::IpAddr;
 
+/// `dns`: whether the client applies the DNS servers and search domains the cluster pushes
+/// with the lease.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DnsMode {
+    /// Apply them while the tunnel is up (systemd-resolved, or /etc/resolv.conf).
+    #[default]
+    On,
+    /// Leave the system's DNS alone.
+    Off,
+}
+
 /// At most this many servers: what the C library reads from resolv.conf (`MAXNS`).
 pub const MAX_SERVERS: usize = 3;
 /// At most this many search domains (the traditional `MAXDNSRCH`).

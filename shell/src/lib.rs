@@ -1,12 +1,12 @@
 //! The thin I/O shells shared by `en` and `dn`: everything here performs, nothing decides.
 
 pub mod control;
-pub mod icmp;
 pub mod metrics;
-pub mod netlink;
+pub mod os;
 pub mod quic;
 pub mod tls;
-pub mod tun;
+
+pub use os::{icmp, netlink, resolver, tun};
 
 /// How the daemons write their logs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]

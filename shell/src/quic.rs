@@ -123,34 +123,6 @@ pub async fn send_message(
         .context("cannot write to the control stream")
 }
 
-/// Socket buffer size asked for on both ends. The kernel default (~200 KiB) overflows at
-/// gigabit rates with bursts of datagrams, and every overflow is a lost inner packet.
-const SOCKET_BUFFER: libc::c_int = 8 * 1024 * 1024;
-
-fn set_buffer(fd: std::os::fd::RawFd, force: libc::c_int, plain: libc::c_int) {
-    let size = SOCKET_BUFFER;
-    let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    let ptr = &size as *const libc::c_int as *const libc::c_void;
-    // SAFETY: fd is an open socket owned by the caller; the option value is a valid c_int.
-    // The *FORCE variant exceeds net.core.[rw]mem_max when we have CAP_NET_ADMIN (we need it
-    // for the TUN device anyway); without it the plain option gets what the limit allows.
-    unsafe {
-        if libc::setsockopt(fd, libc::SOL_SOCKET, force, ptr, len) != 0 {
-            libc::setsockopt(fd, libc::SOL_SOCKET, plain, ptr, len);
-        }
-    }
-}
-
-/// A UDP socket on `addr` with large buffers, for an endpoint (or to rebind one to).
-pub fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket> {
-    use std::os::fd::AsRawFd;
-    let socket =
-        std::net::UdpSocket::bind(addr).with_context(|| format!("cannot bind UDP {addr}"))?;
-    set_buffer(socket.as_raw_fd(), libc::SO_RCVBUFFORCE, libc::SO_RCVBUF);
-    set_buffer(socket.as_raw_fd(), libc::SO_SNDBUFFORCE, libc::SO_SNDBUF);
-    Ok(socket)
-}
-
 /// A QUIC endpoint on `addr` with large socket buffers; a server if `server` is given.
 ///
 /// `reset_secret` keys stateless resets. A DN derives it from its long-lived lease key so that
@@ -161,7 +133,7 @@ pub fn endpoint(
     server: Option<quinn::ServerConfig>,
     reset_secret: Option<&[u8]>,
 ) -> Result<quinn::Endpoint> {
-    let socket = udp_socket(addr)?;
+    let socket = crate::os::udp::socket(addr)?;
     let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
     let config = match reset_secret {
         Some(secret) => {

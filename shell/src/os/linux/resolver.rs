@@ -9,12 +9,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use holdfast_proto::dns::{
-    choose_backend, resolv_conf, restore, Backend, DnsSettings, ResolvBackup, ResolvConfKind,
-    Restore,
+    choose_backend, resolv_conf, restore, Backend, DnsMode, DnsSettings, ResolvBackup,
+    ResolvConfKind, Restore,
 };
 use tracing::{info, warn};
-
-use crate::config::DnsMode;
 
 pub const RESOLV_CONF: &str = "/etc/resolv.conf";
 const RESOLVED: &str = "org.freedesktop.resolve1";
