@@ -123,6 +123,7 @@ mod tests {
             identity: identity.into(),
             address: std::net::IpAddr::from([10, 200, 0, last]),
             expires_at,
+            address6: None,
         }
     }
 

@@ -681,6 +681,7 @@ mod tests {
                 block: "10.200.0.0/24".parse().unwrap(),
                 issued_at: 0,
                 expires_at,
+                address6: None,
             }
             .sign(&SigningKey::from_bytes(&[1; 32])),
             gateway: "10.200.0.1".parse().unwrap(),
