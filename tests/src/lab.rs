@@ -235,8 +235,8 @@ pub struct LabSpec {
     pub dns_servers: Vec<String>,
     pub dns_search: Vec<String>,
     /// Dual stack: IPv6 on the server and cluster networks, an IPv6 pool for every DN
-    /// ([`dn_pool6`]), IPv6 forwarding, and FRR's ospf6d beside ospfd. Static or FRR routing,
-    /// one ESR.
+    /// ([`dn_pool6`]), IPv6 forwarding, and OSPFv3 beside OSPFv2 (FRR's ospf6d, or BIRD's
+    /// `ospf v3`). One ESR.
     pub dual_stack: bool,
 }
 
@@ -461,8 +461,8 @@ impl Lab {
         if spec.esr_pair && !spec.routing.dynamic() {
             bail!("an ESR pair needs a routing daemon (FRR or BIRD)");
         }
-        if spec.dual_stack && (spec.esr_pair || spec.routing == Routing::Bird) {
-            bail!("the lab's dual stack runs with static routing or FRR, and one ESR");
+        if spec.dual_stack && spec.esr_pair {
+            bail!("the lab's dual stack runs with one ESR");
         }
         if spec.dual_stack {
             add_v6(&net, "srv", &format!("{SERVER6}/64"), "br0")?;
@@ -1311,6 +1311,12 @@ pub fn role_of(status: &Value, role: &str) -> Option<usize> {
 /// Labs are heavy; even if the test harness runs tests in parallel, build one at a time.
 static ONE_LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// Held while a test's labs run, so that the tests of one binary take turns (cargo runs them on
+/// threads at once); [`with_lab`] takes it, a test that starts labs itself takes it too.
+pub fn one_lab() -> std::sync::MutexGuard<'static, ()> {
+    ONE_LAB.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Runs `body` in a fresh lab built from `spec`, for a test: skipped (with a message) without
 /// root; on failure, panics with the error and every daemon's log. The lab is torn down either
 /// way.
@@ -1318,7 +1324,7 @@ pub fn with_lab(spec: LabSpec, body: impl FnOnce(&mut Lab) -> Result<()>) {
     if !crate::netns::have_root() {
         return;
     }
-    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = one_lab();
     let mut lab = match Lab::start(&spec) {
         Ok(lab) => lab,
         Err(e) => panic!("the lab did not start: {e:#}"),

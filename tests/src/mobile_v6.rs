@@ -21,9 +21,14 @@ pub const MAX_LOST: u32 = 100;
 /// The dual-stack lab: two supervised DNs with IPv6 pools, FRR with OSPFv3, both server
 /// networks pushed to the client.
 pub fn spec() -> LabSpec {
+    spec_with(Routing::Frr)
+}
+
+/// [`spec`] with another routing daemon (BIRD's `ospf v3` beside its `ospf v2`).
+pub fn spec_with(routing: Routing) -> LabSpec {
     LabSpec {
         dns: 2,
-        routing: Routing::Frr,
+        routing,
         supervised: true,
         dual_stack: true,
         client_routes: vec![SERVER_NET.to_owned(), SERVER_NET6.to_owned()],
@@ -60,8 +65,13 @@ impl Outcome {
     }
 
     pub fn held(&self) -> bool {
+        self.held_within(MAX_LOST)
+    }
+
+    /// Whether it held with at most `max_lost` pings lost per family on failover.
+    pub fn held_within(&self, max_lost: u32) -> bool {
         let answered_all = |p: (u32, u32)| p.0 > 0 && p.0 == p.1;
-        let survived = |p: (u32, u32)| p.1 > 0 && Self::lost(p) <= MAX_LOST;
+        let survived = |p: (u32, u32)| p.1 > 0 && Self::lost(p) <= max_lost;
         self.address.is_some()
             && self.address6.is_some()
             && answered_all(self.ping4)
