@@ -960,11 +960,14 @@ impl Dn {
         let hosts = self.hosts.read().unwrap_or_else(|e| e.into_inner());
         let mut clients: Vec<serde_json::Value> = hosts
             .iter()
+            // A dual-stack client is listed once, under its first address, with both.
+            .filter(|(address, s)| s.address.get().is_none() || s.address6.get() != Some(*address))
             .map(|(address, s)| {
                 let home = homes.get(&s.id).cloned().unwrap_or_default();
                 serde_json::json!({
                     "identity": s.identity,
                     "address": address,
+                    "address6": s.address6.get(),
                     "remote": s.conn.remote_address(),
                     "rtt_us": s.conn.rtt().as_micros() as u64,
                     "max_datagram": s.conn.max_datagram_size(),

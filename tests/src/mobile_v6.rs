@@ -57,6 +57,8 @@ pub struct Outcome {
     pub failover6: (u32, u32),
     /// The primary that was killed.
     pub killed: Option<usize>,
+    /// `dn status` of the primary listed the client once, with both addresses.
+    pub dn_shows_both: bool,
 }
 
 impl Outcome {
@@ -74,6 +76,7 @@ impl Outcome {
         let survived = |p: (u32, u32)| p.1 > 0 && Self::lost(p) <= max_lost;
         self.address.is_some()
             && self.address6.is_some()
+            && self.dn_shows_both
             && answered_all(self.ping4)
             && answered_all(self.ping6)
             && survived(self.failover4)
@@ -83,9 +86,10 @@ impl Outcome {
     /// One line for a report.
     pub fn detail(&self) -> String {
         format!(
-            "addresses {} and {}; ping {}/{}, ping -6 {}/{}; dn{} killed at 100/s: IPv4 lost {} of {}, IPv6 lost {} of {}",
+            "addresses {} and {}{}; ping {}/{}, ping -6 {}/{}; dn{} killed at 100/s: IPv4 lost {} of {}, IPv6 lost {} of {}",
             self.address.as_deref().unwrap_or("NONE"),
             self.address6.as_deref().unwrap_or("NONE"),
+            if self.dn_shows_both { "" } else { " (NOT both in dn status)" },
             self.ping4.1,
             self.ping4.0,
             self.ping6.1,
@@ -113,6 +117,13 @@ pub fn run(lab: &mut Lab) -> Result<Outcome> {
         "no IPv6 address in en status: {status}"
     );
     let (primary, _) = lab.primary_and_secondary(1, Duration::from_secs(10))?;
+    let listed: Vec<serde_json::Value> = lab.dn_status(primary)?["clients"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    out.dn_shows_both = listed.len() == 1
+        && listed[0]["address"].as_str() == out.address.as_deref()
+        && listed[0]["address6"].as_str() == out.address6.as_deref();
     out.ping4 = lab.ping("en1", SERVER, 5, &[])?;
     out.ping6 = lab.ping("en1", SERVER6, 5, &["-6"])?;
     let ping4 = Pinger::start(&lab.net, "en1", SERVER, "0.01")?;
