@@ -123,6 +123,7 @@ mod tests {
             identity: identity.into(),
             address: std::net::IpAddr::from([10, 200, 0, last]),
             expires_at,
+            address6: None,
         }
     }
 
@@ -149,10 +150,15 @@ mod tests {
             ]
         );
         assert_eq!(bad, 1);
-        // What follows a torn line is read whole.
-        j.append(&record("tablet", 5, 400)).unwrap();
+        // What follows a torn line is read whole; a dual-stack lease keeps its IPv6 address.
+        let dual = LeaseRecord {
+            address6: Some("fd00:200::5".parse().unwrap()),
+            ..record("tablet", 5, 400)
+        };
+        j.append(&dual).unwrap();
         let (mut j, back, _) = Journal::open(&path).unwrap();
         assert_eq!(back.len(), 3);
+        assert_eq!(back[2], dual);
         j.compact(&back[1..2]).unwrap();
         j.append(&record("phone", 4, 300)).unwrap();
         let (_, after, bad) = Journal::open(&path).unwrap();

@@ -123,10 +123,15 @@ fn print_status(status: &serde_json::Value) {
     if let Some(clients) = status["clients"].as_array() {
         for c in clients {
             let t = &c["traffic"];
+            // A dual-stack client's two addresses: "10.200.0.2 fd00:200::2".
+            let address = match c["address6"].as_str() {
+                Some(v6) => format!("{} {v6}", c["address"].as_str().unwrap_or("?")),
+                None => c["address"].as_str().unwrap_or("?").to_owned(),
+            };
             println!(
                 "  {:<20} {:<16} from {:<22} rtt {:>6} us  rx {} pkts / {} B  tx {} pkts / {} B",
                 c["identity"].as_str().unwrap_or("?"),
-                c["address"].as_str().unwrap_or("?"),
+                address,
                 c["remote"].as_str().unwrap_or("?"),
                 c["rtt_us"],
                 t["rx_packets"],

@@ -95,6 +95,8 @@ struct Session {
     traffic: Traffic,
     /// The address, once attached.
     address: OnceLock<IpAddr>,
+    /// The IPv6 address of a dual-stack lease, once attached.
+    address6: OnceLock<IpAddr>,
     /// Set while the machine says the client's traffic comes through this DN; data on a session
     /// that is not its primary goes to the machine.
     primary: AtomicBool,
@@ -159,6 +161,11 @@ async fn serve(opts: Options, link: Option<Arc<detector::Link>>) -> Result<()> {
     // which carry our protocol number for the routing daemon to export.
     let host_prefix = if plan.gateway().is_ipv4() { 32 } else { 128 };
     let tun = tun::open(&spec.tun, plan.gateway(), host_prefix, spec.mtu)?;
+    if let Some(IpAddr::V6(gateway6)) = spec.plan6.as_ref().map(|p| p.gateway()) {
+        // Dual stack: the DN's own IPv6 address too, the source of its ICMPv6 errors.
+        tun.enable_ipv6(gateway6)
+            .with_context(|| format!("cannot give {} its IPv6 address", spec.tun))?;
+    }
     // Opened after the TUN device on purpose: when the process dies, the kernel releases its
     // files in reverse order, and tearing the device down takes ~20 ms (RCU grace periods).
     // The UDP socket goes first, so clients get "port unreachable" at once.
@@ -485,6 +492,7 @@ async fn serve_session(dn: Arc<Dn>, incoming: quinn::Incoming, handshake: InFlig
         conn: conn.clone(),
         traffic: Traffic::default(),
         address: OnceLock::new(),
+        address6: OnceLock::new(),
         primary: AtomicBool::new(false),
         outbox,
     });
@@ -499,10 +507,16 @@ async fn serve_session(dn: Arc<Dn>, incoming: quinn::Incoming, handshake: InFlig
         ticket,
     })
     .await;
-    let attached = dn.lock_machine().session(id).map(|s| s.address);
+    let attached = dn
+        .lock_machine()
+        .session(id)
+        .map(|s| (s.address, s.address6));
     drop(unattached);
-    if let Some(address) = attached {
+    if let Some((address, address6)) = attached {
         let _ = session.address.set(address);
+        if let Some(v6) = address6 {
+            let _ = session.address6.set(v6.address.into());
+        }
         dn.counters.sessions_accepted.fetch_add(1, Relaxed);
         // Keep reading the control stream: a malformed message ends the session.
         let (watcher, control_dn) = (conn.clone(), dn.clone());
@@ -813,6 +827,8 @@ async fn carry(dn: &Arc<Dn>, session: &Session) -> String {
     let Some(&address) = session.address.get() else {
         return "never attached".into();
     };
+    // A client may send from its own addresses only: one, or one of each family.
+    let own = [address, session.address6.get().copied().unwrap_or(address)];
     let mut warned = false;
     let mut batch = Vec::with_capacity(BATCH);
     loop {
@@ -830,7 +846,7 @@ async fn carry(dn: &Arc<Dn>, session: &Session) -> String {
                         .conn
                         .send_datagram(bytes::Bytes::copy_from_slice(&echo));
                 }
-            } else if packet::source(&datagram) != Some(address) {
+            } else if !packet::from_one_of(&datagram, &own) {
                 dn.counters.dropped_spoofed.fetch_add(1, Relaxed);
                 session.traffic.dropped_spoofed.fetch_add(1, Relaxed);
                 if !warned {
@@ -944,11 +960,14 @@ impl Dn {
         let hosts = self.hosts.read().unwrap_or_else(|e| e.into_inner());
         let mut clients: Vec<serde_json::Value> = hosts
             .iter()
+            // A dual-stack client is listed once, under its first address, with both.
+            .filter(|(address, s)| s.address.get().is_none() || s.address6.get() != Some(*address))
             .map(|(address, s)| {
                 let home = homes.get(&s.id).cloned().unwrap_or_default();
                 serde_json::json!({
                     "identity": s.identity,
                     "address": address,
+                    "address6": s.address6.get(),
                     "remote": s.conn.remote_address(),
                     "rtt_us": s.conn.rtt().as_micros() as u64,
                     "max_datagram": s.conn.max_datagram_size(),

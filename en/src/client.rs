@@ -239,7 +239,12 @@ impl Shared {
 struct Tunnel {
     dev: Arc<tun::Tun>,
     address: IpAddr,
+    /// The IPv6 address of a dual-stack lease, on the device beside `address`.
+    address6: Option<std::net::Ipv6Addr>,
     mtu: u16,
+    /// Unreachable routes that keep a full tunnel from leaking the family it cannot carry,
+    /// removed on exit.
+    unreachable: Vec<IpNet>,
     /// Host routes that keep DN endpoints out of the tunnel, removed on exit.
     exemptions: Vec<Exemption>,
 }
@@ -326,7 +331,12 @@ pub async fn run(config: EnConfig, path: PathBuf, metrics: Option<SocketAddr>) -
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     driver.resolver.remove().await;
     if let Some(t) = &driver.tunnel {
-        for net in t.exemptions.iter().map(|e| e.host) {
+        for net in t
+            .exemptions
+            .iter()
+            .map(|e| e.host)
+            .chain(t.unreachable.iter().copied())
+        {
             if let Err(e) = routes.delete(net, None, None).await {
                 warn!(error = %format!("{e:#}"), "could not remove endpoint route");
             }
@@ -807,6 +817,7 @@ impl Driver<'_> {
     /// Creates the TUN device and routes on the first lease; afterwards follows the address.
     async fn configure(&mut self, lease: &Lease) -> Result<()> {
         let address = lease.ticket.claim.address;
+        let address6 = lease.ticket.claim.address6.map(|v6| v6.address);
         if let Some(t) = self.tunnel.as_mut() {
             if t.address != address {
                 warn!(old = %t.address, new = %address, "address changed");
@@ -814,6 +825,13 @@ impl Driver<'_> {
                     .set_address(address)
                     .with_context(|| format!("cannot move {} to {address}", t.dev.name()))?;
                 t.address = address;
+            }
+            if let Some(v6) = address6.filter(|v6| t.address6 != Some(*v6)) {
+                warn!(old = ?t.address6, new = %v6, "IPv6 address changed");
+                t.dev
+                    .enable_ipv6(v6)
+                    .with_context(|| format!("cannot give {} {v6}", t.dev.name()))?;
+                t.address6 = Some(v6);
             }
             let link = t.dev.index()?;
             self.resolver.follow(link, &lease.dns).await;
@@ -830,12 +848,19 @@ impl Driver<'_> {
         let config = &self.shared.config;
         let prefix = if address.is_ipv4() { 32 } else { 128 };
         let dev = Arc::new(tun::open(&config.tun, address, prefix, mtu)?);
+        if let Some(v6) = address6 {
+            dev.enable_ipv6(v6)
+                .with_context(|| format!("cannot give {} {v6}", config.tun))?;
+        }
         let index = dev.index()?;
-        let (tun_name, routes) = (config.tun.clone(), lease.routes.clone());
+        let tun_name = config.tun.clone();
+        let plan = lease_routes(lease);
         self.tunnel = Some(Tunnel {
             dev: dev.clone(),
             address,
+            address6,
             mtu,
+            unreachable: Vec::new(),
             exemptions: Vec::new(),
         });
         // Every DN endpoint a pushed route would swallow keeps its path, before those routes.
@@ -844,12 +869,19 @@ impl Driver<'_> {
             gateway: None,
             oif: Some(index),
         };
-        for net in &routes {
-            for part in split_default(*net) {
-                self.routes.replace(part, &through_tunnel, None).await?;
+        for net in &plan.tunnel {
+            self.routes.replace(*net, &through_tunnel, None).await?;
+        }
+        for net in &plan.unreachable {
+            self.routes
+                .replace_unreachable(*net)
+                .await
+                .with_context(|| format!("cannot keep {net} from leaving outside the tunnel"))?;
+            if let Some(t) = self.tunnel.as_mut() {
+                t.unreachable.push(*net);
             }
         }
-        info!(tun = %tun_name, %address, mtu, ?routes, "tunnel configured");
+        info!(tun = %tun_name, %address, ?address6, mtu, routes = ?plan.tunnel, unreachable = ?plan.unreachable, "tunnel configured");
         self.resolver.follow(index, &lease.dns).await;
         tokio::spawn(tun_to_session(self.shared.clone(), dev.clone()));
         self.shared.tun.send_replace(Some(dev));
@@ -951,7 +983,7 @@ impl Driver<'_> {
     /// routes contain, and none to an endpoint no DN uses: after the tunnel came up, the DN
     /// list changed, or the host's network did (another uplink, another default route).
     async fn sync_exemptions(&mut self) {
-        let Some(routes) = self.machine.lease().map(|l| l.routes.clone()) else {
+        let Some(routes) = self.machine.lease().map(lease_routes) else {
             return;
         };
         let Some(current) = self.tunnel.as_ref().map(|t| t.exemptions.clone()) else {
@@ -960,7 +992,7 @@ impl Driver<'_> {
         let mut wanted: Vec<IpNet> = (0..self.dns.len())
             .filter(|&i| self.machine.state(i) != Some(&SessionState::Retired))
             .filter_map(|i| self.address(i).map(|a| a.ip()))
-            .filter(|ip| routes.iter().any(|r| r.contains(ip)))
+            .filter(|ip| routes.covers(ip))
             .map(IpNet::from)
             .collect();
         wanted.dedup();
@@ -1112,6 +1144,7 @@ impl Driver<'_> {
         let lease = self.machine.lease();
         let status = serde_json::json!({
             "address": lease.map(|l| l.ticket.claim.address),
+            "address6": lease.and_then(|l| l.ticket.claim.address6).map(|v6| v6.address),
             "gateway": lease.map(|l| l.gateway),
             "home": lease.map(|l| &l.ticket.claim.issuer),
             "lease_expires_at": lease.map(|l| l.ticket.claim.expires_at),
@@ -1377,16 +1410,10 @@ fn write_metrics(f: &mut Families<'_>, s: &serde_json::Value) {
     );
 }
 
-/// A default route is installed as its two halves so that the original default route stays
-/// in place underneath (and comes back untouched when the tunnel goes).
-fn split_default(net: IpNet) -> Vec<IpNet> {
-    if net.prefix_len() == 0 {
-        net.subnets(1)
-            .map(|s| s.collect())
-            .unwrap_or_else(|_| vec![net])
-    } else {
-        vec![net]
-    }
+/// The routes the client keeps for `lease`: both families, nothing leaking from a full tunnel.
+fn lease_routes(lease: &Lease) -> holdfast_proto::en::TunnelRoutes {
+    let addresses: Vec<IpAddr> = lease.ticket.claim.addresses().map(|(a, _)| a).collect();
+    holdfast_proto::en::tunnel_routes(&lease.routes, &addresses)
 }
 
 fn describe_close(e: &quinn::ConnectionError) -> String {

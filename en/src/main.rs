@@ -47,8 +47,13 @@ enum Command {
 
 fn print_status(s: &serde_json::Value) {
     let t = &s["traffic"];
+    // A dual-stack lease shows both addresses: "address 10.200.0.2 fd00:200::2".
+    let address6 = s["address6"]
+        .as_str()
+        .map(|a| format!(" {a}"))
+        .unwrap_or_default();
     println!(
-        "address {}  tun {}  mtu {}",
+        "address {}{address6}  tun {}  mtu {}",
         s["address"].as_str().unwrap_or("none (not connected)"),
         s["tun"].as_str().unwrap_or("?"),
         s["mtu"],

@@ -8,6 +8,9 @@
 //! anything more specific inside other DNs' pools (blocks it serves for a dead owner, announced as
 //! their two halves, and host routes) at the active cost. See docs/routing-daemons.md.
 //!
+//! A dual-stack cluster (any DN with `pool6`) runs OSPFv3 beside OSPFv2 on every DN and ESR:
+//! ospf6d (or BIRD's `ospf v3`) carries the IPv6 pools with the same prefix lists and costs.
+//!
 //! Every OSPF interface runs BFD (unless `[ospf] bfd = false`): OSPF's dead interval is whole
 //! seconds, BFD notices a dead DN host or link in `bfd_interval_ms` x `bfd_multiplier`.
 
@@ -59,43 +62,143 @@ fn bfdd(name: &str, bfd: Bfd) -> String {
     )
 }
 
-fn router_ospf(out: &mut String, ospf: &Ospf, router_id: Ipv4Addr, interface: &str) {
-    let _ = write!(out, "!\ninterface {interface}\n");
-    if ospf.bfd.is_some() {
-        let _ = write!(out, " ip ospf bfd\n ip ospf bfd profile {BFD_PROFILE}\n");
+/// What differs between the two routing planes in FRR: OSPFv2 (ospfd) carries IPv4, OSPFv3
+/// (ospf6d) the IPv6 pools of a dual-stack cluster, with the same prefix lists, costs, BFD and
+/// timers in each one's own words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// `ip` or `ipv6`: prefix lists and route-map matches.
+    fn ip(self) -> &'static str {
+        match self {
+            Family::V4 => "ip",
+            Family::V6 => "ipv6",
+        }
     }
-    let _ = write!(
-        out,
-        " ip ospf hello-interval {hello}\n \
-         ip ospf dead-interval {dead}\n\
-         !\n\
-         router ospf\n \
-         ospf router-id {router_id}\n \
-         network {network} area {area}\n",
-        hello = ospf.hello_interval_secs,
-        dead = ospf.dead_interval_secs,
-        network = ospf.network,
-        area = ospf.area,
-    );
+
+    /// Appended to prefix-list and route-map names, so both planes' can sit side by side.
+    fn tag(self) -> &'static str {
+        match self {
+            Family::V4 => "",
+            Family::V6 => "6",
+        }
+    }
+
+    fn host_len(self) -> u8 {
+        match self {
+            Family::V4 => 32,
+            Family::V6 => 128,
+        }
+    }
+
+    /// The DN's pool this plane carries.
+    fn pool(self, dn: &DnSpec) -> Option<ipnet::IpNet> {
+        match self {
+            Family::V4 => Some(dn.plan.pool),
+            Family::V6 => dn.plan6.as_ref().map(|p| p.pool),
+        }
+    }
+
+    /// Whether a DN route belongs to this plane: IPv6 pools' routes to OSPFv3, the rest to
+    /// OSPFv2 as before dual stack.
+    fn carries(self, cluster: &Cluster, net: &ipnet::IpNet) -> bool {
+        let in_pool6 = cluster
+            .dns
+            .iter()
+            .filter_map(|d| d.plan6.as_ref())
+            .any(|p| p.pool.contains(net));
+        in_pool6 == (self == Family::V6)
+    }
+}
+
+fn router_ospf(
+    out: &mut String,
+    ospf: &Ospf,
+    router_id: Ipv4Addr,
+    interface: &str,
+    family: Family,
+) {
+    let _ = write!(out, "!\ninterface {interface}\n");
+    match family {
+        Family::V4 => {
+            if ospf.bfd.is_some() {
+                let _ = write!(out, " ip ospf bfd\n ip ospf bfd profile {BFD_PROFILE}\n");
+            }
+            let _ = write!(
+                out,
+                " ip ospf hello-interval {hello}\n \
+                 ip ospf dead-interval {dead}\n\
+                 !\n\
+                 router ospf\n \
+                 ospf router-id {router_id}\n \
+                 network {network} area {area}\n",
+                hello = ospf.hello_interval_secs,
+                dead = ospf.dead_interval_secs,
+                network = ospf.network,
+                area = ospf.area,
+            );
+        }
+        Family::V6 => {
+            // OSPFv3 runs on the interface's link-local address: no network statement.
+            let _ = writeln!(out, " ipv6 ospf6 area {}", ospf.area);
+            if ospf.bfd.is_some() {
+                let _ = writeln!(out, " ipv6 ospf6 bfd profile {BFD_PROFILE}");
+            }
+            let _ = write!(
+                out,
+                " ipv6 ospf6 hello-interval {hello}\n \
+                 ipv6 ospf6 dead-interval {dead}\n\
+                 !\n\
+                 router ospf6\n \
+                 ospf6 router-id {router_id}\n",
+                hello = ospf.hello_interval_secs,
+                dead = ospf.dead_interval_secs,
+            );
+        }
+    }
 }
 
 /// React to LSAs at once: the defaults hold changes back for up to a second.
-const FAST_TIMERS: &str =
-    " timers lsa min-arrival 0\n timers throttle spf 0 50 500\n timers throttle lsa all 0\n";
+fn fast_timers(family: Family) -> &'static str {
+    match family {
+        Family::V4 => {
+            " timers lsa min-arrival 0\n timers throttle spf 0 50 500\n timers throttle lsa all 0\n"
+        }
+        // ospf6d has no `timers throttle lsa`.
+        Family::V6 => " timers lsa min-arrival 0\n timers throttle spf 0 50 500\n",
+    }
+}
 
-fn dn_ospfd(cluster: &Cluster, ospf: &Ospf, dn: &DnSpec, router_id: Ipv4Addr) -> String {
+/// A DN's ospfd.conf (IPv4) or ospf6d.conf (IPv6): the route map that sets each exported
+/// route's cost from the address plan, then the OSPF router.
+fn dn_ospfd(
+    cluster: &Cluster,
+    ospf: &Ospf,
+    dn: &DnSpec,
+    router_id: Ipv4Addr,
+    family: Family,
+) -> String {
+    let (ip, tag, host) = (family.ip(), family.tag(), family.host_len());
     let mut out = format!("{HEADER}hostname {}\n", dn.name);
     let mut seq = 5;
-    let _ = writeln!(
-        out,
-        "ip prefix-list HOLDFAST-OWN seq {seq} permit {} le 32",
-        dn.plan.pool
-    );
+    if let Some(pool) = family.pool(dn) {
+        let _ = writeln!(
+            out,
+            "{ip} prefix-list HOLDFAST{tag}-OWN seq {seq} permit {pool} le {host}"
+        );
+    }
     for route in standing(cluster, &dn.name) {
         if let Reason::Standby { .. } = route.reason {
+            if !family.carries(cluster, &route.net) {
+                continue;
+            }
             let _ = writeln!(
                 out,
-                "ip prefix-list HOLDFAST-BACKED seq {seq} permit {}",
+                "{ip} prefix-list HOLDFAST{tag}-BACKED seq {seq} permit {}",
                 route.net
             );
             seq += 5;
@@ -103,42 +206,60 @@ fn dn_ospfd(cluster: &Cluster, ospf: &Ospf, dn: &DnSpec, router_id: Ipv4Addr) ->
     }
     seq = 5;
     for other in cluster.dns.iter().filter(|o| o.name != dn.name) {
+        let Some(pool) = family.pool(other) else {
+            continue;
+        };
         let _ = writeln!(
             out,
-            "ip prefix-list HOLDFAST-SERVED seq {seq} permit {} le 32",
-            other.plan.pool
+            "{ip} prefix-list HOLDFAST{tag}-SERVED seq {seq} permit {pool} le {host}"
         );
         seq += 5;
     }
     let clause = |out: &mut String, n: u32, list: &str, cost: u32| {
         let _ = write!(
             out,
-            "route-map HOLDFAST permit {n}\n match ip address prefix-list {list}\n set metric {cost}\n"
+            "route-map HOLDFAST{tag} permit {n}\n match {ip} address prefix-list HOLDFAST{tag}-{list}\n set metric {cost}\n"
         );
     };
     out.push_str("!\n");
-    clause(&mut out, 10, "HOLDFAST-OWN", ospf.home_cost);
-    if out.contains("HOLDFAST-BACKED") {
-        clause(&mut out, 20, "HOLDFAST-BACKED", ospf.standby_cost);
+    if out.contains(&format!("HOLDFAST{tag}-OWN")) {
+        clause(&mut out, 10, "OWN", ospf.home_cost);
     }
-    if out.contains("HOLDFAST-SERVED") {
-        clause(&mut out, 30, "HOLDFAST-SERVED", ospf.active_cost);
+    if out.contains(&format!("HOLDFAST{tag}-BACKED")) {
+        clause(&mut out, 20, "BACKED", ospf.standby_cost);
     }
-    router_ospf(&mut out, ospf, router_id, &dn.ospf_interface);
-    out.push_str(" redistribute kernel metric-type 1 route-map HOLDFAST\n");
-    out.push_str(FAST_TIMERS);
+    if out.contains(&format!("HOLDFAST{tag}-SERVED")) {
+        clause(&mut out, 30, "SERVED", ospf.active_cost);
+    }
+    router_ospf(&mut out, ospf, router_id, &dn.ospf_interface, family);
+    let _ = writeln!(
+        out,
+        " redistribute kernel metric-type 1 route-map HOLDFAST{tag}"
+    );
+    out.push_str(fast_timers(family));
     out
 }
 
-fn esr_ospfd(ospf: &Ospf, name: &str, router_id: Ipv4Addr, interface: &str) -> String {
+fn esr_ospfd(
+    ospf: &Ospf,
+    name: &str,
+    router_id: Ipv4Addr,
+    interface: &str,
+    family: Family,
+) -> String {
     let mut out = format!("{HEADER}hostname {name}\n");
-    router_ospf(&mut out, ospf, router_id, interface);
-    out.push_str(FAST_TIMERS);
+    router_ospf(&mut out, ospf, router_id, interface, family);
+    out.push_str(fast_timers(family));
     out
 }
 
-/// FRR configuration (zebra, ospfd, and bfdd unless BFD is off) for every DN and ESR of the
-/// cluster.
+/// Whether any DN has an IPv6 pool: then every DN and ESR runs OSPFv3 beside OSPFv2.
+fn dual_stack(cluster: &Cluster) -> bool {
+    cluster.dns.iter().any(|d| d.plan6.is_some())
+}
+
+/// FRR configuration (zebra, ospfd, ospf6d in a dual-stack cluster, and bfdd unless BFD is off)
+/// for every DN and ESR of the cluster.
 pub fn frr(cluster: &Cluster) -> Result<Vec<File>, PlanError> {
     let ospf = cluster.ospf.as_ref().ok_or(PlanError::NoOspf)?;
     let mut files = Vec::new();
@@ -161,8 +282,14 @@ pub fn frr(cluster: &Cluster) -> Result<Vec<File>, PlanError> {
         });
         files.push(File {
             path: format!("{}/ospfd.conf", dn.name),
-            text: dn_ospfd(cluster, ospf, dn, router_id),
+            text: dn_ospfd(cluster, ospf, dn, router_id, Family::V4),
         });
+        if dual_stack(cluster) {
+            files.push(File {
+                path: format!("{}/ospf6d.conf", dn.name),
+                text: dn_ospfd(cluster, ospf, dn, router_id, Family::V6),
+            });
+        }
         bfdd_conf(&mut files, &dn.name);
     }
     for esr in &ospf.esrs {
@@ -170,10 +297,15 @@ pub fn frr(cluster: &Cluster) -> Result<Vec<File>, PlanError> {
             path: format!("{}/zebra.conf", esr.name),
             text: zebra(&esr.name),
         });
-        files.push(File {
-            path: format!("{}/ospfd.conf", esr.name),
-            text: esr_ospfd(ospf, &esr.name, esr.router_id, &esr.ospf_interface),
-        });
+        for (family, daemon) in [(Family::V4, "ospfd"), (Family::V6, "ospf6d")] {
+            if family == Family::V6 && !dual_stack(cluster) {
+                continue;
+            }
+            files.push(File {
+                path: format!("{}/{daemon}.conf", esr.name),
+                text: esr_ospfd(ospf, &esr.name, esr.router_id, &esr.ospf_interface, family),
+            });
+        }
         bfdd_conf(&mut files, &esr.name);
     }
     Ok(files)
@@ -192,6 +324,20 @@ pub fn bird(cluster: &Cluster) -> Result<Vec<File>, PlanError> {
     let area = ospf.area;
     let hello = ospf.hello_interval_secs;
     let dead = ospf.dead_interval_secs;
+    let dual = dual_stack(cluster);
+    let ospf_protocol =
+        |name: &str, channel: &str, interface: &str, export: &str, bfd_yes: &str| {
+            format!(
+                "protocol ospf {name} {{\n  \
+             tick 1;\n  \
+             merge external yes;\n  \
+             {channel} {{ import all; export {export}; }};\n  \
+             area {area} {{\n    \
+             interface \"{interface}\" {{ hello {hello}; dead {dead};{bfd_yes} }};\n  \
+             }};\n\
+             }}\n"
+            )
+        };
     let ospf_block = |interface: &str, export: &str| {
         let mut out = String::new();
         let mut bfd_yes = "";
@@ -208,35 +354,36 @@ pub fn bird(cluster: &Cluster) -> Result<Vec<File>, PlanError> {
             );
             bfd_yes = " bfd yes;";
         }
-        let _ = write!(
-            out,
-            "protocol ospf v2 holdfast {{\n  \
-             tick 1;\n  \
-             merge external yes;\n  \
-             ipv4 {{ import all; export {export}; }};\n  \
-             area {area} {{\n    \
-             interface \"{interface}\" {{ hello {hello}; dead {dead};{bfd_yes} }};\n  \
-             }};\n\
-             }}\n"
-        );
+        out.push_str(&ospf_protocol(
+            "v2 holdfast",
+            "ipv4",
+            interface,
+            export,
+            bfd_yes,
+        ));
+        if dual {
+            // OSPFv3 for the IPv6 pools, on the interface's link-local address; BFD as above.
+            let export6 = export.replace("holdfast_out", "holdfast_out6");
+            out.push_str(&ospf_protocol(
+                "v3 holdfast6",
+                "ipv6",
+                interface,
+                &export6,
+                bfd_yes,
+            ));
+        }
         out
     };
-    for dn in &cluster.dns {
-        let Some(router_id) = dn.router_id else {
-            return Err(PlanError::NoOspf);
-        };
-        let mut text = format!(
-            "# Generated by esr-config from cluster.toml. Edit cluster.toml, not this file.\n\
-             router id {router_id};\n\
-             protocol device {{ }}\n\
-             # The DN's routes (protocol 200), learned from the kernel as they change; OSPF's\n\
-             # routes go into the kernel, where a restarted DN sees the blocks others serve.\n\
-             protocol kernel holdfast_kernel {{\n  \
+    // A DN's kernel protocol for one family and the filter that sets the OSPF cost of what it
+    // exports from the kernel metric.
+    let kernel_and_filter = |tag: &str, channel: &str| {
+        format!(
+            "protocol kernel holdfast_kernel{tag} {{\n  \
              learn;\n  \
-             ipv4 {{ preference 200; import where krt_source = 200; export where source ~ [ RTS_OSPF, RTS_OSPF_EXT1, RTS_OSPF_EXT2 ]; }};\n\
+             {channel} {{ preference 200; import where krt_source = 200; export where source ~ [ RTS_OSPF, RTS_OSPF_EXT1, RTS_OSPF_EXT2 ]; }};\n\
              }}\n\
-             filter holdfast_out {{\n  \
-             if proto != \"holdfast_kernel\" then reject;\n  \
+             filter holdfast_out{tag} {{\n  \
+             if proto != \"holdfast_kernel{tag}\" then reject;\n  \
              ospf_metric1 = {standby};\n  \
              if krt_metric <= {home_metric} then ospf_metric1 = {home};\n  \
              if krt_metric <= {active_metric} then ospf_metric1 = {active};\n  \
@@ -247,7 +394,23 @@ pub fn bird(cluster: &Cluster) -> Result<Vec<File>, PlanError> {
             active = ospf.active_cost,
             home_metric = m.home,
             active_metric = m.active,
+        )
+    };
+    for dn in &cluster.dns {
+        let Some(router_id) = dn.router_id else {
+            return Err(PlanError::NoOspf);
+        };
+        let mut text = format!(
+            "# Generated by esr-config from cluster.toml. Edit cluster.toml, not this file.\n\
+             router id {router_id};\n\
+             protocol device {{ }}\n\
+             # The DN's routes (protocol 200), learned from the kernel as they change; OSPF's\n\
+             # routes go into the kernel, where a restarted DN sees the blocks others serve.\n"
         );
+        text.push_str(&kernel_and_filter("", "ipv4"));
+        if dual {
+            text.push_str(&kernel_and_filter("6", "ipv6"));
+        }
         text.push_str(&ospf_block(&dn.ospf_interface, "filter holdfast_out"));
         files.push(File {
             path: format!("{}/bird.conf", dn.name),
@@ -266,6 +429,11 @@ pub fn bird(cluster: &Cluster) -> Result<Vec<File>, PlanError> {
              }}\n",
             esr.router_id
         );
+        if dual {
+            text.push_str(
+                "protocol kernel {\n  merge paths yes;\n  ipv6 { import none; export all; };\n}\n",
+            );
+        }
         text.push_str(&ospf_block(&esr.ospf_interface, "none"));
         files.push(File {
             path: format!("{}/bird.conf", esr.name),

@@ -74,13 +74,106 @@ fn bfd_off_leaves_bfd_out() {
 /// from scripts/install-deps.sh.
 #[test]
 fn frr_accepts_every_file() {
-    let dir = std::env::temp_dir().join(format!("esr-config-dryrun-{}", std::process::id()));
+    frr_dryrun(
+        "plain",
+        holdfast_esr_config::frr(&example_cluster()).unwrap(),
+    );
+}
+
+/// The example with an IPv6 pool beside every DN's IPv4 pool.
+fn dual_stack_cluster() -> Cluster {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut text = std::fs::read_to_string(root.join("examples/cluster-ospf.toml")).unwrap();
+    for i in 0..3 {
+        text = text.replace(
+            &format!("pool = \"10.20{i}.0.0/24\"\n"),
+            &format!("pool = \"10.20{i}.0.0/24\"\npool6 = \"fd00:20{i}::/64\"\n"),
+        );
+    }
+    Cluster::parse(&text, &root).unwrap()
+}
+
+/// A dual-stack cluster gets OSPFv3 beside OSPFv2 on every DN and ESR, with the same cost
+/// scheme over the IPv6 pools, and FRR and BIRD accept it.
+#[test]
+fn dual_stack_adds_ospfv3_that_frr_and_bird_accept() {
+    let cluster = dual_stack_cluster();
+    let frr = holdfast_esr_config::frr(&cluster).unwrap();
+    let ospf6: Vec<&str> = frr
+        .iter()
+        .filter(|f| f.path.ends_with("/ospf6d.conf"))
+        .map(|f| f.path.as_str())
+        .collect();
+    assert_eq!(
+        ospf6,
+        [
+            "dn1/ospf6d.conf",
+            "dn2/ospf6d.conf",
+            "dn3/ospf6d.conf",
+            "esr1/ospf6d.conf",
+            "esr2/ospf6d.conf"
+        ]
+    );
+    let dn1 = &frr
+        .iter()
+        .find(|f| f.path == "dn1/ospf6d.conf")
+        .unwrap()
+        .text;
+    for line in [
+        "ipv6 prefix-list HOLDFAST6-OWN seq 5 permit fd00:200::/64 le 128",
+        "ipv6 prefix-list HOLDFAST6-BACKED seq 5 permit fd00:201::/65",
+        "ipv6 prefix-list HOLDFAST6-SERVED seq 10 permit fd00:202::/64 le 128",
+        " match ipv6 address prefix-list HOLDFAST6-BACKED\n set metric 30",
+        " ipv6 ospf6 area 0.0.0.0",
+        " ipv6 ospf6 bfd profile holdfast",
+        " ospf6 router-id 10.9.0.1",
+        " redistribute kernel metric-type 1 route-map HOLDFAST6",
+    ] {
+        assert!(
+            dn1.contains(line),
+            "{line:?} missing from dn1/ospf6d.conf:\n{dn1}"
+        );
+    }
+    // The IPv4 plane is what it was: no IPv6 pool in ospfd.
+    let plain = holdfast_esr_config::frr(&example_cluster()).unwrap();
+    let v4 = |files: &[holdfast_esr_config::File]| {
+        files
+            .iter()
+            .find(|f| f.path == "dn1/ospfd.conf")
+            .unwrap()
+            .text
+            .clone()
+    };
+    assert_eq!(v4(&frr), v4(&plain));
+    frr_dryrun("dual", frr);
+    let bird = holdfast_esr_config::bird(&cluster).unwrap();
+    let dn1 = &bird
+        .iter()
+        .find(|f| f.path == "dn1/bird.conf")
+        .unwrap()
+        .text;
+    for part in [
+        "protocol kernel holdfast_kernel6",
+        "filter holdfast_out6",
+        "protocol ospf v3 holdfast6",
+        "ipv6 { import all; export filter holdfast_out6; };",
+    ] {
+        assert!(
+            dn1.contains(part),
+            "{part:?} missing from dn1/bird.conf:\n{dn1}"
+        );
+    }
+    bird_parse("dual", bird);
+}
+
+/// Runs each FRR daemon's own parser (`--dryrun`) over its generated file.
+fn frr_dryrun(case: &str, files: Vec<holdfast_esr_config::File>) {
+    let dir = std::env::temp_dir().join(format!("esr-config-dryrun-{case}-{}", std::process::id()));
     // bfdd binds its control socket even in a dry run, as the frr user it drops to; never the
     // default one, which a running bfdd owns.
     let bfdctl = dir.join("bfdctl");
     std::fs::create_dir_all(&bfdctl).unwrap();
     std::fs::set_permissions(&bfdctl, std::fs::Permissions::from_mode(0o1777)).unwrap();
-    let files = holdfast_esr_config::frr(&example_cluster()).unwrap();
     assert!(files.iter().any(|f| f.path.ends_with("bfdd.conf")));
     for file in files {
         let daemon = file
@@ -131,10 +224,14 @@ fn frr_accepts_every_file() {
 /// BIRD's own parser (`bird -p`) accepts every generated bird.conf.
 #[test]
 fn bird_accepts_every_file() {
-    let dir = std::env::temp_dir().join(format!("esr-config-bird-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     let files = holdfast_esr_config::bird(&example_cluster()).unwrap();
     assert_eq!(files.len(), 5);
+    bird_parse("plain", files);
+}
+
+fn bird_parse(case: &str, files: Vec<holdfast_esr_config::File>) {
+    let dir = std::env::temp_dir().join(format!("esr-config-bird-{case}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
     for file in files {
         let conf = dir.join(file.path.replace('/', "-"));
         std::fs::write(&conf, &file.text).unwrap();

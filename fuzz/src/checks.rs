@@ -99,15 +99,37 @@ fn verdict(claim: &LeaseClaim, now: u64) -> Result<(), TicketError> {
             address: claim.address,
             block: claim.block,
         })
+    } else if let Some(v6) = claim
+        .address6
+        .filter(|v6| !v6.block.contains(&IpAddr::V6(v6.address)))
+    {
+        Err(TicketError::AddressOutsideBlock {
+            address: v6.address.into(),
+            block: v6.block,
+        })
     } else {
-        match cluster().keys.pool(&claim.issuer) {
+        let keys = &cluster().keys;
+        let outside = |block, pool| TicketError::OutsideIssuerPool {
+            issuer: claim.issuer.clone(),
+            block,
+            pool,
+        };
+        match keys.pool(&claim.issuer) {
             // The block must be a subnet of the issuer's pool (ipnet's own test of that).
-            Some(pool) if !pool.contains(&claim.block) => Err(TicketError::OutsideIssuerPool {
-                issuer: claim.issuer.clone(),
-                block: claim.block,
-                pool,
-            }),
-            _ => Ok(()),
+            Some(pool) if !pool.contains(&claim.block) => Err(outside(claim.block, pool)),
+            // A DN whose pools are known vouches for an IPv6 address only in its IPv6 pool.
+            Some(_) => match (claim.address6, keys.pool6(&claim.issuer)) {
+                (None, _) => Ok(()),
+                (Some(v6), None) => Err(TicketError::NoIpv6Pool {
+                    issuer: claim.issuer.clone(),
+                    block: v6.block,
+                }),
+                (Some(v6), Some(pool6)) if !pool6.contains(&v6.block) => {
+                    Err(outside(v6.block, pool6))
+                }
+                _ => Ok(()),
+            },
+            None => Ok(()),
         }
     }
 }
@@ -250,21 +272,29 @@ pub fn lease_record(data: &[u8]) {
     }
 }
 
-/// A record made of raw bytes: expiry, an address family byte and address, then the identity.
+/// A record made of raw bytes: expiry, an address family byte and address, with bit 1 of that
+/// byte an IPv6 address (dual stack), then the identity.
 fn record_from(data: &[u8]) -> Option<LeaseRecord> {
     let (expires, rest) = data.split_first_chunk::<8>()?;
     let (family, rest) = rest.split_first()?;
-    let (address, identity): (IpAddr, _) = if family & 1 == 0 {
+    let (address, rest): (IpAddr, _) = if family & 1 == 0 {
         let (a, rest) = rest.split_first_chunk::<4>()?;
         (Ipv4Addr::from(*a).into(), rest)
     } else {
         let (a, rest) = rest.split_first_chunk::<16>()?;
         (Ipv6Addr::from(*a).into(), rest)
     };
+    let (address6, identity) = if family & 2 == 0 {
+        (None, rest)
+    } else {
+        let (a, rest) = rest.split_first_chunk::<16>()?;
+        (Some(Ipv6Addr::from(*a)), rest)
+    };
     Some(LeaseRecord {
         identity: String::from_utf8_lossy(identity).into_owned(),
         address,
         expires_at: u64::from_be_bytes(*expires),
+        address6,
     })
 }
 

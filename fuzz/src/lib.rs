@@ -32,7 +32,7 @@ pub const TARGETS: &[(&str, Check)] = &[
 ];
 
 /// The cluster the checks decode for: three DNs whose keys it knows (dn1 and dn2 with their
-/// pools, dn3 with none, as in a `cluster.toml` that names no pool for it), and a stranger's
+/// pools, dn1 dual stack with an IPv6 pool too, dn3 with none, as in a `cluster.toml` that names no pool for it), and a stranger's
 /// key that signs as a DN of another cluster would.
 pub struct Cluster {
     pub dn1: SigningKey,
@@ -66,6 +66,7 @@ pub fn cluster() -> &'static Cluster {
         keys.insert("dn2", dn2.verifying_key());
         keys.insert("dn3", dn3.verifying_key());
         keys.insert_pool("dn1", "10.200.0.0/16".parse().unwrap());
+        keys.insert_pool6("dn1", "fd00:210::/48".parse().unwrap());
         keys.insert_pool("dn2", "fd00:200::/48".parse().unwrap());
         Cluster {
             dn1,

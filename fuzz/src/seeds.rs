@@ -9,7 +9,7 @@ use holdfast_proto::control::{Lease, Message, RefuseCode, MAX_FAILOVER, MAX_REAS
 use holdfast_proto::dn::LeaseRecord;
 use holdfast_proto::dns::{DnsSettings, MAX_DOMAIN, MAX_SEARCH};
 use holdfast_proto::fd::LocalMessage;
-use holdfast_proto::lease::{LeaseClaim, LeaseTicket};
+use holdfast_proto::lease::{Lease6, LeaseClaim, LeaseTicket};
 use holdfast_proto::peer::{Notice, PeerNotice};
 use holdfast_proto::probe;
 
@@ -29,8 +29,19 @@ fn ticket(issuer: &str, address: &str, block: &str) -> LeaseTicket {
         block: block.parse().unwrap(),
         issued_at: NOW - 60,
         expires_at: NOW + 3600,
+        address6: None,
     }
     .sign(cluster().key_for(issuer))
+}
+
+/// A dual-stack ticket of dn1's: an IPv4 and an IPv6 address.
+fn dual_ticket() -> LeaseTicket {
+    let mut claim = ticket("dn1", "10.200.0.5", "10.200.0.0/25").claim;
+    claim.address6 = Some(Lease6 {
+        address: "fd00:210::5".parse().unwrap(),
+        block: "fd00:210::/49".parse().unwrap(),
+    });
+    claim.sign(cluster().key_for("dn1"))
 }
 
 /// A domain name of the greatest length a lease carries, different for each `i` below 10.
@@ -108,11 +119,12 @@ pub fn all() -> Vec<Seed> {
         let d = sealed(n);
         [&[1, 0], &d[..d.len() - 64]].concat()
     };
-    let record = |identity: &str, address: &str| {
+    let record = |identity: &str, address: &str, address6: Option<&str>| {
         LeaseRecord {
             identity: identity.into(),
             address: address.parse().unwrap(),
             expires_at: NOW + 3600,
+            address6: address6.map(|a| a.parse().unwrap()),
         }
         .to_line()
             + "\n"
@@ -171,6 +183,14 @@ pub fn all() -> Vec<Seed> {
         ),
         (
             "control",
+            "leased-dual",
+            frames(&[Message::Leased(Lease {
+                ticket: dual_ticket(),
+                ..lease.clone()
+            })]),
+        ),
+        (
+            "control",
             "leased-dns",
             frames(&[Message::Leased(Lease {
                 dns: DnsSettings {
@@ -196,6 +216,7 @@ pub fn all() -> Vec<Seed> {
             ]),
         ),
         ("lease_ticket", "v4", v4.encode()),
+        ("lease_ticket", "dual", dual_ticket().encode()),
         (
             "lease_ticket",
             "v6",
@@ -249,12 +270,17 @@ pub fn all() -> Vec<Seed> {
         (
             "lease_record",
             "v4",
-            record("laptop-1", "10.200.0.5").into_bytes(),
+            record("laptop-1", "10.200.0.5", None).into_bytes(),
         ),
         (
             "lease_record",
             "v6",
-            record("CN=é ü", "fd00:200::5").into_bytes(),
+            record("CN=é ü", "fd00:200::5", None).into_bytes(),
+        ),
+        (
+            "lease_record",
+            "dual",
+            record("laptop-1", "10.200.0.5", Some("fd00:210::5")).into_bytes(),
         ),
         ("packet", "v4-tcp-df", with_mtu(1380, ipv4(6, 60, true))),
         ("packet", "v4-echo", with_mtu(40, echo_request)),

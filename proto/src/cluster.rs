@@ -93,6 +93,7 @@ struct RawCluster {
     revoked_clients: Vec<String>,
     lease_lifetime_secs: Option<u64>,
     block_prefix: Option<u8>,
+    block_prefix6: Option<u8>,
     active_metric: Option<u32>,
     home_metric: Option<u32>,
     standby_metric: Option<u32>,
@@ -105,6 +106,7 @@ struct RawDn {
     endpoint: String,
     listen: Option<String>,
     pool: String,
+    pool6: Option<String>,
     public_key: String,
     signing_key: Option<PathBuf>,
     cert: Option<PathBuf>,
@@ -253,6 +255,9 @@ pub struct DnSpec {
     /// The UDP address the DN binds.
     pub listen: SocketAddr,
     pub plan: PoolPlan,
+    /// The IPv6 pool of a dual-stack DN (`pool6`), split among the same backups as `plan`;
+    /// `plan` is then the IPv4 pool.
+    pub plan6: Option<PoolPlan>,
     pub public_key: VerifyingKey,
     /// Files only the DN itself needs; `None` where this copy of the config omits them.
     pub signing_key: Option<PathBuf>,
@@ -456,6 +461,100 @@ fn parse_dns(i: usize, d: &RawDn) -> Result<DnsSettings, ConfigError> {
         dns.search.push(name.clone());
     }
     Ok(dns)
+}
+
+/// The `pool6` of each DN: IPv6, beside an IPv4 `pool`, overlapping no other pool.
+fn parse_pools6(
+    raw: &[RawDn],
+    pools: &[IpNet],
+    locator: &Locator,
+) -> Result<Vec<Option<IpNet>>, ConfigError> {
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, d) in raw.iter().enumerate() {
+        let key = format!("dn[{i}].pool6");
+        let Some(text) = &d.pool6 else {
+            out.push(None);
+            continue;
+        };
+        let net = parse_net(&key, text)?;
+        if !matches!(net, IpNet::V6(_)) {
+            return Err(invalid(
+                key,
+                format!("{net} is not an IPv6 network like fd00:200::/64"),
+            ));
+        }
+        if !matches!(pools[i], IpNet::V4(_)) {
+            return Err(invalid(
+                key,
+                format!(
+                    "a second pool needs an IPv4 pool beside it, and {} is IPv6",
+                    pools[i]
+                ),
+            ));
+        }
+        // Short enough to split into blocks that hold the IPv4 blocks' clients, long enough
+        // not to take a whole site's space for one DN.
+        if !(32..=120).contains(&net.prefix_len()) {
+            return Err(invalid(
+                key,
+                format!("/{} is outside /32..=/120", net.prefix_len()),
+            ));
+        }
+        let earlier = out
+            .iter()
+            .enumerate()
+            .filter_map(|(j, p): (usize, &Option<IpNet>)| p.map(|p| (format!("dn[{j}].pool6"), p)));
+        let v4 = pools
+            .iter()
+            .enumerate()
+            .map(|(j, p)| (format!("dn[{j}].pool"), *p));
+        for (other_key, other) in earlier.chain(v4).collect::<Vec<_>>() {
+            if other.contains(&net) || net.contains(&other) {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{net} ({}) overlaps {other} ({})",
+                        d.name,
+                        locator.refer(&other_key)
+                    ),
+                ));
+            }
+        }
+        out.push(Some(net));
+    }
+    Ok(out)
+}
+
+/// Splits a DN's IPv6 pool as its IPv4 pool is split. Every IPv6 block must hold at least as
+/// many addresses as the IPv4 block it pairs with: a client's IPv6 address sits at its IPv4
+/// address's place ([`PoolPlan::twin`]).
+fn plan_pool6(
+    pool6: IpNet,
+    others: &[String],
+    plan: &PoolPlan,
+    block_prefix6: Option<u8>,
+    locator: &Locator,
+) -> Result<PoolPlan, String> {
+    let plan6 = PoolPlan::new(pool6, others, block_prefix6).map_err(|e| {
+        let mut message = e.to_string();
+        if block_prefix6.is_some() {
+            let _ = write!(
+                message,
+                " (block size from {})",
+                locator.refer("cluster.block_prefix6")
+            );
+        }
+        message
+    })?;
+    let host_bits = |n: IpNet| n.max_prefix_len() - n.prefix_len();
+    let (v4, v6) = (plan.blocks[0].net, plan6.blocks[0].net);
+    if host_bits(v6) < host_bits(v4) {
+        return Err(format!(
+            "its blocks ({v6}) hold fewer addresses than the IPv4 pool's ({v4}): they need at most /{}",
+            128 - host_bits(v4)
+        ));
+    }
+    Ok(plan6)
 }
 
 fn parse_ospf(
@@ -687,6 +786,7 @@ impl Cluster {
                 ),
             ));
         }
+        let pools6 = parse_pools6(&raw.dn, &pools, locator)?;
         let mut dns = Vec::with_capacity(raw.dn.len());
         for (i, (d, pool)) in raw.dn.iter().zip(&pools).enumerate() {
             let key = |field: &str| format!("dn[{i}].{field}");
@@ -707,6 +807,13 @@ impl Cluster {
                 }
                 invalid(key("pool"), message)
             })?;
+            let plan6 = match pools6[i] {
+                Some(pool6) => Some(
+                    plan_pool6(pool6, &others, &plan, c.block_prefix6, locator)
+                        .map_err(|m| invalid(key("pool6"), m))?,
+                ),
+                None => None,
+            };
             let endpoint = parse_socket(&key("endpoint"), &d.endpoint)?;
             let listen = match &d.listen {
                 Some(l) => parse_socket(&key("listen"), l)?,
@@ -748,6 +855,7 @@ impl Cluster {
                 endpoint,
                 listen,
                 plan,
+                plan6,
                 public_key,
                 signing_key: d.signing_key.clone().map(resolve),
                 cert: d.cert.clone().map(resolve),
@@ -823,6 +931,9 @@ impl Cluster {
         for d in &self.dns {
             keys.insert(d.name.clone(), d.public_key);
             keys.insert_pool(d.name.clone(), d.plan.pool);
+            if let Some(plan6) = &d.plan6 {
+                keys.insert_pool6(d.name.clone(), plan6.pool);
+            }
         }
         keys
     }
@@ -1114,6 +1225,50 @@ mod tests {
             "dns_search = [\"a\", \"b\", \"c\", \"d\", \"e\", \"f\", \"g\"]\n"
         ))
         .starts_with("cluster.toml:16: dn[1].dns_search: 7 domains, at most 6"));
+    }
+
+    #[test]
+    fn ipv6_pools_are_split_like_ipv4_pools_and_checked() {
+        let base = cluster(&(dn("dn1", "10.200.0.0/24") + &dn("dn2", "10.201.0.0/24")));
+        // dn[0] is lines 4-9, dn[1] 10-15: a key appended goes to dn[1], line 16.
+        let with = |pool6: &str| format!("{base}pool6 = \"{pool6}\"\n");
+        let c = Cluster::parse(&with("fd00:201::/64"), Path::new("/")).unwrap();
+        assert!(c.dn("dn1").unwrap().plan6.is_none());
+        let p = c.dn("dn2").unwrap().plan6.as_ref().unwrap();
+        // One other DN: one block, the whole pool, as for IPv4.
+        assert_eq!(p.blocks[0].net.to_string(), "fd00:201::/64");
+        assert_eq!(p.blocks[0].backup.as_deref(), Some("dn1"));
+        assert_eq!(p.gateway().to_string(), "fd00:201::1");
+        assert_eq!(
+            c.issuer_keys().pool6("dn2"),
+            Some("fd00:201::/64".parse().unwrap())
+        );
+        assert_eq!(
+            err(&with("10.202.0.0/24")),
+            "cluster.toml:16: dn[1].pool6: 10.202.0.0/24 is not an IPv6 network like fd00:200::/64"
+        );
+        assert_eq!(
+            err(&with("fd00::/16")),
+            "cluster.toml:16: dn[1].pool6: /16 is outside /32..=/120"
+        );
+        let wide = base.replace("10.201.0.0/24", "10.200.4.0/22");
+        assert_eq!(
+            err(&format!("{wide}pool6 = \"fd00:201::/120\"\n")),
+            "cluster.toml:16: dn[1].pool6: its blocks (fd00:201::/120) hold fewer addresses \
+             than the IPv4 pool's (10.200.4.0/22): they need at most /118"
+        );
+        let both = base.replace(
+            "pool = \"10.200.0.0/24\"\n",
+            "pool = \"10.200.0.0/24\"\npool6 = \"fd00:200::/48\"\n",
+        );
+        // dn[0].pool6 is line 8, so dn[1] is lines 11-16 and its pool6 line 17.
+        assert_eq!(
+            err(&format!("{both}pool6 = \"fd00:200:0:1::/64\"\n")),
+            "cluster.toml:17: dn[1].pool6: fd00:200:0:1::/64 (dn2) overlaps fd00:200::/48 \
+             (dn[0].pool6, line 8)"
+        );
+        let v6_pool = cluster(&dn("dn1", "fd00:1::/64")) + "pool6 = \"fd00:2::/64\"\n";
+        assert!(err(&v6_pool).starts_with("cluster.toml:10: dn[0].pool6: a second pool needs"));
     }
 
     #[test]

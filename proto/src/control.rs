@@ -356,6 +356,7 @@ mod tests {
             block: "0.0.0.0/0".parse().unwrap(),
             issued_at: 0,
             expires_at,
+            address6: None,
         }
         .sign(&SigningKey::from_bytes(&[3; 32]))
     }

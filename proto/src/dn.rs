@@ -5,12 +5,12 @@
 //! that reconnects gets the same address back), and hands out free addresses block by block.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 
 use ed25519_dalek::SigningKey;
 
 use crate::control::RefuseCode;
-use crate::lease::{IssuerKeys, LeaseClaim, LeaseTicket, TicketError};
+use crate::lease::{IssuerKeys, Lease6, LeaseClaim, LeaseTicket, TicketError};
 use crate::plan::PoolPlan;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -74,6 +74,8 @@ pub struct LeaseRecord {
     pub identity: String,
     pub address: IpAddr,
     pub expires_at: u64,
+    /// The IPv6 address of a dual-stack lease.
+    pub address6: Option<Ipv6Addr>,
 }
 
 /// The journal's word for an empty identity; not a base64 character, so never an identity.
@@ -85,11 +87,13 @@ impl LeaseRecord {
             identity: claim.identity.clone(),
             address: claim.address,
             expires_at: claim.expires_at,
+            address6: claim.address6.map(|v6| v6.address),
         }
     }
 
-    /// One line of the DN's lease journal: `EXPIRES ADDRESS IDENTITY`, the identity in base64
-    /// so that any certificate name fits on one line. An empty identity (a certificate whose
+    /// One line of the DN's lease journal: `EXPIRES ADDRESS IDENTITY [ADDRESS6]`, the identity
+    /// in base64 so that any certificate name fits on one line; a lease without IPv6 has no
+    /// fourth field, as before dual stack. An empty identity (a certificate whose
     /// common name is empty) is written [`EMPTY_IDENTITY`]: an empty last field would be
     /// trimmed away with the line break, and the line taken for a torn write.
     pub fn to_line(&self) -> String {
@@ -98,7 +102,10 @@ impl LeaseRecord {
             "" => EMPTY_IDENTITY.to_owned(),
             id => base64::engine::general_purpose::STANDARD.encode(id),
         };
-        format!("{} {} {identity}", self.expires_at, self.address)
+        match self.address6 {
+            Some(v6) => format!("{} {} {identity} {v6}", self.expires_at, self.address),
+            None => format!("{} {} {identity}", self.expires_at, self.address),
+        }
     }
 
     /// `None` for a line that is not a record (a torn last write, say).
@@ -111,6 +118,10 @@ impl LeaseRecord {
             EMPTY_IDENTITY => Vec::new(),
             b64 => base64::engine::general_purpose::STANDARD.decode(b64).ok()?,
         };
+        let address6 = match parts.next() {
+            Some(v6) => Some(v6.parse().ok()?),
+            None => None,
+        };
         if parts.next().is_some() {
             return None;
         }
@@ -118,6 +129,7 @@ impl LeaseRecord {
             identity: String::from_utf8(identity).ok()?,
             address,
             expires_at,
+            address6,
         })
     }
 }
@@ -125,6 +137,9 @@ impl LeaseRecord {
 pub struct LeaseBook {
     name: String,
     plan: PoolPlan,
+    /// A dual-stack DN's IPv6 pool: each lease gets the IPv6 twin of its IPv4 address
+    /// ([`PoolPlan::twin`]), so the IPv4 book decides both.
+    plan6: Option<PoolPlan>,
     signing_key: SigningKey,
     keys: IssuerKeys,
     lifetime_secs: u64,
@@ -149,6 +164,7 @@ impl LeaseBook {
         Self {
             name: name.into(),
             plan,
+            plan6: None,
             signing_key,
             keys,
             lifetime_secs,
@@ -156,6 +172,21 @@ impl LeaseBook {
             by_identity: HashMap::new(),
             cursors,
             held: Default::default(),
+        }
+    }
+
+    /// Leases an IPv6 address from `plan6` beside each IPv4 one.
+    pub fn with_plan6(mut self, plan6: Option<PoolPlan>) -> Self {
+        self.plan6 = plan6;
+        self
+    }
+
+    /// The IPv6 half of the lease at `address`, on a dual-stack DN.
+    fn twin(&self, address: IpAddr) -> Option<Lease6> {
+        let (twin, block) = self.plan.twin(address, self.plan6.as_ref()?)?;
+        match twin {
+            IpAddr::V6(address) => Some(Lease6 { address, block }),
+            IpAddr::V4(_) => None,
         }
     }
 
@@ -180,6 +211,7 @@ impl LeaseBook {
                 identity: h.identity.clone(),
                 address: *address,
                 expires_at: h.expires_at,
+                address6: self.twin(*address).map(|v6| v6.address),
             })
             .collect();
         out.sort_by_key(|r| r.expires_at);
@@ -268,6 +300,7 @@ impl LeaseBook {
             block,
             issued_at: now,
             expires_at,
+            address6: self.twin(address),
         }
         .sign(&self.signing_key)
     }
@@ -310,7 +343,11 @@ impl LeaseBook {
             .blocks
             .iter()
             .enumerate()
-            .filter(|(_, b)| !self.held.contains(&b.net))
+            .filter(|(i, b)| {
+                // A block is held if either family's half is: they move together.
+                let twin = self.plan6.as_ref().and_then(|p| p.blocks.get(*i));
+                !self.held.contains(&b.net) && !twin.is_some_and(|t| self.held.contains(&t.net))
+            })
             .min_by_key(|(_, b)| load(b.net))
             .map(|(i, b)| (i, b.clone()))
             .ok_or(if self.held.is_empty() {
@@ -382,6 +419,7 @@ mod tests {
             block: "10.200.0.0/24".parse().unwrap(),
             issued_at: 0,
             expires_at: 1000,
+            address6: None,
         }
         .sign(&SigningKey::from_bytes(&[1; 32]));
         assert!(matches!(
@@ -423,6 +461,56 @@ mod tests {
         assert_ne!(address(&c), address(&a));
     }
 
+    fn dual_book(name: &str) -> LeaseBook {
+        let seed = if name == "dn1" { 1 } else { 2 };
+        let mut keys = IssuerKeys::default();
+        keys.insert("dn1", SigningKey::from_bytes(&[1; 32]).verifying_key());
+        keys.insert("dn2", SigningKey::from_bytes(&[2; 32]).verifying_key());
+        keys.insert_pool("dn1", "10.200.0.0/24".parse().unwrap());
+        keys.insert_pool6("dn1", "fd00:200::/64".parse().unwrap());
+        keys.insert_pool("dn2", "10.201.0.0/24".parse().unwrap());
+        let (v4, v6) = if name == "dn1" {
+            ("10.200.0.0/24", "fd00:200::/64")
+        } else {
+            ("10.201.0.0/24", "fd00:201::/64")
+        };
+        let plan = PoolPlan::new(v4.parse().unwrap(), &["dnx".into()], None).unwrap();
+        let plan6 = PoolPlan::new(v6.parse().unwrap(), &["dnx".into()], None).unwrap();
+        LeaseBook::new(name, plan, SigningKey::from_bytes(&[seed; 32]), keys, 100)
+            .with_plan6(Some(plan6))
+    }
+
+    #[test]
+    fn a_dual_stack_lease_carries_both_addresses_everywhere_and_across_a_restart() {
+        let mut dn1 = dual_book("dn1");
+        let a = dn1.attach("a", None, 0).unwrap();
+        let v6 = a.ticket().claim.address6.unwrap();
+        assert_eq!(
+            (address(&a).to_string(), v6.address.to_string()),
+            ("10.200.0.2".into(), "fd00:200::2".into())
+        );
+        // A backup carries the ticket for both.
+        let mut dn2 = dual_book("dn2");
+        match dn2.attach("a", Some(a.ticket()), 1).unwrap() {
+            Grant::Foreign(f) => assert_eq!(f.claim.address6, Some(v6)),
+            other => panic!("expected a foreign grant, got {other:?}"),
+        }
+        // The journal keeps both; a restarted DN gives both back, and no one else either.
+        let records = dn1.records(1);
+        assert_eq!(records[0].address6, Some(v6.address));
+        let lines: Vec<String> = records.iter().map(|r| r.to_line()).collect();
+        let mut again = dual_book("dn1");
+        again.restore(lines.iter().filter_map(|l| LeaseRecord::from_line(l)), 1);
+        let back = again.attach("a", None, 2).unwrap();
+        assert_eq!(back.ticket().claim.address6, Some(v6));
+        let c = again.attach("c", None, 2).unwrap();
+        assert_ne!(c.ticket().claim.address6.unwrap().address, v6.address);
+        // A held IPv6 block holds its IPv4 twin too.
+        let mut held = dual_book("dn1");
+        held.set_held([held.plan6.as_ref().unwrap().blocks[0].net].into());
+        assert!(held.attach("d", None, 0).is_err());
+    }
+
     #[test]
     fn foreign_tickets_are_carried_not_owned() {
         let mut dn2 = book("dn2", "10.201.0.0/24");
@@ -445,6 +533,7 @@ mod tests {
                 identity: identity.into(),
                 address: "10.200.0.5".parse().unwrap(),
                 expires_at: 170,
+                address6: None,
             };
             let line = r.to_line() + "\n";
             assert_eq!(LeaseRecord::from_line(&line), Some(r), "{line:?}");
@@ -454,10 +543,20 @@ mod tests {
                 identity: String::new(),
                 address: "fd00::5".parse().unwrap(),
                 expires_at: 7,
+                address6: None,
             }
             .to_line(),
             "7 fd00::5 -"
         );
+        let dual = LeaseRecord {
+            identity: "a".into(),
+            address: "10.200.0.5".parse().unwrap(),
+            expires_at: 7,
+            address6: Some("fd00:200::5".parse().unwrap()),
+        };
+        assert_eq!(dual.to_line(), "7 10.200.0.5 YQ== fd00:200::5");
+        assert_eq!(LeaseRecord::from_line(&dual.to_line()), Some(dual));
+        assert_eq!(LeaseRecord::from_line("7 10.200.0.5 YQ== 10.0.0.1x"), None);
         // A line cut before its identity is still no record.
         assert_eq!(LeaseRecord::from_line("170 10.200.0.5 \n"), None);
         assert_eq!(LeaseRecord::from_line("170 10.200.0.5"), None);

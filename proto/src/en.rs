@@ -11,7 +11,10 @@
 //! the [`Action`]s it returns; [`Machine::poll_timeout`] says when to call
 //! [`Machine::handle_timeout`].
 
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
 
 use crate::backoff::Backoff;
 use crate::control::{Lease, RefuseCode};
@@ -661,9 +664,121 @@ pub fn change_dn_list<T: PartialEq>(running: &[(Dn, T)], wanted: &[T]) -> DnList
     }
 }
 
+/// The routes a client keeps for its lease, both families.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TunnelRoutes {
+    /// Into the TUN device: the pushed networks of a family the lease has an address of, a
+    /// default route as its two halves so that the host's own default route stays underneath
+    /// (and is untouched when the tunnel goes).
+    pub tunnel: Vec<IpNet>,
+    /// Unreachable until the client exits: what must not leave outside the tunnel but cannot
+    /// go into it. In a full tunnel (a default route pushed for either family), the other
+    /// family's halves when the tunnel does not carry that family whole, and pushed networks of
+    /// a family the lease has no address of.
+    pub unreachable: Vec<IpNet>,
+}
+
+impl TunnelRoutes {
+    /// Whether `ip` falls under one of these routes: a DN endpoint that does needs a host route
+    /// of its own outside the tunnel.
+    pub fn covers(&self, ip: &IpAddr) -> bool {
+        self.tunnel
+            .iter()
+            .chain(&self.unreachable)
+            .any(|n| n.contains(ip))
+    }
+}
+
+/// A network as the routes that stand for it: a default route as its two halves.
+pub fn halves(net: IpNet) -> Vec<IpNet> {
+    if net.prefix_len() == 0 {
+        net.subnets(1)
+            .map(|s| s.collect())
+            .unwrap_or_else(|_| vec![net])
+    } else {
+        vec![net]
+    }
+}
+
+/// What a client routes for a lease of `addresses` (one, or one of each family) with the pushed
+/// `routes`: in a full tunnel no traffic of either family leaves outside it.
+pub fn tunnel_routes(routes: &[IpNet], addresses: &[IpAddr]) -> TunnelRoutes {
+    let has = |v6: bool| addresses.iter().any(|a| a.is_ipv6() == v6);
+    let default = |v6: bool| -> IpNet {
+        if v6 {
+            IpNet::V6(Default::default())
+        } else {
+            IpNet::V4(Default::default())
+        }
+    };
+    let mut out = TunnelRoutes::default();
+    for net in routes {
+        let part = halves(*net);
+        if has(net.addr().is_ipv6()) {
+            out.tunnel.extend(part);
+        } else {
+            out.unreachable.extend(part);
+        }
+    }
+    let full = routes.iter().any(|n| n.prefix_len() == 0);
+    for v6 in [false, true] {
+        if full && !routes.contains(&default(v6)) {
+            out.unreachable.extend(halves(default(v6)));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_tunnel_lets_neither_family_leave_outside_it() {
+        let nets = |v: &[&str]| -> Vec<IpNet> { v.iter().map(|n| n.parse().unwrap()).collect() };
+        let show = |r: &TunnelRoutes| {
+            (
+                r.tunnel.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+                r.unreachable
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let v4: IpAddr = "10.200.0.2".parse().unwrap();
+        let v6: IpAddr = "fd00:200::2".parse().unwrap();
+        // IPv4 only, split tunnel: as before dual stack.
+        let r = tunnel_routes(&nets(&["10.0.2.0/24"]), &[v4]);
+        assert_eq!(show(&r), (vec!["10.0.2.0/24".into()], vec![]));
+        // A full IPv4 tunnel without an IPv6 address: IPv6 is unreachable, not leaked.
+        let r = tunnel_routes(&nets(&["0.0.0.0/0"]), &[v4]);
+        assert_eq!(
+            show(&r),
+            (
+                vec!["0.0.0.0/1".into(), "128.0.0.0/1".into()],
+                vec!["::/1".into(), "8000::/1".into()]
+            )
+        );
+        assert!(r.covers(&"2001:db8::1".parse().unwrap()));
+        // The other way round.
+        let r = tunnel_routes(&nets(&["::/0"]), &[v6]);
+        assert_eq!(
+            show(&r).1,
+            vec!["0.0.0.0/1".to_owned(), "128.0.0.0/1".to_owned()]
+        );
+        // Dual stack, both defaults pushed: both families into the tunnel.
+        let r = tunnel_routes(&nets(&["0.0.0.0/0", "::/0"]), &[v4, v6]);
+        assert_eq!(r.tunnel.len(), 4);
+        assert!(r.unreachable.is_empty());
+        // An IPv6 network pushed to a client without an IPv6 address cannot be carried, and
+        // must not go outside either.
+        let r = tunnel_routes(&nets(&["10.0.2.0/24", "fd00:2::/64"]), &[v4]);
+        assert_eq!(
+            show(&r),
+            (vec!["10.0.2.0/24".into()], vec!["fd00:2::/64".into()])
+        );
+        assert!(!r.covers(&"192.0.2.1".parse().unwrap()));
+    }
     use crate::lease::LeaseClaim;
     use ed25519_dalek::SigningKey;
     use proptest::prelude::*;
@@ -681,6 +796,7 @@ mod tests {
                 block: "10.200.0.0/24".parse().unwrap(),
                 issued_at: 0,
                 expires_at,
+                address6: None,
             }
             .sign(&SigningKey::from_bytes(&[1; 32])),
             gateway: "10.200.0.1".parse().unwrap(),

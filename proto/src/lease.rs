@@ -5,7 +5,7 @@
 //! issuing DN's public key from `cluster.toml`, so an EN cannot take another client's address.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 
 use base64::Engine;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
@@ -14,6 +14,9 @@ use ipnet::IpNet;
 use crate::wire::{DecodeError, Reader, Writer};
 
 const TICKET_VERSION: u8 = 1;
+/// A dual-stack ticket: version 1's fields, then the IPv6 address and its block. A ticket
+/// without an IPv6 address stays version 1, byte for byte what DNs before dual stack decode.
+const TICKET_VERSION_DUAL: u8 = 2;
 /// Domain separation: a signature over a ticket can never be mistaken for one over anything else.
 const SIGNING_CONTEXT: &[u8] = b"holdfast lease ticket v1\0";
 const SIGNATURE_LEN: usize = 64;
@@ -34,6 +37,18 @@ pub struct LeaseClaim {
     pub issued_at: u64,
     /// Unix seconds; the ticket is invalid from this instant on.
     pub expires_at: u64,
+    /// The client's IPv6 address, when the issuer has an IPv6 pool (dual stack); `address` is
+    /// then the IPv4 one. Signed with the rest: a DN vouches for both or for neither.
+    pub address6: Option<Lease6>,
+}
+
+/// The IPv6 half of a dual-stack lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease6 {
+    pub address: Ipv6Addr,
+    /// The block of the issuer's IPv6 pool the address comes from, backed by the same DN as
+    /// the IPv4 block.
+    pub block: IpNet,
 }
 
 /// A claim together with its issuer's signature.
@@ -65,17 +80,34 @@ pub enum TicketError {
         block: IpNet,
         pool: IpNet,
     },
+    #[error("ticket has an IPv6 block {block} but its issuer {issuer:?} has no IPv6 pool")]
+    NoIpv6Pool { issuer: String, block: IpNet },
 }
 
 impl LeaseClaim {
     fn encode_into(&self, w: &mut Writer<'_>) {
-        w.u8(TICKET_VERSION);
+        w.u8(if self.address6.is_some() {
+            TICKET_VERSION_DUAL
+        } else {
+            TICKET_VERSION
+        });
         w.short_str(&self.identity);
         w.ip(self.address);
         w.short_str(&self.issuer);
         w.net(self.block);
         w.u64(self.issued_at);
         w.u64(self.expires_at);
+        if let Some(v6) = &self.address6 {
+            w.ip(v6.address.into());
+            w.net(v6.block);
+        }
+    }
+
+    /// Every address the claim leases with its block: the first (IPv4 in a dual-stack lease),
+    /// then the IPv6 one if any.
+    pub fn addresses(&self) -> impl Iterator<Item = (IpAddr, IpNet)> + '_ {
+        std::iter::once((self.address, self.block))
+            .chain(self.address6.map(|v6| (IpAddr::V6(v6.address), v6.block)))
     }
 
     fn signed_bytes(&self) -> Vec<u8> {
@@ -107,17 +139,33 @@ impl LeaseTicket {
     pub fn decode(bytes: &[u8]) -> Result<Self, TicketError> {
         let mut r = Reader::new(bytes);
         let version = r.u8("ticket version")?;
-        if version != TICKET_VERSION {
+        if version != TICKET_VERSION && version != TICKET_VERSION_DUAL {
             return Err(TicketError::Version(version));
         }
-        let claim = LeaseClaim {
+        let mut claim = LeaseClaim {
             identity: r.short_str("ticket identity")?,
             address: r.ip("ticket address")?,
             issuer: r.short_str("ticket issuer")?,
             block: r.net("ticket block")?,
             issued_at: r.u64("ticket issue time")?,
             expires_at: r.u64("ticket expiry")?,
+            address6: None,
         };
+        if version == TICKET_VERSION_DUAL {
+            let invalid = |detail: &str| DecodeError::Invalid {
+                what: "ticket IPv6 address",
+                detail: detail.into(),
+            };
+            let IpAddr::V6(address) = r.ip("ticket IPv6 address")? else {
+                return Err(invalid("not IPv6").into());
+            };
+            let block = r.net("ticket IPv6 block")?;
+            // Encoding must give back the same bytes: the other address is of the other family.
+            if !block.addr().is_ipv6() || !claim.address.is_ipv4() {
+                return Err(invalid("a dual-stack ticket is one IPv4 and one IPv6 address").into());
+            }
+            claim.address6 = Some(Lease6 { address, block });
+        }
         let signature = r.fixed::<SIGNATURE_LEN>("ticket signature")?;
         r.finish()?;
         Ok(Self { claim, signature })
@@ -145,15 +193,26 @@ impl LeaseTicket {
                 block: c.block,
             });
         }
-        // A DN vouches only for its own pool: its key (stolen, or a DN misconfigured) must
+        if let Some(v6) = &c.address6 {
+            if !v6.block.contains(&IpAddr::V6(v6.address)) {
+                return Err(TicketError::AddressOutsideBlock {
+                    address: v6.address.into(),
+                    block: v6.block,
+                });
+            }
+        }
+        // A DN vouches only for its own pools: its key (stolen, or a DN misconfigured) must
         // not hand out another DN's clients' addresses.
         if let Some(pool) = keys.pool(&c.issuer) {
-            if !(pool.contains(&c.block.network()) && c.block.prefix_len() >= pool.prefix_len()) {
-                return Err(TicketError::OutsideIssuerPool {
-                    issuer: c.issuer.clone(),
-                    block: c.block,
-                    pool,
-                });
+            within(&c.issuer, c.block, pool)?;
+            if let Some(v6) = &c.address6 {
+                let pool6 = keys
+                    .pool6(&c.issuer)
+                    .ok_or_else(|| TicketError::NoIpv6Pool {
+                        issuer: c.issuer.clone(),
+                        block: v6.block,
+                    })?;
+                within(&c.issuer, v6.block, pool6)?;
             }
         }
         Ok(c)
@@ -177,11 +236,25 @@ impl LeaseTicket {
     }
 }
 
-/// The public keys of every DN in the cluster, by DN name, and the pool each may lease from.
+/// Whether `block` lies inside `pool` (and is not wider).
+fn within(issuer: &str, block: IpNet, pool: IpNet) -> Result<(), TicketError> {
+    if pool.contains(&block.network()) && block.prefix_len() >= pool.prefix_len() {
+        Ok(())
+    } else {
+        Err(TicketError::OutsideIssuerPool {
+            issuer: issuer.to_owned(),
+            block,
+            pool,
+        })
+    }
+}
+
+/// The public keys of every DN in the cluster, by DN name, and the pools each may lease from.
 #[derive(Debug, Clone, Default)]
 pub struct IssuerKeys {
     keys: HashMap<String, VerifyingKey>,
     pools: HashMap<String, IpNet>,
+    pools6: HashMap<String, IpNet>,
 }
 
 impl IssuerKeys {
@@ -192,6 +265,15 @@ impl IssuerKeys {
     /// The pool DN `dn` leases from: its tickets for blocks outside it are refused.
     pub fn insert_pool(&mut self, dn: impl Into<String>, pool: IpNet) {
         self.pools.insert(dn.into(), pool);
+    }
+
+    /// The IPv6 pool of a dual-stack DN `dn`.
+    pub fn insert_pool6(&mut self, dn: impl Into<String>, pool: IpNet) {
+        self.pools6.insert(dn.into(), pool);
+    }
+
+    pub fn pool6(&self, dn: &str) -> Option<IpNet> {
+        self.pools6.get(dn).copied()
     }
 
     pub fn get(&self, dn: &str) -> Option<&VerifyingKey> {
@@ -268,7 +350,95 @@ mod tests {
             block: "10.200.0.0/25".parse().unwrap(),
             issued_at: 1000,
             expires_at: 2000,
+            address6: None,
         }
+    }
+
+    fn dual() -> LeaseClaim {
+        LeaseClaim {
+            address6: Some(Lease6 {
+                address: "fd00:200::5".parse().unwrap(),
+                block: "fd00:200::/65".parse().unwrap(),
+            }),
+            ..claim()
+        }
+    }
+
+    fn dual_keys() -> IssuerKeys {
+        let mut k = keys();
+        k.insert_pool6("dn1", "fd00:200::/64".parse().unwrap());
+        k
+    }
+
+    #[test]
+    fn a_ticket_without_ipv6_is_version_1_byte_for_byte() {
+        let bytes = claim().sign(&key(1)).encode();
+        assert_eq!(bytes[0], 1);
+        // Version, identity, address, issuer, block, two times, signature.
+        assert_eq!(bytes.len(), 1 + 7 + 5 + 4 + 6 + 16 + 64);
+    }
+
+    #[test]
+    fn a_dual_stack_ticket_signs_and_checks_both_addresses() {
+        let t = dual().sign(&key(1));
+        let bytes = t.encode();
+        assert_eq!(bytes[0], 2);
+        let back = LeaseTicket::decode(&bytes).unwrap();
+        assert_eq!(back, t);
+        let c = back.verify_for(&dual_keys(), "laptop", 1500).unwrap();
+        let all: Vec<String> = c.addresses().map(|(a, b)| format!("{a} {b}")).collect();
+        assert_eq!(
+            all,
+            ["10.200.0.5 10.200.0.0/25", "fd00:200::5 fd00:200::/65"]
+        );
+        // An issuer without an IPv6 pool vouches for no IPv6 address.
+        assert!(matches!(
+            back.verify(&keys(), 1500),
+            Err(TicketError::NoIpv6Pool { .. })
+        ));
+        // Outside its block, or its block outside the pool.
+        let mut c = dual();
+        c.address6.as_mut().unwrap().address = "fd00:200::8000:0:0:5".parse().unwrap();
+        assert!(matches!(
+            c.sign(&key(1)).verify(&dual_keys(), 1500),
+            Err(TicketError::AddressOutsideBlock { .. })
+        ));
+        let mut c = dual();
+        c.address6 = Some(Lease6 {
+            address: "fd00:201::5".parse().unwrap(),
+            block: "fd00:201::/65".parse().unwrap(),
+        });
+        assert!(matches!(
+            c.sign(&key(1)).verify(&dual_keys(), 1500),
+            Err(TicketError::OutsideIssuerPool { .. })
+        ));
+        // The IPv6 part is signed: swapping it breaks the signature.
+        let mut forged = t.clone();
+        forged.claim.address6.as_mut().unwrap().address = "fd00:200::6".parse().unwrap();
+        let forged = LeaseTicket::decode(&forged.encode()).unwrap();
+        assert!(matches!(
+            forged.verify(&dual_keys(), 1500),
+            Err(TicketError::BadSignature(_))
+        ));
+    }
+
+    #[test]
+    fn a_dual_stack_ticket_is_decoded_strictly() {
+        let bytes = dual().sign(&key(1)).encode();
+        for cut in 0..bytes.len() {
+            assert!(LeaseTicket::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        // Version 1 with the IPv6 section is trailing garbage; version 2 without it is short.
+        let mut v1 = bytes.clone();
+        v1[0] = 1;
+        assert!(LeaseTicket::decode(&v1).is_err());
+        let mut v2 = claim().sign(&key(1)).encode();
+        v2[0] = 2;
+        assert!(LeaseTicket::decode(&v2).is_err());
+        // Two IPv6 addresses are not dual stack.
+        let mut c = dual();
+        c.address = "fd00:200::7".parse().unwrap();
+        assert!(LeaseTicket::decode(&c.sign(&key(1)).encode()).is_err());
     }
 
     #[test]
@@ -367,6 +537,20 @@ mod tests {
         }
 
         #[test]
+        fn dual_stack_round_trip(a in any::<u32>(), b in any::<u128>(), len in 8u8..=32, len6 in 32u8..=120, t in 0u64..u64::MAX / 2) {
+            let block = IpNet::new(std::net::Ipv4Addr::from(a).into(), len).unwrap().trunc();
+            let block6 = IpNet::new(Ipv6Addr::from(b).into(), len6).unwrap().trunc();
+            let IpAddr::V6(address6) = block6.addr() else { unreachable!() };
+            let c = LeaseClaim { identity: "x".into(), address: block.addr(), issuer: "dn2".into(), block, issued_at: t, expires_at: t + 10, address6: Some(Lease6 { address: address6, block: block6 }) };
+            let ticket = c.clone().sign(&key(2));
+            let back = LeaseTicket::decode(&ticket.encode()).unwrap();
+            prop_assert_eq!(&back, &ticket);
+            let mut any_pool = IssuerKeys::default();
+            any_pool.insert("dn2", key(2).verifying_key());
+            prop_assert_eq!(back.verify(&any_pool, t).unwrap(), &c);
+        }
+
+        #[test]
         fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = LeaseTicket::decode(&bytes);
         }
@@ -374,7 +558,7 @@ mod tests {
         #[test]
         fn round_trip(identity in "[a-z0-9.-]{1,40}", a in any::<u32>(), len in 8u8..=32, t in 0u64..u64::MAX / 2) {
             let block = IpNet::new(std::net::Ipv4Addr::from(a).into(), len).unwrap().trunc();
-            let c = LeaseClaim { identity, address: block.addr(), issuer: "dn2".into(), block, issued_at: t, expires_at: t + 10 };
+            let c = LeaseClaim { identity, address: block.addr(), issuer: "dn2".into(), block, issued_at: t, expires_at: t + 10, address6: None };
             let ticket = c.clone().sign(&key(2));
             let back = LeaseTicket::decode(&ticket.encode()).unwrap();
             // Any block: no pool is known for the issuer here.

@@ -30,7 +30,7 @@ use ipnet::IpNet;
 use crate::cluster::Cluster;
 use crate::control::{Lease, Message};
 use crate::dn::{Grant, LeaseBook, LeaseRecord};
-use crate::lease::LeaseTicket;
+use crate::lease::{Lease6, LeaseTicket};
 use crate::routes::{blocks_carried_elsewhere, held_blocks, RoutePlan, RouteSpec};
 
 /// The shell's name for one client connection, unique for the DN process's life.
@@ -58,6 +58,9 @@ impl Default for NodePolicy {
     }
 }
 
+// The attach (with a dual-stack ticket) is the large variant; events come per control
+// message or session, never per packet, so boxing it would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// A client authenticated as `identity` asks to be carried, with its ticket if it has one.
@@ -217,6 +220,8 @@ pub struct Session {
     /// The DN whose pool the address is from.
     pub home: String,
     pub block: IpNet,
+    /// The IPv6 address of a dual-stack lease: routed, carried and released with `address`.
+    pub address6: Option<Lease6>,
     pub primary: bool,
     demoted_at: Option<Instant>,
     /// When it became a secondary here (attached, or demoted).
@@ -252,6 +257,14 @@ pub struct Machine {
     draining: bool,
 }
 
+impl Session {
+    /// Every address of the client's lease, with its block.
+    pub fn addresses(&self) -> impl Iterator<Item = (IpAddr, IpNet)> + '_ {
+        std::iter::once((self.address, self.block))
+            .chain(self.address6.map(|v6| (IpAddr::V6(v6.address), v6.block)))
+    }
+}
+
 impl Machine {
     /// The machine of DN `me`, with the leases it kept across a restart (`restored`).
     pub fn new(
@@ -271,7 +284,8 @@ impl Machine {
             signing_key,
             cluster.issuer_keys(),
             cluster.lease_lifetime_secs,
-        );
+        )
+        .with_plan6(spec.plan6.clone());
         book.restore(restored, unix);
         Ok(Self {
             me: me.to_owned(),
@@ -455,19 +469,24 @@ impl Machine {
             Session {
                 identity,
                 address: claim.address,
-                home: claim.issuer,
+                home: claim.issuer.clone(),
                 block: claim.block,
+                address6: claim.address6,
                 primary: false,
                 demoted_at: None,
                 secondary_since: now,
                 renew_at: home.then(|| now + self.renewal_period()),
             },
         );
-        self.hosts.insert(claim.address, session);
-        out.push(Action::Host {
-            address: claim.address,
-            session: Some(session),
-        });
+        for (address, _) in claim.addresses() {
+            // An IPv6 address still routed to an older session of another IPv4 lease (a
+            // changed pool6, say) is this session's now.
+            self.hosts.insert(address, session);
+            out.push(Action::Host {
+                address,
+                session: Some(session),
+            });
+        }
     }
 
     /// What a client is told with its lease.
@@ -534,8 +553,11 @@ impl Machine {
         s.primary = true;
         s.demoted_at = None;
         let after = now.saturating_duration_since(s.secondary_since);
-        let (address, home, block) = (s.address, s.home.clone(), s.block);
-        let rerouted = self.routes.serve(address, &home, block);
+        let (address, home) = (s.address, s.home.clone());
+        let mut rerouted = false;
+        for (a, block) in s.addresses().collect::<Vec<_>>() {
+            rerouted |= self.routes.serve(a, &home, block);
+        }
         out.push(Action::Primary {
             session: id,
             primary: true,
@@ -570,7 +592,9 @@ impl Machine {
         s.demoted_at = Some(now);
         s.secondary_since = now;
         let address = s.address;
-        self.routes.release(address);
+        for (a, _) in s.addresses().collect::<Vec<_>>() {
+            self.routes.release(a);
+        }
         out.push(Action::Primary {
             session: id,
             primary: false,
@@ -587,15 +611,19 @@ impl Machine {
         let Some(s) = self.sessions.remove(&id) else {
             return;
         };
-        if self.hosts.get(&s.address) == Some(&id) {
-            self.hosts.remove(&s.address);
-            out.push(Action::Host {
-                address: s.address,
-                session: None,
-            });
+        for (address, _) in s.addresses() {
+            if self.hosts.get(&address) == Some(&id) {
+                self.hosts.remove(&address);
+                out.push(Action::Host {
+                    address,
+                    session: None,
+                });
+            }
+            if s.primary {
+                self.routes.release(address);
+            }
         }
         if s.primary {
-            self.routes.release(s.address);
             self.push_routes(out);
         }
     }
@@ -630,7 +658,14 @@ impl Machine {
         let own: Vec<IpNet> = self
             .cluster
             .dn(&self.me)
-            .map(|d| d.plan.blocks.iter().map(|b| b.net).collect())
+            .map(|d| {
+                d.plan
+                    .blocks
+                    .iter()
+                    .chain(d.plan6.iter().flat_map(|p| &p.blocks))
+                    .map(|b| b.net)
+                    .collect()
+            })
             .unwrap_or_default();
         let held = held_blocks(&own, learned);
         for block in held.symmetric_difference(self.routes.held()) {
@@ -800,6 +835,85 @@ mod tests {
             .filter(|r| !matches!(r.reason, Reason::Home | Reason::Standby { .. }))
             .map(|r| format!("{} {}", r.net, r.reason))
             .collect()
+    }
+
+    /// Two dual-stack DNs: every DN's IPv6 pool is split and backed as its IPv4 pool is.
+    fn dual_cluster() -> Cluster {
+        let mut text = "[cluster]\nclient_ca = \"ca.pem\"\n".to_owned();
+        for i in 1..=2 {
+            let public = crate::lease::encode_key(&key(i).verifying_key().to_bytes());
+            text += &format!(
+                "[[dn]]\nname = \"dn{i}\"\nendpoint = \"10.0.0.{i}\"\npool = \"10.20{i}.0.0/24\"\n\
+                 pool6 = \"fd00:20{i}::/64\"\npublic_key = \"{public}\"\n"
+            );
+        }
+        Cluster::parse(&text, Path::new("/")).unwrap()
+    }
+
+    #[test]
+    fn both_families_are_leased_routed_and_failed_over_together() {
+        let c = dual_cluster();
+        let (mut dn1, mut dn2) = (machine(&c, 1), machine(&c, 2));
+        let standing: Vec<String> = dn2
+            .routes()
+            .iter()
+            .map(|r| format!("{} {}", r.net, r.reason))
+            .collect();
+        assert!(
+            standing.contains(&"fd00:202::/64 own block".to_owned()),
+            "{standing:?}"
+        );
+        assert!(
+            standing.contains(&"fd00:201::/64 standby for dn1".to_owned()),
+            "{standing:?}"
+        );
+        let t = Instant::now();
+        let acts = attach(&mut dn1, 1, "laptop", None, t);
+        let lease = leased(&acts).unwrap();
+        let v6 = lease.ticket.claim.address6.unwrap();
+        assert_eq!(v6.address.to_string(), "fd00:201::2");
+        assert!(acts.contains(&Action::Host {
+            address: v6.address.into(),
+            session: Some(1)
+        }));
+        assert!(matches!(&acts[0], Action::Record(r) if r.address6 == Some(v6.address)));
+        // The backup takes the ticket for both; the client's data moves both host routes.
+        let acts = attach(&mut dn2, 5, "laptop", Some(lease.ticket.clone()), t);
+        assert!(acts.contains(&Action::Host {
+            address: v6.address.into(),
+            session: Some(5)
+        }));
+        assert_eq!(dn2.host(v6.address.into()), Some(5));
+        dn2.handle(Event::Data(5), t, 1000);
+        assert_eq!(
+            routes(&dn2),
+            ["10.201.0.2/32 host for dn1", "fd00:201::2/128 host for dn1"]
+        );
+        // dn1 dies: both families' blocks are taken over whole.
+        dn2.handle(
+            Event::Peer {
+                dn: "dn1".into(),
+                up: false,
+            },
+            t,
+            1000,
+        );
+        assert_eq!(
+            routes(&dn2),
+            [
+                "10.201.0.0/25 serving for dn1",
+                "10.201.0.128/25 serving for dn1",
+                "fd00:201::/65 serving for dn1",
+                "fd00:201:0:0:8000::/65 serving for dn1",
+            ]
+        );
+        // The session's end forgets both addresses.
+        let acts = dn2.handle(Event::Ended(5), t, 1000);
+        assert!(acts.contains(&Action::Host {
+            address: v6.address.into(),
+            session: None
+        }));
+        assert_eq!(dn2.host(v6.address.into()), None);
     }
 
     /// Each pool names its own DNS; a secondary (the backup) attaching a client of dn1's

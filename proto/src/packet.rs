@@ -31,6 +31,12 @@ pub fn addresses(pkt: &[u8]) -> Option<(IpAddr, IpAddr)> {
     }
 }
 
+/// Whether `pkt`'s source is one of `own`: a client sends from its leased addresses only (one,
+/// or one of each family on a dual-stack lease).
+pub fn from_one_of(pkt: &[u8], own: &[IpAddr]) -> bool {
+    source(pkt).is_some_and(|s| own.contains(&s))
+}
+
 pub fn destination(pkt: &[u8]) -> Option<IpAddr> {
     addresses(pkt).map(|(_, d)| d)
 }
@@ -247,6 +253,25 @@ mod tests {
         assert!(!dont_fragment(&v4_tcp(60, false)));
         assert_eq!(addresses(&p[..19]), None);
         assert_eq!(addresses(&[0x10; 60]), None);
+    }
+
+    #[test]
+    fn a_client_sends_from_its_own_addresses_only() {
+        let v4 = v4_tcp(60, true);
+        let mut v6 = vec![0u8; 60];
+        v6[0] = 0x60;
+        v6[8..24].copy_from_slice(&"fd00:200::2".parse::<Ipv6Addr>().unwrap().octets());
+        let own: [IpAddr; 2] = [
+            "10.200.0.2".parse().unwrap(),
+            "fd00:200::2".parse().unwrap(),
+        ];
+        assert!(from_one_of(&v4, &own) && from_one_of(&v6, &own));
+        // An IPv4-only lease: its address twice, as the DN passes it.
+        let v4_only = [own[0], own[0]];
+        assert!(from_one_of(&v4, &v4_only) && !from_one_of(&v6, &v4_only));
+        v6[23] = 3;
+        assert!(!from_one_of(&v6, &own));
+        assert!(!from_one_of(&v6[..39], &own));
     }
 
     #[test]

@@ -107,6 +107,18 @@ impl PoolPlan {
             .unwrap_or(&self.blocks[0])
     }
 
+    /// The address of `other` (a DN's pool of the other family, split among the same backups)
+    /// at the same place as `addr` in this plan: the same block index, the same offset inside
+    /// the block. A dual-stack client's IPv6 address follows from its IPv4 one this way, so
+    /// that one lease decides both and no second allocation can disagree with the first.
+    /// `None` when `addr` is not in a block here or the offset does not fit `other`'s block.
+    pub fn twin(&self, addr: IpAddr, other: &PoolPlan) -> Option<(IpAddr, IpNet)> {
+        let i = self.blocks.iter().position(|b| b.net.contains(&addr))?;
+        let block = other.blocks.get(i)?.net;
+        let at = index_of(self.blocks[i].net.network(), addr);
+        (at < size(block)).then(|| (offset(block.network(), at), block))
+    }
+
     pub fn block_containing(&self, addr: IpAddr) -> Option<&Block> {
         self.blocks.iter().find(|b| b.net.contains(&addr))
     }
@@ -245,7 +257,38 @@ mod tests {
         assert_eq!(first_overlap(&pools[..2]), None);
     }
 
+    #[test]
+    fn an_ipv6_twin_sits_at_the_same_place() {
+        let v4 = PoolPlan::new("10.200.0.0/24".parse().unwrap(), &names(2), None).unwrap();
+        let v6 = PoolPlan::new("fd00:200::/64".parse().unwrap(), &names(2), None).unwrap();
+        let (a, b) = v4.twin("10.200.0.130".parse().unwrap(), &v6).unwrap();
+        assert_eq!(
+            (a.to_string(), b.to_string()),
+            (
+                "fd00:200::8000:0:0:2".into(),
+                "fd00:200:0:0:8000::/65".into()
+            )
+        );
+        assert_eq!(v4.twin("10.201.0.1".parse().unwrap(), &v6), None);
+        // A block too small for the offset has no twin.
+        let tiny = PoolPlan::new("fd00:200::/124".parse().unwrap(), &names(2), None).unwrap();
+        assert_eq!(v4.twin("10.200.0.100".parse().unwrap(), &tiny), None);
+    }
+
     proptest! {
+        #[test]
+        fn twins_are_leasable_and_distinct(a in 2u32..126, b in 2u32..126, n in 1usize..4) {
+            let v4 = PoolPlan::new("10.200.0.0/24".parse().unwrap(), &names(n), None).unwrap();
+            let v6 = PoolPlan::new("fd00:200::/64".parse().unwrap(), &names(n), None).unwrap();
+            let (x, y): (IpAddr, IpAddr) = (std::net::Ipv4Addr::from(0x0ac8_0000 + a).into(), std::net::Ipv4Addr::from(0x0ac8_0000 + b).into());
+            prop_assume!(v4.is_leasable(x) && v4.is_leasable(y));
+            let (tx, bx) = v4.twin(x, &v6).unwrap();
+            let (ty, _) = v4.twin(y, &v6).unwrap();
+            prop_assert!(v6.is_leasable(tx) && bx.contains(&tx));
+            prop_assert_eq!(v4.block_containing(x).unwrap().backup.clone(), v6.block_containing(tx).unwrap().backup.clone());
+            prop_assert_eq!(x == y, tx == ty);
+        }
+
         #[test]
         fn blocks_partition_without_overlap(a in any::<u32>(), len in 8u8..24, n in 0usize..9) {
             let pool = IpNet::new(std::net::Ipv4Addr::from(a).into(), len).unwrap();

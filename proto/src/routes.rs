@@ -75,7 +75,13 @@ pub fn standing(cluster: &Cluster, me: &str) -> Vec<RouteSpec> {
     let m = cluster.metrics;
     let mut out = Vec::new();
     for dn in &cluster.dns {
-        for block in &dn.plan.blocks {
+        // Both families alike: a dual-stack DN's IPv6 blocks are backed as its IPv4 ones.
+        for block in dn
+            .plan
+            .blocks
+            .iter()
+            .chain(dn.plan6.iter().flat_map(|p| &p.blocks))
+        {
             if dn.name == me {
                 out.push(RouteSpec {
                     net: block.net,

@@ -23,6 +23,27 @@ use crate::netns::{run, wait_until, Netns};
 pub const SERVER: &str = "10.0.2.10";
 pub const SERVER_NET: &str = "10.0.2.0/24";
 pub const POOL: &str = "10.200.0.0/24";
+/// With [`LabSpec::dual_stack`]: the server's IPv6 address and network.
+pub const SERVER6: &str = "fd00:2::10";
+pub const SERVER_NET6: &str = "fd00:2::/64";
+/// Every IPv6 pool the lab hands out (fd00:200::/64 .. fd00:203::/64).
+const ALL_POOLS6: &str = "fd00:200::/30";
+const ESR6_ON_CLUSTER_NET: &str = "fd00:9::fe";
+const ESR6_ON_SERVER_NET: &str = "fd00:2::fe";
+
+/// DN k's IPv6 pool, with [`LabSpec::dual_stack`]: fd00:200::/64 for DN 1, fd00:201::/64 ...
+pub fn dn_pool6(k: usize) -> String {
+    format!("fd00:{}::/64", 199 + k)
+}
+
+/// Adds an IPv6 address to `dev` in `role`, usable at once (no duplicate address detection).
+fn add_v6(net: &Netns, role: &str, address: &str, dev: &str) -> Result<()> {
+    net.exec(
+        role,
+        &["ip", "-6", "addr", "add", address, "dev", dev, "nodad"],
+    )?;
+    Ok(())
+}
 
 /// DN k's name, which is also its namespace role and its process's name.
 pub fn dn_role(k: usize) -> String {
@@ -213,6 +234,10 @@ pub struct LabSpec {
     /// `dns_servers` and `dns_search` of every pool: what the DNs push to clients.
     pub dns_servers: Vec<String>,
     pub dns_search: Vec<String>,
+    /// Dual stack: IPv6 on the server and cluster networks, an IPv6 pool for every DN
+    /// ([`dn_pool6`]), IPv6 forwarding, and OSPFv3 beside OSPFv2 (FRR's ospf6d, or BIRD's
+    /// `ospf v3`). One ESR.
+    pub dual_stack: bool,
 }
 
 /// How a client's namespace reaches the DNs.
@@ -360,6 +385,7 @@ impl Default for LabSpec {
             client_keepalive_secs: None,
             dns_servers: Vec::new(),
             dns_search: Vec::new(),
+            dual_stack: false,
         }
     }
 }
@@ -435,6 +461,12 @@ impl Lab {
         if spec.esr_pair && !spec.routing.dynamic() {
             bail!("an ESR pair needs a routing daemon (FRR or BIRD)");
         }
+        if spec.dual_stack && spec.esr_pair {
+            bail!("the lab's dual stack runs with one ESR");
+        }
+        if spec.dual_stack {
+            add_v6(&net, "srv", &format!("{SERVER6}/64"), "br0")?;
+        }
         // Where the cluster network's bridge lives: in the ESR, or with a pair in a switch of
         // its own, so that either ESR can die without taking the network with it.
         let cluster_switch = if spec.esr_pair { "sw" } else { "esr" };
@@ -483,6 +515,25 @@ impl Lab {
                     (role, "to-srv", &format!("{on_server}/24")),
                     ("srv", "br0", &format!("to-{role}")),
                 )?;
+                if spec.dual_stack {
+                    net.exec(role, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
+                    add_v6(&net, role, &format!("{ESR6_ON_CLUSTER_NET}/64"), "cl0")?;
+                    add_v6(&net, role, &format!("{ESR6_ON_SERVER_NET}/64"), "to-srv")?;
+                }
+            }
+            if spec.dual_stack {
+                net.exec(
+                    "srv",
+                    &[
+                        "ip",
+                        "-6",
+                        "route",
+                        "add",
+                        ALL_POOLS6,
+                        "via",
+                        ESR6_ON_SERVER_NET,
+                    ],
+                )?;
             }
             let gateway = if spec.esr_pair {
                 SERVERS_GATEWAY
@@ -495,6 +546,9 @@ impl Lab {
             let dn = dn_role(k);
             net.add(&dn)?;
             net.exec(&dn, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+            if spec.dual_stack {
+                net.exec(&dn, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
+            }
             match spec.routing {
                 Routing::Static => {
                     let own = format!("{}/24", dn_on_server_net(k));
@@ -514,6 +568,14 @@ impl Lab {
                             &dn_on_server_net(k),
                         ],
                     )?;
+                    if spec.dual_stack {
+                        let own6 = format!("fd00:2::{}", 100 + k);
+                        add_v6(&net, &dn, &format!("{own6}/64"), "to-srv")?;
+                        net.exec(
+                            "srv",
+                            &["ip", "-6", "route", "add", &dn_pool6(k), "via", &own6],
+                        )?;
+                    }
                 }
                 Routing::Frr | Routing::Bird => {
                     let own = format!("{}/24", dn_on_cluster_net(k));
@@ -528,6 +590,21 @@ impl Lab {
                         ESR_ON_CLUSTER_NET
                     };
                     net.exec(&dn, &["ip", "route", "add", SERVER_NET, "via", gateway])?;
+                    if spec.dual_stack {
+                        add_v6(&net, &dn, &format!("fd00:9::{k}/64"), "to-esr")?;
+                        net.exec(
+                            &dn,
+                            &[
+                                "ip",
+                                "-6",
+                                "route",
+                                "add",
+                                SERVER_NET6,
+                                "via",
+                                ESR6_ON_CLUSTER_NET,
+                            ],
+                        )?;
+                    }
                 }
             }
         }
@@ -619,6 +696,9 @@ impl Lab {
                     dn_on_cluster_net(k)
                 );
             }
+            if spec.dual_stack {
+                cluster += &format!("pool6 = \"{}\"\n", dn_pool6(k));
+            }
             let quoted = |v: &[String]| v.iter().map(|x| format!("{x:?}")).collect::<Vec<_>>();
             if !spec.dns_servers.is_empty() {
                 cluster += &format!("dns_servers = [{}]\n", quoted(&spec.dns_servers).join(", "));
@@ -674,6 +754,24 @@ impl Lab {
                 },
             )
             .with_context(|| lab.net.logs())?;
+            if spec.dual_stack {
+                // And every IPv6 pool, by OSPFv3 over the cluster network's link-local addresses.
+                wait_until(
+                    Duration::from_secs(30),
+                    "OSPFv3 to bring every IPv6 pool to the ESR",
+                    || {
+                        (1..=spec.dns).all(|k| {
+                            let first = format!("fd00:{}::2", 199 + k);
+                            lab.net
+                                .exec("esr", &["ip", "-6", "route", "get", &first])
+                                .is_ok_and(|o| {
+                                    String::from_utf8_lossy(&o.stdout).contains("dev cl0")
+                                })
+                        })
+                    },
+                )
+                .with_context(|| lab.net.logs())?;
+            }
         }
         Ok(lab)
     }
@@ -787,7 +885,7 @@ impl Lab {
             let d = |f: &str| dir.join(f).display().to_string();
             let pathspace = format!("{}-{node}", self.net.id());
             // bfdd only where esr-config wrote its file ([ospf] bfd, on by default).
-            let daemons = ["zebra", "bfdd", "ospfd"]
+            let daemons = ["zebra", "bfdd", "ospfd", "ospf6d"]
                 .into_iter()
                 .filter(|daemon| dir.join(format!("{daemon}.conf")).exists());
             for daemon in daemons {
@@ -1213,6 +1311,12 @@ pub fn role_of(status: &Value, role: &str) -> Option<usize> {
 /// Labs are heavy; even if the test harness runs tests in parallel, build one at a time.
 static ONE_LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// Held while a test's labs run, so that the tests of one binary take turns (cargo runs them on
+/// threads at once); [`with_lab`] takes it, a test that starts labs itself takes it too.
+pub fn one_lab() -> std::sync::MutexGuard<'static, ()> {
+    ONE_LAB.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Runs `body` in a fresh lab built from `spec`, for a test: skipped (with a message) without
 /// root; on failure, panics with the error and every daemon's log. The lab is torn down either
 /// way.
@@ -1220,7 +1324,7 @@ pub fn with_lab(spec: LabSpec, body: impl FnOnce(&mut Lab) -> Result<()>) {
     if !crate::netns::have_root() {
         return;
     }
-    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = one_lab();
     let mut lab = match Lab::start(&spec) {
         Ok(lab) => lab,
         Err(e) => panic!("the lab did not start: {e:#}"),

@@ -8,6 +8,7 @@ pub mod experiment;
 pub mod lab;
 pub mod mobile;
 pub mod mobile_dns;
+pub mod mobile_v6;
 pub mod netns;
 pub mod ops;
 pub mod plot;

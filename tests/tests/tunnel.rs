@@ -420,6 +420,7 @@ fn a_claim_without_a_valid_ticket_of_ones_own_gets_no_address_no_route_and_no_tr
             block: "10.200.0.0/24".parse().expect("a network"),
             issued_at: now - 100,
             expires_at,
+            address6: None,
         };
         let free: IpAddr = "10.200.0.50".parse()?;
         let cases = [

@@ -470,6 +470,7 @@ fn forge_ticket(
         block,
         issued_at: now,
         expires_at: now + lifetime_secs,
+        address6: None,
     }
     .sign(&key);
     Ok(serde_json::json!({"ticket_hex": hex::encode(ticket.encode())}))

@@ -70,6 +70,18 @@ impl Tun {
         self.dev.set_mtu(mtu)
     }
 
+    /// Turns IPv6 on for a device opened with an IPv4 address (dual stack) and adds `v6`/128.
+    /// No link-local address is made: the kernel's own router solicitations and MLD reports
+    /// from it would be spoofed sources to the far end.
+    pub fn enable_ipv6(&self, v6: std::net::Ipv6Addr) -> io::Result<()> {
+        let knob = |k: &str| format!("/proc/sys/net/ipv6/conf/{}/{k}", self.name);
+        // 1: no link-local address (IN6_ADDR_GEN_MODE_NONE).
+        std::fs::write(knob("addr_gen_mode"), "1")?;
+        std::fs::write(knob("accept_ra"), "0")?;
+        std::fs::write(knob("disable_ipv6"), "0")?;
+        self.dev.add_address_v6(v6, 128)
+    }
+
     /// Replaces the device's IPv4 address, or adds an IPv6 one.
     pub fn set_address(&self, address: IpAddr) -> io::Result<()> {
         match address {
