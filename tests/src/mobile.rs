@@ -21,7 +21,7 @@ use crate::netns::wait_until;
 use crate::traffic::{self, Pinger};
 
 /// Every case, in the order they run.
-pub const CASES: &[&str] = &["roam", "nat", "nat_rebind", "suspend", "dns"];
+pub const CASES: &[&str] = &["roam", "nat", "nat_rebind", "suspend", "dns", "dual_stack"];
 
 /// Pings at 100/s that one address change or NAT rebinding may cost at most.
 pub const LOST_PER_CHANGE: u32 = 2;
@@ -45,6 +45,7 @@ pub fn run(only: &[String], quiet: bool) -> Result<CaseReport> {
             "nat_rebind" => nat_rebind()?,
             "suspend" => suspend()?,
             "dns" => crate::mobile_dns::dns_case()?,
+            "dual_stack" => crate::mobile_v6::dual_stack_case()?,
             other => return Err(anyhow!("no case {other:?}")),
         };
         Ok(CaseResult {

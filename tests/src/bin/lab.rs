@@ -126,14 +126,16 @@ enum Command {
     /// What a laptop or a phone does to its tunnel, against the real binaries: its address
     /// and default route move between two uplinks during an upload (roam), it sits behind a
     /// NAT (nat), the NAT forgets its mapping (nat_rebind), it sleeps for 30 s (suspend), it
-    /// takes the DNS servers the cluster pushes and gives them back (dns). Each case builds its
+    /// takes the DNS servers the cluster pushes and gives them back (dns), it has an IPv4 and
+    /// an IPv6 address and loses its DN (dual_stack). Each case builds its
     /// own lab: two DNs, FRR, one client behind an access router with a `wifi` and an `lte`
     /// uplink (dns: one DN, dnsmasq on the server).
     ///
     /// Example: lab mobile --json
     ///          lab mobile --case roam
     Mobile {
-        /// Run only this case (repeatable); the cases: roam, nat, nat_rebind, suspend, dns.
+        /// Run only this case (repeatable); the cases: roam, nat, nat_rebind, suspend, dns,
+        /// dual_stack.
         #[arg(long = "case", value_name = "NAME")]
         cases: Vec<String>,
         /// Print one JSON object ({"cases": [{"name", "held", "detail"}]}) instead of the table.
