@@ -25,3 +25,9 @@ if [ -d /etc/iproute2 ] && [ ! -f /etc/iproute2/rt_protos.d/holdfast.conf ]; the
 fi
 # The Rust toolchain is the machine's own (rustup); nextest is optional.
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
+# boringtun, the second userspace WireGuard peer `lab bench` compares with (wireguard-go is the
+# first): built from the Rust crate registry, as Debian has no package of it.
+if (($# == 0)) && ! command -v boringtun-cli >/dev/null; then
+  echo "installing: boringtun-cli (cargo install)"
+  cargo install boringtun-cli --version 0.7.1 --locked --root /usr/local --quiet
+fi

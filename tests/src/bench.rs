@@ -1,5 +1,6 @@
-//! `lab bench`: throughput, latency and CPU cost of Holdfast, of wireguard-go and of the bare
-//! veth path, measured one after another in the same lab.
+//! `lab bench`: throughput (TCP both ways, one stream and four, UDP), round-trip time idle and
+//! under load, and the CPU cost of Holdfast, of userspace WireGuard (wireguard-go and
+//! boringtun) and of the bare veth path, measured one after another in the same lab.
 
 use std::path::Path;
 use std::time::Duration;
@@ -12,23 +13,106 @@ use crate::lab::{
 };
 use crate::netns::wait_until;
 use crate::stats::percentile;
-use crate::traffic::{iperf3, ping_rtts};
+use crate::traffic::{iperf3_test, ping_rtts, rtts_of, IperfTest};
 
-#[derive(Debug, Clone, Serialize)]
-pub struct Figures {
-    pub mbps: f64,
-    pub rtt_p50_us: f64,
-    pub rtt_p99_us: f64,
-    /// CPU seconds the tunnel's own processes (both ends) spent per GB carried.
-    pub cpu_s_per_gb: Option<f64>,
+/// A setup the bench measures, in the order it measures them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Setup {
+    Holdfast,
+    WireguardGo,
+    Boringtun,
+    Veth,
+}
+
+impl Setup {
+    pub const ALL: [Setup; 4] = [
+        Setup::Holdfast,
+        Setup::WireguardGo,
+        Setup::Boringtun,
+        Setup::Veth,
+    ];
+
+    /// As the table and the charts show it.
+    fn label(self) -> &'static str {
+        match self {
+            Setup::Holdfast => "holdfast",
+            Setup::WireguardGo => "wireguard-go",
+            Setup::Boringtun => "boringtun",
+            Setup::Veth => "veth (bare)",
+        }
+    }
+
+    /// The prefix of its keys in the JSON (`holdfast_mbps`, `wireguard_go_mbps`, ...).
+    fn key(self) -> &'static str {
+        match self {
+            Setup::Holdfast => "holdfast",
+            Setup::WireguardGo => "wireguard_go",
+            Setup::Boringtun => "boringtun",
+            Setup::Veth => "veth",
+        }
+    }
+}
+
+/// The userspace WireGuard peers, run the same way: a daemon per end, configured with `wg`.
+#[derive(Debug, Clone, Copy)]
+enum Wireguard {
+    Go,
+    Boringtun,
+}
+
+impl Wireguard {
+    fn program(self) -> &'static str {
+        match self {
+            Wireguard::Go => "wireguard-go",
+            Wireguard::Boringtun => "boringtun-cli",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Seconds of each iperf3 run.
+    pub seconds: u32,
+    /// The setups to measure.
+    pub setups: Vec<Setup>,
+    /// The UDP test's offered rate (iperf3's `-b`).
+    pub udp_rate: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
+pub struct Figures {
+    /// TCP, one stream, client to server.
+    pub mbps: f64,
+    /// TCP, one stream, server to client.
+    pub reverse_mbps: f64,
+    /// TCP, four streams at once, client to server.
+    pub streams4_mbps: f64,
+    /// UDP, client to server, at the offered rate: what arrived.
+    pub udp_mbps: f64,
+    pub udp_lost_percent: f64,
+    /// Idle: 200 pings at 10 ms.
+    pub rtt_p50_us: f64,
+    pub rtt_p99_us: f64,
+    /// Pings at 10 ms during the one-stream client-to-server run.
+    pub loaded_rtt_p50_us: f64,
+    pub loaded_rtt_p99_us: f64,
+    /// CPU seconds the tunnel's own processes (both ends) spent per GB carried, each way.
+    pub cpu_s_per_gb: Option<f64>,
+    pub reverse_cpu_s_per_gb: Option<f64>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Measured(Figures),
+    /// Not measured, and why (a peer not installed).
+    Skipped(String),
+}
+
+#[derive(Debug, Clone)]
 pub struct Report {
     pub seconds: u32,
-    pub holdfast: Figures,
-    pub wireguard_go: Figures,
-    pub veth: Figures,
+    pub udp_rate: String,
+    pub setups: Vec<(Setup, Outcome)>,
 }
 
 /// CPU seconds (user + system) a process has used so far.
@@ -59,22 +143,86 @@ fn total_cpu(pids: &[u32]) -> Result<f64> {
     pids.iter().map(|p| cpu_seconds(*p)).sum()
 }
 
-/// Measures RTT, then throughput (and the CPU the `pids` spent on it) from client 1 to the server.
-fn measure(lab: &mut Lab, seconds: u32, pids: &[u32]) -> Result<Figures> {
-    let rtts = ping_rtts(&lab.net, "en1", SERVER, 200, "0.01")?;
+/// One iperf3 run from client 1 to the server; returns the rate (Mbit/s), the UDP loss if UDP,
+/// and the CPU seconds per GB the `pids` spent on it.
+fn run(
+    lab: &mut Lab,
+    seconds: u32,
+    pids: &[u32],
+    test: &IperfTest,
+) -> Result<(f64, Option<f64>, Option<f64>)> {
     let before = total_cpu(pids)?;
-    let run = iperf3(&mut lab.net, "srv", "en1", SERVER, seconds)?;
+    let run = iperf3_test(&mut lab.net, "srv", "en1", SERVER, seconds, test)
+        .with_context(|| format!("iperf3 {test:?}"))?;
     let cpu = total_cpu(pids)? - before;
     let gigabytes = run.bytes as f64 / 1e9;
-    Ok(Figures {
-        mbps: run.mbps,
-        rtt_p50_us: percentile(&rtts, 50.0),
-        rtt_p99_us: percentile(&rtts, 99.0),
-        cpu_s_per_gb: (!pids.is_empty() && gigabytes > 0.0).then(|| cpu / gigabytes),
+    let per_gb = (!pids.is_empty() && gigabytes > 0.0).then(|| cpu / gigabytes);
+    Ok((run.mbps, run.lost_percent, per_gb))
+}
+
+/// Pings the server every 10 ms from client 1 for `seconds`, starting `delay` from now, on a
+/// thread of its own (to run beside an iperf3 run).
+fn ping_in_background(
+    lab: &Lab,
+    delay: Duration,
+    seconds: u32,
+) -> std::thread::JoinHandle<Result<Vec<f64>>> {
+    let deadline = seconds.max(1).to_string();
+    let mut ping = lab.net.command(
+        "en1",
+        &[
+            "ping", "-n", "-i", "0.01", "-w", &deadline, "-W", "1", SERVER,
+        ],
+    );
+    std::thread::spawn(move || {
+        std::thread::sleep(delay);
+        let out = ping.output().context("cannot run ping")?;
+        Ok(rtts_of(&String::from_utf8_lossy(&out.stdout)))
     })
 }
 
-fn holdfast(lab: &mut Lab, seconds: u32) -> Result<Figures> {
+/// Every figure of one setup, between client 1 and the server; `pids` are the tunnel's processes.
+fn measure(lab: &mut Lab, o: &Options, pids: &[u32]) -> Result<Figures> {
+    let rtts = ping_rtts(&lab.net, "en1", SERVER, 200, "0.01")?;
+    // Pings under load skip the first second, which iperf3 omits too (slow start).
+    let loaded = ping_in_background(lab, Duration::from_secs(1), o.seconds.saturating_sub(1));
+    let forward = run(lab, o.seconds, pids, &IperfTest::default());
+    let loaded = loaded
+        .join()
+        .map_err(|_| anyhow::anyhow!("the ping thread failed"))??;
+    let (mbps, _, cpu_s_per_gb) = forward?;
+    anyhow::ensure!(!loaded.is_empty(), "no ping replies under load");
+    let reverse = IperfTest {
+        reverse: true,
+        ..IperfTest::default()
+    };
+    let (reverse_mbps, _, reverse_cpu_s_per_gb) = run(lab, o.seconds, pids, &reverse)?;
+    let four = IperfTest {
+        streams: 4,
+        ..IperfTest::default()
+    };
+    let (streams4_mbps, _, _) = run(lab, o.seconds, pids, &four)?;
+    let udp = IperfTest {
+        udp_rate: Some(o.udp_rate.clone()),
+        ..IperfTest::default()
+    };
+    let (udp_mbps, udp_lost, _) = run(lab, o.seconds, pids, &udp)?;
+    Ok(Figures {
+        mbps,
+        reverse_mbps,
+        streams4_mbps,
+        udp_mbps,
+        udp_lost_percent: udp_lost.unwrap_or(f64::NAN),
+        rtt_p50_us: percentile(&rtts, 50.0),
+        rtt_p99_us: percentile(&rtts, 99.0),
+        loaded_rtt_p50_us: percentile(&loaded, 50.0),
+        loaded_rtt_p99_us: percentile(&loaded, 99.0),
+        cpu_s_per_gb,
+        reverse_cpu_s_per_gb,
+    })
+}
+
+fn holdfast(lab: &mut Lab, o: &Options) -> Result<Figures> {
     lab.start_client(1, &Credential::Issued("client1".into()))?;
     lab.wait_address(1, Duration::from_secs(15))?;
     // Let path MTU discovery reach full-size datagrams before measuring.
@@ -83,7 +231,7 @@ fn holdfast(lab: &mut Lab, seconds: u32) -> Result<Figures> {
         .iter()
         .filter_map(|n| lab.net.pid(n))
         .collect();
-    let figures = measure(lab, seconds, &pids)?;
+    let figures = measure(lab, o, &pids)?;
     lab.net.stop("en1", libc::SIGTERM)?;
     lab.net.stop("dn1", libc::SIGTERM)?;
     Ok(figures)
@@ -107,12 +255,22 @@ fn wg_key(lab: &Lab) -> Result<(String, String)> {
     ))
 }
 
-fn wireguard_go(lab: &mut Lab, seconds: u32) -> Result<Figures> {
+/// Where `program` is on the PATH, if anywhere.
+fn installed(program: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|p| p.is_file())
+}
+
+fn wireguard(lab: &mut Lab, o: &Options, peer: Wireguard) -> Result<Figures> {
+    let program = peer.program();
     // UAPI sockets live in /var/run/wireguard, shared by every namespace: names must differ.
     let (en_if, dn_if) = (format!("{}e", lab.net.id()), format!("{}d", lab.net.id()));
     let (en_priv, en_pub) = wg_key(lab)?;
     let (dn_priv, dn_pub) = wg_key(lab)?;
-    // wireguard-go removes its socket on SIGTERM, but not when the lab is killed.
+    // Both remove their socket on SIGTERM, but not when the lab is killed.
     for ifname in [&en_if, &dn_if] {
         lab.net
             .own_file(&Path::new("/var/run/wireguard").join(format!("{ifname}.sock")))?;
@@ -120,57 +278,67 @@ fn wireguard_go(lab: &mut Lab, seconds: u32) -> Result<Figures> {
     let dir = lab.net.dir.clone();
     std::fs::write(dir.join("wg-en.key"), &en_priv)?;
     std::fs::write(dir.join("wg-dn.key"), &dn_priv)?;
-    lab.net.spawn(
-        "en1",
-        "wireguard-go-en",
-        &["wireguard-go", "-f", &en_if],
-        &[],
-    )?;
-    lab.net.spawn(
-        "dn1",
-        "wireguard-go-dn",
-        &["wireguard-go", "-f", &dn_if],
-        &[],
-    )?;
-    wait_until(Duration::from_secs(5), "wireguard-go interfaces", || {
+    let (en_name, dn_name) = (format!("{program}-en"), format!("{program}-dn"));
+    for (role, name, ifname) in [("en1", &en_name, &en_if), ("dn1", &dn_name, &dn_if)] {
+        let argv: Vec<&str> = match peer {
+            Wireguard::Go => vec![program, "-f", ifname],
+            // Its default drops root after start-up, which `wg set` then cannot reach.
+            Wireguard::Boringtun => vec![program, "-f", "--disable-drop-privileges", ifname],
+        };
+        lab.net.spawn(role, name, &argv, &[])?;
+    }
+    wait_until(Duration::from_secs(5), "WireGuard interfaces", || {
         lab.net.exec("en1", &["ip", "link", "show", &en_if]).is_ok()
             && lab.net.exec("dn1", &["ip", "link", "show", &dn_if]).is_ok()
     })?;
     let en_key = dir.join("wg-en.key").display().to_string();
     let dn_key = dir.join("wg-dn.key").display().to_string();
     let endpoint = format!("{}:51820", dn_address_for_client(1));
-    lab.net.exec(
-        "en1",
-        &[
-            "wg",
-            "set",
-            &en_if,
-            "private-key",
-            &en_key,
-            "peer",
-            &dn_pub,
-            "endpoint",
-            &endpoint,
-            "allowed-ips",
-            "0.0.0.0/0",
-        ],
+    // The UAPI socket can appear a moment after the interface.
+    wait_until(
+        Duration::from_secs(5),
+        "the client's WireGuard socket",
+        || {
+            lab.net
+                .exec(
+                    "en1",
+                    &[
+                        "wg",
+                        "set",
+                        &en_if,
+                        "private-key",
+                        &en_key,
+                        "peer",
+                        &dn_pub,
+                        "endpoint",
+                        &endpoint,
+                        "allowed-ips",
+                        "0.0.0.0/0",
+                    ],
+                )
+                .is_ok()
+        },
     )?;
-    lab.net.exec(
-        "dn1",
-        &[
-            "wg",
-            "set",
-            &dn_if,
-            "private-key",
-            &dn_key,
-            "listen-port",
-            "51820",
-            "peer",
-            &en_pub,
-            "allowed-ips",
-            "10.200.0.2/32",
-        ],
-    )?;
+    wait_until(Duration::from_secs(5), "the DN's WireGuard socket", || {
+        lab.net
+            .exec(
+                "dn1",
+                &[
+                    "wg",
+                    "set",
+                    &dn_if,
+                    "private-key",
+                    &dn_key,
+                    "listen-port",
+                    "51820",
+                    "peer",
+                    &en_pub,
+                    "allowed-ips",
+                    "10.200.0.2/32",
+                ],
+            )
+            .is_ok()
+    })?;
     lab.net.exec(
         "en1",
         &["ip", "addr", "add", "10.200.0.2/32", "dev", &en_if],
@@ -185,19 +353,19 @@ fn wireguard_go(lab: &mut Lab, seconds: u32) -> Result<Figures> {
     )?;
     lab.net
         .exec("dn1", &["ip", "link", "set", &dn_if, "mtu", "1420", "up"])?;
-    let pids: Vec<u32> = ["wireguard-go-en", "wireguard-go-dn"]
+    let pids: Vec<u32> = [&en_name, &dn_name]
         .iter()
         .filter_map(|n| lab.net.pid(n))
         .collect();
-    let figures = measure(lab, seconds, &pids);
-    lab.net.stop("wireguard-go-en", libc::SIGTERM)?;
-    lab.net.stop("wireguard-go-dn", libc::SIGTERM)?;
+    let figures = measure(lab, o, &pids);
+    lab.net.stop(&en_name, libc::SIGTERM)?;
+    lab.net.stop(&dn_name, libc::SIGTERM)?;
     let _ = lab.net.exec("en1", &["ip", "link", "del", &en_if]);
     let _ = lab.net.exec("dn1", &["ip", "link", "del", &dn_if]);
     figures
 }
 
-fn veth(lab: &mut Lab, seconds: u32) -> Result<Figures> {
+fn veth(lab: &mut Lab, o: &Options) -> Result<Figures> {
     lab.net.exec(
         "en1",
         &[
@@ -214,121 +382,279 @@ fn veth(lab: &mut Lab, seconds: u32) -> Result<Figures> {
         "srv",
         &["ip", "route", "replace", &client_net, "via", "10.0.2.1"],
     )?;
-    measure(lab, seconds, &[])
+    measure(lab, o, &[])
 }
 
-/// Runs all three setups in one lab.
-pub fn run(seconds: u32) -> Result<Report> {
+/// Measures the setups of `o` one after another in one lab.
+pub fn run_all(o: &Options) -> Result<Report> {
     let mut lab = Lab::start(&LabSpec::default())?;
-    let holdfast = holdfast(&mut lab, seconds).with_context(|| lab.net.logs())?;
-    let wireguard_go = wireguard_go(&mut lab, seconds).with_context(|| lab.net.logs())?;
-    let veth = veth(&mut lab, seconds)?;
+    let mut setups = Vec::new();
+    for setup in Setup::ALL {
+        if !o.setups.contains(&setup) {
+            continue;
+        }
+        eprintln!("lab bench: {} ...", setup.label());
+        let outcome = match setup {
+            Setup::Holdfast => Outcome::Measured(holdfast(&mut lab, o)?),
+            Setup::WireguardGo | Setup::Boringtun => {
+                let peer = if setup == Setup::Boringtun {
+                    Wireguard::Boringtun
+                } else {
+                    Wireguard::Go
+                };
+                match installed(peer.program()) {
+                    Some(_) => Outcome::Measured(wireguard(&mut lab, o, peer)?),
+                    None => Outcome::Skipped(format!(
+                        "{} is not installed (scripts/install-deps.sh installs it)",
+                        peer.program()
+                    )),
+                }
+            }
+            Setup::Veth => Outcome::Measured(veth(&mut lab, o)?),
+        };
+        setups.push((setup, outcome));
+    }
     Ok(Report {
-        seconds,
-        holdfast,
-        wireguard_go,
-        veth,
+        seconds: o.seconds,
+        udp_rate: o.udp_rate.clone(),
+        setups,
     })
 }
 
 impl Report {
-    fn paths(&self) -> [(&'static str, &Figures); 3] {
-        [
-            ("holdfast", &self.holdfast),
-            ("wireguard-go", &self.wireguard_go),
-            ("veth (bare)", &self.veth),
-        ]
+    fn measured(&self) -> impl Iterator<Item = (Setup, &Figures)> {
+        self.setups.iter().filter_map(|(s, o)| match o {
+            Outcome::Measured(f) => Some((*s, f)),
+            Outcome::Skipped(_) => None,
+        })
     }
+
+    fn figures(&self, setup: Setup) -> Option<&Figures> {
+        self.measured().find(|(s, _)| *s == setup).map(|(_, f)| f)
+    }
+
+    /// `a`'s figure as a percentage of `b`'s, where both were measured.
+    fn percent(&self, a: Setup, b: Setup, figure: fn(&Figures) -> f64) -> Option<f64> {
+        let (a, b) = (figure(self.figures(a)?), figure(self.figures(b)?));
+        (b > 0.0).then(|| 100.0 * a / b)
+    }
+
+    fn chart(
+        &self,
+        path: &Path,
+        title: &str,
+        unit: &str,
+        figure: fn(&Figures) -> f64,
+    ) -> Result<()> {
+        let bars: Vec<(String, f64)> = self
+            .measured()
+            .map(|(s, f)| (s.label().to_owned(), figure(f)))
+            .collect();
+        crate::plot::bars(path, title, unit, &bars)
+    }
+}
+
+fn forward(f: &Figures) -> f64 {
+    f.mbps
+}
+fn reverse(f: &Figures) -> f64 {
+    f.reverse_mbps
 }
 
 /// The bench reports like the experiments: a table, JSON, CSV and charts.
 impl crate::experiment::Report for Report {
-    /// `bench.csv` (one row per path) and bar charts of throughput and RTT.
+    /// `bench.csv` (one row per setup) and bar charts of throughput and RTT.
     fn write(&self, dir: &Path) -> Result<Vec<std::path::PathBuf>> {
         crate::experiment::create_dir(dir)?;
-        let mut csv = "path,seconds,mbps,rtt_p50_us,rtt_p99_us,cpu_s_per_gb\n".to_owned();
-        for (name, f) in self.paths() {
+        let mut csv = "path,seconds,mbps,reverse_mbps,streams4_mbps,udp_mbps,udp_lost_percent,\
+                       rtt_p50_us,rtt_p99_us,loaded_rtt_p50_us,loaded_rtt_p99_us,cpu_s_per_gb,\
+                       reverse_cpu_s_per_gb\n"
+            .to_owned();
+        let cpu = |c: Option<f64>| c.map(|c| format!("{c:.3}")).unwrap_or_default();
+        for (setup, f) in self.measured() {
             csv += &format!(
-                "{name},{},{:.1},{:.1},{:.1},{}\n",
+                "{},{},{:.1},{:.1},{:.1},{:.1},{:.3},{:.1},{:.1},{:.1},{:.1},{},{}\n",
+                setup.label(),
                 self.seconds,
                 f.mbps,
+                f.reverse_mbps,
+                f.streams4_mbps,
+                f.udp_mbps,
+                f.udp_lost_percent,
                 f.rtt_p50_us,
                 f.rtt_p99_us,
-                f.cpu_s_per_gb
-                    .map(|c| format!("{c:.3}"))
-                    .unwrap_or_default()
+                f.loaded_rtt_p50_us,
+                f.loaded_rtt_p99_us,
+                cpu(f.cpu_s_per_gb),
+                cpu(f.reverse_cpu_s_per_gb),
             );
         }
         let csv_path = dir.join("bench.csv");
         std::fs::write(&csv_path, csv)?;
-        let throughput = dir.join("bench-throughput.svg");
-        crate::plot::bars(
-            &throughput,
-            &format!(
-                "TCP throughput, client to server (iperf3, {} s)",
-                self.seconds
+        let s = self.seconds;
+        let charts = [
+            (
+                "bench-throughput.svg",
+                format!("TCP throughput, one stream, client to server (iperf3, {s} s)"),
+                "Mbit/s",
+                forward as fn(&Figures) -> f64,
             ),
-            "Mbit/s",
-            &self.paths().map(|(n, f)| (n.to_owned(), f.mbps)),
-        )?;
-        let rtt = dir.join("bench-rtt.svg");
-        crate::plot::bars(
-            &rtt,
-            "Round-trip time, median of 200 pings",
-            "microseconds",
-            &self.paths().map(|(n, f)| (n.to_owned(), f.rtt_p50_us)),
-        )?;
-        Ok(vec![csv_path, throughput, rtt])
+            (
+                "bench-reverse.svg",
+                format!("TCP throughput, one stream, server to client (iperf3 -R, {s} s)"),
+                "Mbit/s",
+                reverse,
+            ),
+            (
+                "bench-streams4.svg",
+                format!("TCP throughput, four streams, client to server (iperf3 -P 4, {s} s)"),
+                "Mbit/s",
+                |f| f.streams4_mbps,
+            ),
+            (
+                "bench-rtt.svg",
+                "Round-trip time, median of 200 pings, idle".to_owned(),
+                "microseconds",
+                |f| f.rtt_p50_us,
+            ),
+            (
+                "bench-rtt-loaded.svg",
+                "Round-trip time, median, during the one-stream upload".to_owned(),
+                "microseconds",
+                |f| f.loaded_rtt_p50_us,
+            ),
+        ];
+        let mut files = vec![csv_path];
+        for (name, title, unit, figure) in charts {
+            let path = dir.join(name);
+            self.chart(&path, &title, unit, figure)?;
+            files.push(path);
+        }
+        Ok(files)
     }
 
     fn json(&self) -> serde_json::Value {
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
-        serde_json::json!({
-            "seconds": self.seconds,
-            "holdfast_mbps": self.holdfast.mbps,
-            "wireguard_go_mbps": self.wireguard_go.mbps,
-            "veth_mbps": self.veth.mbps,
-            "holdfast_rtt_p50_us": self.holdfast.rtt_p50_us,
-            "holdfast_rtt_p99_us": self.holdfast.rtt_p99_us,
-            "wireguard_go_rtt_p50_us": self.wireguard_go.rtt_p50_us,
-            "wireguard_go_rtt_p99_us": self.wireguard_go.rtt_p99_us,
-            "veth_rtt_p50_us": self.veth.rtt_p50_us,
-            "veth_rtt_p99_us": self.veth.rtt_p99_us,
-            "holdfast_cpu_s_per_gb": self.holdfast.cpu_s_per_gb,
-            "wireguard_go_cpu_s_per_gb": self.wireguard_go.cpu_s_per_gb,
-            "throughput_ratio_holdfast_to_wireguard_go": ratio(self.holdfast.mbps, self.wireguard_go.mbps),
-            "rtt_p50_ratio_holdfast_to_wireguard_go": ratio(self.holdfast.rtt_p50_us, self.wireguard_go.rtt_p50_us),
-        })
+        let mut m = serde_json::Map::new();
+        m.insert("seconds".into(), self.seconds.into());
+        m.insert("udp_rate".into(), self.udp_rate.clone().into());
+        let mut skipped = serde_json::Map::new();
+        for (setup, outcome) in &self.setups {
+            let f = match outcome {
+                Outcome::Measured(f) => f,
+                Outcome::Skipped(why) => {
+                    skipped.insert(setup.key().into(), why.clone().into());
+                    continue;
+                }
+            };
+            let k = setup.key();
+            if let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(f) {
+                for (name, value) in fields {
+                    // The tunnels' CPU; the bare path has none to count.
+                    if value.is_null() {
+                        continue;
+                    }
+                    m.insert(format!("{k}_{name}"), value);
+                }
+            }
+        }
+        m.insert("skipped".into(), skipped.into());
+        let pct = |a, b, figure| self.percent(a, b, figure);
+        m.insert(
+            "holdfast_percent_of_veth".into(),
+            pct(Setup::Holdfast, Setup::Veth, forward).into(),
+        );
+        m.insert(
+            "holdfast_reverse_percent_of_veth".into(),
+            pct(Setup::Holdfast, Setup::Veth, reverse).into(),
+        );
+        if let Some(h) = self.figures(Setup::Holdfast) {
+            m.insert(
+                "holdfast_streams4_to_one".into(),
+                ratio(h.streams4_mbps, h.mbps).into(),
+            );
+            if let Some(w) = self.figures(Setup::WireguardGo) {
+                m.insert(
+                    "throughput_ratio_holdfast_to_wireguard_go".into(),
+                    ratio(h.mbps, w.mbps).into(),
+                );
+                m.insert(
+                    "rtt_p50_ratio_holdfast_to_wireguard_go".into(),
+                    ratio(h.rtt_p50_us, w.rtt_p50_us).into(),
+                );
+            }
+        }
+        serde_json::Value::Object(m)
     }
 
     fn table(&self) -> String {
-        let row = |name: &str, f: &Figures| {
-            format!(
-                "{name:<14} {:>10.0} {:>10.0} {:>10.0} {:>12}\n",
-                f.mbps,
-                f.rtt_p50_us,
-                f.rtt_p99_us,
-                f.cpu_s_per_gb
-                    .map(|c| format!("{c:.2}"))
-                    .unwrap_or_else(|| "-".into())
-            )
-        };
+        let cpu = |c: Option<f64>| c.map(|c| format!("{c:.2}")).unwrap_or_else(|| "-".into());
         let mut out = format!(
-            "{:<14} {:>10} {:>10} {:>10} {:>12}\n",
-            "path", "Mbit/s", "RTT p50us", "RTT p99us", "CPU s/GB"
+            "{:<13} {:>10} {:>10} {:>10} {:>15} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+            "path",
+            "up Mbit/s",
+            "down",
+            "4x up",
+            "UDP up (lost)",
+            "RTT p50",
+            "loaded",
+            "p99 load",
+            "CPU s/GB",
+            "down"
         );
-        for (name, f) in self.paths() {
-            out += &row(name, f);
+        for (setup, outcome) in &self.setups {
+            match outcome {
+                Outcome::Measured(f) => {
+                    out += &format!(
+                        "{:<13} {:>10.0} {:>10.0} {:>10.0} {:>15} {:>9.0} {:>9.0} {:>9.0} {:>9} {:>9}\n",
+                        setup.label(),
+                        f.mbps,
+                        f.reverse_mbps,
+                        f.streams4_mbps,
+                        format!("{:.0} ({:.1}%)", f.udp_mbps, f.udp_lost_percent),
+                        f.rtt_p50_us,
+                        f.loaded_rtt_p50_us,
+                        f.loaded_rtt_p99_us,
+                        cpu(f.cpu_s_per_gb),
+                        cpu(f.reverse_cpu_s_per_gb),
+                    )
+                }
+                Outcome::Skipped(why) => out += &format!("{:<13} skipped: {why}\n", setup.label()),
+            }
         }
         out += &format!(
-            "\nholdfast / wireguard-go: throughput x{:.2}, RTT p50 x{:.2}\n",
-            self.holdfast.mbps / self.wireguard_go.mbps,
-            self.holdfast.rtt_p50_us / self.wireguard_go.rtt_p50_us
+            "\nTCP runs {} s each (the first omitted), UDP offered at {} in 1200-byte datagrams; \
+             RTT in microseconds, idle (200 pings) and during the upload.\n",
+            self.seconds, self.udp_rate
         );
+        let pct = |figure| self.percent(Setup::Holdfast, Setup::Veth, figure);
+        if let (Some(up), Some(down)) = (pct(forward), pct(reverse)) {
+            out += &format!("holdfast, one stream: {up:.1}% of veth up, {down:.1}% down\n");
+        }
+        if let Some(h) = self.figures(Setup::Holdfast) {
+            if h.mbps > 0.0 {
+                out += &format!(
+                    "holdfast, four streams: x{:.2} of one\n",
+                    h.streams4_mbps / h.mbps
+                );
+            }
+        }
+        for peer in [Setup::WireguardGo, Setup::Boringtun] {
+            if let (Some(h), Some(w)) = (self.figures(Setup::Holdfast), self.figures(peer)) {
+                out += &format!(
+                    "holdfast / {}: throughput x{:.2} up, x{:.2} down, RTT p50 x{:.2}\n",
+                    peer.label(),
+                    h.mbps / w.mbps,
+                    h.reverse_mbps / w.reverse_mbps,
+                    h.rtt_p50_us / w.rtt_p50_us
+                );
+            }
+        }
         out
     }
 
-    /// Every figure is measured or the bench fails as a whole.
+    /// Every figure is measured or the bench fails as a whole (a peer not installed is
+    /// reported as skipped).
     fn errors(&self) -> &[String] {
         &[]
     }

@@ -174,6 +174,8 @@ pub struct Iperf {
     /// Bytes sent over the whole run, the omitted warm-up second included (the CPU figures
     /// cover the whole run too).
     pub bytes: u64,
+    /// UDP: the share of datagrams the receiver never got, in percent.
+    pub lost_percent: Option<f64>,
 }
 
 /// Starts a one-test iperf3 server on `server_addr` in `server_role` and waits until it
@@ -198,6 +200,18 @@ fn iperf3_server(net: &mut Netns, server_role: &str, server_addr: &str) -> Resul
     Ok(name)
 }
 
+/// What an iperf3 run does: TCP from the client by default.
+#[derive(Debug, Clone, Default)]
+pub struct IperfTest {
+    /// Data flows from the server to the client (`-R`).
+    pub reverse: bool,
+    /// Parallel streams (`-P`); 0 or 1 is one stream.
+    pub streams: u32,
+    /// UDP at this offered rate (iperf3's `-b`, e.g. "1G") with 1200-byte datagrams, which fit
+    /// every tunnel's MTU.
+    pub udp_rate: Option<String>,
+}
+
 /// iperf3 TCP throughput from `client_role` to `server_addr` in `server_role`.
 pub fn iperf3(
     net: &mut Netns,
@@ -206,34 +220,92 @@ pub fn iperf3(
     server_addr: &str,
     seconds: u32,
 ) -> Result<Iperf> {
+    iperf3_test(
+        net,
+        server_role,
+        client_role,
+        server_addr,
+        seconds,
+        &IperfTest::default(),
+    )
+}
+
+/// One iperf3 run of `test` between `client_role` and `server_addr` in `server_role`. The
+/// first second is omitted from the rate (TCP's slow start).
+pub fn iperf3_test(
+    net: &mut Netns,
+    server_role: &str,
+    client_role: &str,
+    server_addr: &str,
+    seconds: u32,
+    test: &IperfTest,
+) -> Result<Iperf> {
     let name = iperf3_server(net, server_role, server_addr)?;
     let secs = seconds.to_string();
-    let out = net.exec(
-        client_role,
-        &[
-            "iperf3",
-            "-c",
-            server_addr,
-            "-t",
-            &secs,
-            "-O",
-            "1",
-            "--json",
-        ],
-    );
+    let streams = test.streams.max(1).to_string();
+    let mut argv = vec![
+        "iperf3",
+        "-c",
+        server_addr,
+        "-t",
+        &secs,
+        "-O",
+        "1",
+        "-P",
+        &streams,
+        "--json",
+    ];
+    if test.reverse {
+        argv.push("-R");
+    }
+    if let Some(rate) = &test.udp_rate {
+        argv.extend(["-u", "-b", rate, "-l", "1200"]);
+    }
+    let out = net.exec(client_role, &argv);
     let _ = net.stop(&name, libc::SIGTERM);
     let out = out?;
     let json: serde_json::Value =
         serde_json::from_slice(&out.stdout).context("iperf3 printed no JSON")?;
-    let mbps = json["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .map(|b| b / 1e6)
-        .ok_or_else(|| anyhow!("iperf3 JSON has no end.sum_received: {json}"))?;
+    parse_iperf3(&json, test.udp_rate.is_some())
+}
+
+/// The receiver's rate and the bytes carried from iperf3's `--json` output.
+fn parse_iperf3(json: &serde_json::Value, udp: bool) -> Result<Iperf> {
+    let end = &json["end"];
+    let lost_percent = if udp {
+        Some(
+            end["sum"]["lost_percent"]
+                .as_f64()
+                .ok_or_else(|| anyhow!("iperf3 UDP JSON has no end.sum.lost_percent: {json}"))?,
+        )
+    } else {
+        None
+    };
+    // TCP: what the receiver got. UDP (iperf3 3.12 has no sum_received for it): the offered
+    // rate less what the receiver reported lost.
+    let mbps = match (
+        end["sum_received"]["bits_per_second"].as_f64(),
+        lost_percent,
+    ) {
+        (Some(b), _) => b / 1e6,
+        (None, Some(lost)) => {
+            end["sum"]["bits_per_second"]
+                .as_f64()
+                .ok_or_else(|| anyhow!("iperf3 JSON has no end.sum: {json}"))?
+                * (1.0 - lost / 100.0)
+                / 1e6
+        }
+        (None, None) => bail!("iperf3 JSON has no end.sum_received: {json}"),
+    };
     let bytes = json["intervals"]
         .as_array()
         .map(|v| v.iter().filter_map(|i| i["sum"]["bytes"].as_u64()).sum())
         .unwrap_or(0);
-    Ok(Iperf { mbps, bytes })
+    Ok(Iperf {
+        mbps,
+        bytes,
+        lost_percent,
+    })
 }
 
 /// A bulk TCP stream running in the background (see [`bulk`]).
@@ -310,17 +382,22 @@ pub fn ping_rtts(
         ],
     )?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let rtts: Vec<f64> = text
+    let rtts = rtts_of(&text);
+    if rtts.is_empty() {
+        bail!("no ping replies from {target}: {text}");
+    }
+    Ok(rtts)
+}
+
+/// The round-trip times, in microseconds, of the replies in ping's output.
+pub fn rtts_of(ping_output: &str) -> Vec<f64> {
+    ping_output
         .lines()
         .filter_map(|l| l.split("time=").nth(1))
         .filter_map(|t| t.split_whitespace().next())
         .filter_map(|ms| ms.parse::<f64>().ok())
         .map(|ms| ms * 1000.0)
-        .collect();
-    if rtts.is_empty() {
-        bail!("no ping replies from {target}: {text}");
-    }
-    Ok(rtts)
+        .collect()
 }
 
 /// A ping running in the background (`ping -i INTERVAL`), its output read as it prints (a long

@@ -128,8 +128,37 @@ fn the_bench_writes_its_csv_and_charts() {
     let scratch = scratch("bench");
     let (dir, d) = (&scratch.0, scratch.0.display().to_string());
     let j = lab(&["bench", "--seconds", "1", "--json", "--out", &d]);
-    assert!(j["holdfast_mbps"].as_f64() > Some(0.0), "{j}");
-    assert_files(dir, &["bench.csv", "bench-throughput.svg", "bench-rtt.svg"]);
+    for setup in ["holdfast", "wireguard_go", "veth"] {
+        for figure in [
+            "mbps",
+            "reverse_mbps",
+            "streams4_mbps",
+            "udp_mbps",
+            "rtt_p50_us",
+            "loaded_rtt_p50_us",
+        ] {
+            let key = format!("{setup}_{figure}");
+            assert!(j[&key].as_f64() > Some(0.0), "{key}: {j}");
+        }
+    }
+    assert!(j["holdfast_cpu_s_per_gb"].as_f64() > Some(0.0), "{j}");
+    assert!(j["holdfast_percent_of_veth"].as_f64() > Some(0.0), "{j}");
+    // boringtun is measured where scripts/install-deps.sh could build it, or says why not.
+    assert!(
+        j["boringtun_mbps"].as_f64() > Some(0.0) || j["skipped"]["boringtun"].is_string(),
+        "{j}"
+    );
+    assert_files(
+        dir,
+        &[
+            "bench.csv",
+            "bench-throughput.svg",
+            "bench-reverse.svg",
+            "bench-streams4.svg",
+            "bench-rtt.svg",
+            "bench-rtt-loaded.svg",
+        ],
+    );
 }
 
 #[test]

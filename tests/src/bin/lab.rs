@@ -69,15 +69,26 @@ enum Command {
     /// gone. Its namespaces, their processes and its work directory are removed (set
     /// HOLDFAST_LAB_KEEP=1 to keep the work directory and its logs).
     Down,
-    /// Throughput (iperf3), RTT (ping) and CPU per GB of Holdfast, wireguard-go and bare veth.
+    /// Throughput, RTT and CPU per GB of Holdfast, userspace WireGuard and bare veth.
     ///
-    /// One lab, three setups one after another, each torn down before the next: Holdfast
-    /// (en1 -> dn1), wireguard-go between the same namespaces, and the bare veth path routed
-    /// through dn1. RTT is 200 pings at 10 ms; CPU counts the tunnel processes on both ends.
+    /// One lab, the setups one after another, each torn down before the next: Holdfast
+    /// (en1 -> dn1), wireguard-go and boringtun between the same namespaces (a peer not
+    /// installed is reported as skipped), and the bare veth path routed through dn1. Each
+    /// setup gets: 200 pings at 10 ms (idle RTT); a one-stream TCP upload with pings at 10 ms
+    /// beside it (RTT under load); a one-stream download (iperf3 -R); a four-stream upload; a
+    /// UDP upload at the offered rate. CPU counts the tunnel processes on both ends.
+    ///
+    /// Example: lab bench --setups holdfast,veth --seconds 5 --json
     Bench {
-        /// Seconds of iperf3 per setup.
+        /// Seconds of each iperf3 run (four per setup).
         #[arg(long, default_value_t = 10)]
         seconds: u32,
+        /// The setups to measure, comma-separated (default: all).
+        #[arg(long, value_enum, value_delimiter = ',', default_values_t = bench::Setup::ALL)]
+        setups: Vec<bench::Setup>,
+        /// Offered rate of the UDP test (iperf3 -b: 500M, 2G, ...).
+        #[arg(long, default_value = "1G")]
+        udp_rate: String,
         /// Write bench.csv and bar charts (SVG) of throughput and RTT into DIR.
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
@@ -580,8 +591,19 @@ fn main() -> Result<()> {
         }
         Command::Mobile { cases, json } => print_cases(&mobile::run(&cases, json)?, json),
         Command::Attack { cases, json } => print_cases(&attack::run(&cases, json)?, json),
-        Command::Bench { seconds, out, json } => {
-            finish(&bench::run(seconds)?, json, out.as_deref())
+        Command::Bench {
+            seconds,
+            setups,
+            udp_rate,
+            out,
+            json,
+        } => {
+            let options = bench::Options {
+                seconds,
+                setups,
+                udp_rate,
+            };
+            finish(&bench::run_all(&options)?, json, out.as_deref())
         }
         Command::Experiment(Experiment::Icmp {
             rate,
