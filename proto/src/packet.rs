@@ -45,6 +45,18 @@ pub fn source(pkt: &[u8]) -> Option<IpAddr> {
     addresses(pkt).map(|(s, _)| s)
 }
 
+const PROTO_TCP: u8 = 6;
+
+/// Whether `pkt` is a TCP segment (IPv4, or IPv6 with TCP as its first next header): what a
+/// TUN write may coalesce.
+pub fn is_tcp(pkt: &[u8]) -> bool {
+    match pkt.first().map(|b| b >> 4) {
+        Some(4) => pkt.len() >= IPV4_HEADER_MIN && pkt[9] == PROTO_TCP,
+        Some(6) => pkt.len() >= IPV6_HEADER && pkt[6] == PROTO_TCP,
+        _ => false,
+    }
+}
+
 /// The Internet checksum (RFC 1071) over `chunks` taken as one run of bytes.
 pub fn checksum(chunks: &[&[u8]]) -> u16 {
     let mut sum: u32 = 0;
@@ -243,6 +255,23 @@ mod tests {
     }
 
     #[test]
+    fn tcp_is_told_from_udp_icmp_and_truncated_packets() {
+        let tcp = v4_tcp(60, true);
+        assert!(is_tcp(&tcp));
+        let mut udp = tcp.clone();
+        udp[9] = 17;
+        assert!(!is_tcp(&udp));
+        assert!(!is_tcp(&tcp[..19]));
+        let mut v6 = vec![0u8; 60];
+        v6[0] = 0x60;
+        v6[6] = 6;
+        assert!(is_tcp(&v6));
+        v6[6] = 58;
+        assert!(!is_tcp(&v6));
+        assert!(!is_tcp(&[]));
+    }
+
+    #[test]
     fn addresses_are_read() {
         let p = v4_tcp(60, true);
         assert_eq!(
@@ -355,6 +384,7 @@ mod tests {
             let mut out = Vec::new();
             let _ = addresses(&bytes);
             let _ = dont_fragment(&bytes);
+            let _ = is_tcp(&bytes);
             if packet_too_big(&bytes, mtu, &mut out) {
                 prop_assert!(out.len() <= ICMPV6_ERROR_MAX);
                 prop_assert_eq!(addresses(&out).map(|(_, to)| to), source(&bytes));

@@ -10,6 +10,7 @@ use std::net::IpAddr;
 
 use anyhow::{Context, Result};
 use bytes::{Bytes, BytesMut};
+use holdfast_proto::packet;
 use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 /// Largest inner packet we ever carry (jumbo frames included), plus room for headers.
@@ -17,6 +18,8 @@ const MAX_PACKET: usize = 9000 + 64;
 /// A super-packet read with offloads can be 64 KiB plus its virtio header.
 const MAX_READ: usize = VIRTIO_NET_HDR_LEN + 65535;
 const SLAB: usize = 512 * 1024;
+/// The largest packet GRO makes (an IP packet's length field).
+const MAX_MERGED: usize = 65535;
 
 pub struct Tun {
     dev: AsyncDevice,
@@ -141,35 +144,65 @@ pub struct Writer {
 
 impl Writer {
     /// Writes `pkts` (whole IP packets). Packets the kernel refuses are dropped, as a link would.
+    ///
+    /// TCP segments are coalesced (GRO): the receiving TCP stack then runs, and ACKs, once per
+    /// super-packet. Everything else is written as it came: coalesced UDP super-packets
+    /// (USO) reach a server that did not ask for them as bursts, and in our lab half of a
+    /// 1 Gbit/s UDP stream was lost that way, against under 1% written one by one.
     pub async fn send(&mut self, tun: &Tun, pkts: &[Bytes]) -> io::Result<()> {
-        if pkts.is_empty() {
-            return Ok(());
+        let tcp_count = pkts.iter().filter(|p| packet::is_tcp(p)).count();
+        // Each buffer needs headroom for the virtio header the device expects in front, and
+        // room for what may be coalesced into it: tun-rs merges a segment into an earlier one
+        // of its flow only where that buffer can hold the merged packet (two headers' room, as
+        // it counts). A merge never exceeds the batch or 64 KiB. The buffers keep their
+        // capacity from batch to batch: no allocation per packet once warm.
+        let merged_max = pkts
+            .iter()
+            .filter(|p| packet::is_tcp(p))
+            .map(Bytes::len)
+            .sum::<usize>()
+            .min(MAX_MERGED);
+        if self.bufs.len() < tcp_count.max(1) {
+            self.bufs.resize_with(tcp_count.max(1), BytesMut::new);
         }
-        // Each buffer needs headroom for the virtio header the device expects in front.
-        self.bufs.resize_with(pkts.len(), BytesMut::new);
-        for (buf, pkt) in self.bufs.iter_mut().zip(pkts) {
+        let mut used = 0;
+        for pkt in pkts.iter().filter(|p| packet::is_tcp(p)) {
+            let buf = &mut self.bufs[used];
             buf.clear();
-            buf.reserve(VIRTIO_NET_HDR_LEN + pkt.len());
+            buf.reserve(2 * VIRTIO_NET_HDR_LEN + merged_max);
             buf.resize(VIRTIO_NET_HDR_LEN, 0);
             buf.extend_from_slice(pkt);
+            used += 1;
         }
-        let result = tun
-            .dev
-            .send_multiple(
-                &mut self.gro,
-                &mut self.bufs[..pkts.len()],
-                VIRTIO_NET_HDR_LEN,
-            )
-            .await;
-        match result {
-            Ok(_) => Ok(()),
-            // A malformed packet from a peer must not stop the data path.
-            Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
-                tracing::debug!(error = %e, "TUN rejected a packet");
-                Ok(())
-            }
-            Err(e) => Err(e),
+        if used > 0 {
+            let result = tun
+                .dev
+                .send_multiple(&mut self.gro, &mut self.bufs[..used], VIRTIO_NET_HDR_LEN)
+                .await;
+            dropped_if_refused(result)?;
         }
+        for pkt in pkts.iter().filter(|p| !packet::is_tcp(p)) {
+            // A zeroed virtio header: no offload asked of the kernel for this packet.
+            let buf = &mut self.bufs[0];
+            buf.clear();
+            buf.resize(VIRTIO_NET_HDR_LEN, 0);
+            buf.extend_from_slice(pkt);
+            dropped_if_refused(tun.dev.send(buf).await)?;
+        }
+        Ok(())
+    }
+}
+
+/// A malformed packet from a peer must not stop the data path: what the device refuses as
+/// invalid is dropped, as a link would; any other error stands.
+fn dropped_if_refused(result: io::Result<usize>) -> io::Result<()> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+            tracing::debug!(error = %e, "TUN rejected a packet");
+            Ok(())
+        }
+        Err(e) => Err(e),
     }
 }
 
