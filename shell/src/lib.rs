@@ -126,3 +126,25 @@ pub fn load_dn(
     })?;
     Ok((cluster, spec))
 }
+
+/// A daemon's async runtime with `threads` workers, 0 meaning one per core. One thread runs
+/// everything on it (no cross-thread wake-ups); more let a client's two directions, and a DN's
+/// sessions, use their own cores.
+pub fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context;
+    let threads = match threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    builder
+        .enable_all()
+        .build()
+        .with_context(|| format!("cannot start the async runtime with {threads} threads"))
+}

@@ -12,12 +12,22 @@ use sha2::{Digest, Sha256};
 /// less (three keepalive periods), and the shorter of the two applies. QUIC sends no keepalives
 /// of its own: the client's probes keep an idle session alive, so that an idle client sleeps.
 pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
-/// Datagram buffers: large enough for a congestion window of full-size packets at gigabit
-/// rates, small enough not to add much queueing delay.
+/// Datagrams received and not yet written to the TUN device: room for a burst at gigabit
+/// rates while the writer catches up.
 const DATAGRAM_BUFFER: usize = 2 * 1024 * 1024;
+/// The client's queue of datagrams waiting to be sent. What waits here delays every packet
+/// behind it, probes included: 2 MiB is 1.6 s on a 10 Mbit/s uplink, 256 KiB a fifth of a
+/// second, and half a millisecond at 4 Gbit/s, which still keeps the sender busy (same upload
+/// rate in `lab bench`). The DN keeps the larger buffer: it reads one TUN device for all
+/// its clients and drops rather than waits when a client's queue is full, and 256 KiB there
+/// cost a tenth of the download rate.
+const DATAGRAM_SEND_QUEUE: usize = 256 * 1024;
 
+/// The client's side.
 pub fn transport(idle_timeout: Duration) -> Arc<quinn::TransportConfig> {
-    Arc::new(transport_settings(idle_timeout))
+    let mut t = transport_settings(idle_timeout);
+    t.datagram_send_buffer_size(DATAGRAM_SEND_QUEUE);
+    Arc::new(t)
 }
 
 fn transport_settings(idle_timeout: Duration) -> quinn::TransportConfig {
