@@ -37,9 +37,10 @@ struct Cli {
     #[arg(long, conflicts_with = "metrics")]
     no_metrics: bool,
     /// Threads carrying traffic; 0 is one per core. Each client's session (its encryption and
-    /// decryption) runs on one thread, so on a host with cores of its own a DN with many
-    /// clients uses them all with 0. 1 (the default) has no cross-thread wake-ups: the
-    /// fastest and the lowest latency where the DN shares its cores.
+    /// decryption) runs on one thread, and the TUN device gets a queue per thread, each read
+    /// by its own task (the kernel spreads flows over them), so on a host with cores of its own
+    /// a DN with many clients uses them all with 0. 1 (the default) has no cross-thread
+    /// wake-ups: the fastest and the lowest latency where the DN shares its cores.
     #[arg(long, env = "HOLDFAST_DN_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(0..=256))]
     threads: u16,
     /// Log format: text, or one JSON object per line.
@@ -152,13 +153,13 @@ fn print_status(status: &serde_json::Value) {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let threads = match cli.command {
-        None => cli.threads.into(),
+        None => holdfast_shell::thread_count(cli.threads.into()),
         Some(_) => 1,
     };
-    holdfast_shell::runtime(threads)?.block_on(run(cli))
+    holdfast_shell::runtime(threads)?.block_on(run(cli, threads))
 }
 
-async fn run(cli: Cli) -> Result<()> {
+async fn run(cli: Cli, threads: usize) -> Result<()> {
     match cli.command {
         Some(Command::Status { json }) => {
             let path = control_path(cli.control, cli.node.as_deref());
@@ -226,6 +227,7 @@ async fn run(cli: Cli) -> Result<()> {
                 node,
                 control,
                 metrics: (!cli.no_metrics).then_some(cli.metrics),
+                tun_queues: threads,
             })
             .await
         }

@@ -43,6 +43,8 @@ pub struct Options {
     pub control: PathBuf,
     /// Where to serve Prometheus metrics; `None`: nowhere.
     pub metrics: Option<std::net::SocketAddr>,
+    /// TUN queues, each read by its own task: one per runtime thread.
+    pub tun_queues: usize,
 }
 
 #[derive(Default, Serialize)]
@@ -160,7 +162,13 @@ async fn serve(opts: Options, link: Option<Arc<detector::Link>>) -> Result<()> {
     // The device holds only the DN's own address; the pool reaches it through the routes below,
     // which carry our protocol number for the routing daemon to export.
     let host_prefix = if plan.gateway().is_ipv4() { 32 } else { 128 };
-    let tun = tun::open(&spec.tun, plan.gateway(), host_prefix, spec.mtu)?;
+    let tun = tun::open_queues(
+        &spec.tun,
+        plan.gateway(),
+        host_prefix,
+        spec.mtu,
+        opts.tun_queues.max(1),
+    )?;
     if let Some(IpAddr::V6(gateway6)) = spec.plan6.as_ref().map(|p| p.gateway()) {
         // Dual stack: the DN's own IPv6 address too, the source of its ICMPv6 errors.
         tun.enable_ipv6(gateway6)
@@ -259,7 +267,11 @@ async fn serve(opts: Options, link: Option<Arc<detector::Link>>) -> Result<()> {
     };
     info!(node = %spec.name, listen = %spec.listen, pool = %plan.pool, tun = %spec.tun, mtu = spec.mtu, control = %opts.control.display(), "dn up");
 
-    let mut reader = tokio::spawn(tun_to_sessions(dn.clone()));
+    // One reader per queue; the first to stop ends the DN.
+    let mut readers = tokio::task::JoinSet::new();
+    for queue in 0..dn.tun.queue_count() {
+        readers.spawn(tun_to_sessions(dn.clone(), queue));
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let outcome = loop {
@@ -272,7 +284,7 @@ async fn serve(opts: Options, link: Option<Arc<detector::Link>>) -> Result<()> {
             res = tokio::signal::ctrl_c() => { res?; info!("interrupted, shutting down"); break Ok(()); }
             _ = term.recv() => { info!("terminated, shutting down"); break Ok(()); }
             _ = hup.recv() => reload(&dn, &opts, &endpoint, &mut applied),
-            res = &mut reader => {
+            Some(res) = readers.join_next() => {
                 break Err(match res {
                     Ok(Err(e)) => e,
                     Ok(Ok(())) => anyhow!("the TUN reader stopped"),
@@ -885,15 +897,16 @@ async fn carry(dn: &Arc<Dn>, session: &Session) -> String {
     }
 }
 
-/// Routes every packet the kernel hands the TUN device to the session holding its destination.
-async fn tun_to_sessions(dn: Arc<Dn>) -> Result<()> {
+/// Routes every packet the kernel hands queue `queue` of the TUN device to the session holding
+/// its destination.
+async fn tun_to_sessions(dn: Arc<Dn>, queue: usize) -> Result<()> {
     let mut reader = tun::Reader::default();
     let mut writer = tun::Writer::default();
     let mut batch = Vec::with_capacity(64);
     let mut icmp = Vec::with_capacity(1280);
     loop {
         reader
-            .recv(&dn.tun, &mut batch)
+            .recv_queue(&dn.tun, queue, &mut batch)
             .await
             .context("TUN read failed")?;
         for pkt in batch.drain(..) {

@@ -127,15 +127,20 @@ pub fn load_dn(
     Ok((cluster, spec))
 }
 
-/// A daemon's async runtime with `threads` workers, 0 meaning one per core. One thread runs
-/// everything on it (no cross-thread wake-ups); more let a client's two directions, and a DN's
-/// sessions, use their own cores.
-pub fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
-    use anyhow::Context;
-    let threads = match threads {
+/// Threads to run for a `--threads` value: 0 is one per core.
+pub fn thread_count(threads: usize) -> usize {
+    match threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
-    };
+    }
+}
+
+/// A daemon's async runtime with `threads` workers (see [`thread_count`] for 0). One thread
+/// runs everything on it (no cross-thread wake-ups); more let a client's two directions, and a
+/// DN's sessions, use their own cores.
+pub fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context;
+    let threads = thread_count(threads);
     let mut builder = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {

@@ -1,6 +1,7 @@
 //! Both daemons with more than one thread (`en --threads 2`, `dn --threads 2`, given through
 //! their environment variables, as a unit file would): two clients carry traffic both ways at
 //! once, and when the first client's DN is killed it switches and its traffic still flows.
+//! Each DN's TUN device then has a queue per thread.
 //! The default is one thread; this keeps the multi-threaded runtime working.
 
 use std::time::{Duration, Instant};
@@ -39,6 +40,21 @@ fn with_several_threads_two_clients_carry_traffic_both_ways_and_fail_over() {
             ensure!(
                 workers >= 2,
                 "{role} runs {workers} runtime threads, not 2 or more"
+            );
+        }
+        // Each DN's TUN device has a queue per thread, each read by its own task.
+        for role in ["dn1", "dn2"] {
+            let listed = lab
+                .net
+                .exec(role, &["ls", "/sys/class/net/holdfast0/queues"])?;
+            let listed = String::from_utf8_lossy(&listed.stdout);
+            let queues = listed
+                .split_whitespace()
+                .filter(|q| q.starts_with("tx-"))
+                .count();
+            ensure!(
+                queues == 2,
+                "{role}'s TUN device has {queues} queues, not 2: {listed}"
             );
         }
         for role in ["en1", "en2"] {

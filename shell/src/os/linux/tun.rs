@@ -22,17 +22,32 @@ const SLAB: usize = 512 * 1024;
 const MAX_MERGED: usize = 65535;
 
 pub struct Tun {
-    dev: AsyncDevice,
+    /// One file per queue; the first also configures the device.
+    queues: Vec<AsyncDevice>,
     name: String,
 }
 
 /// Creates the TUN device `name` with `address/prefix` and `mtu`, up, with offloads.
 pub fn open(name: &str, address: IpAddr, prefix: u8, mtu: u16) -> Result<Tun> {
+    open_queues(name, address, prefix, mtu, 1)
+}
+
+/// As [`open`], with `queues` queues: the kernel hands each flow's packets to one queue (by its
+/// hash), so that a reader per queue spreads many clients' traffic over threads. Writes may go
+/// to any queue.
+pub fn open_queues(
+    name: &str,
+    address: IpAddr,
+    prefix: u8,
+    mtu: u16,
+    queues: usize,
+) -> Result<Tun> {
     // Created down, so that nothing is sent before IPv6 is switched off below.
     let builder = DeviceBuilder::new()
         .name(name)
         .mtu(mtu)
         .offload(true)
+        .multi_queue(queues > 1)
         .enable(false);
     let builder = match address {
         IpAddr::V4(v4) => builder.ipv4(v4, prefix, None),
@@ -49,10 +64,18 @@ pub fn open(name: &str, address: IpAddr, prefix: u8, mtu: u16) -> Result<Tun> {
             tracing::debug!(error = %e, "cannot disable IPv6 on {name}");
         }
     }
-    dev.enabled(true)
+    let mut all = vec![dev];
+    for queue in 1..queues {
+        let more = all[0]
+            .try_clone()
+            .with_context(|| format!("cannot open queue {queue} of TUN device {name}"))?;
+        all.push(more);
+    }
+    all[0]
+        .enabled(true)
         .with_context(|| format!("cannot bring {name} up"))?;
     Ok(Tun {
-        dev,
+        queues: all,
         name: name.to_owned(),
     })
 }
@@ -62,15 +85,25 @@ impl Tun {
         &self.name
     }
 
+    /// The device's first queue: configuration and writes.
+    fn dev(&self) -> &AsyncDevice {
+        // `open_queues` always opens at least one.
+        &self.queues[0]
+    }
+
+    pub fn queue_count(&self) -> usize {
+        self.queues.len()
+    }
+
     /// Interface index of the device, for routes.
     pub fn index(&self) -> Result<u32> {
-        self.dev
+        self.dev()
             .if_index()
             .context("cannot read the TUN device's interface index")
     }
 
     pub fn set_mtu(&self, mtu: u16) -> io::Result<()> {
-        self.dev.set_mtu(mtu)
+        self.dev().set_mtu(mtu)
     }
 
     /// Turns IPv6 on for a device opened with an IPv4 address (dual stack) and adds `v6`/128.
@@ -82,14 +115,14 @@ impl Tun {
         std::fs::write(knob("addr_gen_mode"), "1")?;
         std::fs::write(knob("accept_ra"), "0")?;
         std::fs::write(knob("disable_ipv6"), "0")?;
-        self.dev.add_address_v6(v6, 128)
+        self.dev().add_address_v6(v6, 128)
     }
 
     /// Replaces the device's IPv4 address, or adds an IPv6 one.
     pub fn set_address(&self, address: IpAddr) -> io::Result<()> {
         match address {
-            IpAddr::V4(v4) => self.dev.set_network_address(v4, 32, None),
-            IpAddr::V6(v6) => self.dev.add_address_v6(v6, 128),
+            IpAddr::V4(v4) => self.dev().set_network_address(v4, 32, None),
+            IpAddr::V6(v6) => self.dev().add_address_v6(v6, 128),
         }
     }
 }
@@ -116,8 +149,20 @@ impl Default for Reader {
 impl Reader {
     /// Waits for the next read and appends its packets to `out`.
     pub async fn recv(&mut self, tun: &Tun, out: &mut Vec<Bytes>) -> io::Result<()> {
-        let n = tun
-            .dev
+        self.recv_queue(tun, 0, out).await
+    }
+
+    /// As [`Reader::recv`], from queue `queue` of a multi-queue device.
+    pub async fn recv_queue(
+        &mut self,
+        tun: &Tun,
+        queue: usize,
+        out: &mut Vec<Bytes>,
+    ) -> io::Result<()> {
+        let dev = tun.queues.get(queue).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("no TUN queue {queue}"))
+        })?;
+        let n = dev
             .recv_multiple(&mut self.raw, &mut self.bufs, &mut self.sizes, 0)
             .await?;
         for i in 0..n {
@@ -176,7 +221,7 @@ impl Writer {
         }
         if used > 0 {
             let result = tun
-                .dev
+                .dev()
                 .send_multiple(&mut self.gro, &mut self.bufs[..used], VIRTIO_NET_HDR_LEN)
                 .await;
             dropped_if_refused(result)?;
@@ -187,7 +232,7 @@ impl Writer {
             buf.clear();
             buf.resize(VIRTIO_NET_HDR_LEN, 0);
             buf.extend_from_slice(pkt);
-            dropped_if_refused(tun.dev.send(buf).await)?;
+            dropped_if_refused(tun.dev().send(buf).await)?;
         }
         Ok(())
     }
