@@ -12,7 +12,7 @@ use crate::lab::{
     client_underlay_address, dn_address_for_client, Credential, Lab, LabSpec, SERVER, SERVER_NET,
 };
 use crate::netns::wait_until;
-use crate::stats::percentile;
+use crate::stats::{median_of, percentile};
 use crate::traffic::{iperf3_test, ping_rtts, rtts_of, IperfTest};
 
 /// A setup the bench measures, in the order it measures them.
@@ -77,6 +77,8 @@ pub struct Options {
     pub setups: Vec<Setup>,
     /// The UDP test's offered rate (iperf3's `-b`).
     pub udp_rate: String,
+    /// Whole benches to run, each in a fresh lab; the report gives each figure's median.
+    pub runs: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -112,7 +114,38 @@ pub enum Outcome {
 pub struct Report {
     pub seconds: u32,
     pub udp_rate: String,
+    /// Each figure is the median over this many runs.
+    pub runs: usize,
     pub setups: Vec<(Setup, Outcome)>,
+    /// Every run's own figures, for the JSON (one entry when `runs` is 1).
+    pub per_run: Vec<Vec<(Setup, Outcome)>>,
+}
+
+impl Figures {
+    /// Each field's median over `all` (not empty).
+    fn median(all: &[Figures]) -> Figures {
+        let m = |field: fn(&Figures) -> f64| {
+            let values: Vec<f64> = all.iter().map(field).filter(|v| v.is_finite()).collect();
+            median_of(&values)
+        };
+        let cpu = |field: fn(&Figures) -> Option<f64>| {
+            let values: Vec<f64> = all.iter().filter_map(field).collect();
+            (!values.is_empty()).then(|| median_of(&values))
+        };
+        Figures {
+            mbps: m(|f| f.mbps),
+            reverse_mbps: m(|f| f.reverse_mbps),
+            streams4_mbps: m(|f| f.streams4_mbps),
+            udp_mbps: m(|f| f.udp_mbps),
+            udp_lost_percent: m(|f| f.udp_lost_percent),
+            rtt_p50_us: m(|f| f.rtt_p50_us),
+            rtt_p99_us: m(|f| f.rtt_p99_us),
+            loaded_rtt_p50_us: m(|f| f.loaded_rtt_p50_us),
+            loaded_rtt_p99_us: m(|f| f.loaded_rtt_p99_us),
+            cpu_s_per_gb: cpu(|f| f.cpu_s_per_gb),
+            reverse_cpu_s_per_gb: cpu(|f| f.reverse_cpu_s_per_gb),
+        }
+    }
 }
 
 /// CPU seconds (user + system) a process has used so far.
@@ -386,7 +419,7 @@ fn veth(lab: &mut Lab, o: &Options) -> Result<Figures> {
 }
 
 /// Measures the setups of `o` one after another in one lab.
-pub fn run_all(o: &Options) -> Result<Report> {
+fn run_once(o: &Options) -> Result<Vec<(Setup, Outcome)>> {
     let mut lab = Lab::start(&LabSpec::default())?;
     let mut setups = Vec::new();
     for setup in Setup::ALL {
@@ -414,10 +447,41 @@ pub fn run_all(o: &Options) -> Result<Report> {
         };
         setups.push((setup, outcome));
     }
+    Ok(setups)
+}
+
+/// Runs the bench `o.runs` times, each in a fresh lab; the report's figures are the medians.
+pub fn run_all(o: &Options) -> Result<Report> {
+    let runs = o.runs.max(1);
+    let mut per_run = Vec::with_capacity(runs);
+    for run in 1..=runs {
+        if runs > 1 {
+            eprintln!("lab bench: run {run} of {runs}");
+        }
+        per_run.push(run_once(o)?);
+    }
+    let mut setups = Vec::new();
+    for (i, (setup, first)) in per_run[0].iter().enumerate() {
+        let measured: Vec<Figures> = per_run
+            .iter()
+            .filter_map(|r| match r.get(i) {
+                Some((_, Outcome::Measured(f))) => Some(f.clone()),
+                _ => None,
+            })
+            .collect();
+        let outcome = if measured.is_empty() {
+            first.clone()
+        } else {
+            Outcome::Measured(Figures::median(&measured))
+        };
+        setups.push((*setup, outcome));
+    }
     Ok(Report {
         seconds: o.seconds,
         udp_rate: o.udp_rate.clone(),
+        runs,
         setups,
+        per_run,
     })
 }
 
@@ -452,6 +516,33 @@ impl Report {
             .collect();
         crate::plot::bars(path, title, unit, &bars)
     }
+}
+
+/// `{setup}_{figure}` for every measured setup's figures, and `skipped` with the reasons.
+fn setups_json(setups: &[(Setup, Outcome)]) -> serde_json::Map<String, serde_json::Value> {
+    let mut m = serde_json::Map::new();
+    let mut skipped = serde_json::Map::new();
+    for (setup, outcome) in setups {
+        let f = match outcome {
+            Outcome::Measured(f) => f,
+            Outcome::Skipped(why) => {
+                skipped.insert(setup.key().into(), why.clone().into());
+                continue;
+            }
+        };
+        let k = setup.key();
+        if let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(f) {
+            for (name, value) in fields {
+                // The tunnels' CPU; the bare path has none to count.
+                if value.is_null() {
+                    continue;
+                }
+                m.insert(format!("{k}_{name}"), value);
+            }
+        }
+    }
+    m.insert("skipped".into(), skipped.into());
+    m
 }
 
 fn forward(f: &Figures) -> f64 {
@@ -538,27 +629,16 @@ impl crate::experiment::Report for Report {
         let mut m = serde_json::Map::new();
         m.insert("seconds".into(), self.seconds.into());
         m.insert("udp_rate".into(), self.udp_rate.clone().into());
-        let mut skipped = serde_json::Map::new();
-        for (setup, outcome) in &self.setups {
-            let f = match outcome {
-                Outcome::Measured(f) => f,
-                Outcome::Skipped(why) => {
-                    skipped.insert(setup.key().into(), why.clone().into());
-                    continue;
-                }
-            };
-            let k = setup.key();
-            if let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(f) {
-                for (name, value) in fields {
-                    // The tunnels' CPU; the bare path has none to count.
-                    if value.is_null() {
-                        continue;
-                    }
-                    m.insert(format!("{k}_{name}"), value);
-                }
-            }
+        m.insert("runs".into(), self.runs.into());
+        m.extend(setups_json(&self.setups));
+        if self.runs > 1 {
+            let runs: Vec<serde_json::Value> = self
+                .per_run
+                .iter()
+                .map(|run| serde_json::Value::Object(setups_json(run)))
+                .collect();
+            m.insert("per_run".into(), runs.into());
         }
-        m.insert("skipped".into(), skipped.into());
         let pct = |a, b, figure| self.percent(a, b, figure);
         m.insert(
             "holdfast_percent_of_veth".into(),
@@ -627,6 +707,9 @@ impl crate::experiment::Report for Report {
              RTT in microseconds, idle (200 pings) and during the upload.\n",
             self.seconds, self.udp_rate
         );
+        if self.runs > 1 {
+            out += &format!("Each figure is the median of {} runs.\n", self.runs);
+        }
         let pct = |figure| self.percent(Setup::Holdfast, Setup::Veth, figure);
         if let (Some(up), Some(down)) = (pct(forward), pct(reverse)) {
             out += &format!("holdfast, one stream: {up:.1}% of veth up, {down:.1}% down\n");

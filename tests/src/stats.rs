@@ -50,6 +50,13 @@ pub fn percentile(values: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// The median of `values` in any order (the mean of the middle two for an even count).
+pub fn median_of(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    median(&sorted)
+}
+
 fn median(sorted: &[f64]) -> f64 {
     let n = sorted.len();
     match n {

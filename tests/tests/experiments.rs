@@ -166,6 +166,42 @@ fn the_bench_writes_its_csv_and_charts() {
     not(lab_root),
     ignore = "needs root: the lab builds network namespaces"
 )]
+fn the_bench_reports_each_figures_median_over_its_runs() {
+    if !have_root() {
+        return;
+    }
+    let j = lab(&[
+        "bench",
+        "--setups",
+        "holdfast",
+        "--seconds",
+        "1",
+        "--runs",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(j["runs"], 2, "{j}");
+    let runs = j["per_run"].as_array().expect("per_run");
+    assert_eq!(runs.len(), 2, "{j}");
+    let each: Vec<f64> = runs
+        .iter()
+        .filter_map(|r| r["holdfast_mbps"].as_f64())
+        .collect();
+    assert_eq!(each.len(), 2, "{j}");
+    // The median of two is their mean.
+    let median = j["holdfast_mbps"].as_f64().expect("holdfast_mbps");
+    assert!((median - (each[0] + each[1]) / 2.0).abs() < 1e-6, "{j}");
+    assert!(
+        j.get("veth_mbps").is_none(),
+        "only the setups asked for: {j}"
+    );
+}
+
+#[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
 fn lab_scale_opens_thousands_of_sessions_and_every_one_switches_when_their_dn_is_killed() {
     if !have_root() {
         return;

@@ -78,7 +78,7 @@ enum Command {
     /// beside it (RTT under load); a one-stream download (iperf3 -R); a four-stream upload; a
     /// UDP upload at the offered rate. CPU counts the tunnel processes on both ends.
     ///
-    /// Example: lab bench --setups holdfast,veth --seconds 5 --json
+    /// Example: lab bench --setups holdfast,veth --seconds 5 --runs 5 --json
     Bench {
         /// Seconds of each iperf3 run (four per setup).
         #[arg(long, default_value_t = 10)]
@@ -89,6 +89,10 @@ enum Command {
         /// Offered rate of the UDP test (iperf3 -b: 500M, 2G, ...).
         #[arg(long, default_value = "1G")]
         udp_rate: String,
+        /// Run the whole bench N times, each in a fresh lab, and report each figure's median
+        /// (`--json` adds every run's figures under `per_run`).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
+        runs: u64,
         /// Write bench.csv and bar charts (SVG) of throughput and RTT into DIR.
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
@@ -595,6 +599,7 @@ fn main() -> Result<()> {
             seconds,
             setups,
             udp_rate,
+            runs,
             out,
             json,
         } => {
@@ -602,6 +607,7 @@ fn main() -> Result<()> {
                 seconds,
                 setups,
                 udp_rate,
+                runs: runs as usize,
             };
             finish(&bench::run_all(&options)?, json, out.as_deref())
         }
