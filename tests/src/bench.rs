@@ -42,6 +42,17 @@ impl Setup {
         }
     }
 
+    /// The userspace WireGuard daemon the setup runs, one per end, configured with `wg`: its
+    /// program and the flags that keep it in the foreground.
+    fn wireguard_daemon(self) -> Option<(&'static str, &'static [&'static str])> {
+        match self {
+            Setup::WireguardGo => Some(("wireguard-go", &["-f"])),
+            // Its default drops root after start-up, which `wg set` then cannot reach.
+            Setup::Boringtun => Some(("boringtun-cli", &["-f", "--disable-drop-privileges"])),
+            Setup::Holdfast | Setup::Veth => None,
+        }
+    }
+
     /// The prefix of its keys in the JSON (`holdfast_mbps`, `wireguard_go_mbps`, ...).
     fn key(self) -> &'static str {
         match self {
@@ -49,22 +60,6 @@ impl Setup {
             Setup::WireguardGo => "wireguard_go",
             Setup::Boringtun => "boringtun",
             Setup::Veth => "veth",
-        }
-    }
-}
-
-/// The userspace WireGuard peers, run the same way: a daemon per end, configured with `wg`.
-#[derive(Debug, Clone, Copy)]
-enum Wireguard {
-    Go,
-    Boringtun,
-}
-
-impl Wireguard {
-    fn program(self) -> &'static str {
-        match self {
-            Wireguard::Go => "wireguard-go",
-            Wireguard::Boringtun => "boringtun-cli",
         }
     }
 }
@@ -297,8 +292,7 @@ fn installed(program: &str) -> Option<std::path::PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn wireguard(lab: &mut Lab, o: &Options, peer: Wireguard) -> Result<Figures> {
-    let program = peer.program();
+fn wireguard(lab: &mut Lab, o: &Options, program: &str, flags: &[&str]) -> Result<Figures> {
     // UAPI sockets live in /var/run/wireguard, shared by every namespace: names must differ.
     let (en_if, dn_if) = (format!("{}e", lab.net.id()), format!("{}d", lab.net.id()));
     let (en_priv, en_pub) = wg_key(lab)?;
@@ -313,11 +307,9 @@ fn wireguard(lab: &mut Lab, o: &Options, peer: Wireguard) -> Result<Figures> {
     std::fs::write(dir.join("wg-dn.key"), &dn_priv)?;
     let (en_name, dn_name) = (format!("{program}-en"), format!("{program}-dn"));
     for (role, name, ifname) in [("en1", &en_name, &en_if), ("dn1", &dn_name, &dn_if)] {
-        let argv: Vec<&str> = match peer {
-            Wireguard::Go => vec![program, "-f", ifname],
-            // Its default drops root after start-up, which `wg set` then cannot reach.
-            Wireguard::Boringtun => vec![program, "-f", "--disable-drop-privileges", ifname],
-        };
+        let mut argv = vec![program];
+        argv.extend_from_slice(flags);
+        argv.push(ifname);
         lab.net.spawn(role, name, &argv, &[])?;
     }
     wait_until(Duration::from_secs(5), "WireGuard interfaces", || {
@@ -427,23 +419,15 @@ fn run_once(o: &Options) -> Result<Vec<(Setup, Outcome)>> {
             continue;
         }
         eprintln!("lab bench: {} ...", setup.label());
-        let outcome = match setup {
-            Setup::Holdfast => Outcome::Measured(holdfast(&mut lab, o)?),
-            Setup::WireguardGo | Setup::Boringtun => {
-                let peer = if setup == Setup::Boringtun {
-                    Wireguard::Boringtun
-                } else {
-                    Wireguard::Go
-                };
-                match installed(peer.program()) {
-                    Some(_) => Outcome::Measured(wireguard(&mut lab, o, peer)?),
-                    None => Outcome::Skipped(format!(
-                        "{} is not installed (scripts/install-deps.sh installs it)",
-                        peer.program()
-                    )),
-                }
+        let outcome = match (setup, setup.wireguard_daemon()) {
+            (_, Some((program, flags))) if installed(program).is_some() => {
+                Outcome::Measured(wireguard(&mut lab, o, program, flags)?)
             }
-            Setup::Veth => Outcome::Measured(veth(&mut lab, o)?),
+            (_, Some((program, _))) => Outcome::Skipped(format!(
+                "{program} is not installed (scripts/install-deps.sh installs it)"
+            )),
+            (Setup::Holdfast, None) => Outcome::Measured(holdfast(&mut lab, o)?),
+            (_, None) => Outcome::Measured(veth(&mut lab, o)?),
         };
         setups.push((setup, outcome));
     }

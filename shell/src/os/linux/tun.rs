@@ -195,34 +195,34 @@ impl Writer {
     /// (USO) reach a server that did not ask for them as bursts, and in our lab half of a
     /// 1 Gbit/s UDP stream was lost that way, against under 1% written one by one.
     pub async fn send(&mut self, tun: &Tun, pkts: &[Bytes]) -> io::Result<()> {
-        let tcp_count = pkts.iter().filter(|p| packet::is_tcp(p)).count();
+        let (tcp_count, tcp_bytes) = pkts
+            .iter()
+            .filter(|p| packet::is_tcp(p))
+            .fold((0, 0), |(n, bytes), p| (n + 1, bytes + p.len()));
         // Each buffer needs headroom for the virtio header the device expects in front, and
         // room for what may be coalesced into it: tun-rs merges a segment into an earlier one
         // of its flow only where that buffer can hold the merged packet (two headers' room, as
         // it counts). A merge never exceeds the batch or 64 KiB. The buffers keep their
         // capacity from batch to batch: no allocation per packet once warm.
-        let merged_max = pkts
-            .iter()
-            .filter(|p| packet::is_tcp(p))
-            .map(Bytes::len)
-            .sum::<usize>()
-            .min(MAX_MERGED);
+        let merged_max = tcp_bytes.min(MAX_MERGED);
         if self.bufs.len() < tcp_count.max(1) {
             self.bufs.resize_with(tcp_count.max(1), BytesMut::new);
         }
-        let mut used = 0;
-        for pkt in pkts.iter().filter(|p| packet::is_tcp(p)) {
-            let buf = &mut self.bufs[used];
+        let tcp = pkts.iter().filter(|p| packet::is_tcp(p));
+        for (buf, pkt) in self.bufs.iter_mut().zip(tcp) {
             buf.clear();
             buf.reserve(2 * VIRTIO_NET_HDR_LEN + merged_max);
             buf.resize(VIRTIO_NET_HDR_LEN, 0);
             buf.extend_from_slice(pkt);
-            used += 1;
         }
-        if used > 0 {
+        if tcp_count > 0 {
             let result = tun
                 .dev()
-                .send_multiple(&mut self.gro, &mut self.bufs[..used], VIRTIO_NET_HDR_LEN)
+                .send_multiple(
+                    &mut self.gro,
+                    &mut self.bufs[..tcp_count],
+                    VIRTIO_NET_HDR_LEN,
+                )
                 .await;
             dropped_if_refused(result)?;
         }
