@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
@@ -43,6 +45,8 @@ pub struct Options {
     pub log_format: holdfast_shell::LogFormat,
 }
 
+/// Datagrams read from each peer's socket before a silence is judged.
+const PEEK_BEFORE_SILENCE: usize = 16;
 /// How often limits (memory, stalled data path) are sampled.
 const LIMIT_CHECK: Duration = Duration::from_millis(100);
 /// How long a DN asked to stop (SIGTERM) has before it is killed.
@@ -177,15 +181,20 @@ impl Drop for LocalSocket {
     }
 }
 
-struct PeerSocket {
-    socket: UdpSocket,
+/// One connected socket per peer, all bound to this detector's port: each peer's heartbeats
+/// wait in their own queue, and datagrams from any other address are dropped by the kernel, so
+/// a flood at the port can neither crowd out a peer's heartbeats nor keep the detector busy.
+struct PeerSockets {
+    /// In the order of the peers (as in `State::peer_info`); each peer's address is fixed by
+    /// the config.
+    links: Vec<(UdpSocket, SocketAddr)>,
     signing_key: ed25519_dalek::SigningKey,
     keys: IssuerKeys,
     interval: Duration,
-    /// Every peer's address, fixed by the config: heartbeats go to each.
-    targets: Vec<SocketAddr>,
-    /// Which datagrams earn a signature check.
+    /// Which datagrams earn a signature check (a forged source address still reaches a link).
     gate: PeerGate,
+    /// The link read first next time, so that one busy link cannot starve the others.
+    next_link: AtomicUsize,
 }
 
 struct Detector {
@@ -195,7 +204,7 @@ struct Detector {
     local: LocalSocket,
     /// Where the running DN listens for what the detector says (learned from its heartbeats).
     dn_socket: Option<PathBuf>,
-    peer_socket: Option<PeerSocket>,
+    peer_sockets: Option<PeerSockets>,
     netlink: Routes,
     stall: StallWatch,
     listen_port: u16,
@@ -233,18 +242,27 @@ pub async fn run(opts: Options) -> Result<()> {
             })
         })
         .collect();
-    let peer_socket = match spec.router_id {
+    let peer_sockets = match spec.router_id {
         Some(me) if !peer_info.is_empty() => {
             let local = SocketAddr::from((me, cluster.detector.port));
-            let socket = UdpSocket::bind(local).await.with_context(|| {
-                format!("cannot bind the peer heartbeat socket {local} ([detector] port)")
-            })?;
-            Some(PeerSocket {
-                socket,
+            let links = peer_info
+                .iter()
+                .map(|p| {
+                    holdfast_shell::udp_connected(local, p.address)
+                        .map(|socket| (socket, p.address))
+                        .with_context(|| {
+                            format!(
+                                "cannot bind the peer heartbeat socket {local} ([detector] port) for peer {} at {}",
+                                p.name, p.address
+                            )
+                        })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Some(PeerSockets {
+                links,
                 signing_key: holdfast_shell::read_signing_key(&spec)?,
                 keys: cluster.issuer_keys(),
                 interval: cluster.detector.peers.interval,
-                targets: peer_info.iter().map(|p| p.address).collect(),
                 gate: PeerGate::new(
                     peer_info
                         .iter()
@@ -253,6 +271,7 @@ pub async fn run(opts: Options) -> Result<()> {
                     cluster.detector.peers,
                     Instant::now(),
                 ),
+                next_link: AtomicUsize::new(0),
             })
         }
         _ => {
@@ -306,7 +325,7 @@ pub async fn run(opts: Options) -> Result<()> {
         child: None,
         local,
         dn_socket: None,
-        peer_socket,
+        peer_sockets,
         netlink: Routes::connect()?,
         listen_port: spec.listen.port(),
     };
@@ -314,6 +333,29 @@ pub async fn run(opts: Options) -> Result<()> {
     detector.stop().await;
     let _ = std::fs::remove_file(&detector.opts.control);
     outcome
+}
+
+/// Puts this process's thread (and the threads it starts later) at SCHED_FIFO `priority`, or
+/// leaves it at normal scheduling for 0. A detector that is not scheduled for three heartbeat
+/// intervals makes its peers call it dead, and calls them dead itself when it wakes.
+pub fn set_realtime_priority(priority: u8) {
+    if priority == 0 {
+        return;
+    }
+    let param = libc::sched_param {
+        sched_priority: i32::from(priority),
+    };
+    // SAFETY: sched_setscheduler on the calling thread with a valid sched_param.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } == 0 {
+        info!(priority, "running at real-time priority (SCHED_FIFO)");
+    } else {
+        warn!(
+            priority,
+            error = %std::io::Error::last_os_error(),
+            "cannot run at real-time priority (needs CAP_SYS_NICE; --realtime-priority 0 \
+             silences this): heartbeats may be late on a loaded host"
+        );
+    }
 }
 
 /// Resolves when the child exits; never, when there is none.
@@ -324,14 +366,37 @@ async fn wait_child(child: &mut Option<Child>) -> std::io::Result<std::process::
     }
 }
 
+/// The next datagram from any peer's socket, with the peer's address; never, without peers.
 async fn recv_peer(
-    socket: &Option<PeerSocket>,
+    sockets: &Option<PeerSockets>,
     buf: &mut [u8],
-) -> std::io::Result<(usize, SocketAddr)> {
-    match socket {
-        Some(p) => p.socket.recv_from(buf).await,
-        None => std::future::pending().await,
-    }
+) -> (SocketAddr, std::io::Result<usize>) {
+    let Some(sockets) = sockets else {
+        return std::future::pending().await;
+    };
+    let links = &sockets.links;
+    let first = sockets.next_link.fetch_add(1, Ordering::Relaxed);
+    std::future::poll_fn(|cx| {
+        for k in 0..links.len() {
+            let (socket, address) = &links[(first + k) % links.len()];
+            let mut read = tokio::io::ReadBuf::new(buf);
+            if let Poll::Ready(got) = socket.poll_recv(cx, &mut read) {
+                return Poll::Ready((*address, got.map(|()| read.filled().len())));
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// A datagram already waiting in link `link`'s socket, without waiting for one.
+fn try_recv_link(
+    sockets: &Option<PeerSockets>,
+    link: usize,
+    buf: &mut [u8],
+) -> Option<(SocketAddr, usize)> {
+    let (socket, address) = sockets.as_ref()?.links.get(link)?;
+    socket.try_recv(buf).ok().map(|n| (*address, n))
 }
 
 fn describe_exit(status: &std::process::ExitStatus) -> String {
@@ -350,7 +415,7 @@ impl Detector {
         let mut peer_buf = [0u8; 512];
         let mut limits = tokio::time::interval(LIMIT_CHECK);
         let heartbeat_every = self
-            .peer_socket
+            .peer_sockets
             .as_ref()
             .map(|p| p.interval)
             .unwrap_or(Duration::from_secs(3600));
@@ -372,6 +437,18 @@ impl Detector {
             };
             tokio::select! {
                 () = sleep => {
+                    // A detector that was itself held up may find heartbeats waiting: they
+                    // count before any silence is judged (a bounded look: a forged flood
+                    // must not keep the timeout from being handled).
+                    let links = self.peer_sockets.as_ref().map_or(0, |p| p.links.len());
+                    for link in 0..links {
+                        for _ in 0..PEEK_BEFORE_SILENCE {
+                            let Some((from, n)) = try_recv_link(&self.peer_sockets, link, &mut peer_buf) else {
+                                break;
+                            };
+                            self.on_peer_datagram(&peer_buf[..n], from).await;
+                        }
+                    }
                     let now = Instant::now();
                     let (actions, changes) = {
                         let mut s = lock(&self.state);
@@ -403,9 +480,10 @@ impl Detector {
                     warn!(exit = %how, "the DN exited");
                     self.perform(actions).await;
                 }
-                got = recv_peer(&self.peer_socket, &mut peer_buf) => match got {
-                    Ok((n, from)) => self.on_peer_datagram(&peer_buf[..n], from).await,
-                    Err(e) => debug!(error = %e, "peer socket error"),
+                (from, got) = recv_peer(&self.peer_sockets, &mut peer_buf) => match got {
+                    Ok(n) => self.on_peer_datagram(&peer_buf[..n], from).await,
+                    // Mostly "connection refused": the peer's detector is not running.
+                    Err(e) => debug!(peer = %from, error = %e, "peer socket error"),
                 },
                 _ = heartbeats.tick() => {
                     let running = matches!(lock(&self.state).supervisor.state(), ChildState::Running { .. });
@@ -478,9 +556,14 @@ impl Detector {
             .env(holdfast_shell::LOG_FORMAT_ENV, self.opts.log_format.name())
             .kill_on_drop(true);
         let parent = std::process::id();
-        // SAFETY: prctl, getppid and _exit are async-signal-safe; nothing is allocated.
+        // SAFETY: sched_setscheduler, prctl, getppid and _exit are async-signal-safe; nothing
+        // is allocated.
         unsafe {
             cmd.pre_exec(move || {
+                // The detector's real-time priority is its own: the DN competes like anything
+                // else (lowering a policy always succeeds).
+                let normal = libc::sched_param { sched_priority: 0 };
+                libc::sched_setscheduler(0, libc::SCHED_OTHER, &normal);
                 // The DN dies with its detector, whatever kills the detector (even SIGKILL).
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
@@ -621,7 +704,7 @@ impl Detector {
     }
 
     async fn on_peer_datagram(&mut self, datagram: &[u8], from: SocketAddr) {
-        let Some(peer_socket) = &mut self.peer_socket else {
+        let Some(peer_sockets) = &mut self.peer_sockets else {
             return;
         };
         // Address and budget first: no signature work for a flood.
@@ -629,14 +712,14 @@ impl Detector {
             debug!(%from, "ignoring a datagram that is no peer notice");
             return;
         };
-        match peer_socket.gate.admit(&claimed, from.ip(), Instant::now()) {
+        match peer_sockets.gate.admit(&claimed, from.ip(), Instant::now()) {
             Admission::Check(_) => {}
             refused => {
                 debug!(%from, ?claimed, ?refused, "ignoring a peer datagram before its signature");
                 return;
             }
         }
-        let notice = match PeerNotice::open(datagram, &peer_socket.keys) {
+        let notice = match PeerNotice::open(datagram, &peer_sockets.keys) {
             Ok(n) => n,
             Err(e) => {
                 debug!(%from, error = %e, "ignoring a peer datagram");
@@ -662,7 +745,7 @@ impl Detector {
 
     /// One heartbeat to every peer, saying whether the local DN is up.
     async fn heartbeat_peers(&self, dn_up: bool) {
-        let Some(p) = &self.peer_socket else {
+        let Some(p) = &self.peer_sockets else {
             return;
         };
         let seq = lock(&self.state)
@@ -674,9 +757,9 @@ impl Detector {
             notice: Notice::Alive { dn_up, seq },
         }
         .seal(&p.signing_key);
-        for address in &p.targets {
+        for (socket, address) in &p.links {
             // A peer whose host is gone answers nothing or "unreachable": not our failure.
-            if let Err(e) = p.socket.send_to(&datagram, address).await {
+            if let Err(e) = socket.send(&datagram).await {
                 debug!(%address, error = %e, "heartbeat not sent");
             }
         }

@@ -153,3 +153,20 @@ pub fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
         .build()
         .with_context(|| format!("cannot start the async runtime with {threads} threads"))
 }
+
+/// A UDP socket bound to `local` and connected to `peer`, sharing `local` with its siblings
+/// (one per peer). The kernel hands a datagram to the socket connected to its source before an
+/// unconnected one, and to none when no peer sent it, so a flood from anywhere else never
+/// reaches this queue, and never wakes the process.
+pub fn udp_connected(
+    local: std::net::SocketAddr,
+    peer: std::net::SocketAddr,
+) -> std::io::Result<tokio::net::UdpSocket> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(local), Type::DGRAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&local.into())?;
+    socket.connect(&peer.into())?;
+    tokio::net::UdpSocket::from_std(socket.into())
+}

@@ -213,9 +213,25 @@ fn a_flapping_dn_is_restarted_with_growing_delays() {
     not(lab_root),
     ignore = "needs root: the lab builds network namespaces"
 )]
-fn no_dn_outlives_its_detector() {
+fn no_dn_outlives_its_detector_which_alone_runs_at_realtime_priority() {
     with_lab(supervised(1, Routing::Static, &[]), |lab| {
         let pid = wait_running(lab, 1, None, Duration::from_secs(10))?;
+        let fd_pid = lab
+            .net
+            .pid(&Lab::fd_role(1))
+            .context("the lab did not start dn-fd")?;
+        // SAFETY: sched_getscheduler only reads the policy of a pid.
+        let policy = |p: u32| unsafe { libc::sched_getscheduler(p as libc::pid_t) };
+        ensure!(
+            policy(fd_pid) == libc::SCHED_FIFO,
+            "dn-fd runs with scheduling policy {}, not SCHED_FIFO",
+            policy(fd_pid)
+        );
+        ensure!(
+            policy(pid) == libc::SCHED_OTHER,
+            "its DN runs with scheduling policy {}, not the normal one",
+            policy(pid)
+        );
         lab.net.stop(&Lab::fd_role(1), libc::SIGKILL)?;
         wait_until(Duration::from_secs(3), "the DN to die with dn-fd", || {
             !alive(pid)
@@ -246,7 +262,8 @@ fn a_dn_host_cut_off_is_reported_down_by_its_peer_which_takes_its_blocks() {
             "dn{backup}'s detector reported dn{primary} silent {:?} after the cut",
             cut.elapsed()
         );
-        // The backup's DN heard it from its detector and serves the dead peer's blocks.
+        // The backup's DN heard it from its detector and, the peer staying down for the
+        // takeover period (100 ms), serves its blocks.
         let dn_status = lab.dn_status(backup)?;
         ensure!(
             dn_status["peers_down"]
@@ -254,17 +271,27 @@ fn a_dn_host_cut_off_is_reported_down_by_its_peer_which_takes_its_blocks() {
                 .is_some_and(|d| d.iter().any(|x| x == dn_role(primary).as_str())),
             "dn{backup} does not know dn{primary} is down: {dn_status}"
         );
-        let active = dn_status["routes"]
-            .as_array()
-            .map(|r| {
+        let serving = |status: &serde_json::Value| {
+            status["routes"].as_array().map_or(0, |r| {
                 r.iter()
                     .filter(|x| x["reason"] == format!("serving for dn{primary}").as_str())
                     .count()
             })
-            .unwrap_or(0);
-        ensure!(
-            active > 0,
-            "dn{backup} serves no block of dn{primary}: {dn_status}"
+        };
+        wait_until(
+            Duration::from_secs(2),
+            "the backup to serve the dead peer's blocks",
+            || lab.dn_status(backup).is_ok_and(|s| serving(&s) > 0),
+        )
+        .with_context(|| {
+            format!(
+                "dn{backup} serves no block of dn{primary}: {:?}",
+                lab.dn_status(backup).ok()
+            )
+        })?;
+        eprintln!(
+            "dn{backup} serves dn{primary}'s blocks {:?} after the cut",
+            cut.elapsed()
         );
         eprintln!(
             "the client's sessions now: {}",
