@@ -814,10 +814,7 @@ fn log_note(dn: &Dn, note: &Note) {
             dn: peer,
             up: false,
         } => {
-            warn!(%peer, "the failure detector says this DN is down: telling the clients with a secondary session here; its blocks are taken over if it stays down");
-        }
-        Note::TakenOver { dn: peer } => {
-            warn!(%peer, "the DN stayed down: taking over the blocks backed for it");
+            warn!(%peer, "the failure detector says this DN is down: taking over the blocks backed for it and telling the clients with a secondary session here");
         }
         Note::LetGo { dn: peer } => {
             info!(%peer, "the DN has been back for the homecoming period: its blocks go back to standby; its clients still here keep host routes");

@@ -46,11 +46,6 @@ pub struct NodePolicy {
     /// while its clients go home; those that have not by then keep host routes of their own,
     /// so that no client can hold a block away from its healthy home.
     pub homecoming: Duration,
-    /// A peer the detector calls down has its blocks taken over whole only once it has stayed
-    /// down this long. Its clients are told at once (their traffic moves, and each moved client
-    /// is routed here by its own host route); but a false alarm (a peer's host stalled for a
-    /// few heartbeats) must not take a healthy DN's blocks away for the homecoming period.
-    pub takeover_after: Duration,
 }
 
 impl Default for NodePolicy {
@@ -59,7 +54,6 @@ impl Default for NodePolicy {
             demote_grace: Duration::from_secs(1),
             notice_interval: Duration::from_secs(1),
             homecoming: crate::en::RETRY_MAX,
-            takeover_after: Duration::from_millis(100),
         }
     }
 }
@@ -184,11 +178,6 @@ pub enum Note {
         dn: String,
         up: bool,
     },
-    /// DN `dn` stayed down for [`NodePolicy::takeover_after`]: the blocks backed for it are
-    /// announced whole from here.
-    TakenOver {
-        dn: String,
-    },
     /// DN `dn` has been up for the homecoming period: its blocks are no longer announced whole,
     /// and its clients still carried here keep host routes.
     LetGo {
@@ -264,10 +253,6 @@ pub struct Machine {
     next_notice: Option<Instant>,
     /// DNs up again whose blocks this DN still announces whole, and until when it may.
     homecoming: BTreeMap<String, Instant>,
-    /// Peers the detector calls down.
-    peers_down: BTreeSet<String>,
-    /// Peers down whose blocks are not taken over yet, and when they will be.
-    takeover_due: BTreeMap<String, Instant>,
     /// Being drained: clients are told to move away, new ones are not taken.
     draining: bool,
 }
@@ -314,8 +299,6 @@ impl Machine {
             carried_elsewhere: BTreeSet::new(),
             next_notice: None,
             homecoming: BTreeMap::new(),
-            peers_down: BTreeSet::new(),
-            takeover_due: BTreeMap::new(),
             draining: false,
         })
     }
@@ -363,7 +346,7 @@ impl Machine {
     }
 
     pub fn peers_down(&self) -> &BTreeSet<String> {
-        &self.peers_down
+        self.routes.down()
     }
 
     pub fn draining(&self) -> bool {
@@ -649,37 +632,18 @@ impl Machine {
         if dn == self.me || self.cluster.dn(&dn).is_none() {
             return;
         }
-        let changed = if up {
-            self.peers_down.remove(&dn)
-        } else {
-            self.peers_down.insert(dn.clone())
-        };
-        if !changed {
+        if !self.routes.set_down(&dn, !up) {
             return;
         }
         out.push(Action::Note(Note::PeerState { dn: dn.clone(), up }));
+        self.push_routes(out);
         if up {
-            // Back before its blocks were taken: nothing to give back.
-            self.takeover_due.remove(&dn);
-            if self.routes.set_down(&dn, false) {
-                self.push_routes(out);
-            }
             if self.routes.holds_blocks_of(&dn) {
                 self.homecoming.insert(dn, now + self.policy.homecoming);
             }
             return;
         }
         self.homecoming.remove(&dn);
-        if self.routes.holds_blocks_of(&dn) {
-            // Down again while its blocks are still held from its last failure (during its
-            // homecoming): that takeover stands.
-            if self.routes.set_down(&dn, true) {
-                self.push_routes(out);
-            }
-        } else {
-            self.takeover_due
-                .insert(dn.clone(), now + self.policy.takeover_after);
-        }
         // Clients whose primary it was switch now, before their own probes could tell. Clients
         // whose primary this DN is are not told: when the cluster is split, each side reports
         // the other down, and a client must follow the side that can still route it.
@@ -762,7 +726,6 @@ impl Machine {
         self.next_notice
             .into_iter()
             .chain(self.homecoming.values().copied())
-            .chain(self.takeover_due.values().copied())
             .chain(self.sessions.values().filter_map(|s| s.renew_at))
             .min()
     }
@@ -771,13 +734,14 @@ impl Machine {
     pub fn handle_timeout(&mut self, now: Instant, unix: u64) -> Vec<Action> {
         let mut out = Vec::new();
         self.renew_due(now, unix, &mut out);
-        for dn in take_due(&mut self.takeover_due, now) {
-            if self.routes.set_down(&dn, true) {
-                out.push(Action::Note(Note::TakenOver { dn }));
-                self.push_routes(&mut out);
-            }
-        }
-        for dn in take_due(&mut self.homecoming, now) {
+        let due: Vec<String> = self
+            .homecoming
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(dn, _)| dn.clone())
+            .collect();
+        for dn in due {
+            self.homecoming.remove(&dn);
             if self.routes.let_go_of(&dn) {
                 out.push(Action::Note(Note::LetGo { dn }));
                 self.push_routes(&mut out);
@@ -791,19 +755,6 @@ impl Machine {
         }
         out
     }
-}
-
-/// Removes the peers whose deadline has come by `now`, and returns them.
-fn take_due(deadlines: &mut BTreeMap<String, Instant>, now: Instant) -> Vec<String> {
-    let due: Vec<String> = deadlines
-        .iter()
-        .filter(|(_, at)| **at <= now)
-        .map(|(dn, _)| dn.clone())
-        .collect();
-    for dn in &due {
-        deadlines.remove(dn);
-    }
-    due
 }
 
 #[cfg(test)]
@@ -878,24 +829,6 @@ mod tests {
         })
     }
 
-    /// The detector says `dn` is down at `t`, and it stays down until its blocks are taken
-    /// over; returns what the machine did on the notice, then the time of the takeover.
-    fn peer_down_for_good(m: &mut Machine, dn: &str, t: Instant) -> (Vec<Action>, Instant) {
-        let told = m.handle(
-            Event::Peer {
-                dn: dn.into(),
-                up: false,
-            },
-            t,
-            1000,
-        );
-        let at = t + NodePolicy::default().takeover_after;
-        assert_eq!(m.poll_timeout(), Some(at));
-        let taken = m.handle_timeout(at, 1000);
-        assert!(taken.contains(&Action::Note(Note::TakenOver { dn: dn.into() })));
-        (told, at)
-    }
-
     fn routes(m: &Machine) -> Vec<String> {
         m.routes()
             .iter()
@@ -957,7 +890,14 @@ mod tests {
             ["10.201.0.2/32 host for dn1", "fd00:201::2/128 host for dn1"]
         );
         // dn1 dies: both families' blocks are taken over whole.
-        peer_down_for_good(&mut dn2, "dn1", t);
+        dn2.handle(
+            Event::Peer {
+                dn: "dn1".into(),
+                up: false,
+            },
+            t,
+            1000,
+        );
         assert_eq!(
             routes(&dn2),
             [
@@ -1163,7 +1103,14 @@ mod tests {
     fn a_dead_owners_block_is_taken_whole_and_let_go_after_the_homecoming() {
         let (_dn1, mut dn2, lease, t) = laptop_on_both();
         let a = lease.ticket.claim.address;
-        let (acts, t) = peer_down_for_good(&mut dn2, "dn1", t);
+        let acts = dn2.handle(
+            Event::Peer {
+                dn: "dn1".into(),
+                up: false,
+            },
+            t,
+            1000,
+        );
         assert!(acts.contains(&Action::Send(5, Message::PeerDown { dn: "dn1".into() })));
         let halves = vec![
             "10.201.0.0/25 serving for dn1".to_owned(),
@@ -1191,11 +1138,12 @@ mod tests {
     }
 
     #[test]
-    fn a_peer_back_before_the_takeover_keeps_its_blocks() {
-        let (_dn1, mut dn2, lease, t) = laptop_on_both();
-        let a = lease.ticket.claim.address;
-        // A false alarm: the client is told at once, the blocks wait.
-        let acts = dn2.handle(
+    fn a_restarted_dn_leaves_taken_over_blocks_alone_and_calls_its_clients_home() {
+        let c = cluster(2);
+        let mut dn1 = machine(&c, 1);
+        let mut dn2 = machine(&c, 2);
+        let t = Instant::now();
+        dn2.handle(
             Event::Peer {
                 dn: "dn1".into(),
                 up: false,
@@ -1203,54 +1151,6 @@ mod tests {
             t,
             1000,
         );
-        assert!(acts.contains(&Action::Send(5, Message::PeerDown { dn: "dn1".into() })));
-        assert!(routes(&dn2).is_empty(), "{:?}", routes(&dn2));
-        assert!(dn2.peers_down().contains("dn1"));
-        // The client moves its traffic here: its own host route carries it.
-        dn2.handle(Event::Data(5), t, 1000);
-        let host = vec![format!("{a}/32 host for dn1")];
-        assert_eq!(routes(&dn2), host);
-        // Told again while down: nothing new.
-        let again = dn2.handle(
-            Event::Peer {
-                dn: "dn1".into(),
-                up: false,
-            },
-            t + Duration::from_millis(10),
-            1000,
-        );
-        assert!(again.is_empty(), "{again:?}");
-        let back = t + NodePolicy::default().takeover_after - Duration::from_millis(1);
-        let acts = dn2.handle(
-            Event::Peer {
-                dn: "dn1".into(),
-                up: true,
-            },
-            back,
-            1000,
-        );
-        assert_eq!(
-            acts,
-            vec![Action::Note(Note::PeerState {
-                dn: "dn1".into(),
-                up: true
-            })]
-        );
-        assert!(dn2.peers_down().is_empty());
-        // Nothing is due: no takeover, no homecoming.
-        assert_eq!(dn2.poll_timeout(), None);
-        assert!(dn2
-            .handle_timeout(t + Duration::from_secs(60), 1000)
-            .is_empty());
-        assert_eq!(routes(&dn2), host);
-    }
-
-    #[test]
-    fn a_restarted_dn_leaves_taken_over_blocks_alone_and_calls_its_clients_home() {
-        let c = cluster(2);
-        let mut dn1 = machine(&c, 1);
-        let mut dn2 = machine(&c, 2);
-        let (_, t) = peer_down_for_good(&mut dn2, "dn1", Instant::now());
         let learned: Vec<IpNet> = dn2.routes().iter().map(|r| r.net).collect();
         let acts = dn1.handle(Event::Learned(learned), t, 1000);
         assert!(acts.contains(&Action::AnnounceHomeIsBack));

@@ -220,7 +220,7 @@ fn routes_follow_sessions(w: &World, dn: usize) -> Result<(), String> {
                         "own client {a} has a host route but its block is not held"
                     ));
                 }
-                if !own && block_of(w, a).is_some_and(|b| d.must_take_over.contains(&b)) {
+                if !own && block_of(w, a).is_some_and(|b| d.may_take_over.contains(&b)) {
                     return fail(format!(
                         "{a} has a host route inside a block taken over whole"
                     ));
@@ -242,8 +242,8 @@ fn routes_follow_sessions(w: &World, dn: usize) -> Result<(), String> {
             return fail(format!("primary client {a} is not routed here"));
         }
     }
-    // A block whose owner stayed down for the takeover period is announced whole.
-    for block in &d.must_take_over {
+    // A block this DN may take over while its owner is down is announced whole.
+    for block in &d.may_take_over {
         let halves = d
             .routes
             .iter()

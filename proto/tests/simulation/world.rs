@@ -95,11 +95,6 @@ pub struct SimDn {
     /// detector saying the owner is down, until the owner is up and no client of the block is
     /// carried here.
     pub may_take_over: BTreeSet<IpNet>,
-    /// The blocks of `may_take_over` this DN must announce whole: their owner stayed down for
-    /// the takeover period while this DN ran its timers.
-    pub must_take_over: BTreeSet<IpNet>,
-    /// When its detector began saying each peer is down (until it says up again).
-    pub told_down_at: BTreeMap<usize, u64>,
     /// When its detector last said each peer is up again.
     pub told_up_at: BTreeMap<usize, u64>,
 }
@@ -254,8 +249,6 @@ impl World {
                 told: BTreeMap::new(),
                 learned: Vec::new(),
                 may_take_over: BTreeSet::new(),
-                must_take_over: BTreeSet::new(),
-                told_down_at: BTreeMap::new(),
                 told_up_at: BTreeMap::new(),
             })
             .collect();
@@ -759,31 +752,8 @@ impl World {
                 })
                 .copied()
                 .collect();
-            let d = &mut self.dns[dn];
-            d.must_take_over.retain(|b| keep.contains(b));
-            d.may_take_over = keep;
+            self.dns[dn].may_take_over = keep;
         }
-    }
-
-    /// After DN `dn` ran its timers: the blocks whose owner has been down for the takeover
-    /// period must be announced whole from now.
-    fn oblige_takeovers(&mut self, dn: usize) {
-        let takeover_after = NodePolicy::default().takeover_after.as_millis() as u64;
-        let d = &self.dns[dn];
-        let due: Vec<IpNet> = d
-            .may_take_over
-            .iter()
-            .filter(|block| {
-                self.cluster
-                    .dns
-                    .iter()
-                    .position(|o| o.plan.pool.contains(*block))
-                    .and_then(|owner| d.told_down_at.get(&owner))
-                    .is_some_and(|since| self.now >= since + takeover_after)
-            })
-            .copied()
-            .collect();
-        self.dns[dn].must_take_over.extend(due);
     }
 
     fn wake_and_resume(&mut self) {
@@ -847,7 +817,6 @@ impl World {
                 };
                 self.perform_dn(dn, actions);
             }
-            self.oblige_takeovers(dn);
         }
     }
 
@@ -939,9 +908,7 @@ impl World {
         self.dns[to].told.insert(about, up);
         if up {
             self.dns[to].told_up_at.insert(about, self.now);
-            self.dns[to].told_down_at.remove(&about);
         } else {
-            self.dns[to].told_down_at.entry(about).or_insert(self.now);
             let me = self.dns[to].name.clone();
             let backed: Vec<IpNet> = self.cluster.dns[about]
                 .plan
@@ -986,8 +953,6 @@ impl World {
         d.primary.clear();
         d.told.clear();
         d.may_take_over.clear();
-        d.must_take_over.clear();
-        d.told_down_at.clear();
         d.told_up_at.clear();
         d.stalled.clear();
         d.routes_generation = None;
