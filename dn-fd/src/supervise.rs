@@ -661,15 +661,14 @@ impl Detector {
             s.peer_info
                 .iter()
                 .enumerate()
-                .filter(|(i, _)| {
-                    matches!(
-                        s.peers.state(*i),
-                        Some(PeerState::Silent | PeerState::DnDown)
-                    )
-                })
-                .map(|(_, p)| LocalMessage::Peer {
-                    dn: p.name.clone(),
-                    up: false,
+                .filter_map(|(i, p)| match s.peers.state(i) {
+                    Some(state @ (PeerState::Silent | PeerState::DnDown)) => {
+                        Some(LocalMessage::Peer {
+                            dn: p.name.clone(),
+                            state,
+                        })
+                    }
+                    _ => None,
                 })
                 .collect()
         };
@@ -695,7 +694,7 @@ impl Detector {
                 }
                 change
                     .tells_dn()
-                    .map(|up| LocalMessage::Peer { dn: name, up })
+                    .map(|state| LocalMessage::Peer { dn: name, state })
             };
             if let Some(m) = message {
                 self.tell_dn(&m);

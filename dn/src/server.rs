@@ -816,6 +816,9 @@ fn log_note(dn: &Dn, note: &Note) {
         } => {
             warn!(%peer, "the failure detector says this DN is down: taking over the blocks backed for it and telling the clients with a secondary session here");
         }
+        Note::HeardAgain { dn: peer } => {
+            info!(%peer, "the DN was only unheard and never stopped: its blocks go back to standby at once; its clients still here keep host routes");
+        }
         Note::LetGo { dn: peer } => {
             info!(%peer, "the DN has been back for the homecoming period: its blocks go back to standby; its clients still here keep host routes");
         }

@@ -8,7 +8,7 @@ use std::net::Ipv6Addr;
 use holdfast_proto::control::{Lease, Message, RefuseCode, MAX_FAILOVER, MAX_REASON};
 use holdfast_proto::dn::LeaseRecord;
 use holdfast_proto::dns::{DnsSettings, MAX_DOMAIN, MAX_SEARCH};
-use holdfast_proto::fd::LocalMessage;
+use holdfast_proto::fd::{LocalMessage, PeerState};
 use holdfast_proto::lease::{Lease6, LeaseClaim, LeaseTicket};
 use holdfast_proto::peer::{Notice, PeerNotice};
 use holdfast_proto::probe;
@@ -262,7 +262,7 @@ pub fn all() -> Vec<Seed> {
             "peer",
             LocalMessage::Peer {
                 dn: "dn2".into(),
-                up: false,
+                state: PeerState::DnDown,
             }
             .encode()
             .into_bytes(),

@@ -317,11 +317,15 @@ pub struct PeerChange {
 }
 
 impl PeerChange {
-    /// What the local DN must be told: `Some(up)` when the peer's DN became able or unable to
-    /// carry clients. Unknown -> silent or -> DN down is news too: the DN may carry its clients.
-    pub fn tells_dn(&self) -> Option<bool> {
-        (self.from.is_up() != self.to.is_up() || self.from == PeerState::Unknown)
-            .then_some(self.to.is_up())
+    /// What the local DN must be told: the new state when the peer's DN became able or unable
+    /// to carry clients. Unknown -> silent or -> DN down is news too: the DN may carry its
+    /// clients. So is silent -> DN down: a peer that was only unheard has restarted, and its
+    /// clients carried here must stay until they have gone home.
+    pub fn tells_dn(&self) -> Option<PeerState> {
+        (self.from.is_up() != self.to.is_up()
+            || self.from == PeerState::Unknown
+            || (self.from == PeerState::Silent && self.to == PeerState::DnDown))
+            .then_some(self.to)
     }
 }
 
@@ -497,8 +501,9 @@ pub enum LocalMessage {
     },
     /// DN -> detector: a fatal condition; the detector kills and restarts the DN.
     Fault { pid: u32, reason: String },
-    /// Detector -> DN: peer `dn` changed; `up` says whether it can carry clients now.
-    Peer { dn: String, up: bool },
+    /// Detector -> DN: peer `dn` changed: up (it can carry clients), its DN down (its detector
+    /// says so), or silent (its detector is unheard: host or link gone, or a false alarm).
+    Peer { dn: String, state: PeerState },
 }
 
 /// Longest fault reason carried; the rest is cut.
@@ -524,8 +529,14 @@ impl LocalMessage {
                 handled,
             } => format!("HB {pid} {forwarded} {handled}"),
             LocalMessage::Fault { pid, reason } => format!("FAULT {pid} {}", clean(reason)),
-            LocalMessage::Peer { dn, up } => {
-                format!("PEER {dn} {}", if *up { "up" } else { "down" })
+            LocalMessage::Peer { dn, state } => {
+                let state = match state {
+                    PeerState::Up => "up",
+                    PeerState::DnDown => "down",
+                    PeerState::Silent => "silent",
+                    PeerState::Unknown => "unknown",
+                };
+                format!("PEER {dn} {state}")
             }
         }
     }
@@ -559,14 +570,17 @@ impl LocalMessage {
             }
             "PEER" => {
                 let (dn, state) = rest.split_once(' ')?;
-                let up = match state {
-                    "up" => true,
-                    "down" => false,
+                // A detector of the release before said "down" for a silent peer too.
+                let state = match state {
+                    "up" => PeerState::Up,
+                    "down" => PeerState::DnDown,
+                    "silent" => PeerState::Silent,
+                    "unknown" => PeerState::Unknown,
                     _ => return None,
                 };
                 (!dn.is_empty() && !dn.contains(' ')).then(|| LocalMessage::Peer {
                     dn: dn.to_owned(),
-                    up,
+                    state,
                 })
             }
             _ => None,
@@ -833,10 +847,10 @@ mod tests {
         );
         // A silent peer is not re-announced; it comes back with its next heartbeat.
         assert_eq!(p.handle_timeout(t0 + 100 * MS), vec![]);
-        assert_eq!(
-            p.on_heartbeat(0, false, t0 + 200 * MS).map(|c| c.to),
-            Some(PeerState::DnDown)
-        );
+        // Back, saying its DN is down: it restarted, which its DN must be told.
+        let restarted = p.on_heartbeat(0, false, t0 + 200 * MS).unwrap();
+        assert_eq!(restarted.to, PeerState::DnDown);
+        assert_eq!(restarted.tells_dn(), Some(PeerState::DnDown));
         assert!(!p.state(0).unwrap().is_up());
         assert_eq!(p.on_heartbeat(5, true, t0), None, "no such peer");
     }
@@ -859,11 +873,15 @@ mod tests {
             },
             LocalMessage::Peer {
                 dn: "dn2".into(),
-                up: false,
+                state: PeerState::DnDown,
             },
             LocalMessage::Peer {
                 dn: "dn2".into(),
-                up: true,
+                state: PeerState::Silent,
+            },
+            LocalMessage::Peer {
+                dn: "dn2".into(),
+                state: PeerState::Up,
             },
         ] {
             assert_eq!(LocalMessage::decode(m.encode().as_bytes()), Some(m));

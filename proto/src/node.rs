@@ -30,6 +30,7 @@ use ipnet::IpNet;
 use crate::cluster::Cluster;
 use crate::control::{Lease, Message};
 use crate::dn::{Grant, LeaseBook, LeaseRecord};
+use crate::fd::PeerState;
 use crate::lease::{Lease6, LeaseTicket};
 use crate::routes::{blocks_carried_elsewhere, held_blocks, RoutePlan, RouteSpec};
 
@@ -78,8 +79,9 @@ pub enum Event {
     Demote(SessionId),
     /// The session's connection is gone.
     Ended(SessionId),
-    /// The failure detector says DN `dn` can (or cannot) carry clients.
-    Peer { dn: String, up: bool },
+    /// The failure detector says what became of DN `dn`: up (it can carry clients), its DN
+    /// down, or silent (its detector unheard).
+    Peer { dn: String, state: PeerState },
     /// The routes the routing daemon learned from the other DNs, as the kernel shows them now.
     Learned(Vec<IpNet>),
     /// DN `from` (its notice verified) says it is back.
@@ -183,6 +185,12 @@ pub enum Note {
     LetGo {
         dn: String,
     },
+    /// DN `dn` was only silent and is heard again with its DN up: it never stopped (its host
+    /// stalled, or a link came back), so its blocks go back at once; its clients still carried
+    /// here keep host routes until they have gone home.
+    HeardAgain {
+        dn: String,
+    },
     /// Clients carried here for DN `home`, told it is back.
     SentHome {
         home: String,
@@ -253,6 +261,8 @@ pub struct Machine {
     next_notice: Option<Instant>,
     /// DNs up again whose blocks this DN still announces whole, and until when it may.
     homecoming: BTreeMap<String, Instant>,
+    /// Peers down that have only been silent so far (never said their DN is down).
+    only_silent: BTreeSet<String>,
     /// Being drained: clients are told to move away, new ones are not taken.
     draining: bool,
 }
@@ -299,6 +309,7 @@ impl Machine {
             carried_elsewhere: BTreeSet::new(),
             next_notice: None,
             homecoming: BTreeMap::new(),
+            only_silent: BTreeSet::new(),
             draining: false,
         })
     }
@@ -374,7 +385,7 @@ impl Machine {
             Event::Switch(session) => self.promote(session, now, true, &mut out),
             Event::Demote(session) => self.demote(session, now, &mut out),
             Event::Ended(session) => self.end(session, &mut out),
-            Event::Peer { dn, up } => self.on_peer(dn, up, now, &mut out),
+            Event::Peer { dn, state } => self.on_peer(dn, state, now, &mut out),
             Event::Learned(learned) => self.on_learned(&learned, now, &mut out),
             Event::HomeIsBack { from } => self.send_home(&from, &mut out),
             Event::Drain(on) => self.drain(on, &mut out),
@@ -628,21 +639,41 @@ impl Machine {
         }
     }
 
-    fn on_peer(&mut self, dn: String, up: bool, now: Instant, out: &mut Vec<Action>) {
+    fn on_peer(&mut self, dn: String, state: PeerState, now: Instant, out: &mut Vec<Action>) {
         if dn == self.me || self.cluster.dn(&dn).is_none() {
             return;
         }
+        let was_down = self.routes.down().contains(&dn);
+        match state {
+            PeerState::Unknown => return,
+            PeerState::Silent if !was_down => {
+                self.only_silent.insert(dn.clone());
+            }
+            PeerState::Silent | PeerState::Up => {}
+            PeerState::DnDown => {
+                self.only_silent.remove(&dn);
+            }
+        }
+        let up = state.is_up();
         if !self.routes.set_down(&dn, !up) {
             return;
         }
         out.push(Action::Note(Note::PeerState { dn: dn.clone(), up }));
-        self.push_routes(out);
         if up {
-            if self.routes.holds_blocks_of(&dn) {
+            if self.only_silent.remove(&dn) {
+                // Its DN never stopped, so nothing can take its blocks from clients still here
+                // (they keep host routes): holding them for the homecoming period would only
+                // keep a healthy DN from its own block after a false alarm.
+                if self.routes.let_go_of(&dn) {
+                    out.push(Action::Note(Note::HeardAgain { dn }));
+                }
+            } else if self.routes.holds_blocks_of(&dn) {
                 self.homecoming.insert(dn, now + self.policy.homecoming);
             }
+            self.push_routes(out);
             return;
         }
+        self.push_routes(out);
         self.homecoming.remove(&dn);
         // Clients whose primary it was switch now, before their own probes could tell. Clients
         // whose primary this DN is are not told: when the cluster is split, each side reports
@@ -893,7 +924,7 @@ mod tests {
         dn2.handle(
             Event::Peer {
                 dn: "dn1".into(),
-                up: false,
+                state: PeerState::DnDown,
             },
             t,
             1000,
@@ -1106,7 +1137,7 @@ mod tests {
         let acts = dn2.handle(
             Event::Peer {
                 dn: "dn1".into(),
-                up: false,
+                state: PeerState::DnDown,
             },
             t,
             1000,
@@ -1124,7 +1155,7 @@ mod tests {
         dn2.handle(
             Event::Peer {
                 dn: "dn1".into(),
-                up: true,
+                state: PeerState::Up,
             },
             up,
             1001,
@@ -1138,6 +1169,44 @@ mod tests {
     }
 
     #[test]
+    fn a_peer_that_was_only_silent_gets_its_blocks_back_at_once() {
+        let (_dn1, mut dn2, lease, t) = laptop_on_both();
+        let a = lease.ticket.claim.address;
+        let peer = |state| Event::Peer {
+            dn: "dn1".into(),
+            state,
+        };
+        let halves = vec![
+            "10.201.0.0/25 serving for dn1".to_owned(),
+            "10.201.0.128/25 serving for dn1".to_owned(),
+        ];
+        // Silent: taken over whole at once, the client told, as for a dead DN.
+        let acts = dn2.handle(peer(PeerState::Silent), t, 1000);
+        assert!(acts.contains(&Action::Send(5, Message::PeerDown { dn: "dn1".into() })));
+        dn2.handle(Event::Data(5), t, 1000);
+        assert_eq!(routes(&dn2), halves);
+        // Heard again with its DN up: a false alarm. The blocks go back now; the client
+        // carried here keeps a host route.
+        let later = t + Duration::from_millis(40);
+        let acts = dn2.handle(peer(PeerState::Up), later, 1000);
+        assert!(acts.contains(&Action::Note(Note::HeardAgain { dn: "dn1".into() })));
+        assert_eq!(routes(&dn2), vec![format!("{a}/32 host for dn1")]);
+        assert_eq!(dn2.poll_timeout(), None, "no homecoming period");
+
+        // Silent, then its detector says its DN is down (it restarted): the homecoming holds.
+        dn2.handle(peer(PeerState::Silent), later, 1000);
+        assert!(dn2.handle(peer(PeerState::DnDown), later, 1000).is_empty());
+        assert_eq!(routes(&dn2), halves);
+        let up = later + Duration::from_secs(1);
+        dn2.handle(peer(PeerState::Up), up, 1000);
+        assert_eq!(routes(&dn2), halves);
+        assert_eq!(
+            dn2.poll_timeout(),
+            Some(up + NodePolicy::default().homecoming)
+        );
+    }
+
+    #[test]
     fn a_restarted_dn_leaves_taken_over_blocks_alone_and_calls_its_clients_home() {
         let c = cluster(2);
         let mut dn1 = machine(&c, 1);
@@ -1146,7 +1215,7 @@ mod tests {
         dn2.handle(
             Event::Peer {
                 dn: "dn1".into(),
-                up: false,
+                state: PeerState::DnDown,
             },
             t,
             1000,

@@ -1068,6 +1068,26 @@ impl Lab {
         Ok(())
     }
 
+    /// Undoes [`Lab::cut_cluster_link`] in a lab with one ESR: the link up again, and the route
+    /// to the server network that the kernel dropped with it.
+    pub fn restore_cluster_link(&self, k: usize) -> Result<()> {
+        let dn = dn_role(k);
+        self.net
+            .exec(&dn, &["ip", "link", "set", "dev", "to-esr", "up"])?;
+        self.net.exec(
+            &dn,
+            &[
+                "ip",
+                "route",
+                "replace",
+                SERVER_NET,
+                "via",
+                ESR_ON_CLUSTER_NET,
+            ],
+        )?;
+        Ok(())
+    }
+
     /// Writes client `i`'s `en.toml` with `credential` and starts its `en`.
     pub fn start_client(&mut self, i: usize, credential: &Credential) -> Result<()> {
         self.start_client_with(i, credential, |k| {

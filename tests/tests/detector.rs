@@ -295,7 +295,8 @@ fn a_dn_host_cut_off_is_reported_down_by_its_peer_which_takes_its_blocks() {
     not(lab_root),
     ignore = "needs root: the lab builds network namespaces"
 )]
-fn a_dn_cut_from_the_cluster_network_is_reported_down_and_its_clients_told_to_switch() {
+fn a_dn_cut_from_the_cluster_network_is_reported_down_its_clients_told_to_switch_and_its_blocks_given_back_when_it_is_heard_again(
+) {
     with_lab(supervised(2, Routing::Frr, &[]), |lab| {
         let (address, primary, backup) = client_with_detectors_in_touch(lab)?;
         // The client still reaches its primary; only the detectors and OSPF lose it. The
@@ -315,7 +316,43 @@ fn a_dn_cut_from_the_cluster_network_is_reported_down_and_its_clients_told_to_sw
             dead["last_error"] == "ReportedDead",
             "the client dropped dn{primary} for another reason: {dead}"
         );
-        traffic_flows_via(lab, address, backup)
+        traffic_flows_via(lab, address, backup)?;
+        let serving = |lab: &Lab| {
+            lab.dn_status(backup).is_ok_and(|s| {
+                s["routes"]
+                    .to_string()
+                    .contains(&format!("serving for dn{primary}"))
+            })
+        };
+        ensure!(
+            serving(lab),
+            "dn{backup} never took dn{primary}'s blocks over"
+        );
+        // The link comes back: dn{primary}'s DN never stopped, so its blocks go back at once,
+        // not after the homecoming period, and its client keeps a host route until it is home.
+        lab.restore_cluster_link(primary)?;
+        let back = Instant::now();
+        wait_until(
+            Duration::from_secs(5),
+            "the detectors to hear each other again",
+            || peer_state(lab, backup, primary).as_deref() == Some("up"),
+        )?;
+        let heard = back.elapsed();
+        wait_until(
+            Duration::from_millis(500),
+            "the backup to give the blocks back",
+            || !serving(lab),
+        )?;
+        eprintln!(
+            "dn{primary} heard again {heard:?} after its link came back, its blocks given back {:?} after (the homecoming period is {:?})",
+            back.elapsed() - heard,
+            holdfast_proto::node::NodePolicy::default().homecoming
+        );
+        wait_until(Duration::from_secs(30), "the client to go home", || {
+            lab.en_status(1)
+                .is_ok_and(|s| s["sessions"][primary - 1]["role"] == "primary")
+        })?;
+        traffic_flows_via(lab, address, primary)
     });
 }
 

@@ -112,8 +112,8 @@ pub(super) async fn run(dn: Arc<Dn>, link: Arc<Link>) {
             }
             got = link.socket.recv(&mut buf) => match got {
                 Ok(n) => match LocalMessage::decode(&buf[..n]) {
-                    Some(LocalMessage::Peer { dn: peer, up }) => {
-                        let _ = changes.send(Event::Peer { dn: peer, up });
+                    Some(LocalMessage::Peer { dn: peer, state }) => {
+                        let _ = changes.send(Event::Peer { dn: peer, state });
                     }
                     other => debug!(?other, "ignoring a detector datagram"),
                 },

@@ -95,8 +95,11 @@ pub struct SimDn {
     /// detector saying the owner is down, until the owner is up and no client of the block is
     /// carried here.
     pub may_take_over: BTreeSet<IpNet>,
-    /// When its detector last said each peer is up again.
+    /// When its detector last said each peer is up again, after a down the DN holds blocks
+    /// through (not after a peer that was only silent: its blocks go back at once).
     pub told_up_at: BTreeMap<usize, u64>,
+    /// Peers told down that have only been silent so far.
+    pub only_silent: BTreeSet<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,8 +179,15 @@ enum ToEn {
 enum Delivery {
     ToDn(ConnId, ToDn),
     ToEn(ConnId, ToEn),
-    HomeIsBack { to: usize, from: String },
-    Peer { to: usize, about: usize, up: bool },
+    HomeIsBack {
+        to: usize,
+        from: String,
+    },
+    Peer {
+        to: usize,
+        about: usize,
+        state: fd::PeerState,
+    },
 }
 
 pub struct World {
@@ -250,6 +260,7 @@ impl World {
                 learned: Vec::new(),
                 may_take_over: BTreeSet::new(),
                 told_up_at: BTreeMap::new(),
+                only_silent: BTreeSet::new(),
             })
             .collect();
         let sim_ens = (0..ens + rogues)
@@ -894,20 +905,38 @@ impl World {
         }
     }
 
-    fn tell_dn_peer(&mut self, to: usize, about: usize, up: Option<bool>) {
-        let Some(up) = up else {
+    fn tell_dn_peer(&mut self, to: usize, about: usize, news: Option<fd::PeerState>) {
+        let Some(state) = news else {
             return;
         };
         if let Process::Hung { .. } = self.dns[to].process {
-            self.dns[to].stalled.push(Delivery::Peer { to, about, up });
+            self.dns[to]
+                .stalled
+                .push(Delivery::Peer { to, about, state });
             return;
         }
         if !self.dn_running(to) {
             return;
         }
-        self.dns[to].told.insert(about, up);
+        let up = state.is_up();
+        let d = &mut self.dns[to];
+        let was_down = d.told.get(&about) == Some(&false);
+        d.told.insert(about, up);
+        match state {
+            fd::PeerState::Silent if !was_down => {
+                d.only_silent.insert(about);
+            }
+            fd::PeerState::DnDown => {
+                d.only_silent.remove(&about);
+            }
+            _ => {}
+        }
         if up {
-            self.dns[to].told_up_at.insert(about, self.now);
+            if was_down && d.only_silent.remove(&about) {
+                d.told_up_at.remove(&about);
+            } else {
+                d.told_up_at.insert(about, self.now);
+            }
         } else {
             let me = self.dns[to].name.clone();
             let backed: Vec<IpNet> = self.cluster.dns[about]
@@ -921,7 +950,7 @@ impl World {
         }
         let event = node::Event::Peer {
             dn: self.dns[about].name.clone(),
-            up,
+            state,
         };
         self.dn_event(to, event);
     }
@@ -954,6 +983,7 @@ impl World {
         d.told.clear();
         d.may_take_over.clear();
         d.told_up_at.clear();
+        d.only_silent.clear();
         d.stalled.clear();
         d.routes_generation = None;
         let records = d.journal.clone();
@@ -989,7 +1019,7 @@ impl World {
             }
             let state = self.dns[dn].peers.state(peer_index(dn, peer));
             if matches!(state, Some(fd::PeerState::Silent | fd::PeerState::DnDown)) {
-                self.tell_dn_peer(dn, peer, Some(false));
+                self.tell_dn_peer(dn, peer, state);
             }
         }
     }
@@ -1135,7 +1165,7 @@ impl World {
         match delivery {
             Delivery::ToDn(conn, what) => self.deliver_to_dn(conn, what),
             Delivery::ToEn(conn, what) => self.deliver_to_en(conn, what),
-            Delivery::Peer { to, about, up } => self.tell_dn_peer(to, about, Some(up)),
+            Delivery::Peer { to, about, state } => self.tell_dn_peer(to, about, Some(state)),
             Delivery::HomeIsBack { to, from } => {
                 if self.dn_running(to) && !self.dns[to].cut {
                     self.dn_event(to, node::Event::HomeIsBack { from });
