@@ -83,6 +83,14 @@ fn traffic_flows_via(lab: &Lab, address: std::net::IpAddr, via: usize) -> Result
     Ok(())
 }
 
+/// How many of the routes in a DN's status announce DN `owner`'s blocks whole.
+fn routes_serving_for(dn_status: &Value, owner: usize) -> usize {
+    let reason = format!("serving for dn{owner}");
+    dn_status["routes"].as_array().map_or(0, |r| {
+        r.iter().filter(|x| x["reason"] == reason.as_str()).count()
+    })
+}
+
 fn alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -270,14 +278,7 @@ fn a_dn_host_cut_off_is_reported_down_by_its_peer_which_takes_its_blocks() {
                 .is_some_and(|d| d.iter().any(|x| x == dn_role(primary).as_str())),
             "dn{backup} does not know dn{primary} is down: {dn_status}"
         );
-        let active = dn_status["routes"]
-            .as_array()
-            .map(|r| {
-                r.iter()
-                    .filter(|x| x["reason"] == format!("serving for dn{primary}").as_str())
-                    .count()
-            })
-            .unwrap_or(0);
+        let active = routes_serving_for(&dn_status, primary);
         ensure!(
             active > 0,
             "dn{backup} serves no block of dn{primary}: {dn_status}"
@@ -318,11 +319,8 @@ fn a_dn_cut_from_the_cluster_network_is_reported_down_its_clients_told_to_switch
         );
         traffic_flows_via(lab, address, backup)?;
         let serving = |lab: &Lab| {
-            lab.dn_status(backup).is_ok_and(|s| {
-                s["routes"]
-                    .to_string()
-                    .contains(&format!("serving for dn{primary}"))
-            })
+            lab.dn_status(backup)
+                .is_ok_and(|s| routes_serving_for(&s, primary) > 0)
         };
         ensure!(
             serving(lab),
