@@ -9,6 +9,7 @@ use holdfast_proto::control::Message;
 use holdfast_proto::dn::LeaseRecord;
 use holdfast_proto::fd::LocalMessage;
 use holdfast_proto::lease::{LeaseClaim, LeaseTicket, TicketError};
+use holdfast_proto::offload::{self, Gso, OffloadHeader, OFFLOAD_HEADER_LEN};
 use holdfast_proto::packet::{self, PortUnreachable};
 use holdfast_proto::peer::{Freshness, Notice, PeerError, PeerNotice, MAX_AGE_SECS};
 use holdfast_proto::probe;
@@ -356,6 +357,72 @@ pub fn packet(data: &[u8]) {
         }
         _ => panic!("addresses of two families: {src}, {dst}"),
     }
+}
+
+/// A TUN read with offloads: the kernel's header, then a packet or a super-packet. Every byte
+/// of the payload goes out once and in order, in packets no longer than a segment allows, with
+/// lengths and checksums right by this file's own checksum; a packet not to be cut goes out as
+/// it came, its checksum field aside.
+pub fn offload(data: &[u8]) {
+    let Ok(hdr) = OffloadHeader::decode(data) else {
+        return;
+    };
+    let original = &data[OFFLOAD_HEADER_LEN..];
+    let mut input = original.to_vec();
+    let mut out: Vec<(usize, Vec<u8>)> = Vec::new();
+    let result = offload::split(&hdr, &mut input, |h, p| {
+        out.push((h.len(), [h, p].concat()))
+    });
+    let Ok(n) = result else {
+        assert!(out.is_empty(), "packets emitted before an error");
+        return;
+    };
+    assert_eq!(n, out.len());
+    let ip_len = usize::from(hdr.csum_start);
+    if hdr.gso == Gso::None {
+        let [(_, pkt)] = out.as_slice() else {
+            panic!("{} packets from one not to be cut", out.len());
+        };
+        assert_eq!(pkt.len(), original.len());
+        let field = ip_len + usize::from(hdr.csum_offset);
+        for (i, (a, b)) in pkt.iter().zip(original).enumerate() {
+            assert!(a == b || (hdr.needs_checksum && (i == field || i == field + 1)));
+        }
+        return;
+    }
+    let Some((headers, _)) = out.first() else {
+        assert!(original.len() <= ip_len + 60, "a payload and no packet");
+        return;
+    };
+    let headers = *headers;
+    let (v6, protocol) = match hdr.gso {
+        Gso::TcpV6 => (true, 6),
+        Gso::TcpV4 => (false, 6),
+        _ => (original[0] >> 4 == 6, 17),
+    };
+    let addresses = if v6 {
+        &original[8..40]
+    } else {
+        &original[12..20]
+    };
+    let mut carried = Vec::new();
+    for (h, pkt) in &out {
+        assert_eq!(*h, headers);
+        assert!(pkt.len() > headers && pkt.len() <= headers + usize::from(hdr.gso_size));
+        let ip_field = usize::from(u16::from_be_bytes([
+            pkt[2 + 2 * usize::from(v6)],
+            pkt[3 + 2 * usize::from(v6)],
+        ]));
+        assert_eq!(ip_field, if v6 { pkt.len() - 40 } else { pkt.len() });
+        if !v6 {
+            assert_eq!(checksum(&[&pkt[..ip_len]]), 0, "IPv4 header checksum");
+        }
+        let len = ((pkt.len() - ip_len) as u16).to_be_bytes();
+        let sum = checksum(&[addresses, &[0, protocol], &len, &pkt[ip_len..]]);
+        assert_eq!(sum, 0, "transport checksum");
+        carried.extend_from_slice(&pkt[headers..]);
+    }
+    assert_eq!(carried, &original[headers..]);
 }
 
 fn unicast(a: IpAddr) -> bool {

@@ -15,7 +15,9 @@ use holdfast_proto::lease::IssuerKeys;
 mod checks;
 pub mod seeds;
 
-pub use checks::{control, icmp, lease_record, lease_ticket, local_message, packet, peer_notice};
+pub use checks::{
+    control, icmp, lease_record, lease_ticket, local_message, offload, packet, peer_notice,
+};
 
 /// A target's check: panics on a finding.
 pub type Check = fn(&[u8]);
@@ -29,6 +31,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("lease_record", lease_record),
     ("packet", packet),
     ("icmp", icmp),
+    ("offload", offload),
 ];
 
 /// The cluster the checks decode for: three DNs whose keys it knows (dn1 and dn2 with their

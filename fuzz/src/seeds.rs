@@ -83,6 +83,28 @@ fn ipv6(next: u8, len: usize) -> Vec<u8> {
     p
 }
 
+/// A TUN read with offloads: the kernel's header (`virtio_net_hdr`), then `pkt` with a TCP or
+/// UDP header after its IP header and `payload` bytes of payload.
+fn offload_read(gso_type: u8, gso_size: u16, mut pkt: Vec<u8>, payload: usize) -> Vec<u8> {
+    let ip = if pkt[0] >> 4 == 6 { 40 } else { 20 };
+    let tcp = pkt[if ip == 40 { 6 } else { 9 }] == 6;
+    let transport = if tcp { 20 } else { 8 };
+    pkt.resize(ip + transport + payload, 0);
+    if tcp {
+        pkt[ip + 12] = 5 << 4;
+        pkt[ip + 13] = 0x18;
+    }
+    for (i, b) in pkt[ip + transport..].iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    let csum_offset: u16 = if tcp { 16 } else { 6 };
+    let mut hdr = vec![1, gso_type];
+    for field in [(ip + transport) as u16, gso_size, ip as u16, csum_offset] {
+        hdr.extend_from_slice(&field.to_le_bytes());
+    }
+    [hdr, pkt].concat()
+}
+
 fn with_mtu(mtu: u16, pkt: Vec<u8>) -> Vec<u8> {
     [mtu.to_be_bytes().to_vec(), pkt].concat()
 }
@@ -300,5 +322,20 @@ pub fn all() -> Vec<Seed> {
         ),
         ("icmp", "v4-port-unreachable", icmp4),
         ("icmp", "v6-port-unreachable", icmp6),
+        (
+            "offload",
+            "tcp4-gso",
+            offload_read(1, 1348, ipv4(6, 20, true), 4000),
+        ),
+        (
+            "offload",
+            "udp6-gso",
+            offload_read(5, 1200, ipv6(17, 40), 2500),
+        ),
+        (
+            "offload",
+            "tcp4-partial",
+            offload_read(0, 0, ipv4(6, 20, true), 100),
+        ),
     ]
 }

@@ -14,6 +14,7 @@ pub mod en;
 pub mod fd;
 pub mod lease;
 pub mod node;
+pub mod offload;
 pub mod packet;
 pub mod peer;
 pub mod plan;

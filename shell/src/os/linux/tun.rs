@@ -10,11 +10,10 @@ use std::net::IpAddr;
 
 use anyhow::{Context, Result};
 use bytes::{Bytes, BytesMut};
+use holdfast_proto::offload::{self, OffloadHeader, OFFLOAD_HEADER_LEN};
 use holdfast_proto::packet;
-use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, VIRTIO_NET_HDR_LEN};
 
-/// Largest inner packet we ever carry (jumbo frames included), plus room for headers.
-const MAX_PACKET: usize = 9000 + 64;
 /// A super-packet read with offloads can be 64 KiB plus its virtio header.
 const MAX_READ: usize = VIRTIO_NET_HDR_LEN + 65535;
 const SLAB: usize = 512 * 1024;
@@ -130,8 +129,6 @@ impl Tun {
 /// Reads packets from the device, splitting offloaded super-packets. One per reading task.
 pub struct Reader {
     raw: Vec<u8>,
-    bufs: Vec<Vec<u8>>,
-    sizes: Vec<usize>,
     slab: BytesMut,
 }
 
@@ -139,8 +136,6 @@ impl Default for Reader {
     fn default() -> Self {
         Self {
             raw: vec![0; MAX_READ],
-            bufs: vec![vec![0; MAX_PACKET]; IDEAL_BATCH_SIZE],
-            sizes: vec![0; IDEAL_BATCH_SIZE],
             slab: BytesMut::with_capacity(SLAB),
         }
     }
@@ -153,6 +148,10 @@ impl Reader {
     }
 
     /// As [`Reader::recv`], from queue `queue` of a multi-queue device.
+    ///
+    /// Each packet is cut from the read straight into a shared slab (one copy), where it lives
+    /// as a cheap `Bytes` handle without an allocation of its own. A read the kernel describes
+    /// in a way we cannot follow is dropped, as a link would drop a mangled frame.
     pub async fn recv_queue(
         &mut self,
         tun: &Tun,
@@ -162,18 +161,22 @@ impl Reader {
         let dev = tun.queues.get(queue).ok_or_else(|| {
             io::Error::new(io::ErrorKind::InvalidInput, format!("no TUN queue {queue}"))
         })?;
-        let n = dev
-            .recv_multiple(&mut self.raw, &mut self.bufs, &mut self.sizes, 0)
-            .await?;
-        for i in 0..n {
-            // One copy into a shared slab: the packets then live as cheap `Bytes` handles
-            // without an allocation each.
-            let pkt = &self.bufs[i][..self.sizes[i]];
-            if self.slab.capacity() - self.slab.len() < pkt.len() {
-                self.slab = BytesMut::with_capacity(SLAB);
-            }
-            self.slab.extend_from_slice(pkt);
-            out.push(self.slab.split().freeze());
+        let n = dev.recv(&mut self.raw).await?;
+        let read = &mut self.raw[..n];
+        let result = OffloadHeader::decode(read).and_then(|hdr| {
+            let slab = &mut self.slab;
+            offload::split(&hdr, &mut read[OFFLOAD_HEADER_LEN..], |headers, payload| {
+                let len = headers.len() + payload.len();
+                if slab.capacity() - slab.len() < len {
+                    *slab = BytesMut::with_capacity(SLAB.max(len));
+                }
+                slab.extend_from_slice(headers);
+                slab.extend_from_slice(payload);
+                out.push(slab.split().freeze());
+            })
+        });
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "dropping a TUN read");
         }
         Ok(())
     }
@@ -274,5 +277,91 @@ impl WriterPool {
             }
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use tun_rs::VirtioNetHdr;
+
+    /// A super-packet as the kernel hands it over: one IP header, one transport header, then
+    /// `payload`; `v6` picks the family, `tcp` the transport.
+    fn super_packet(v6: bool, tcp: bool, payload: &[u8], flags: u8) -> Vec<u8> {
+        let ip = if v6 { 40 } else { 20 };
+        let transport = if tcp { 32 } else { 8 };
+        let mut p = vec![0u8; ip + transport + payload.len()];
+        let protocol = if tcp { 6 } else { 17 };
+        if v6 {
+            p[0] = 0x60;
+            p[6] = protocol;
+            p[7] = 64;
+            p[8] = 0xfd;
+            p[23] = 2;
+            p[24] = 0xfd;
+            p[39] = 10;
+        } else {
+            p[0] = 0x45;
+            p[4..6].copy_from_slice(&0xfffeu16.to_be_bytes());
+            p[8] = 64;
+            p[9] = protocol;
+            p[12..16].copy_from_slice(&[10, 200, 0, 2]);
+            p[16..20].copy_from_slice(&[10, 0, 2, 10]);
+        }
+        p[ip..ip + 4].copy_from_slice(&[0x9c, 0x40, 0x14, 0x51]);
+        if tcp {
+            p[ip + 4..ip + 8].copy_from_slice(&0xffff_ff00u32.to_be_bytes());
+            p[ip + 12] = 8 << 4;
+            p[ip + 13] = flags;
+        }
+        p[ip + transport..].copy_from_slice(payload);
+        p
+    }
+
+    proptest! {
+        /// Our cut is byte for byte the one tun-rs (after wireguard-go) makes.
+        #[test]
+        fn the_split_matches_tun_rs(
+            payload in proptest::collection::vec(any::<u8>(), 1..20_000),
+            gso_size in 1u16..1500,
+            v6: bool,
+            tcp: bool,
+            flags: u8,
+        ) {
+            let packet = super_packet(v6, tcp, &payload, flags);
+            let ip = if v6 { 40u16 } else { 20 };
+            let gso_type = match (tcp, v6) {
+                (true, false) => 1,
+                (true, true) => 4,
+                (false, _) => 5,
+            };
+            let hdr = VirtioNetHdr {
+                flags: 1,
+                gso_type,
+                hdr_len: ip + if tcp { 32 } else { 8 },
+                gso_size,
+                csum_start: ip,
+                csum_offset: if tcp { 16 } else { 6 },
+            };
+            let segments = payload.len().div_ceil(usize::from(gso_size));
+            let mut bufs = vec![vec![0u8; 2000]; segments];
+            let mut sizes = vec![0; segments];
+            let n = tun_rs::gso_split(&mut packet.clone(), hdr, &mut bufs, &mut sizes, 0, v6)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let theirs: Vec<&[u8]> = bufs.iter().zip(&sizes).take(n).map(|(b, &s)| &b[..s]).collect();
+
+            let mut raw = vec![0u8; OFFLOAD_HEADER_LEN];
+            hdr.encode(&mut raw).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let ours_hdr = OffloadHeader::decode(&raw).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let mut ours = Vec::new();
+            let mut input = packet.clone();
+            offload::split(&ours_hdr, &mut input, |h, p| ours.push([h, p].concat()))
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(ours.len(), theirs.len());
+            for (a, b) in ours.iter().zip(&theirs) {
+                prop_assert_eq!(a.as_slice(), *b);
+            }
+        }
     }
 }
