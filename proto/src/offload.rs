@@ -8,6 +8,8 @@
 
 use thiserror::Error;
 
+use crate::packet::{fold, sum, PROTO_TCP, PROTO_UDP};
+
 /// What the kernel says about one read (Linux's `struct virtio_net_hdr`, little-endian).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OffloadHeader {
@@ -41,8 +43,6 @@ const GSO_TCPV6: u8 = 4;
 const GSO_UDP_L4: u8 = 5;
 /// Set with a TCP type when the kernel left ECN's congestion-window-reduced flag to us.
 const GSO_ECN: u8 = 0x80;
-const PROTO_TCP: u8 = 6;
-const PROTO_UDP: u8 = 17;
 const TCP_FLAGS: usize = 13;
 const TCP_FIN: u8 = 0x01;
 const TCP_PSH: u8 = 0x08;
@@ -217,30 +217,6 @@ fn finish_checksum(packet: &mut [u8], start: usize, offset: u16) -> Result<(), O
     let checksum = !fold(sum(&packet[start..], partial));
     packet[at..at + 2].copy_from_slice(&checksum.to_be_bytes());
     Ok(())
-}
-
-/// Adds `data`, taken as big-endian 16-bit words (a last odd byte padded with zero), to `acc`
-/// without folding. The words are summed four bytes at a time in the machine's own byte order,
-/// which the compiler vectorizes: a 32-bit word is congruent to the sum of its halves modulo
-/// 0xffff, and a sum in swapped byte order is the swapped sum (RFC 1071, 2.B).
-fn sum(data: &[u8], acc: u64) -> u64 {
-    let mut words = data.chunks_exact(4);
-    let mut native = 0u64;
-    for w in &mut words {
-        native += u64::from(u32::from_ne_bytes([w[0], w[1], w[2], w[3]]));
-    }
-    let rest = words.remainder();
-    let mut tail = [0u8; 4];
-    tail[..rest.len()].copy_from_slice(rest);
-    acc + u64::from(u16::from_be(fold(native))) + u64::from(u32::from_be_bytes(tail))
-}
-
-/// Folds a sum of words into the 16-bit one's complement sum.
-fn fold(mut acc: u64) -> u16 {
-    while acc > 0xffff {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    acc as u16
 }
 
 #[cfg(test)]
