@@ -37,10 +37,12 @@ struct Cli {
     #[arg(long, conflicts_with = "metrics")]
     no_metrics: bool,
     /// Threads carrying traffic; 0 is one per core. Each client's session (its encryption and
-    /// decryption) runs on one thread, and the TUN device gets a queue per thread, each read
-    /// by its own task (the kernel spreads flows over them), so on a host with cores of its own
-    /// a DN with many clients uses them all with 0. 1 (the default) has no cross-thread
-    /// wake-ups: the fastest and the lowest latency where the DN shares its cores.
+    /// decryption) runs on one thread; the TUN device gets a queue per thread and the UDP port
+    /// a socket per thread (up to 64), each read by its own task. The kernel spreads flows over
+    /// the queues, and hands each client's datagrams to the socket of the endpoint holding its
+    /// connection, from whatever address they come. So on a host with cores of its own a DN
+    /// with many clients uses them all with 0. 1 (the default) has no cross-thread wake-ups:
+    /// the fastest and the lowest latency where the DN shares its cores.
     #[arg(long, env = "HOLDFAST_DN_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(0..=256))]
     threads: u16,
     /// Log format: text, or one JSON object per line.
@@ -109,6 +111,13 @@ fn print_status(status: &serde_json::Value) {
         status["tun"].as_str().unwrap_or("?"),
         get("mtu")
     );
+    let sharded = status["udp_shards"].as_u64().is_some_and(|n| n > 1);
+    if sharded {
+        println!(
+            "{} workers: each has its own UDP socket on the port and TUN queue",
+            status["udp_shards"]
+        );
+    }
     if status["draining"] == true {
         println!("DRAINING: clients are told to move to another DN; no new client is taken");
     }
@@ -135,8 +144,13 @@ fn print_status(status: &serde_json::Value) {
                 Some(v6) => format!("{} {v6}", c["address"].as_str().unwrap_or("?")),
                 None => c["address"].as_str().unwrap_or("?").to_owned(),
             };
+            let worker = if sharded {
+                format!("  worker {}", c["shard"])
+            } else {
+                String::new()
+            };
             println!(
-                "  {:<20} {:<16} from {:<22} rtt {:>6} us  rx {} pkts / {} B  tx {} pkts / {} B",
+                "  {:<20} {:<16} from {:<22} rtt {:>6} us  rx {} pkts / {} B  tx {} pkts / {} B{worker}",
                 c["identity"].as_str().unwrap_or("?"),
                 address,
                 c["remote"].as_str().unwrap_or("?"),
@@ -227,7 +241,7 @@ async fn run(cli: Cli, threads: usize) -> Result<()> {
                 node,
                 control,
                 metrics: (!cli.no_metrics).then_some(cli.metrics),
-                tun_queues: threads,
+                workers: threads,
             })
             .await
         }

@@ -18,7 +18,7 @@ use holdfast_proto::control::{close, Message};
 use holdfast_proto::dn::LeaseRecord;
 use holdfast_proto::lease::LeaseTicket;
 use holdfast_proto::node::{Action, CloseReason, Event, Machine, NodePolicy, Note, SessionId};
-use holdfast_proto::{packet, probe};
+use holdfast_proto::{packet, probe, steer};
 use holdfast_shell::quic::{send_message, ControlReader};
 use holdfast_shell::{control, quic, tls, tun, unix_now};
 
@@ -43,8 +43,9 @@ pub struct Options {
     pub control: PathBuf,
     /// Where to serve Prometheus metrics; `None`: nowhere.
     pub metrics: Option<std::net::SocketAddr>,
-    /// TUN queues, each read by its own task: one per runtime thread.
-    pub tun_queues: usize,
+    /// Workers: runtime threads, and as many TUN queues and UDP sockets (shards of the port),
+    /// each read by its own task.
+    pub workers: usize,
 }
 
 #[derive(Default, Serialize)]
@@ -104,6 +105,8 @@ struct Session {
     primary: AtomicBool,
     /// Messages for the client, written in order by the session's writer task.
     outbox: tokio::sync::mpsc::Sender<Outgoing>,
+    /// The UDP shard (worker endpoint) whose connection IDs it uses.
+    shard: u8,
 }
 
 enum Outgoing {
@@ -141,6 +144,8 @@ struct Dn {
     traffic: Traffic,
     /// Which connection attempts get handshake work and memory.
     admission: Mutex<Admission>,
+    /// UDP shards of the listening port (one endpoint each).
+    shards: u8,
 }
 
 pub async fn run(opts: Options) -> Result<()> {
@@ -167,7 +172,7 @@ async fn serve(opts: Options, link: Option<Arc<detector::Link>>) -> Result<()> {
         plan.gateway(),
         host_prefix,
         spec.mtu,
-        opts.tun_queues.max(1),
+        opts.workers.max(1),
     )?;
     if let Some(IpAddr::V6(gateway6)) = spec.plan6.as_ref().map(|p| p.gateway()) {
         // Dual stack: the DN's own IPv6 address too, the source of its ICMPv6 errors.
@@ -177,10 +182,13 @@ async fn serve(opts: Options, link: Option<Arc<detector::Link>>) -> Result<()> {
     // Opened after the TUN device on purpose: when the process dies, the kernel releases its
     // files in reverse order, and tearing the device down takes ~20 ms (RCU grace periods).
     // The UDP socket goes first, so clients get "port unreachable" at once.
-    let endpoint = quic::endpoint(
+    let shards = u8::try_from(opts.workers.clamp(1, usize::from(steer::MAX_SHARDS)))
+        .unwrap_or(steer::MAX_SHARDS);
+    let endpoints = quic::sharded_endpoints(
         spec.listen,
-        Some(server_config(&cluster, &spec)?),
-        Some(&signing_key.to_bytes()),
+        server_config(&cluster, &spec)?,
+        &signing_key.to_bytes(),
+        shards,
     )?;
     let (mut journal, kept, unreadable) = Journal::open(&spec.lease_journal)?;
     if unreadable > 0 {
@@ -233,6 +241,7 @@ async fn serve(opts: Options, link: Option<Arc<detector::Link>>) -> Result<()> {
         handled: AtomicU64::new(0),
         traffic: Traffic::default(),
         admission: Mutex::new(Admission::new(AdmissionPolicy::default())),
+        shards,
     });
     dn.perform(first).await;
     tokio::spawn(homecoming::follow_learned(dn.clone(), netlink));
@@ -272,18 +281,19 @@ async fn serve(opts: Options, link: Option<Arc<detector::Link>>) -> Result<()> {
     for queue in 0..dn.tun.queue_count() {
         readers.spawn(tun_to_sessions(dn.clone(), queue));
     }
+    // One acceptor per UDP shard; they end when their endpoint is closed.
+    let mut acceptors = tokio::task::JoinSet::new();
+    for (shard, endpoint) in endpoints.iter().enumerate() {
+        acceptors.spawn(accept(dn.clone(), endpoint.clone(), shard as u8));
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let outcome = loop {
         tokio::select! {
-            incoming = endpoint.accept() => {
-                let Some(incoming) = incoming else { break Ok(()) };
-                dn.handled.fetch_add(1, Relaxed);
-                admit(&dn, incoming);
-            }
+            Some(_) = acceptors.join_next() => break Ok(()),
             res = tokio::signal::ctrl_c() => { res?; info!("interrupted, shutting down"); break Ok(()); }
             _ = term.recv() => { info!("terminated, shutting down"); break Ok(()); }
-            _ = hup.recv() => reload(&dn, &opts, &endpoint, &mut applied),
+            _ = hup.recv() => reload(&dn, &opts, &endpoints, &mut applied),
             Some(res) = readers.join_next() => {
                 break Err(match res {
                     Ok(Err(e)) => e,
@@ -293,8 +303,12 @@ async fn serve(opts: Options, link: Option<Arc<detector::Link>>) -> Result<()> {
             }
         }
     };
-    endpoint.close(close::SHUTDOWN.into(), b"dn shutting down");
-    endpoint.wait_idle().await;
+    for endpoint in &endpoints {
+        endpoint.close(close::SHUTDOWN.into(), b"dn shutting down");
+    }
+    for endpoint in &endpoints {
+        endpoint.wait_idle().await;
+    }
     let _ = std::fs::remove_file(&opts.control);
     outcome
 }
@@ -318,7 +332,7 @@ fn server_config(cluster: &Cluster, spec: &DnSpec) -> Result<quinn::ServerConfig
 /// are checked against the new list, live sessions of revoked clients are closed) and the TLS
 /// files are read again. A file that does not load, or that changes anything else, is refused
 /// with a message and nothing is applied.
-fn reload(dn: &Dn, opts: &Options, endpoint: &quinn::Endpoint, applied: &mut String) {
+fn reload(dn: &Dn, opts: &Options, endpoints: &[quinn::Endpoint], applied: &mut String) {
     let refuse = |why: String| error!(config = %opts.config.display(), "reload refused, running on unchanged: {why}");
     let text = match std::fs::read_to_string(&opts.config) {
         Ok(text) => text,
@@ -340,7 +354,11 @@ fn reload(dn: &Dn, opts: &Options, endpoint: &quinn::Endpoint, applied: &mut Str
         Err(e) => return refuse(e.to_string()),
     }
     match server_config(&cluster, &spec) {
-        Ok(config) => endpoint.set_server_config(Some(config)),
+        Ok(config) => {
+            for endpoint in endpoints {
+                endpoint.set_server_config(Some(config.clone()));
+            }
+        }
         Err(e) => return refuse(format!("{e:#}")),
     }
     let revoked: Vec<Arc<Session>> = dn
@@ -389,7 +407,15 @@ async fn timers(dn: Arc<Dn>) {
 
 /// Starts the handshake of a connection attempt, or answers it the cheap way the admission
 /// policy says (a Retry, a refusal, nothing).
-fn admit(dn: &Arc<Dn>, incoming: quinn::Incoming) {
+/// Takes the connection attempts of one UDP shard's endpoint, until it is closed.
+async fn accept(dn: Arc<Dn>, endpoint: quinn::Endpoint, shard: u8) {
+    while let Some(incoming) = endpoint.accept().await {
+        dn.handled.fetch_add(1, Relaxed);
+        admit(&dn, incoming, shard);
+    }
+}
+
+fn admit(dn: &Arc<Dn>, incoming: quinn::Incoming, shard: u8) {
     let remote = incoming.remote_address();
     let verdict = dn
         .lock_admission()
@@ -401,7 +427,7 @@ fn admit(dn: &Arc<Dn>, incoming: quinn::Incoming) {
                 dn: dn.clone(),
                 remote,
             };
-            tokio::spawn(serve_session(dn.clone(), incoming, handshake).instrument(span));
+            tokio::spawn(serve_session(dn.clone(), incoming, handshake, shard).instrument(span));
         }
         Verdict::Retry => {
             if let Err(e) = incoming.retry() {
@@ -449,7 +475,7 @@ fn peer_identity(conn: &quinn::Connection) -> Option<(String, String)> {
     Some((tls::identity_of(cert)?, tls::fingerprint(cert)))
 }
 
-async fn serve_session(dn: Arc<Dn>, incoming: quinn::Incoming, handshake: InFlight) {
+async fn serve_session(dn: Arc<Dn>, incoming: quinn::Incoming, handshake: InFlight, shard: u8) {
     let remote = incoming.remote_address();
     let handshake_done = match incoming.accept() {
         Ok(connecting) => tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
@@ -507,6 +533,7 @@ async fn serve_session(dn: Arc<Dn>, incoming: quinn::Incoming, handshake: InFlig
         address6: OnceLock::new(),
         primary: AtomicBool::new(false),
         outbox,
+        shard,
     });
     tokio::spawn(write_control(conn.clone(), send, queued));
     dn.sessions
@@ -989,6 +1016,7 @@ impl Dn {
                     "max_datagram": s.conn.max_datagram_size(),
                     "primary": s.primary.load(Relaxed),
                     "home": home,
+                    "shard": s.shard,
                     "traffic": s.traffic,
                 })
             })
@@ -1023,6 +1051,7 @@ impl Dn {
             "pool": self.spec.plan.pool,
             "tun": self.spec.tun,
             "mtu": self.spec.mtu,
+            "udp_shards": self.shards,
             "leases": leases,
             "sessions": clients.len(),
             "clients": clients,

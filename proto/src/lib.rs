@@ -21,6 +21,7 @@ pub mod plan;
 pub mod probe;
 pub mod replay;
 pub mod routes;
+pub mod steer;
 pub mod underlay;
 pub mod wire;
 

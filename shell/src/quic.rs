@@ -144,26 +144,102 @@ pub fn endpoint(
     reset_secret: Option<&[u8]>,
 ) -> Result<quinn::Endpoint> {
     let socket = crate::os::udp::socket(addr)?;
+    let config = endpoint_config(reset_secret, None);
+    open(config, server, socket, addr)
+}
+
+/// A server's `shards` endpoints on one UDP port, one per worker: the kernel hands each
+/// datagram to the endpoint that issued its destination connection ID (see
+/// [`holdfast_proto::steer`]), so that a connection stays with its endpoint when the client's
+/// address changes. All share the stateless-reset and connection-ID keys of `reset_secret`.
+pub fn sharded_endpoints(
+    addr: SocketAddr,
+    server: quinn::ServerConfig,
+    reset_secret: &[u8],
+    shards: u8,
+) -> Result<Vec<quinn::Endpoint>> {
+    let sockets = crate::os::udp::sharded_sockets(addr, shards)?;
+    let shards = sockets.len() as u8;
+    sockets
+        .into_iter()
+        .enumerate()
+        .map(|(shard, socket)| {
+            let steer = (shards > 1).then_some((shard as u8, shards));
+            let config = endpoint_config(Some(reset_secret), steer);
+            open(config, Some(server.clone()), socket, addr)
+        })
+        .collect()
+}
+
+fn open(
+    config: quinn::EndpointConfig,
+    server: Option<quinn::ServerConfig>,
+    socket: std::net::UdpSocket,
+    addr: SocketAddr,
+) -> Result<quinn::Endpoint> {
     let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
-    let config = match reset_secret {
-        Some(secret) => {
-            let mut material = b"holdfast stateless reset v1\0".to_vec();
-            material.extend_from_slice(secret);
-            let digest = Sha256::digest(&material);
-            let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &digest);
-            let mut config = quinn::EndpointConfig::new(Arc::new(key));
-            // Connection IDs carry a keyed check; the restarted DN must accept the old ones as
-            // "ours" to answer them with a reset, so that key must survive restarts too.
-            let mut cid_key = [0u8; 8];
-            cid_key.copy_from_slice(&digest[..8]);
-            let cid_key = u64::from_le_bytes(cid_key);
-            config.cid_generator(move || {
-                Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
-            });
-            config
-        }
-        None => quinn::EndpointConfig::default(),
-    };
     quinn::Endpoint::new(config, server, socket, runtime)
         .with_context(|| format!("cannot open a QUIC endpoint on {addr}"))
+}
+
+/// `steer`: this endpoint's shard and the shard count, when it is one of several on a port.
+fn endpoint_config(reset_secret: Option<&[u8]>, steer: Option<(u8, u8)>) -> quinn::EndpointConfig {
+    let Some(secret) = reset_secret else {
+        return quinn::EndpointConfig::default();
+    };
+    let mut material = b"holdfast stateless reset v1\0".to_vec();
+    material.extend_from_slice(secret);
+    let digest = Sha256::digest(&material);
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &digest);
+    let mut config = quinn::EndpointConfig::new(Arc::new(key));
+    // Connection IDs carry a keyed check; the restarted DN must accept the old ones as "ours"
+    // to answer them with a reset, so that key must survive restarts too.
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&digest[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    config.cid_generator(move || {
+        let keyed = quinn_proto::HashedConnectionIdGenerator::from_key(cid_key);
+        match steer {
+            Some((shard, shards)) => Box::new(ShardConnectionIds {
+                keyed,
+                shard,
+                shards,
+            }),
+            None => Box::new(keyed),
+        }
+    });
+    config
+}
+
+/// Keyed connection IDs (as [`quinn_proto::HashedConnectionIdGenerator`] makes them, so that
+/// a DN's resets work across a change of its worker count) whose first byte steers packets to
+/// one shard. The first byte is random, so a matching ID comes on average every `shards`
+/// tries; IDs are made a handful per connection.
+struct ShardConnectionIds {
+    keyed: quinn_proto::HashedConnectionIdGenerator,
+    shard: u8,
+    shards: u8,
+}
+
+impl quinn_proto::ConnectionIdGenerator for ShardConnectionIds {
+    fn generate_cid(&mut self) -> quinn_proto::ConnectionId {
+        loop {
+            let cid = self.keyed.generate_cid();
+            if holdfast_proto::steer::cid_is_for(&cid, self.shard, self.shards) {
+                return cid;
+            }
+        }
+    }
+
+    fn validate(&self, cid: &quinn_proto::ConnectionId) -> Result<(), quinn_proto::InvalidCid> {
+        self.keyed.validate(cid)
+    }
+
+    fn cid_len(&self) -> usize {
+        self.keyed.cid_len()
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        self.keyed.cid_lifetime()
+    }
 }

@@ -220,6 +220,9 @@ pub struct LabSpec {
     pub supervised: bool,
     /// Extra arguments for every `dn-fd` (e.g. `--restart-base-ms 300`).
     pub fd_args: Vec<String>,
+    /// Every DN's `--threads` (given as `HOLDFAST_DN_THREADS`, as a unit file would); `None`:
+    /// the DN's default, or what the lab's own environment says.
+    pub dn_threads: Option<usize>,
     /// Prefix length of every DN's pool: 24 (253 clients) down to 16 (65,533).
     pub pool_prefix: u8,
     /// `cluster.lease_lifetime_secs`; `None`: the default (a day).
@@ -378,6 +381,7 @@ impl Default for LabSpec {
             routing: Routing::Static,
             supervised: false,
             fd_args: Vec::new(),
+            dn_threads: None,
             pool_prefix: 24,
             lease_lifetime_secs: None,
             esr_pair: false,
@@ -400,6 +404,7 @@ pub struct Lab {
     /// DNs run under `dn-fd`.
     pub supervised: bool,
     fd_args: Vec<String>,
+    dn_threads: Option<String>,
     client_keepalive_secs: Option<u64>,
 }
 
@@ -716,6 +721,7 @@ impl Lab {
             issued,
             supervised: spec.supervised,
             fd_args: spec.fd_args.clone(),
+            dn_threads: spec.dn_threads.map(|n| n.to_string()),
             client_keepalive_secs: spec.client_keepalive_secs,
         };
         match spec.routing {
@@ -959,6 +965,10 @@ impl Lab {
         let socket = self.dn_socket(k).display().to_string();
         let dn = self.bin("dn");
         let name = dn_role(k);
+        let mut env = vec![("RUST_LOG", "info")];
+        if let Some(threads) = &self.dn_threads {
+            env.push(("HOLDFAST_DN_THREADS", threads));
+        }
         if self.supervised {
             let fd = self.bin("dn-fd");
             let fd_socket = self.fd_socket(k).display().to_string();
@@ -976,8 +986,7 @@ impl Lab {
                 &socket,
             ];
             argv.extend(self.fd_args.iter().map(String::as_str));
-            self.net
-                .spawn(&name, &Self::fd_role(k), &argv, &[("RUST_LOG", "info")])?;
+            self.net.spawn(&name, &Self::fd_role(k), &argv, &env)?;
         } else {
             self.net.spawn(
                 &name,
@@ -991,7 +1000,7 @@ impl Lab {
                     "--control",
                     &socket,
                 ],
-                &[("RUST_LOG", "info")],
+                &env,
             )?;
         }
         wait_until(Duration::from_secs(10), "the DN's status socket", || {

@@ -25,6 +25,10 @@ pub const CASES: &[&str] = &["roam", "nat", "nat_rebind", "suspend", "dns", "dua
 
 /// Pings at 100/s that one address change or NAT rebinding may cost at most.
 pub const LOST_PER_CHANGE: u32 = 2;
+/// How often `nat_rebind` flushes the NAT's state.
+const REBINDS: usize = 3;
+/// Workers (UDP shards) of each DN in `nat_rebind`.
+const REBIND_DN_WORKERS: usize = 4;
 /// How soon after a resume traffic must flow again.
 pub const BACK_WITHIN: Duration = Duration::from_secs(1);
 /// How long the client is stopped in `suspend`.
@@ -58,11 +62,22 @@ pub fn run(only: &[String], quiet: bool) -> Result<CaseReport> {
 
 /// A lab with one mobile client, its sessions to both DNs up.
 fn mobile_lab(nat: bool, full_tunnel: bool, keepalive_secs: Option<u64>) -> Result<Lab> {
+    mobile_lab_with(nat, full_tunnel, keepalive_secs, None)
+}
+
+/// [`mobile_lab`] whose DNs run `dn_threads` workers.
+fn mobile_lab_with(
+    nat: bool,
+    full_tunnel: bool,
+    keepalive_secs: Option<u64>,
+    dn_threads: Option<usize>,
+) -> Result<Lab> {
     let mut spec = LabSpec {
         dns: 2,
         routing: Routing::Frr,
         access: Access::Mobile { nat },
         client_keepalive_secs: keepalive_secs,
+        dn_threads,
         ..LabSpec::default()
     };
     if full_tunnel {
@@ -219,35 +234,45 @@ fn nat() -> Result<(bool, String)> {
     ))
 }
 
-/// The NAT forgets its mappings (`conntrack -F`) during a ping at 100/s: the client's next
-/// packets leave from a new external port, the DNs follow (QUIC migration), at most
-/// [`LOST_PER_CHANGE`] pings are lost and no session is made again.
+/// The NAT forgets its mappings (`conntrack -F`) [`REBINDS`] times during a ping at 100/s: each
+/// time the client's next packets leave from a new external port, the DNs follow (QUIC
+/// migration), at most [`LOST_PER_CHANGE`] pings are lost and no session is made again. The DNs
+/// run [`REBIND_DN_WORKERS`] workers, each with its own UDP socket on the port: the kernel must
+/// hand the packets from each new port to the worker holding the connection, where a hash of
+/// the addresses would pick another worker three times in four.
 fn nat_rebind() -> Result<(bool, String)> {
-    let lab = mobile_lab(true, false, None)?;
+    let lab = mobile_lab_with(true, false, None, Some(REBIND_DN_WORKERS))?;
     let ap = access_router(1);
     let before = connects(&lab)?;
     let primary = lab.primary_of(1).context("no primary")?;
-    let remote = |lab: &Lab| -> Result<String> {
-        Ok(lab.dn_status(primary)?["clients"][0]["remote"]
-            .as_str()
-            .unwrap_or("?")
-            .to_owned())
+    let client = |lab: &Lab| -> Result<(String, u64)> {
+        let c = &lab.dn_status(primary)?["clients"][0];
+        Ok((
+            c["remote"].as_str().unwrap_or("?").to_owned(),
+            c["shard"].as_u64().unwrap_or(0),
+        ))
     };
-    let old = remote(&lab)?;
+    let (first, shard) = client(&lab)?;
+    let mut seen = vec![first];
     let ping = Pinger::start(&lab.net, "en1", SERVER, "0.01")?;
+    for _ in 0..REBINDS {
+        std::thread::sleep(Duration::from_secs(2));
+        lab.net.exec(&ap, &["conntrack", "-F"])?;
+        std::thread::sleep(Duration::from_secs(1));
+        seen.push(client(&lab)?.0);
+    }
     std::thread::sleep(Duration::from_secs(2));
-    lab.net.exec(&ap, &["conntrack", "-F"])?;
-    std::thread::sleep(Duration::from_secs(3));
     let (sent, answered) = ping.stop()?;
-    let new = remote(&lab)?;
     let remade = remade(&lab, &before)?;
     let lost = sent - answered;
-    let held = lost <= LOST_PER_CHANGE && remade == 0 && new != old;
+    let moved = seen.windows(2).filter(|w| w[0] != w[1]).count();
+    let held = lost <= REBINDS as u32 * LOST_PER_CHANGE && remade == 0 && moved == REBINDS;
     Ok((
         held,
         format!(
-            "NAT state flushed: the DN saw {old} then {new}; {lost} of {sent} pings lost, \
-             {remade} sessions made again"
+            "NAT state flushed {REBINDS} times: the DN (worker {shard} of {REBIND_DN_WORKERS}) saw {}; \
+             {lost} of {sent} pings lost, {remade} sessions made again",
+            seen.join(" then ")
         ),
     ))
 }

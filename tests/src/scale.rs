@@ -101,6 +101,43 @@ fn cpu_percents(pids: [u32; 2], window: Duration) -> Result<[f64; 2]> {
     Ok([percent(0), percent(1)])
 }
 
+/// Checks that both DNs are still the processes measured from the start, and when one is not,
+/// fails with what its detector says about why (a DN its detector killed mid-run is restarted
+/// under a new pid, which would otherwise only show as "process is gone").
+fn same_dns(lab: &Lab, pids: [u32; 2]) -> Result<()> {
+    for (i, pid) in pids.into_iter().enumerate() {
+        let k = i + 1;
+        let status = lab.fd_status(k)?;
+        if status["dn"]["pid"].as_u64() == Some(u64::from(pid)) {
+            continue;
+        }
+        let log = std::fs::read_to_string(lab.net.log_path(&format!("fd-{}", dn_role(k))))
+            .unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        bail!(
+            "{role} (pid {pid}) did not live through the run: now {state} (pid {now}), \
+             last kill: {kill}, last exit: {exit}, kills by reason: {reasons}\n\
+             ----- the end of fd-{role}.log -----\n{tail}",
+            role = dn_role(k),
+            state = status["dn"]["state"],
+            now = status["dn"]["pid"],
+            kill = status["last_kill"],
+            exit = status["last_exit"],
+            reasons = status["kills_by_reason"],
+            tail = tail.join("\n"),
+        );
+    }
+    Ok(())
+}
+
+/// [`cpu_percents`] of the two DNs, or why one of them is not the DN it was.
+fn dn_cpu_percents(lab: &Lab, pids: [u32; 2], window: Duration) -> Result<[f64; 2]> {
+    let measured = cpu_percents(pids, window);
+    same_dns(lab, pids)?;
+    measured
+}
+
 /// The load client, killed if the run ends early.
 struct LoadClient {
     child: Child,
@@ -183,7 +220,7 @@ pub fn run(o: &ScaleOptions) -> Result<ScaleReport> {
     // Let the DNs settle (OSPF, detector heartbeats) before the baseline.
     std::thread::sleep(Duration::from_secs(2));
     let rss_empty = [rss_kib(pids[0])?, rss_kib(pids[1])?];
-    let cpu_empty = cpu_percents(pids, IDLE_WINDOW)?;
+    let cpu_empty = dn_cpu_percents(&lab, pids, IDLE_WINDOW)?;
 
     say(&format!(
         "opening {} sessions from one load client ...",
@@ -235,7 +272,7 @@ pub fn run(o: &ScaleOptions) -> Result<ScaleReport> {
     ));
     // Let the last handshakes' work (journal, logs) finish before the idle window.
     std::thread::sleep(Duration::from_secs(3));
-    let cpu_idle = cpu_percents(pids, IDLE_WINDOW)?;
+    let cpu_idle = dn_cpu_percents(&lab, pids, IDLE_WINDOW)?;
     let rss_loaded = [rss_kib(pids[0])?, rss_kib(pids[1])?];
     let per_session = |i: usize| (rss_loaded[i] as f64 - rss_empty[i] as f64) / opened as f64;
     let mut report = ScaleReport {

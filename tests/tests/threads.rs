@@ -1,7 +1,7 @@
 //! Both daemons with more than one thread (`en --threads 2`, `dn --threads 2`, given through
 //! their environment variables, as a unit file would): two clients carry traffic both ways at
 //! once, and when the first client's DN is killed it switches and its traffic still flows.
-//! Each DN's TUN device then has a queue per thread.
+//! Each DN's TUN device then has a queue per thread, and its UDP port a socket per thread.
 //! The default is one thread; this keeps the multi-threaded runtime working.
 
 use std::time::{Duration, Instant};
@@ -55,6 +55,22 @@ fn with_several_threads_two_clients_carry_traffic_both_ways_and_fail_over() {
             ensure!(
                 queues == 2,
                 "{role}'s TUN device has {queues} queues, not 2: {listed}"
+            );
+        }
+        // And its UDP port a socket per thread, each an endpoint of its own.
+        for k in [1, 2] {
+            let shards = lab.dn_status(k)?["udp_shards"].as_u64();
+            ensure!(
+                shards == Some(2),
+                "dn{k} reports {shards:?} UDP shards, not 2"
+            );
+            let listed = lab
+                .net
+                .exec(&dn_role(k), &["ss", "-Huln", "sport = :4433"])?;
+            let sockets = String::from_utf8_lossy(&listed.stdout).lines().count();
+            ensure!(
+                sockets == 2,
+                "dn{k} has {sockets} UDP sockets on its port, not 2"
             );
         }
         for role in ["en1", "en2"] {

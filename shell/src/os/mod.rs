@@ -11,7 +11,8 @@
 //! - `icmp`: `watch`, "port unreachable" errors about the client's datagrams (optional: the
 //!   client falls back to its probes);
 //! - `resolver`: `Resolver`, which applies the DNS a lease pushes and restores it;
-//! - `udp`: `socket`, a UDP socket with large buffers.
+//! - `udp`: `socket`, a UDP socket with large buffers, and `sharded_sockets`, a group of them on
+//!   one port with datagrams steered by connection ID (optional: a port can run one worker).
 //!
 //! tun-rs, which the Linux TUN code uses, supports macOS, Windows, Android and iOS as well.
 //! Outside this module the client assumes a Unix (its status socket is a Unix-domain socket
