@@ -60,6 +60,8 @@ struct Counters {
     /// Packets larger than the session's datagram size (answered with ICMP where allowed).
     dropped_too_big: AtomicU64,
     icmp_too_big_sent: AtomicU64,
+    /// Packets without a readable destination, and TUN reads whose offload header could not be
+    /// followed.
     dropped_malformed: AtomicU64,
     /// Decapsulated packets for the cluster network (detectors, peer notices, OSPF, BFD):
     /// no client may reach it through the tunnel.
@@ -939,6 +941,10 @@ async fn tun_to_sessions(dn: Arc<Dn>, queue: usize) -> Result<()> {
             .recv_queue(&dn.tun, queue, &mut batch)
             .await
             .context("TUN read failed")?;
+        let mangled = reader.take_dropped();
+        if mangled > 0 {
+            dn.counters.dropped_malformed.fetch_add(mangled, Relaxed);
+        }
         for pkt in batch.drain(..) {
             let Some(dst) = packet::destination(&pkt) else {
                 dn.counters.dropped_malformed.fetch_add(1, Relaxed);

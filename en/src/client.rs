@@ -54,6 +54,8 @@ struct Traffic {
     rx_bytes: AtomicU64,
     dropped_no_session: AtomicU64,
     dropped_too_big: AtomicU64,
+    /// TUN reads whose offload header could not be followed.
+    dropped_malformed: AtomicU64,
     icmp_too_big_sent: AtomicU64,
     /// Packets sent again through a new primary after its predecessor died (see
     /// `holdfast_proto::replay`).
@@ -1397,10 +1399,12 @@ fn write_metrics(f: &mut Families<'_>, s: &serde_json::Value) {
     );
     f.counter(
         "holdfast_en_dropped_packets",
-        "Packets dropped, by reason: no_session (nothing can carry them), oversized.",
+        "Packets dropped, by reason: no_session (nothing can carry them), oversized, \
+         malformed (TUN reads the kernel described in a way that could not be followed).",
         &[
             (label("reason", "no_session"), n("dropped_no_session")),
             (label("reason", "oversized"), n("dropped_too_big")),
+            (label("reason", "malformed"), n("dropped_malformed")),
         ],
     );
     f.counter_one(
@@ -1480,6 +1484,10 @@ async fn tun_to_session(shared: Arc<Shared>, dev: Arc<tun::Tun>) {
         if let Err(e) = reader.recv(&dev, &mut batch).await {
             warn!(error = %e, "TUN read failed; stopping the TUN reader");
             return;
+        }
+        let mangled = reader.take_dropped();
+        if mangled > 0 {
+            traffic.dropped_malformed.fetch_add(mangled, Relaxed);
         }
         if current.has_changed().unwrap_or(false) {
             conn = current.borrow_and_update().clone();

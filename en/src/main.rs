@@ -65,13 +65,14 @@ fn print_status(s: &serde_json::Value) {
         s["mtu"],
     );
     println!(
-        "sent {} pkts / {} B   received {} pkts / {} B   dropped: no session {}  too big {}",
+        "sent {} pkts / {} B   received {} pkts / {} B   dropped: no session {}  too big {}  malformed {}",
         t["tx_packets"],
         t["tx_bytes"],
         t["rx_packets"],
         t["rx_bytes"],
         t["dropped_no_session"],
-        t["dropped_too_big"]
+        t["dropped_too_big"],
+        t["dropped_malformed"]
     );
     print_dns(&s["dns"]);
     let now = std::time::SystemTime::now()

@@ -130,6 +130,8 @@ impl Tun {
 pub struct Reader {
     raw: Vec<u8>,
     slab: BytesMut,
+    /// Reads dropped since [`Reader::take_dropped`] last asked.
+    dropped: u64,
 }
 
 impl Default for Reader {
@@ -137,6 +139,7 @@ impl Default for Reader {
         Self {
             raw: vec![0; MAX_READ],
             slab: BytesMut::with_capacity(SLAB),
+            dropped: 0,
         }
     }
 }
@@ -176,9 +179,16 @@ impl Reader {
             })
         });
         if let Err(e) = result {
+            self.dropped += 1;
             tracing::debug!(error = %e, "dropping a TUN read");
         }
         Ok(())
+    }
+
+    /// Reads dropped because the kernel described them in a way we cannot follow, since the
+    /// last call (for the caller's counters).
+    pub fn take_dropped(&mut self) -> u64 {
+        std::mem::take(&mut self.dropped)
     }
 }
 
