@@ -184,8 +184,8 @@ async fn serve(opts: Options, link: Option<Arc<detector::Link>>) -> Result<()> {
     // Opened after the TUN device on purpose: when the process dies, the kernel releases its
     // files in reverse order, and tearing the device down takes ~20 ms (RCU grace periods).
     // The UDP socket goes first, so clients get "port unreachable" at once.
-    let shards = u8::try_from(opts.workers.clamp(1, usize::from(steer::MAX_SHARDS)))
-        .unwrap_or(steer::MAX_SHARDS);
+    // Clamped into 1..=MAX_SHARDS first, so the narrowing cannot truncate.
+    let shards = opts.workers.clamp(1, usize::from(steer::MAX_SHARDS)) as u8;
     let endpoints = quic::sharded_endpoints(
         spec.listen,
         server_config(&cluster, &spec)?,
@@ -407,8 +407,6 @@ async fn timers(dn: Arc<Dn>) {
     }
 }
 
-/// Starts the handshake of a connection attempt, or answers it the cheap way the admission
-/// policy says (a Retry, a refusal, nothing).
 /// Takes the connection attempts of one UDP shard's endpoint, until it is closed.
 async fn accept(dn: Arc<Dn>, endpoint: quinn::Endpoint, shard: u8) {
     while let Some(incoming) = endpoint.accept().await {
@@ -417,6 +415,8 @@ async fn accept(dn: Arc<Dn>, endpoint: quinn::Endpoint, shard: u8) {
     }
 }
 
+/// Starts the handshake of a connection attempt, or answers it the cheap way the admission
+/// policy says (a Retry, a refusal, nothing).
 fn admit(dn: &Arc<Dn>, incoming: quinn::Incoming, shard: u8) {
     let remote = incoming.remote_address();
     let verdict = dn

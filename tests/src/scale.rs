@@ -111,10 +111,9 @@ fn same_dns(lab: &Lab, pids: [u32; 2]) -> Result<()> {
         if status["dn"]["pid"].as_u64() == Some(u64::from(pid)) {
             continue;
         }
-        let log = std::fs::read_to_string(lab.net.log_path(&format!("fd-{}", dn_role(k))))
-            .unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(40).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        let log = std::fs::read_to_string(lab.net.log_path(&Lab::fd_role(k))).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(40)..];
         bail!(
             "{role} (pid {pid}) did not live through the run: now {state} (pid {now}), \
              last kill: {kill}, last exit: {exit}, kills by reason: {reasons}\n\
