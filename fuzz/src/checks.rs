@@ -5,6 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ed25519_dalek::Signer;
+use holdfast_proto::coalesce::{Coalescer, MAX_WRITE_HEADER};
 use holdfast_proto::control::Message;
 use holdfast_proto::dn::LeaseRecord;
 use holdfast_proto::fd::LocalMessage;
@@ -423,6 +424,106 @@ pub fn offload(data: &[u8]) {
         carried.extend_from_slice(&pkt[headers..]);
     }
     assert_eq!(carried, &original[headers..]);
+}
+
+/// A batch of packets for one TUN write call, each `length: u16, bytes` (a short last one is
+/// cut to what is there). Every packet is written exactly once; each TCP flow's packets in
+/// their order; a packet alone goes out untouched, and a merged write, cut again as the kernel
+/// cuts it, gives back exactly its packets but for IPv4's identification and header checksum,
+/// which the cut makes anew.
+pub fn coalesce(data: &[u8]) {
+    let pkts = batch(data);
+    let mut c = Coalescer::default();
+    let mut written = vec![false; pkts.len()];
+    let mut order = Vec::new();
+    for k in 0..c.plan(&pkts) {
+        let members: Vec<usize> = c.indices(k).collect();
+        assert_eq!(members.len(), c.members(k));
+        for &i in &members {
+            assert!(
+                !std::mem::replace(&mut written[i], true),
+                "packet {i} written twice"
+            );
+        }
+        order.extend_from_slice(&members);
+        let mut header = [0u8; MAX_WRITE_HEADER];
+        let n = c.header(k, &pkts, &mut header);
+        let mut write = header[..n].to_vec();
+        c.payloads(k, &pkts)
+            .for_each(|p| write.extend_from_slice(p));
+        if let [alone] = members[..] {
+            assert_eq!(
+                header[..n],
+                [0; OFFLOAD_HEADER_LEN],
+                "an offload asked for one packet"
+            );
+            assert_eq!(write[n..], pkts[alone]);
+            continue;
+        }
+        let hdr = OffloadHeader::decode(&write).expect("a merged write's header");
+        let mut cut = Vec::new();
+        offload::split(&hdr, &mut write[OFFLOAD_HEADER_LEN..], |h, p| {
+            cut.push([h, p].concat())
+        })
+        .expect("a merged write the kernel's cut refuses");
+        assert_eq!(cut.len(), members.len());
+        for (again, &i) in cut.iter().zip(&members) {
+            assert_eq!(without_ip_id(again), without_ip_id(&pkts[i]), "packet {i}");
+        }
+    }
+    assert!(written.iter().all(|&w| w), "a packet not written");
+    let flows: Vec<Option<Vec<u8>>> = pkts.iter().map(|p| tcp_flow(p)).collect();
+    for (at, &a) in order.iter().enumerate() {
+        for &b in &order[at + 1..] {
+            let same = flows[a].is_some() && flows[a] == flows[b];
+            assert!(!same || a < b, "packet {b} written after {a} of its flow");
+        }
+    }
+}
+
+/// The packets of a `coalesce` input.
+pub(crate) fn batch(data: &[u8]) -> Vec<Vec<u8>> {
+    let mut pkts = Vec::new();
+    let mut rest = data;
+    while let Some((len, tail)) = rest.split_first_chunk::<2>() {
+        let len = usize::from(u16::from_be_bytes(*len)).min(tail.len());
+        pkts.push(tail[..len].to_vec());
+        rest = &tail[len..];
+    }
+    pkts
+}
+
+/// Addresses and ports of a well-formed TCP segment: its IP length field says its length and
+/// its TCP header fits.
+fn tcp_flow(p: &[u8]) -> Option<Vec<u8>> {
+    let (ip, addresses) = match p.first()? >> 4 {
+        4 if p.len() >= 20
+            && p[9] == 6
+            && usize::from(u16::from_be_bytes([p[2], p[3]])) == p.len() =>
+        {
+            (usize::from(p[0] & 0x0f) * 4, 12..20)
+        }
+        6 if p.len() >= 40
+            && p[6] == 6
+            && usize::from(u16::from_be_bytes([p[4], p[5]])) + 40 == p.len() =>
+        {
+            (40, 8..40)
+        }
+        _ => return None,
+    };
+    let tcp = p.get(ip..).filter(|t| ip >= 20 && t.len() >= 20)?;
+    let tcp_len = usize::from(tcp[12] >> 4) * 4;
+    (tcp_len >= 20 && tcp_len <= tcp.len()).then(|| [&p[addresses], &tcp[..4]].concat())
+}
+
+/// `p` with IPv4's identification and header checksum zeroed.
+fn without_ip_id(p: &[u8]) -> Vec<u8> {
+    let mut p = p.to_vec();
+    if p.len() >= 20 && p[0] >> 4 == 4 {
+        p[4..6].fill(0);
+        p[10..12].fill(0);
+    }
+    p
 }
 
 fn unicast(a: IpAddr) -> bool {

@@ -16,7 +16,8 @@ mod checks;
 pub mod seeds;
 
 pub use checks::{
-    control, icmp, lease_record, lease_ticket, local_message, offload, packet, peer_notice,
+    coalesce, control, icmp, lease_record, lease_ticket, local_message, offload, packet,
+    peer_notice,
 };
 
 /// A target's check: panics on a finding.
@@ -32,6 +33,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("packet", packet),
     ("icmp", icmp),
     ("offload", offload),
+    ("coalesce", coalesce),
 ];
 
 /// The cluster the checks decode for: three DNs whose keys it knows (dn1 and dn2 with their

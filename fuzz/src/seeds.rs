@@ -11,7 +11,7 @@ use holdfast_proto::dns::{DnsSettings, MAX_DOMAIN, MAX_SEARCH};
 use holdfast_proto::fd::{LocalMessage, PeerState};
 use holdfast_proto::lease::{Lease6, LeaseClaim, LeaseTicket};
 use holdfast_proto::peer::{Notice, PeerNotice};
-use holdfast_proto::probe;
+use holdfast_proto::{packet, probe};
 
 use crate::cluster;
 
@@ -103,6 +103,42 @@ fn offload_read(gso_type: u8, gso_size: u16, mut pkt: Vec<u8>, payload: usize) -
         hdr.extend_from_slice(&field.to_le_bytes());
     }
     [hdr, pkt].concat()
+}
+
+/// A TCP segment from port `port` with sequence number `seq`, flags ACK (and PSH where `push`)
+/// and `payload` bytes, its checksums right.
+fn tcp_segment(mut pkt: Vec<u8>, port: u16, seq: u32, push: bool, payload: usize) -> Vec<u8> {
+    let ip = if pkt[0] >> 4 == 6 { 40 } else { 20 };
+    pkt.resize(ip + 20 + payload, 0);
+    let total = pkt.len();
+    if ip == 40 {
+        pkt[4..6].copy_from_slice(&((total - 40) as u16).to_be_bytes());
+    } else {
+        pkt[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        let c = packet::checksum(&[&pkt[..20]]);
+        pkt[10..12].copy_from_slice(&c.to_be_bytes());
+    }
+    pkt[ip..ip + 2].copy_from_slice(&port.to_be_bytes());
+    pkt[ip + 2..ip + 4].copy_from_slice(&80u16.to_be_bytes());
+    pkt[ip + 4..ip + 8].copy_from_slice(&seq.to_be_bytes());
+    pkt[ip + 12] = 5 << 4;
+    pkt[ip + 13] = if push { 0x18 } else { 0x10 };
+    for (i, b) in pkt[ip + 20..].iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    let addresses = if ip == 40 { 8..40 } else { 12..20 };
+    let len = ((total - ip) as u16).to_be_bytes();
+    let c = packet::checksum(&[&pkt[addresses], &[0, 6], &len, &pkt[ip..]]);
+    pkt[ip + 16..ip + 18].copy_from_slice(&c.to_be_bytes());
+    pkt
+}
+
+/// Packets for one TUN write call, each behind its length.
+fn batch(pkts: &[Vec<u8>]) -> Vec<u8> {
+    pkts.iter()
+        .flat_map(|p| [(p.len() as u16).to_be_bytes().to_vec(), p.clone()])
+        .flatten()
+        .collect()
 }
 
 fn with_mtu(mtu: u16, pkt: Vec<u8>) -> Vec<u8> {
@@ -336,6 +372,27 @@ pub fn all() -> Vec<Seed> {
             "offload",
             "tcp4-partial",
             offload_read(0, 0, ipv4(6, 20, true), 100),
+        ),
+        (
+            "coalesce",
+            "tcp4-two-flows-and-udp",
+            batch(&[
+                tcp_segment(ipv4(6, 20, true), 40000, 0, false, 1000),
+                tcp_segment(ipv4(6, 20, true), 40001, 0, false, 1000),
+                tcp_segment(ipv4(6, 20, true), 40000, 1000, false, 1000),
+                ipv4(17, 60, true),
+                tcp_segment(ipv4(6, 20, true), 40000, 2000, true, 500),
+                tcp_segment(ipv4(6, 20, true), 40001, 1000, false, 1000),
+            ]),
+        ),
+        (
+            "coalesce",
+            "tcp6",
+            batch(&[
+                tcp_segment(ipv6(6, 40), 40000, 7, false, 1200),
+                tcp_segment(ipv6(6, 40), 40000, 1207, false, 1200),
+                tcp_segment(ipv6(6, 40), 40000, 2407, false, 1200),
+            ]),
         ),
     ]
 }

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use holdfast_proto::coalesce::Coalescer;
 use holdfast_proto::control::Message;
 use holdfast_proto::lease::LeaseTicket;
 use holdfast_proto::peer::PeerNotice;
@@ -59,6 +60,11 @@ fn seeds_decode_and_verify() {
             }
             "peer_notice" if bytes[0] == 0 => {
                 PeerNotice::open(&bytes[1..], &c.keys).unwrap();
+            }
+            "coalesce" => {
+                let pkts = crate::checks::batch(&bytes);
+                let writes = Coalescer::default().plan(&pkts);
+                assert!(writes < pkts.len(), "{name}: nothing merges");
             }
             _ => {}
         }

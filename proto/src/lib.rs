@@ -7,6 +7,7 @@
 pub mod admit;
 pub mod backoff;
 pub mod cluster;
+pub mod coalesce;
 pub mod control;
 pub mod dn;
 pub mod dns;

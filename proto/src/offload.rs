@@ -91,6 +91,29 @@ impl OffloadHeader {
             csum_offset: le(8),
         })
     }
+
+    /// The header as the kernel reads it in front of a write; `hdr_len` is the length of the
+    /// IP and transport headers every segment repeats.
+    pub fn encode(&self, hdr_len: u16) -> [u8; OFFLOAD_HEADER_LEN] {
+        let gso = match self.gso {
+            Gso::None => GSO_NONE,
+            Gso::TcpV4 => GSO_TCPV4,
+            Gso::TcpV6 => GSO_TCPV6,
+            Gso::Udp => GSO_UDP_L4,
+        };
+        let mut b = [0u8; OFFLOAD_HEADER_LEN];
+        b[0] = if self.needs_checksum { F_NEEDS_CSUM } else { 0 };
+        b[1] = gso;
+        for (at, value) in [
+            (2, hdr_len),
+            (4, self.gso_size),
+            (6, self.csum_start),
+            (8, self.csum_offset),
+        ] {
+            b[at..at + 2].copy_from_slice(&value.to_le_bytes());
+        }
+        b
+    }
 }
 
 /// Cuts `packet` (what followed the header `hdr` in one read) into whole IP packets with correct

@@ -5,20 +5,18 @@
 //! that [`Reader`] splits into MTU-sized packets, and [`Writer`] coalesces the packets it writes
 //! (GRO), so that the kernel's TCP stack runs once per super-packet instead of once per packet.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::IpAddr;
 
 use anyhow::{Context, Result};
 use bytes::{Bytes, BytesMut};
+use holdfast_proto::coalesce::{Coalescer, MAX_SEGMENTS, MAX_WRITE_HEADER};
 use holdfast_proto::offload::{self, OffloadHeader, OFFLOAD_HEADER_LEN};
-use holdfast_proto::packet;
-use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, VIRTIO_NET_HDR_LEN};
+use tun_rs::{AsyncDevice, DeviceBuilder, VIRTIO_NET_HDR_LEN};
 
 /// A super-packet read with offloads can be 64 KiB plus its virtio header.
 const MAX_READ: usize = VIRTIO_NET_HDR_LEN + 65535;
 const SLAB: usize = 512 * 1024;
-/// The largest packet GRO makes (an IP packet's length field).
-const MAX_MERGED: usize = 65535;
 
 pub struct Tun {
     /// One file per queue; the first also configures the device.
@@ -196,56 +194,31 @@ impl Reader {
 /// writing task.
 #[derive(Default)]
 pub struct Writer {
-    gro: GROTable,
-    bufs: Vec<BytesMut>,
+    coalescer: Coalescer,
 }
 
 impl Writer {
     /// Writes `pkts` (whole IP packets). Packets the kernel refuses are dropped, as a link would.
     ///
-    /// TCP segments are coalesced (GRO): the receiving TCP stack then runs, and ACKs, once per
-    /// super-packet. Everything else is written as it came: coalesced UDP super-packets
-    /// (USO) reach a server that did not ask for them as bursts, and in our lab half of a
-    /// 1 Gbit/s UDP stream was lost that way, against under 1% written one by one.
+    /// TCP segments are coalesced (GRO, planned by [`Coalescer`]): the receiving TCP stack then
+    /// runs, and ACKs, once per super-packet. Each write is vectored: the headers, then the
+    /// segments' payloads where they lie, so no payload byte is copied here. Everything else
+    /// is written as it came: coalesced UDP super-packets (USO) reach a server that did not
+    /// ask for them as bursts, and in our lab half of a 1 Gbit/s UDP stream was lost that way,
+    /// against under 1% written one by one.
     pub async fn send(&mut self, tun: &Tun, pkts: &[Bytes]) -> io::Result<()> {
-        let (tcp_count, tcp_bytes) = pkts
-            .iter()
-            .filter(|p| packet::is_tcp(p))
-            .fold((0, 0), |(n, bytes), p| (n + 1, bytes + p.len()));
-        // Each buffer needs headroom for the virtio header the device expects in front, and
-        // room for what may be coalesced into it: tun-rs merges a segment into an earlier one
-        // of its flow only where that buffer can hold the merged packet (two headers' room, as
-        // it counts). A merge never exceeds the batch or 64 KiB. The buffers keep their
-        // capacity from batch to batch: no allocation per packet once warm.
-        let merged_max = tcp_bytes.min(MAX_MERGED);
-        if self.bufs.len() < tcp_count.max(1) {
-            self.bufs.resize_with(tcp_count.max(1), BytesMut::new);
-        }
-        let tcp = pkts.iter().filter(|p| packet::is_tcp(p));
-        for (buf, pkt) in self.bufs.iter_mut().zip(tcp) {
-            buf.clear();
-            buf.reserve(2 * VIRTIO_NET_HDR_LEN + merged_max);
-            buf.resize(VIRTIO_NET_HDR_LEN, 0);
-            buf.extend_from_slice(pkt);
-        }
-        if tcp_count > 0 {
-            let result = tun
-                .dev()
-                .send_multiple(
-                    &mut self.gro,
-                    &mut self.bufs[..tcp_count],
-                    VIRTIO_NET_HDR_LEN,
-                )
-                .await;
-            dropped_if_refused(result)?;
-        }
-        for pkt in pkts.iter().filter(|p| !packet::is_tcp(p)) {
-            // A zeroed virtio header: no offload asked of the kernel for this packet.
-            let buf = &mut self.bufs[0];
-            buf.clear();
-            buf.resize(VIRTIO_NET_HDR_LEN, 0);
-            buf.extend_from_slice(pkt);
-            dropped_if_refused(tun.dev().send(buf).await)?;
+        let writes = self.coalescer.plan(pkts);
+        let mut header = [0u8; MAX_WRITE_HEADER];
+        for k in 0..writes {
+            let len = self.coalescer.header(k, pkts, &mut header);
+            let mut parts = [IoSlice::new(&[]); 1 + MAX_SEGMENTS];
+            parts[0] = IoSlice::new(&header[..len]);
+            let mut n = 1;
+            for (part, payload) in parts[1..].iter_mut().zip(self.coalescer.payloads(k, pkts)) {
+                *part = IoSlice::new(payload);
+                n += 1;
+            }
+            dropped_if_refused(tun.dev().send_vectored(&parts[..n]).await)?;
         }
         Ok(())
     }
@@ -264,9 +237,9 @@ fn dropped_if_refused(result: io::Result<usize>) -> io::Result<()> {
     }
 }
 
-/// Writers lent to the tasks that write to the device, for as long as one write takes. Each
-/// writer holds a GRO table of about a megabyte: a DN with thousands of sessions keeps only as
-/// many as write at once, not one per session.
+/// Writers lent to the tasks that write to the device, for as long as one write takes: a DN
+/// with thousands of sessions keeps only as many writers (and their planning buffers) as
+/// write at once, not one per session.
 #[derive(Default)]
 pub struct WriterPool {
     idle: std::sync::Mutex<Vec<Writer>>,
@@ -293,6 +266,7 @@ impl WriterPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use holdfast_proto::packet::testing::ip_packet;
     use proptest::prelude::*;
     use tun_rs::VirtioNetHdr;
 
@@ -301,23 +275,10 @@ mod tests {
     fn super_packet(v6: bool, tcp: bool, payload: &[u8], flags: u8) -> Vec<u8> {
         let ip = if v6 { 40 } else { 20 };
         let transport = if tcp { 32 } else { 8 };
-        let mut p = vec![0u8; ip + transport + payload.len()];
         let protocol = if tcp { 6 } else { 17 };
-        if v6 {
-            p[0] = 0x60;
-            p[6] = protocol;
-            p[7] = 64;
-            p[8] = 0xfd;
-            p[23] = 2;
-            p[24] = 0xfd;
-            p[39] = 10;
-        } else {
-            p[0] = 0x45;
+        let mut p = ip_packet(v6, protocol, ip + transport + payload.len());
+        if !v6 {
             p[4..6].copy_from_slice(&0xfffeu16.to_be_bytes());
-            p[8] = 64;
-            p[9] = protocol;
-            p[12..16].copy_from_slice(&[10, 200, 0, 2]);
-            p[16..20].copy_from_slice(&[10, 0, 2, 10]);
         }
         p[ip..ip + 4].copy_from_slice(&[0x9c, 0x40, 0x14, 0x51]);
         if tcp {
