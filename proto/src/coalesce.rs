@@ -12,7 +12,7 @@
 //! kernel trusts a super-packet's checksum to be made fresh, so a segment corrupted before it
 //! reached us is written alone, for the receiver to drop, rather than laundered.
 
-use crate::offload::{Gso, OffloadHeader, OFFLOAD_HEADER_LEN};
+use crate::offload::{Gso, OffloadHeader, OFFLOAD_HEADER_LEN, TCP_FLAGS, TCP_PSH};
 use crate::packet::{fold, sum, PROTO_TCP};
 
 /// Most segments merged into one write.
@@ -25,8 +25,6 @@ const LOOK_BACK: usize = 8;
 const MAX_IP: usize = 65535;
 const END: u32 = u32::MAX;
 const TCP_ACK: u8 = 0x10;
-const TCP_PSH: u8 = 0x08;
-const TCP_FLAGS: usize = 13;
 const TCP_CHECKSUM: u16 = 16;
 
 /// What a write needs of a TCP segment.
@@ -107,6 +105,13 @@ struct Group {
     last_psh: bool,
     /// The first member's checksum was checked (done when a second one joins).
     head_checked: bool,
+}
+
+impl Group {
+    /// The first member, when segments were merged: the write then needs new headers.
+    fn merged(&self) -> Option<Segment> {
+        self.head.filter(|_| self.members > 1)
+    }
 }
 
 /// Plans the writes of a batch. Keeps its buffers from batch to batch: no allocation once warm.
@@ -193,13 +198,10 @@ impl Coalescer {
         out: &mut [u8; MAX_WRITE_HEADER],
     ) -> usize {
         let group = &self.groups[k];
-        let head = match group.head {
-            Some(head) if group.members > 1 => head,
+        let Some(head) = group.merged() else {
             // A zeroed header: no offload asked of the kernel.
-            _ => {
-                out[..OFFLOAD_HEADER_LEN].fill(0);
-                return OFFLOAD_HEADER_LEN;
-            }
+            out[..OFFLOAD_HEADER_LEN].fill(0);
+            return OFFLOAD_HEADER_LEN;
         };
         let first = pkts[group.first as usize].as_ref();
         let headers = head.headers();
@@ -245,11 +247,7 @@ impl Coalescer {
         k: usize,
         pkts: &'a [P],
     ) -> impl Iterator<Item = &'a [u8]> + 'a {
-        let group = &self.groups[k];
-        let skip = match group.head {
-            Some(head) if group.members > 1 => head.headers(),
-            _ => 0,
-        };
+        let skip = self.groups[k].merged().map_or(0, |head| head.headers());
         self.indices(k).map(move |i| &pkts[i].as_ref()[skip..])
     }
 

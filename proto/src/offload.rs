@@ -43,9 +43,10 @@ const GSO_TCPV6: u8 = 4;
 const GSO_UDP_L4: u8 = 5;
 /// Set with a TCP type when the kernel left ECN's congestion-window-reduced flag to us.
 const GSO_ECN: u8 = 0x80;
-const TCP_FLAGS: usize = 13;
+/// Where a TCP header holds its flags.
+pub(crate) const TCP_FLAGS: usize = 13;
 const TCP_FIN: u8 = 0x01;
-const TCP_PSH: u8 = 0x08;
+pub(crate) const TCP_PSH: u8 = 0x08;
 const TCP_CWR: u8 = 0x80;
 /// Room for the headers each segment repeats: IPv6 with extensions and the largest TCP header.
 const MAX_HEADERS: usize = 256;

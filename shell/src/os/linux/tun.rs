@@ -12,10 +12,10 @@ use anyhow::{Context, Result};
 use bytes::{Bytes, BytesMut};
 use holdfast_proto::coalesce::{Coalescer, MAX_SEGMENTS, MAX_WRITE_HEADER};
 use holdfast_proto::offload::{self, OffloadHeader, OFFLOAD_HEADER_LEN};
-use tun_rs::{AsyncDevice, DeviceBuilder, VIRTIO_NET_HDR_LEN};
+use tun_rs::{AsyncDevice, DeviceBuilder};
 
 /// A super-packet read with offloads can be 64 KiB plus its virtio header.
-const MAX_READ: usize = VIRTIO_NET_HDR_LEN + 65535;
+const MAX_READ: usize = OFFLOAD_HEADER_LEN + 65535;
 const SLAB: usize = 512 * 1024;
 
 pub struct Tun {
