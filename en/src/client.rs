@@ -230,11 +230,26 @@ impl Shared {
                 if let Some(c) = conn {
                     view["rtt_us"] = (c.rtt().as_micros() as u64).into();
                     view["max_datagram"] = c.max_datagram_size().into();
+                    view["quic"] = quic_stats(&c.stats());
                 }
             }
         }
         status
     }
+}
+
+/// What QUIC says about a session's path: what limits its rate (the congestion window and the
+/// losses that shrank it) and how many datagrams each system call moved (segmentation offload
+/// batches them), for finding out why a tunnel is slow.
+fn quic_stats(s: &quinn::ConnectionStats) -> serde_json::Value {
+    serde_json::json!({
+        "cwnd": s.path.cwnd,
+        "lost_packets": s.path.lost_packets,
+        "congestion_events": s.path.congestion_events,
+        "udp_tx_datagrams": s.udp_tx.datagrams,
+        "udp_tx_calls": s.udp_tx.ios,
+        "udp_rx_datagrams": s.udp_rx.datagrams,
+    })
 }
 
 /// The TUN device and what was configured around it.
@@ -1378,6 +1393,36 @@ fn write_metrics(f: &mut Families<'_>, s: &serde_json::Value) {
             .iter()
             .filter_map(|x| Some((dn(x), x["rtt_us"].as_u64()? as f64 / 1e6)))
             .collect::<Vec<_>>(),
+    );
+    // Per live session; a new session starts its counters again from zero.
+    let quic = |key: &str| -> Vec<_> {
+        sessions
+            .iter()
+            .filter_map(|x| Some((dn(x), x["quic"][key].as_u64()?)))
+            .collect()
+    };
+    f.gauge(
+        "holdfast_en_quic_cwnd_bytes",
+        "Congestion window of each live session: the bytes QUIC lets be in flight.",
+        &quic("cwnd")
+            .into_iter()
+            .map(|(l, v)| (l, i64::try_from(v).unwrap_or(i64::MAX)))
+            .collect::<Vec<_>>(),
+    );
+    f.counter(
+        "holdfast_en_quic_lost_packets",
+        "QUIC packets of each live session declared lost.",
+        &quic("lost_packets"),
+    );
+    f.counter(
+        "holdfast_en_udp_datagrams_sent",
+        "UDP datagrams each live session sent.",
+        &quic("udp_tx_datagrams"),
+    );
+    f.counter(
+        "holdfast_en_udp_send_calls",
+        "System calls that sent them: datagrams_sent / send_calls is the segmentation-offload batch.",
+        &quic("udp_tx_calls"),
     );
     let t = &s["traffic"];
     let n = |k: &str| t[k].as_u64().unwrap_or(0);

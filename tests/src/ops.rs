@@ -38,6 +38,9 @@ pub const EN_FAMILIES: &[&str] = &[
     "holdfast_en_rtt_seconds",
     "holdfast_en_packets_total",
     "holdfast_en_dropped_packets_total",
+    "holdfast_en_quic_cwnd_bytes",
+    "holdfast_en_udp_datagrams_sent_total",
+    "holdfast_en_udp_send_calls_total",
 ];
 pub const FD_FAMILIES: &[&str] = &[
     "holdfast_dnfd_dn_up",

@@ -77,6 +77,21 @@ fn a_100_mb_transfer_arrives_intact() {
             got.seconds,
             blob.size as f64 * 8.0 / got.seconds / 1e6
         );
+        // The session's QUIC figures count this transfer: at least one datagram per 1500
+        // bytes came in, and no send call carried less than one datagram.
+        let quic = lab.en_status(1)?["sessions"][0]["quic"].clone();
+        let figure = |key: &str| {
+            quic[key]
+                .as_u64()
+                .with_context(|| format!("en status has no quic.{key}: {quic}"))
+        };
+        ensure!(
+            figure("udp_rx_datagrams")? >= blob.size / 1500,
+            "too few datagrams counted in: {quic}"
+        );
+        let (sent, calls) = (figure("udp_tx_datagrams")?, figure("udp_tx_calls")?);
+        ensure!(0 < calls && calls <= sent, "send calls miscounted: {quic}");
+        ensure!(figure("cwnd")? > 0, "no congestion window: {quic}");
         Ok(())
     });
 }
