@@ -1020,6 +1020,7 @@ impl Dn {
                     "remote": s.conn.remote_address(),
                     "rtt_us": s.conn.rtt().as_micros() as u64,
                     "max_datagram": s.conn.max_datagram_size(),
+                    "quic": holdfast_shell::quic::path_figures(&s.conn.stats()),
                     "primary": s.primary.load(Relaxed),
                     "home": home,
                     "shard": s.shard,

@@ -230,26 +230,12 @@ impl Shared {
                 if let Some(c) = conn {
                     view["rtt_us"] = (c.rtt().as_micros() as u64).into();
                     view["max_datagram"] = c.max_datagram_size().into();
-                    view["quic"] = quic_stats(&c.stats());
+                    view["quic"] = holdfast_shell::quic::path_figures(&c.stats());
                 }
             }
         }
         status
     }
-}
-
-/// What QUIC says about a session's path: what limits its rate (the congestion window and the
-/// losses that shrank it) and how many datagrams each system call moved (segmentation offload
-/// batches them), for finding out why a tunnel is slow.
-fn quic_stats(s: &quinn::ConnectionStats) -> serde_json::Value {
-    serde_json::json!({
-        "cwnd": s.path.cwnd,
-        "lost_packets": s.path.lost_packets,
-        "congestion_events": s.path.congestion_events,
-        "udp_tx_datagrams": s.udp_tx.datagrams,
-        "udp_tx_calls": s.udp_tx.ios,
-        "udp_rx_datagrams": s.udp_rx.datagrams,
-    })
 }
 
 /// The TUN device and what was configured around it.

@@ -45,6 +45,20 @@ fn transport_settings(idle_timeout: Duration) -> quinn::TransportConfig {
     t
 }
 
+/// What QUIC says about a session's path: what limits its rate (the congestion window and the
+/// losses that shrank it) and how many datagrams each system call moved (segmentation offload
+/// batches them), for finding out why a tunnel is slow.
+pub fn path_figures(s: &quinn::ConnectionStats) -> serde_json::Value {
+    serde_json::json!({
+        "cwnd": s.path.cwnd,
+        "lost_packets": s.path.lost_packets,
+        "congestion_events": s.path.congestion_events,
+        "udp_tx_datagrams": s.udp_tx.datagrams,
+        "udp_tx_calls": s.udp_tx.ios,
+        "udp_rx_datagrams": s.udp_rx.datagrams,
+    })
+}
+
 /// Control data a client may have in flight towards the DN: its messages are a few hundred
 /// bytes, and a connection must not be a place to park megabytes the DN has not read.
 const CONTROL_WINDOW: u32 = 64 * 1024;

@@ -92,6 +92,16 @@ fn a_100_mb_transfer_arrives_intact() {
         let (sent, calls) = (figure("udp_tx_datagrams")?, figure("udp_tx_calls")?);
         ensure!(0 < calls && calls <= sent, "send calls miscounted: {quic}");
         ensure!(figure("cwnd")? > 0, "no congestion window: {quic}");
+        // The DN sent the download, with segmentation offload: more than one datagram per call.
+        let dn = lab.dn_status(1)?["clients"][0]["quic"].clone();
+        let (sent, calls) = (
+            dn["udp_tx_datagrams"].as_u64().unwrap_or(0),
+            dn["udp_tx_calls"].as_u64().unwrap_or(0),
+        );
+        ensure!(
+            sent >= blob.size / 1500 && 0 < calls && calls < sent,
+            "the DN's send figures do not show the download in batches: {dn}"
+        );
         Ok(())
     });
 }
