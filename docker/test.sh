@@ -78,6 +78,22 @@ teardown() {
       c=$(container "$s")
       [ -n "$c" ] && { echo "----- $s"; podman logs --tail 40 "$c" 2>&1; }
     done
+    say "the state at the failure:"
+    for s in client dn1 dn2 esr server; do
+      [ -n "$(container "$s")" ] && { echo "----- $s: routes"; in_service "$s" ip -4 route 2>&1; }
+    done
+    [ -n "$(container client)" ] && { echo "----- client: en status"; in_service client en --config /etc/holdfast/en.toml status 2>&1; }
+    for s in dn1 dn2; do
+      [ -n "$(container "$s")" ] || continue
+      echo "----- $s: dn status"
+      in_service "$s" dn status --control "/run/holdfast/dn-$s.sock" 2>&1
+      echo "----- $s: ping 10.9.0.254 (the ESR, over the cluster network)"
+      in_service "$s" ping -n -q -c 1 -W 1 10.9.0.254 2>&1 | grep transmitted
+    done
+    if [ -n "$(container esr)" ]; then
+      echo "----- esr: ping 10.0.2.10 (the server)"
+      in_service esr ping -n -q -c 1 -W 1 10.0.2.10 2>&1 | grep transmitted
+    fi
   fi
   if [ -x "$venv/bin/podman-compose" ] && [ -n "$work" ]; then
     say "tearing down"
