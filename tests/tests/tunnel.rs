@@ -80,30 +80,34 @@ fn a_100_mb_transfer_arrives_intact() {
         // The session's QUIC figures count this transfer: at least one datagram per 1500
         // bytes came in, and no send call carried less than one datagram.
         let quic = lab.en_status(1)?["sessions"][0]["quic"].clone();
-        let figure = |key: &str| {
-            quic[key]
-                .as_u64()
-                .with_context(|| format!("en status has no quic.{key}: {quic}"))
-        };
         ensure!(
-            figure("udp_rx_datagrams")? >= blob.size / 1500,
+            quic_figure(&quic, "udp_rx_datagrams")? >= blob.size / 1500,
             "too few datagrams counted in: {quic}"
         );
-        let (sent, calls) = (figure("udp_tx_datagrams")?, figure("udp_tx_calls")?);
+        let sent = quic_figure(&quic, "udp_tx_datagrams")?;
+        let calls = quic_figure(&quic, "udp_tx_calls")?;
         ensure!(0 < calls && calls <= sent, "send calls miscounted: {quic}");
-        ensure!(figure("cwnd")? > 0, "no congestion window: {quic}");
+        ensure!(
+            quic_figure(&quic, "cwnd")? > 0,
+            "no congestion window: {quic}"
+        );
         // The DN sent the download, with segmentation offload: more than one datagram per call.
         let dn = lab.dn_status(1)?["clients"][0]["quic"].clone();
-        let (sent, calls) = (
-            dn["udp_tx_datagrams"].as_u64().unwrap_or(0),
-            dn["udp_tx_calls"].as_u64().unwrap_or(0),
-        );
+        let sent = quic_figure(&dn, "udp_tx_datagrams")?;
+        let calls = quic_figure(&dn, "udp_tx_calls")?;
         ensure!(
             sent >= blob.size / 1500 && 0 < calls && calls < sent,
             "the DN's send figures do not show the download in batches: {dn}"
         );
         Ok(())
     });
+}
+
+/// One of the `quic` figures of an `en status` session or a `dn status` client.
+fn quic_figure(quic: &serde_json::Value, key: &str) -> Result<u64> {
+    quic[key]
+        .as_u64()
+        .with_context(|| format!("status has no quic.{key}: {quic}"))
 }
 
 #[test]
