@@ -1059,6 +1059,7 @@ impl Dn {
             "tun": self.spec.tun,
             "mtu": self.spec.mtu,
             "udp_shards": self.shards,
+            "udp": holdfast_shell::gso::SENT.figures(),
             "leases": leases,
             "sessions": clients.len(),
             "clients": clients,

@@ -225,6 +225,7 @@ impl Shared {
         };
         let mut status = snapshot.base.clone();
         status["traffic"] = serde_json::to_value(&self.traffic).unwrap_or_default();
+        status["udp"] = holdfast_shell::gso::SENT.figures();
         if let Some(sessions) = status["sessions"].as_array_mut() {
             for (view, conn) in sessions.iter_mut().zip(&snapshot.conns) {
                 if let Some(c) = conn {
@@ -1083,9 +1084,7 @@ impl Driver<'_> {
         self.paths = paths;
         let local = self.endpoint.local_addr()?;
         let socket = holdfast_shell::os::udp::socket(SocketAddr::new(local.ip(), 0))?;
-        self.endpoint
-            .rebind(socket)
-            .context("cannot move the sessions to a new socket")?;
+        holdfast_shell::quic::rebind(&self.endpoint, socket)?;
         info!(from = %local, to = %self.endpoint.local_addr()?, "network changed: the sessions migrate to the new path");
         let actions = self.machine.network_changed(Instant::now());
         self.perform(actions).await
@@ -1400,15 +1399,16 @@ fn write_metrics(f: &mut Families<'_>, s: &serde_json::Value) {
         "QUIC packets of each live session declared lost.",
         &quic("lost_packets"),
     );
-    f.counter(
+    let udp = &holdfast_shell::gso::SENT;
+    f.counter_one(
         "holdfast_en_udp_datagrams_sent",
-        "UDP datagrams each live session sent.",
-        &quic("udp_tx_datagrams"),
+        "UDP datagrams the client sent, all sessions together.",
+        udp.datagrams(),
     );
-    f.counter(
+    f.counter_one(
         "holdfast_en_udp_send_calls",
         "System calls that sent them: datagrams_sent / send_calls is the segmentation-offload batch.",
-        &quic("udp_tx_calls"),
+        udp.calls(),
     );
     let t = &s["traffic"];
     let n = |k: &str| t[k].as_u64().unwrap_or(0);

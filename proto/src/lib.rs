@@ -13,6 +13,7 @@ pub mod dn;
 pub mod dns;
 pub mod en;
 pub mod fd;
+pub mod gso;
 pub mod lease;
 pub mod node;
 pub mod offload;

@@ -1,6 +1,7 @@
 //! The thin I/O shells shared by `en` and `dn`: everything here performs, nothing decides.
 
 pub mod control;
+pub mod gso;
 pub mod metrics;
 pub mod os;
 pub mod quic;

@@ -46,17 +46,26 @@ fn transport_settings(idle_timeout: Duration) -> quinn::TransportConfig {
 }
 
 /// What QUIC says about a session's path: what limits its rate (the congestion window and the
-/// losses that shrank it) and how many datagrams each system call moved (segmentation offload
-/// batches them), for finding out why a tunnel is slow.
+/// losses that shrank it) and the datagrams it sent and received, for finding out why a tunnel
+/// is slow. How many datagrams each system call moved is the process's
+/// ([`crate::gso::SENT`]): sessions share sockets.
 pub fn path_figures(s: &quinn::ConnectionStats) -> serde_json::Value {
     serde_json::json!({
         "cwnd": s.path.cwnd,
         "lost_packets": s.path.lost_packets,
         "congestion_events": s.path.congestion_events,
         "udp_tx_datagrams": s.udp_tx.datagrams,
-        "udp_tx_calls": s.udp_tx.ios,
         "udp_rx_datagrams": s.udp_rx.datagrams,
     })
+}
+
+/// Moves `endpoint` to `socket` (a client whose path changed), keeping the batching socket.
+pub fn rebind(endpoint: &quinn::Endpoint, socket: std::net::UdpSocket) -> Result<()> {
+    let socket =
+        crate::gso::BatchingSocket::new(socket).context("cannot use the new UDP socket")?;
+    endpoint
+        .rebind_abstract(socket)
+        .context("cannot move the sessions to a new socket")
 }
 
 /// Control data a client may have in flight towards the DN: its messages are a few hundred
@@ -192,7 +201,9 @@ fn open(
     addr: SocketAddr,
 ) -> Result<quinn::Endpoint> {
     let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
-    quinn::Endpoint::new(config, server, socket, runtime)
+    let socket = crate::gso::BatchingSocket::new(socket)
+        .with_context(|| format!("cannot use the UDP socket on {addr}"))?;
+    quinn::Endpoint::new_with_abstract_socket(config, server, socket, runtime)
         .with_context(|| format!("cannot open a QUIC endpoint on {addr}"))
 }
 

@@ -30,6 +30,8 @@ pub const DN_FAMILIES: &[&str] = &[
     "holdfast_dn_demotions_total",
     "holdfast_dn_route_changes_total",
     "holdfast_dn_peer_up",
+    "holdfast_dn_udp_datagrams_sent_total",
+    "holdfast_dn_udp_send_calls_total",
 ];
 pub const EN_FAMILIES: &[&str] = &[
     "holdfast_en_failovers",

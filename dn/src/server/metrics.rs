@@ -154,6 +154,17 @@ fn write(dn: &Dn, f: &mut Families<'_>) {
         "Route sets applied to the kernel.",
         get(&c.route_changes),
     );
+    let udp = &holdfast_shell::gso::SENT;
+    f.counter_one(
+        "holdfast_dn_udp_datagrams_sent",
+        "UDP datagrams the DN sent to its clients, all workers together.",
+        udp.datagrams(),
+    );
+    f.counter_one(
+        "holdfast_dn_udp_send_calls",
+        "System calls that sent them: datagrams_sent / send_calls is the segmentation-offload batch.",
+        udp.calls(),
+    );
     f.counter(
         "holdfast_dn_peer_notices",
         "Signed notices from peer DNs, taken or refused (bad signature, replayed, stale).",
