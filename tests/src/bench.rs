@@ -173,7 +173,7 @@ fn total_cpu(pids: &[u32]) -> Result<f64> {
 
 /// One iperf3 run from client 1 to the server; returns the rate (Mbit/s), the UDP loss if UDP,
 /// and the CPU seconds per GB the `pids` spent on it.
-fn run(
+pub(crate) fn run(
     lab: &mut Lab,
     seconds: u32,
     pids: &[u32],
@@ -250,15 +250,21 @@ fn measure(lab: &mut Lab, o: &Options, pids: &[u32]) -> Result<Figures> {
     })
 }
 
-fn holdfast(lab: &mut Lab, o: &Options) -> Result<Figures> {
+/// Starts client 1 and waits until its session carries full-size datagrams; returns the
+/// tunnel's processes (`en1`, `dn1`).
+pub(crate) fn start_holdfast(lab: &mut Lab) -> Result<Vec<u32>> {
     lab.start_client(1, &Credential::Issued("client1".into()))?;
     lab.wait_address(1, Duration::from_secs(15))?;
     // Let path MTU discovery reach full-size datagrams before measuring.
     std::thread::sleep(Duration::from_secs(2));
-    let pids: Vec<u32> = ["en1", "dn1"]
+    Ok(["en1", "dn1"]
         .iter()
         .filter_map(|n| lab.net.pid(n))
-        .collect();
+        .collect())
+}
+
+fn holdfast(lab: &mut Lab, o: &Options) -> Result<Figures> {
+    let pids = start_holdfast(lab)?;
     let figures = measure(lab, o, &pids)?;
     lab.net.stop("en1", libc::SIGTERM)?;
     lab.net.stop("dn1", libc::SIGTERM)?;

@@ -170,16 +170,7 @@ fn write_node_file(
 /// from `target/<profile>/deps/`, so its parent too).
 pub fn bin_dir() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("HOLDFAST_BIN_DIR") {
-        let dir = PathBuf::from(dir);
-        for bin in ["en", "dn"] {
-            if !dir.join(bin).is_file() {
-                bail!(
-                    "HOLDFAST_BIN_DIR={} has no {bin} binary: build it with `cargo build --release --workspace`",
-                    dir.display()
-                );
-            }
-        }
-        return Ok(dir);
+        return checked_bin_dir(PathBuf::from(dir)).context("HOLDFAST_BIN_DIR");
     }
     let exe = std::env::current_exe().context("cannot locate the running executable")?;
     let candidates = exe.ancestors().skip(1).take(2);
@@ -192,6 +183,19 @@ pub fn bin_dir() -> Result<PathBuf> {
         "cannot find the en and dn binaries next to {}: run `cargo build --release --workspace` first, or set HOLDFAST_BIN_DIR",
         exe.display()
     )
+}
+
+/// `dir`, if it holds the `en` and `dn` binaries.
+pub fn checked_bin_dir(dir: PathBuf) -> Result<PathBuf> {
+    for bin in ["en", "dn"] {
+        if !dir.join(bin).is_file() {
+            bail!(
+                "{} has no {bin} binary: build it with `cargo build --release --workspace`",
+                dir.display()
+            );
+        }
+    }
+    Ok(dir)
 }
 
 /// A client's credential.
@@ -220,6 +224,8 @@ pub struct LabSpec {
     pub supervised: bool,
     /// Extra arguments for every `dn-fd` (e.g. `--restart-base-ms 300`).
     pub fd_args: Vec<String>,
+    /// Where `en`, `dn` and `dn-fd` are; `None`: [`bin_dir`].
+    pub bins: Option<PathBuf>,
     /// Every DN's `--threads` (given as `HOLDFAST_DN_THREADS`, as a unit file would); `None`:
     /// the DN's default, or what the lab's own environment says.
     pub dn_threads: Option<usize>,
@@ -381,6 +387,7 @@ impl Default for LabSpec {
             routing: Routing::Static,
             supervised: false,
             fd_args: Vec::new(),
+            bins: None,
             dn_threads: None,
             pool_prefix: 24,
             lease_lifetime_secs: None,
@@ -448,7 +455,10 @@ impl Lab {
                 spec.pool_prefix
             );
         }
-        let bins = bin_dir()?;
+        let bins = match &spec.bins {
+            Some(dir) => checked_bin_dir(dir.clone())?,
+            None => bin_dir()?,
+        };
         if spec.supervised && !bins.join("dn-fd").is_file() {
             bail!(
                 "no dn-fd binary in {}: build it with `cargo build --release --workspace`",

@@ -4,6 +4,7 @@
 pub mod attack;
 pub mod bench;
 pub mod cases;
+pub mod compare;
 pub mod experiment;
 pub mod lab;
 pub mod mobile;

@@ -1,5 +1,5 @@
-//! Smoke runs of `lab experiment`, `lab bench`, `lab scale` (2 runs, small sizes, 2,000
-//! sessions) and `lab ops`, so that the commands behind docs/results.md cannot rot unnoticed.
+//! Smoke runs of `lab experiment`, `lab bench`, `lab compare`, `lab scale` (2 runs, small
+//! sizes, 2,000 sessions) and `lab ops`, so that the commands behind docs/results.md cannot rot unnoticed.
 //! The full runs are not part of the suite.
 
 use std::path::{Path, PathBuf};
@@ -195,6 +195,45 @@ fn the_bench_reports_each_figures_median_over_its_runs() {
         j.get("veth_mbps").is_none(),
         "only the setups asked for: {j}"
     );
+}
+
+#[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
+fn lab_compare_measures_two_builds_in_turn() {
+    if !have_root() {
+        return;
+    }
+    // The build against itself: one round each way through two labs at once.
+    let dir = bin_dir().expect("built binaries");
+    let dir = dir.to_str().expect("a UTF-8 path");
+    let j = lab(&[
+        "compare",
+        "--baseline",
+        dir,
+        "--rounds",
+        "1",
+        "--seconds",
+        "2",
+        "--json",
+    ]);
+    for figure in [
+        "up_mbps",
+        "up_cpu_s_per_gb",
+        "down_mbps",
+        "down_cpu_s_per_gb",
+    ] {
+        let f = &j["figures"][figure];
+        for build in ["baseline", "candidate"] {
+            let values = f[build].as_array().expect("per-round figures");
+            assert_eq!(values.len(), 1, "{figure}: {j}");
+            assert!(values[0].as_f64().unwrap_or(0.0) > 0.0, "{figure}: {j}");
+        }
+        assert_eq!(f["rounds"], 1, "{figure}: {j}");
+        assert!(f["change"].as_f64().is_some(), "{figure}: {j}");
+    }
 }
 
 #[test]

@@ -7,7 +7,7 @@ use holdfast_lab::experiment::{self, Setup};
 use holdfast_lab::lab::{
     client_role, dn_role, parse_ping, Credential, Failure, Lab, LabSpec, Routing, SERVER,
 };
-use holdfast_lab::{attack, bench, cases, mobile, netns, ops, scale, traffic};
+use holdfast_lab::{attack, bench, cases, compare, mobile, netns, ops, scale, traffic};
 use std::path::{Path, PathBuf};
 
 /// Holdfast's lab: the testbed in network namespaces on this machine (needs root).
@@ -96,6 +96,35 @@ enum Command {
         /// Write bench.csv and bar charts (SVG) of throughput and RTT into DIR.
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
+        /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Two builds of en and dn measured in turn: what a change did to throughput and CPU.
+    ///
+    /// The machine's speed drifts by tens of percent over minutes, more than most changes
+    /// move the figures, so the two builds run at once, each in a lab of its own (client 1 to
+    /// the server, one DN), and every round runs one iperf3 stream through one lab and then
+    /// the other (the order alternating), up and then down (-R). Reports each build's medians,
+    /// the median of the rounds' paired changes, and in how many rounds the candidate did
+    /// better. A directory needs en and dn (and dn-fd is not used): copy them out of
+    /// target/release before building the other version.
+    ///
+    /// Example: lab compare --baseline /tmp/before --rounds 8 --seconds 3
+    Compare {
+        /// The build to compare against: a directory with its en and dn.
+        #[arg(long, value_name = "DIR")]
+        baseline: PathBuf,
+        /// The build being measured (default: the en and dn beside this lab binary, or
+        /// HOLDFAST_BIN_DIR).
+        #[arg(long, value_name = "DIR")]
+        candidate: Option<PathBuf>,
+        /// Rounds; each runs both builds once each way.
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=100))]
+        rounds: u64,
+        /// Seconds of each iperf3 run (the first is omitted, as in lab bench).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(2..=60))]
+        seconds: u32,
         /// Print one JSON object instead of the table.
         #[arg(long)]
         json: bool,
@@ -562,6 +591,31 @@ fn main() -> Result<()> {
                     Some(dir) => println!("removed stale lab {} (kept {})", lab.id, dir.display()),
                     None => println!("removed stale lab {}", lab.id),
                 }
+            }
+            Ok(())
+        }
+        Command::Compare {
+            baseline,
+            candidate,
+            rounds,
+            seconds,
+            json,
+        } => {
+            let candidate = match candidate {
+                Some(dir) => dir,
+                None => holdfast_lab::lab::bin_dir()?,
+            };
+            let options = compare::Options {
+                baseline,
+                candidate,
+                rounds: rounds as usize,
+                seconds,
+            };
+            let report = compare::run(&options, |step| eprintln!("lab compare: {step}"))?;
+            if json {
+                println!("{}", report.json());
+            } else {
+                print!("{}", report.table());
             }
             Ok(())
         }
