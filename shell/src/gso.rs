@@ -120,23 +120,25 @@ impl BatchingSocket {
         Ok(())
     }
 
-    /// Sends the waiting batch, if any; on `WouldBlock` it stays.
+    /// Sends the waiting batch, if any; on `WouldBlock` it stays, on any other error it is
+    /// dropped (lost like any datagram; quinn-udp already drops what the kernel refuses).
     fn send_pending(&self, p: &mut Pending) -> io::Result<()> {
         let Some(batch) = p.batch else {
             return Ok(());
         };
         let &(destination, ecn, src_ip) = batch.key();
-        let transmit = Transmit {
+        let sent = self.send_now(&Transmit {
             destination,
             ecn,
             contents: &p.buf,
             segment_size: (batch.datagrams() > 1).then_some(batch.segment()),
             src_ip,
-        };
-        self.send_now(&transmit)?;
-        p.batch = None;
-        p.buf.clear();
-        Ok(())
+        });
+        if !matches!(&sent, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+            p.batch = None;
+            p.buf.clear();
+        }
+        sent
     }
 }
 
@@ -183,10 +185,8 @@ async fn send_batches(socket: Weak<BatchingSocket>, wake: Arc<Notify>) {
                     }
                 }
                 Err(e) => {
-                    // quinn-udp already logs and drops on errors it knows to be transient; what
-                    // comes here is lost like any datagram, and QUIC recovers.
+                    // The batch is dropped (see `send_pending`); QUIC recovers.
                     debug!(error = %e, "UDP send failed");
-                    socket.pending().batch = None;
                     break;
                 }
             }
@@ -216,18 +216,20 @@ impl AsyncUdpSocket for BatchingSocket {
                 if closed {
                     // Accepted either way: a batch that found the socket full waits for the
                     // sending task, and the next transmit that cannot join tells quinn to wait.
-                    return match self.send_pending(&mut p) {
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            self.wake.notify_one();
-                            Ok(())
-                        }
-                        other => other,
-                    };
+                    match self.send_pending(&mut p) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wake.notify_one(),
+                        Err(e) => debug!(error = %e, "UDP send failed"),
+                        Ok(()) => {}
+                    }
                 }
                 return Ok(());
             }
             // What waits goes first; if the socket is full, quinn keeps this one and waits.
-            self.send_pending(&mut p)?;
+            match self.send_pending(&mut p) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(e),
+                Err(e) => debug!(error = %e, "UDP send failed"),
+                Ok(()) => {}
+            }
         }
         let batch = Batch::new(key, len, transmit.segment_size);
         if batch.is_closed(max) {
