@@ -120,8 +120,9 @@ impl BatchingSocket {
         Ok(())
     }
 
-    /// Sends the waiting batch, if any; on `WouldBlock` it stays, on any other error it is
-    /// dropped (lost like any datagram; quinn-udp already drops what the kernel refuses).
+    /// Sends the waiting batch, if any. The only error is `WouldBlock`, and the batch then
+    /// stays; on any other error it is dropped and logged, lost like any datagram (quinn-udp
+    /// drops what the kernel refuses the same way), and QUIC recovers.
     fn send_pending(&self, p: &mut Pending) -> io::Result<()> {
         let Some(batch) = p.batch else {
             return Ok(());
@@ -134,11 +135,14 @@ impl BatchingSocket {
             segment_size: (batch.datagrams() > 1).then_some(batch.segment()),
             src_ip,
         });
-        if !matches!(&sent, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
-            p.batch = None;
-            p.buf.clear();
+        match sent {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(e),
+            Err(e) => debug!(error = %e, "UDP send failed"),
+            Ok(()) => {}
         }
-        sent
+        p.batch = None;
+        p.buf.clear();
+        Ok(())
     }
 }
 
@@ -174,21 +178,11 @@ async fn send_batches(socket: Weak<BatchingSocket>, wake: Arc<Notify>) {
             }
             joins = now;
         }
-        loop {
-            let sent = socket.send_pending(&mut socket.pending());
-            match sent {
-                Ok(()) => break,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if let Err(e) = socket.io.writable().await {
-                        debug!(error = %e, "UDP socket failed while waiting to send");
-                        break;
-                    }
-                }
-                Err(e) => {
-                    // The batch is dropped (see `send_pending`); QUIC recovers.
-                    debug!(error = %e, "UDP send failed");
-                    break;
-                }
+        // Only `WouldBlock` comes back: wait until the socket takes more.
+        while socket.send_pending(&mut socket.pending()).is_err() {
+            if let Err(e) = socket.io.writable().await {
+                debug!(error = %e, "UDP socket failed while waiting to send");
+                break;
             }
         }
     }
@@ -213,23 +207,15 @@ impl AsyncUdpSocket for BatchingSocket {
                 let closed = batch.is_closed(max);
                 p.buf.extend_from_slice(transmit.contents);
                 p.joins += 1;
-                if closed {
-                    // Accepted either way: a batch that found the socket full waits for the
-                    // sending task, and the next transmit that cannot join tells quinn to wait.
-                    match self.send_pending(&mut p) {
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wake.notify_one(),
-                        Err(e) => debug!(error = %e, "UDP send failed"),
-                        Ok(()) => {}
-                    }
+                // Accepted either way: a batch that found the socket full waits for the
+                // sending task, and the next transmit that cannot join tells quinn to wait.
+                if closed && self.send_pending(&mut p).is_err() {
+                    self.wake.notify_one();
                 }
                 return Ok(());
             }
             // What waits goes first; if the socket is full, quinn keeps this one and waits.
-            match self.send_pending(&mut p) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(e),
-                Err(e) => debug!(error = %e, "UDP send failed"),
-                Ok(()) => {}
-            }
+            self.send_pending(&mut p)?;
         }
         let batch = Batch::new(key, len, transmit.segment_size);
         if batch.is_closed(max) {
@@ -294,13 +280,15 @@ impl fmt::Debug for Writable {
 
 impl UdpPoller for Writable {
     fn poll_writable(mut self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
-        let socket = self.socket.clone();
-        let waiting = self
-            .waiting
-            .get_or_insert_with(|| Box::pin(async move { socket.io.writable().await }));
+        let this = &mut *self;
+        // quinn asks before every transmit: the socket is cloned only when a wait starts.
+        let waiting = this.waiting.get_or_insert_with(|| {
+            let socket = this.socket.clone();
+            Box::pin(async move { socket.io.writable().await })
+        });
         let ready = waiting.as_mut().poll(cx);
         if ready.is_ready() {
-            self.waiting = None;
+            this.waiting = None;
         }
         ready
     }

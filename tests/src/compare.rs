@@ -80,16 +80,23 @@ pub struct Report {
     pub down_cpu: Series,
 }
 
-/// The figures in the order the table lists them: name, series, whether lower is better.
-type Row<'a> = (&'static str, &'static str, &'a Series, bool);
+/// The figures in the order the table lists them: direction, the table's label, the JSON key,
+/// the series, whether lower is better.
+type Row<'a> = (&'static str, &'static str, &'static str, &'a Series, bool);
 
 impl Report {
     fn rows(&self) -> [Row<'_>; 4] {
         [
-            ("up", "Mbit/s", &self.up_mbps, false),
-            ("up", "CPU s/GB", &self.up_cpu, true),
-            ("down", "Mbit/s", &self.down_mbps, false),
-            ("down", "CPU s/GB", &self.down_cpu, true),
+            ("up", "Mbit/s", "up_mbps", &self.up_mbps, false),
+            ("up", "CPU s/GB", "up_cpu_s_per_gb", &self.up_cpu, true),
+            ("down", "Mbit/s", "down_mbps", &self.down_mbps, false),
+            (
+                "down",
+                "CPU s/GB",
+                "down_cpu_s_per_gb",
+                &self.down_cpu,
+                true,
+            ),
         ]
     }
 
@@ -105,7 +112,7 @@ impl Report {
             "change",
             "candidate better"
         );
-        for (way, figure, series, lower) in self.rows() {
+        for (way, figure, _, series, lower) in self.rows() {
             let s = series.summary(lower);
             let _ = writeln!(
                 t,
@@ -127,18 +134,10 @@ impl Report {
 
     pub fn json(&self) -> serde_json::Value {
         let mut figures = serde_json::Map::new();
-        for (way, figure, series, lower) in self.rows() {
-            let key = format!(
-                "{way}_{}",
-                if figure == "Mbit/s" {
-                    "mbps"
-                } else {
-                    "cpu_s_per_gb"
-                }
-            );
+        for (_, _, key, series, lower) in self.rows() {
             let s = series.summary(lower);
             figures.insert(
-                key,
+                key.to_owned(),
                 serde_json::json!({
                     "baseline": series.baseline,
                     "candidate": series.candidate,

@@ -108,10 +108,10 @@ fn a_100_mb_transfer_arrives_intact() {
 }
 
 /// One figure of a status object (a session's `quic`, a daemon's `udp`).
-fn figure(quic: &serde_json::Value, key: &str) -> Result<u64> {
-    quic[key]
+fn figure(object: &serde_json::Value, key: &str) -> Result<u64> {
+    object[key]
         .as_u64()
-        .with_context(|| format!("status has no {key}: {quic}"))
+        .with_context(|| format!("status has no {key}: {object}"))
 }
 
 #[test]
