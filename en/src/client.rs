@@ -766,9 +766,14 @@ impl Driver<'_> {
         let conn = conn.clone();
         tokio::spawn(async move {
             loop {
-                let Some((verdict, next)) =
-                    liveness.with(|p| (p.poll(Instant::now()), p.poll_timeout()))
-                else {
+                // Read at every wake-up: what the DN's QUIC layer sent since the last one
+                // keeps a DN alive whose echoes wait behind a full queue.
+                let frames = quic::frames_from_peer(&conn);
+                let now = Instant::now();
+                let Some((verdict, next)) = liveness.with(|p| {
+                    p.on_quic_frames(frames, now);
+                    (p.poll(now), p.poll_timeout())
+                }) else {
                     return;
                 };
                 match verdict {

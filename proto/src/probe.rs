@@ -109,6 +109,8 @@ pub struct Prober {
     srtt: Option<Duration>,
     /// Send times of recent probes, by sequence number.
     in_flight: std::collections::VecDeque<(u32, Instant)>,
+    /// The last reading of the QUIC layer's count of frames from the DN, and when it was read.
+    quic_frames: Option<(u64, Instant)>,
     dead: bool,
 }
 
@@ -124,6 +126,7 @@ impl Prober {
             next_probe: None,
             srtt: initial_rtt,
             in_flight: Default::default(),
+            quic_frames: None,
             dead: false,
         }
     }
@@ -237,6 +240,32 @@ impl Prober {
             });
         }
         self.on_traffic(now);
+    }
+
+    /// `frames`: how many authenticated frames the QUIC layer has taken from the DN on this
+    /// session (its acknowledgements above all), read at `now`. A DN whose queue is full (the
+    /// client sends faster than it forwards) answers probes late, after the data queued in
+    /// front of them, but its QUIC layer keeps acknowledging what arrives: a count that grew
+    /// since the previous reading proves the DN and the path alive after that reading. That
+    /// answers what was owed since then, never a debt newer than the reading, so that a DN
+    /// that died between two readings is still judged by its silence since the last sign of
+    /// life. Only frames that decrypted count, so that nobody but the DN can make them.
+    pub fn on_quic_frames(&mut self, frames: u64, now: Instant) {
+        let previous = self.quic_frames.replace((frames, now));
+        if let Some((seen, read_at)) = previous {
+            if frames > seen {
+                self.alive_after(read_at);
+            }
+        }
+    }
+
+    /// The DN was alive at some moment after `at`.
+    fn alive_after(&mut self, at: Instant) {
+        let newer = |owed: Option<Instant>| owed.is_some_and(|t| t > at);
+        if self.dead || newer(self.unanswered_since) || newer(self.hinted_at) {
+            return;
+        }
+        self.on_traffic(at);
     }
 
     /// Anything from the DN (an echo, data) answers whatever was owed.
@@ -392,7 +421,112 @@ mod tests {
         assert_eq!(p.poll_timeout(), Some(t0 + ms(200)));
     }
 
+    /// Drives the prober as the client does while it sends all the time: something sent every
+    /// millisecond, and the QUIC frame count read only when the probing task wakes (when the
+    /// session becomes owed an answer, and at the prober's timeouts). `acked(t)`: whether
+    /// something from the DN's QUIC layer arrived at `t`; no echo ever comes back. Returns
+    /// when the DN was declared dead, if it was before `until`.
+    fn saturated(
+        p: &mut Prober,
+        t0: Instant,
+        until: Instant,
+        acked: impl Fn(Instant) -> bool,
+    ) -> Option<Instant> {
+        let mut frames = 0u64;
+        let mut now = t0;
+        while now < until {
+            if acked(now) {
+                frames += 1;
+            }
+            let woken = p.on_sent(now);
+            if woken || p.poll_timeout().is_some_and(|t| t <= now) {
+                p.on_quic_frames(frames, now);
+                if let Verdict::Dead { .. } = p.poll(now) {
+                    return Some(now);
+                }
+            }
+            now += ms(1);
+        }
+        None
+    }
+
+    #[test]
+    fn a_dn_that_acknowledges_is_alive_though_its_echoes_are_late() {
+        let t0 = Instant::now();
+        let mut p = Prober::new(ProbeConfig::default(), t0, Some(ms(1)));
+        // A DN so busy that no echo comes back within a second, acknowledging every 2 ms.
+        let dead = saturated(&mut p, t0, t0 + Duration::from_secs(10), |t| {
+            (t - t0).as_millis().is_multiple_of(2)
+        });
+        assert_eq!(dead, None);
+    }
+
+    #[test]
+    fn a_dn_that_stops_acknowledging_is_dead_soon_after_the_deadline() {
+        let t0 = Instant::now();
+        let mut p = Prober::new(ProbeConfig::default(), t0, Some(ms(1)));
+        let last_ack = t0 + ms(499);
+        let dead = saturated(&mut p, t0, t0 + Duration::from_secs(2), |t| t <= last_ack).unwrap();
+        // The last acknowledgement is seen at the first reading after it, and answers what was
+        // owed since the reading before; what is sent after that is owed from then on, and the
+        // DN is dead when it has waited the deadline: one probe interval late at most.
+        let silence = dead - last_ack;
+        assert!(silence >= p.deadline(), "{silence:?}");
+        assert!(silence <= p.deadline() + p.config().interval, "{silence:?}");
+    }
+
+    #[test]
+    fn frames_read_late_do_not_answer_a_newer_debt_or_hint() {
+        let t0 = Instant::now();
+        let mut p = Prober::new(ProbeConfig::default(), t0, Some(ms(1)));
+        p.on_quic_frames(0, t0);
+        // Something sent at 5 ms; an acknowledgement arrives at some moment after 0 ms, and
+        // is read at 8 ms: it may be older than the debt, so the debt stands.
+        p.on_sent(t0 + ms(5));
+        p.on_quic_frames(1, t0 + ms(8));
+        assert!(p.is_suspect());
+        // More arrive after 8 ms, read at 12 ms: they answer it.
+        p.on_quic_frames(2, t0 + ms(12));
+        assert!(!p.is_suspect());
+        // A hint at 15 ms, and frames that arrived after 12 ms read at 16 ms: the hint stands
+        // (they may predate it), and the probe it asks for is judged by its own deadline.
+        p.on_hint(t0 + ms(15));
+        p.on_quic_frames(3, t0 + ms(16));
+        assert!(p.is_suspect());
+        assert_eq!(p.poll(t0 + ms(16)), Verdict::Send(0));
+        assert!(matches!(p.poll(t0 + ms(20)), Verdict::Dead { .. }));
+    }
+
     proptest! {
+        /// A DN whose QUIC layer acknowledges at least every half probe interval is never
+        /// declared dead, however late its echoes; one that falls silent is declared dead at
+        /// most one probe interval after the deadline counted from its last sign of life.
+        #[test]
+        fn acknowledgements_keep_a_live_dn_and_silence_ends_a_dead_one(
+            gaps in proptest::collection::vec(1u64..=5, 1..400),
+            dies in proptest::bool::ANY,
+        ) {
+            let t0 = Instant::now();
+            let mut p = Prober::new(ProbeConfig::default(), t0, Some(ms(1)));
+            let mut acks = std::collections::BTreeSet::new();
+            let mut t = 0;
+            for gap in &gaps {
+                t += gap;
+                acks.insert(t);
+            }
+            let last = t;
+            let end = if dies { last + 200 } else { last };
+            let dead = saturated(&mut p, t0, t0 + ms(end), |at| acks.contains(&((at - t0).as_millis() as u64)));
+            if dies {
+                let dead = dead.expect("a silent DN is declared dead");
+                let silence = dead - (t0 + ms(last));
+                prop_assert!(silence >= p.deadline(), "dead after {silence:?}");
+                prop_assert!(silence <= p.deadline() + p.config().interval, "dead only after {silence:?}");
+            } else {
+                prop_assert_eq!(dead, None);
+            }
+        }
+
         /// Whatever the client sends and the DN answers: the DN is declared dead exactly when
         /// something has been unanswered for the deadline, never while answers keep coming in
         /// time, and the prober never sleeps past a deadline.

@@ -59,6 +59,15 @@ pub fn path_figures(s: &quinn::ConnectionStats) -> serde_json::Value {
     })
 }
 
+/// The authenticated frames a connection has taken from its peer: acknowledgements, datagrams,
+/// stream data and pings. Each decrypted, so only the peer can have sent it; a count that grew
+/// since some moment says the peer was alive after it (`Prober::on_quic_frames`). What arrives
+/// before decryption (the UDP datagrams) anyone who saw the connection ID could add to.
+pub fn frames_from_peer(conn: &quinn::Connection) -> u64 {
+    let f = conn.stats().frame_rx;
+    f.acks + f.datagram + f.stream + f.ping
+}
+
 /// Moves `endpoint` to `socket` (a client whose path changed), keeping the batching socket.
 pub fn rebind(endpoint: &quinn::Endpoint, socket: std::net::UdpSocket) -> Result<()> {
     let socket =

@@ -107,6 +107,46 @@ fn a_100_mb_transfer_arrives_intact() {
     });
 }
 
+#[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
+fn a_udp_flood_beyond_what_the_dn_forwards_keeps_the_session() {
+    with_lab(LabSpec::default(), |lab| {
+        lab.start_client(1, &Credential::Issued("client1".into()))?;
+        lab.wait_address(1, UP)?;
+        // 2 Gbit/s of 1200-byte datagrams, which the DN forwards one by one: more than it
+        // can, so its queue fills and the echoes of the client's probes wait behind data.
+        let flood = traffic::IperfTest {
+            udp_rate: Some("2G".into()),
+            ..Default::default()
+        };
+        let run = traffic::iperf3_test(&mut lab.net, "srv", "en1", SERVER, 4, &flood)?;
+        eprintln!(
+            "UDP flood: {:.0} Mbit/s arrived, {:.1}% lost",
+            run.mbps,
+            run.lost_percent.unwrap_or(f64::NAN)
+        );
+        // The DN's QUIC layer acknowledged all along: the client never judged it dead, so
+        // it never reconnected and never was without a session.
+        let status = lab.en_status(1)?;
+        let session = &status["sessions"][0];
+        ensure!(
+            figure(session, "connects")? == 1
+                && figure(&status["traffic"], "dropped_no_session")? == 0,
+            "the flood cost the client its session: {status}"
+        );
+        let (sent, received) = lab.ping("en1", SERVER, 10, &[])?;
+        ensure!(
+            received == sent,
+            "after the flood, lost {} of {sent} pings",
+            sent - received
+        );
+        Ok(())
+    });
+}
+
 /// One figure of a status object (a session's `quic`, a daemon's `udp`).
 fn figure(object: &serde_json::Value, key: &str) -> Result<u64> {
     object[key]
