@@ -902,10 +902,6 @@ async fn carry(dn: &Arc<Dn>, session: &Session) -> String {
             {
                 dn.counters.dropped_to_cluster.fetch_add(1, Relaxed);
             } else {
-                for traffic in [&session.traffic, &dn.traffic] {
-                    traffic.rx_packets.fetch_add(1, Relaxed);
-                    traffic.rx_bytes.fetch_add(datagram.len() as u64, Relaxed);
-                }
                 batch.push(datagram);
             }
             if batch.len() < BATCH {
@@ -916,8 +912,16 @@ async fn carry(dn: &Arc<Dn>, session: &Session) -> String {
                     .and_then(Result::ok);
             }
         }
-        if !batch.is_empty() && !session.primary.load(Relaxed) {
-            dn.handle(Event::Data(session.id)).await;
+        if !batch.is_empty() {
+            // Counted once a batch: the DN's counters are shared by every worker.
+            let bytes = batch.iter().map(|d| d.len() as u64).sum();
+            for traffic in [&session.traffic, &dn.traffic] {
+                traffic.rx_packets.fetch_add(batch.len() as u64, Relaxed);
+                traffic.rx_bytes.fetch_add(bytes, Relaxed);
+            }
+            if !session.primary.load(Relaxed) {
+                dn.handle(Event::Data(session.id)).await;
+            }
         }
         match dn.writers.send(&dn.tun, &batch).await {
             Ok(()) => {
@@ -945,29 +949,34 @@ async fn tun_to_sessions(dn: Arc<Dn>, queue: usize) -> Result<()> {
         if mangled > 0 {
             dn.counters.dropped_malformed.fetch_add(mangled, Relaxed);
         }
+        // A batch is mostly one flow's: its packets take the session looked up for the one
+        // before when they go to the same address, and are counted once per run of them.
+        let mut route: Option<(IpAddr, Option<Arc<Session>>)> = None;
+        let mut run = Sent::default();
         for pkt in batch.drain(..) {
             let Some(dst) = packet::destination(&pkt) else {
                 dn.counters.dropped_malformed.fetch_add(1, Relaxed);
                 continue;
             };
-            let session = dn
-                .hosts
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&dst)
-                .cloned();
-            let Some(session) = session else {
+            if route.as_ref().is_none_or(|(to, _)| *to != dst) {
+                run.count(&dn, route.as_ref().and_then(|(_, s)| s.as_deref()));
+                let session = dn
+                    .hosts
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&dst)
+                    .cloned();
+                route = Some((dst, session));
+            }
+            let Some(session) = route.as_ref().and_then(|(_, s)| s.as_ref()) else {
                 dn.counters.dropped_no_session.fetch_add(1, Relaxed);
                 continue;
             };
             let len = pkt.len() as u64;
             match session.conn.send_datagram(pkt.clone()) {
                 Ok(()) => {
-                    dn.forwarded.fetch_add(1, Relaxed);
-                    for traffic in [&session.traffic, &dn.traffic] {
-                        traffic.tx_packets.fetch_add(1, Relaxed);
-                        traffic.tx_bytes.fetch_add(len, Relaxed);
-                    }
+                    run.packets += 1;
+                    run.bytes += len;
                 }
                 Err(quinn::SendDatagramError::TooLarge) => {
                     dn.counters.dropped_too_big.fetch_add(1, Relaxed);
@@ -981,6 +990,29 @@ async fn tun_to_sessions(dn: Arc<Dn>, queue: usize) -> Result<()> {
                 }
                 Err(e) => debug!(error = %e, %dst, "datagram not sent"),
             }
+        }
+        run.count(&dn, route.as_ref().and_then(|(_, s)| s.as_deref()));
+    }
+}
+
+/// Packets sent to one session and not yet counted.
+#[derive(Default)]
+struct Sent {
+    packets: u64,
+    bytes: u64,
+}
+
+impl Sent {
+    /// Adds what was sent to `session` to its counters and the DN's, and starts again.
+    fn count(&mut self, dn: &Dn, session: Option<&Session>) {
+        let Sent { packets, bytes } = std::mem::take(self);
+        let Some(session) = session.filter(|_| packets > 0) else {
+            return;
+        };
+        dn.forwarded.fetch_add(packets, Relaxed);
+        for traffic in [&session.traffic, &dn.traffic] {
+            traffic.tx_packets.fetch_add(packets, Relaxed);
+            traffic.tx_bytes.fetch_add(bytes, Relaxed);
         }
     }
 }

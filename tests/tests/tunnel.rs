@@ -37,8 +37,11 @@ fn ping_reaches_the_server_through_the_tunnel() {
         ensure!(received == sent, "lost {} of {sent} pings", sent - received);
         let dn = lab.dn_status(1)?;
         ensure!(dn["clients"][0]["identity"] == "client1", "dn status: {dn}");
+        // The echo requests came in from the client and the replies went out to it.
+        let traffic = &dn["clients"][0]["traffic"];
         ensure!(
-            dn["clients"][0]["traffic"]["rx_packets"].as_u64() >= Some(20),
+            traffic["rx_packets"].as_u64() >= Some(20)
+                && traffic["tx_packets"].as_u64() >= Some(20),
             "dn status: {dn}"
         );
         Ok(())
