@@ -951,32 +951,32 @@ async fn tun_to_sessions(dn: Arc<Dn>, queue: usize) -> Result<()> {
         }
         // A batch is mostly one flow's: its packets take the session looked up for the one
         // before when they go to the same address, and are counted once per run of them.
-        let mut route: Option<(IpAddr, Option<Arc<Session>>)> = None;
-        let mut run = Sent::default();
+        let mut run: Option<Run> = None;
         for pkt in batch.drain(..) {
             let Some(dst) = packet::destination(&pkt) else {
                 dn.counters.dropped_malformed.fetch_add(1, Relaxed);
                 continue;
             };
-            if route.as_ref().is_none_or(|(to, _)| *to != dst) {
-                run.count(&dn, route.as_ref().and_then(|(_, s)| s.as_deref()));
-                let session = dn
-                    .hosts
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(&dst)
-                    .cloned();
-                route = Some((dst, session));
+            if run.as_ref().is_none_or(|r| r.to != dst) {
+                if let Some(done) = run.replace(Run::to(&dn, dst)) {
+                    done.count(&dn);
+                }
             }
-            let Some(session) = route.as_ref().and_then(|(_, s)| s.as_ref()) else {
+            let Some(Run {
+                session: Some(session),
+                packets,
+                bytes: sent_bytes,
+                ..
+            }) = run.as_mut()
+            else {
                 dn.counters.dropped_no_session.fetch_add(1, Relaxed);
                 continue;
             };
             let len = pkt.len() as u64;
             match session.conn.send_datagram(pkt.clone()) {
                 Ok(()) => {
-                    run.packets += 1;
-                    run.bytes += len;
+                    *packets += 1;
+                    *sent_bytes += len;
                 }
                 Err(quinn::SendDatagramError::TooLarge) => {
                     dn.counters.dropped_too_big.fetch_add(1, Relaxed);
@@ -991,28 +991,46 @@ async fn tun_to_sessions(dn: Arc<Dn>, queue: usize) -> Result<()> {
                 Err(e) => debug!(error = %e, %dst, "datagram not sent"),
             }
         }
-        run.count(&dn, route.as_ref().and_then(|(_, s)| s.as_deref()));
+        if let Some(done) = run {
+            done.count(&dn);
+        }
     }
 }
 
-/// Packets sent to one session and not yet counted.
-#[derive(Default)]
-struct Sent {
+/// A run of a batch's packets to one address: its session, looked up once, and what was sent
+/// to it, counted once.
+struct Run {
+    to: IpAddr,
+    session: Option<Arc<Session>>,
     packets: u64,
     bytes: u64,
 }
 
-impl Sent {
-    /// Adds what was sent to `session` to its counters and the DN's, and starts again.
-    fn count(&mut self, dn: &Dn, session: Option<&Session>) {
-        let Sent { packets, bytes } = std::mem::take(self);
-        let Some(session) = session.filter(|_| packets > 0) else {
+impl Run {
+    fn to(dn: &Dn, to: IpAddr) -> Self {
+        let session = dn
+            .hosts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&to)
+            .cloned();
+        Self {
+            to,
+            session,
+            packets: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Adds what was sent to the session's counters and the DN's.
+    fn count(self, dn: &Dn) {
+        let Some(session) = self.session.filter(|_| self.packets > 0) else {
             return;
         };
-        dn.forwarded.fetch_add(packets, Relaxed);
+        dn.forwarded.fetch_add(self.packets, Relaxed);
         for traffic in [&session.traffic, &dn.traffic] {
-            traffic.tx_packets.fetch_add(packets, Relaxed);
-            traffic.tx_bytes.fetch_add(bytes, Relaxed);
+            traffic.tx_packets.fetch_add(self.packets, Relaxed);
+            traffic.tx_bytes.fetch_add(self.bytes, Relaxed);
         }
     }
 }
