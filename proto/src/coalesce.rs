@@ -1,19 +1,22 @@
-//! Merging a batch's TCP segments into super-packets, one TUN write each (GRO).
+//! Merging a batch's TCP segments and UDP datagrams into super-packets, one TUN write each
+//! (GRO).
 //!
 //! A TUN device with offloads takes a super-packet behind a header saying how to cut it again
 //! (the same header [`crate::offload`] reads); the receiving TCP stack then runs, and ACKs, once
-//! per super-packet instead of once per segment. [`Coalescer::plan`] groups a batch (it only
+//! per super-packet instead of once per segment, and a UDP flow costs the kernel one write and
+//! one trip through routing per super-packet instead of per datagram (it is cut into datagrams
+//! again at the latest where a socket or a link without the offload takes it). [`Coalescer::plan`] groups a batch (it only
 //! reads the packets); the caller writes each group as [`Coalescer::header`] followed by
 //! [`Coalescer::payloads`] in one vectored write, so that no payload byte is copied on the way.
 //!
 //! Segments merge only where the kernel's cut gives them back as they came: the same flow and
-//! headers, sequence numbers that follow each other, equal sizes but for a shorter last one,
-//! nothing but ACK (and PSH on the last). Each merged segment's checksum is checked first: the
+//! headers, equal sizes but for a shorter last one; for TCP, sequence numbers that follow each
+//! other and nothing but ACK (and PSH on the last). Each merged segment's checksum is checked first: the
 //! kernel trusts a super-packet's checksum to be made fresh, so a segment corrupted before it
 //! reached us is written alone, for the receiver to drop, rather than laundered.
 
 use crate::offload::{Gso, OffloadHeader, OFFLOAD_HEADER_LEN, TCP_FLAGS, TCP_PSH};
-use crate::packet::{fold, sum, PROTO_TCP};
+use crate::packet::{fold, sum, PROTO_TCP, PROTO_UDP};
 
 /// Most segments merged into one write.
 pub const MAX_SEGMENTS: usize = 64;
@@ -26,37 +29,61 @@ const MAX_IP: usize = 65535;
 const END: u32 = u32::MAX;
 const TCP_ACK: u8 = 0x10;
 const TCP_CHECKSUM: u16 = 16;
+const UDP_HEADER: usize = 8;
+const UDP_CHECKSUM: u16 = 6;
 
-/// What a write needs of a TCP segment.
+/// What a write needs of a TCP segment or a UDP datagram.
 #[derive(Clone, Copy, Debug)]
 struct Segment {
     v6: bool,
+    udp: bool,
     ip_len: usize,
-    tcp_len: usize,
+    /// The transport header's length: TCP's with its options, or UDP's 8.
+    l4_len: usize,
+    /// TCP's sequence number (0 for UDP).
     seq: u32,
     payload: usize,
-    /// Only ACK, or ACK and PSH, with data, not a fragment: a segment that may be merged.
+    /// Data and not a fragment; for TCP, only ACK or ACK and PSH: a segment that may be merged.
     mergeable: bool,
     psh: bool,
 }
 
 impl Segment {
     fn parse(pkt: &[u8]) -> Option<Self> {
-        let (v6, ip_len, fragment) = match pkt.first().map(|b| b >> 4) {
-            Some(4) if pkt.len() >= 20 && pkt[9] == PROTO_TCP => {
+        let transport = |p: u8| p == PROTO_TCP || p == PROTO_UDP;
+        let (v6, ip_len, fragment, protocol) = match pkt.first().map(|b| b >> 4) {
+            Some(4) if pkt.len() >= 20 && transport(pkt[9]) => {
                 let total = usize::from(u16::from_be_bytes([pkt[2], pkt[3]]));
                 // More fragments, or an offset: the segment is in pieces.
                 let fragment = pkt[6] & 0x3f != 0 || pkt[7] != 0;
                 (total == pkt.len()).then_some(())?;
-                (false, usize::from(pkt[0] & 0x0f) * 4, fragment)
+                (false, usize::from(pkt[0] & 0x0f) * 4, fragment, pkt[9])
             }
-            Some(6) if pkt.len() >= 40 && pkt[6] == PROTO_TCP => {
+            Some(6) if pkt.len() >= 40 && transport(pkt[6]) => {
                 let payload = usize::from(u16::from_be_bytes([pkt[4], pkt[5]]));
                 (payload + 40 == pkt.len()).then_some(())?;
-                (true, 40, false)
+                (true, 40, false, pkt[6])
             }
             _ => return None,
         };
+        if protocol == PROTO_UDP {
+            let udp = pkt
+                .get(ip_len..)
+                .filter(|u| ip_len >= 20 && u.len() >= UDP_HEADER)?;
+            // The length field must agree with the IP header's: the cut makes it anew.
+            (usize::from(u16::from_be_bytes([udp[4], udp[5]])) == udp.len()).then_some(())?;
+            let payload = udp.len() - UDP_HEADER;
+            return Some(Self {
+                v6,
+                udp: true,
+                ip_len,
+                l4_len: UDP_HEADER,
+                seq: 0,
+                payload,
+                mergeable: payload > 0 && !fragment,
+                psh: false,
+            });
+        }
         let tcp = pkt
             .get(ip_len..)
             .filter(|t| ip_len >= 20 && t.len() >= 20)?;
@@ -68,8 +95,9 @@ impl Segment {
         let payload = tcp.len() - tcp_len;
         Some(Self {
             v6,
+            udp: false,
             ip_len,
-            tcp_len,
+            l4_len: tcp_len,
             seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
             payload,
             mergeable: (flags == TCP_ACK || flags == TCP_ACK | TCP_PSH) && payload > 0 && !fragment,
@@ -78,7 +106,15 @@ impl Segment {
     }
 
     fn headers(&self) -> usize {
-        self.ip_len + self.tcp_len
+        self.ip_len + self.l4_len
+    }
+
+    fn protocol(&self) -> u8 {
+        if self.udp {
+            PROTO_UDP
+        } else {
+            PROTO_TCP
+        }
     }
 
     /// The addresses, in the IP header.
@@ -97,7 +133,7 @@ struct Group {
     first: u32,
     last: u32,
     members: usize,
-    /// The first member, when it is TCP.
+    /// The first member, when it is TCP or UDP.
     head: Option<Segment>,
     /// Payload bytes of all members.
     payload: usize,
@@ -115,14 +151,32 @@ impl Group {
 }
 
 /// Plans the writes of a batch. Keeps its buffers from batch to batch: no allocation once warm.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Coalescer {
     /// For each packet of the batch, the next member of its group, or `END`.
     next: Vec<u32>,
     groups: Vec<Group>,
+    udp: bool,
+}
+
+impl Default for Coalescer {
+    /// Merges TCP and UDP.
+    fn default() -> Self {
+        Self {
+            next: Vec::new(),
+            groups: Vec::new(),
+            udp: true,
+        }
+    }
 }
 
 impl Coalescer {
+    /// Whether UDP datagrams merge too: only where the device takes UDP super-packets (Linux
+    /// 6.2 and later), which would otherwise refuse each such write whole.
+    pub fn set_udp(&mut self, merge: bool) {
+        self.udp = merge;
+    }
+
     /// Groups `pkts` (whole IP packets) into writes and returns how many. Writing the groups in
     /// order keeps every flow's packets in order; packets of different flows may pass each
     /// other, as they may on any link.
@@ -175,14 +229,15 @@ impl Coalescer {
         let first = pkts[group.first as usize].as_ref();
         let fits = head.mergeable
             && s.mergeable
+            && (self.udp || !s.udp)
             && group.members < MAX_SEGMENTS
             && !group.last_psh
             // Every segment but the last is as long as the first.
             && group.last_payload == head.payload
             && s.payload <= head.payload
-            && s.seq == head.seq.wrapping_add(group.payload as u32)
+            && (s.udp || s.seq == head.seq.wrapping_add(group.payload as u32))
             && merged_len(&head, group.payload + s.payload) <= MAX_IP
-            && (s.ip_len, s.tcp_len) == (head.ip_len, head.tcp_len)
+            && (s.ip_len, s.l4_len) == (head.ip_len, head.l4_len)
             && same_headers(first, &head, pkt)
             && checksum_ok(pkt, s)
             && (group.head_checked || checksum_ok(first, &head));
@@ -190,7 +245,7 @@ impl Coalescer {
     }
 
     /// Writes the header of write `k` into `out` and returns its length: the offload header,
-    /// then, for merged segments, the IP and TCP headers of the super-packet.
+    /// then, for merged segments, the IP and transport headers of the super-packet.
     pub fn header<P: AsRef<[u8]>>(
         &self,
         k: usize,
@@ -206,22 +261,27 @@ impl Coalescer {
         let first = pkts[group.first as usize].as_ref();
         let headers = head.headers();
         let ip_len = head.ip_len;
+        let (gso, checksum_offset) = match (head.udp, head.v6) {
+            (true, _) => (Gso::Udp, UDP_CHECKSUM),
+            (false, true) => (Gso::TcpV6, TCP_CHECKSUM),
+            (false, false) => (Gso::TcpV4, TCP_CHECKSUM),
+        };
         let offload = OffloadHeader {
             needs_checksum: true,
-            gso: if head.v6 { Gso::TcpV6 } else { Gso::TcpV4 },
+            gso,
             gso_size: head.payload as u16,
             csum_start: ip_len as u16,
-            csum_offset: TCP_CHECKSUM,
+            csum_offset: checksum_offset,
         };
         // Lengths below fit 16 bits: `plan` kept the merged packet within `MAX_IP`.
         out[..OFFLOAD_HEADER_LEN].copy_from_slice(&offload.encode(headers as u16));
         let packet = &mut out[OFFLOAD_HEADER_LEN..OFFLOAD_HEADER_LEN + headers];
         packet.copy_from_slice(&first[..headers]);
-        let tcp_total = head.tcp_len + group.payload;
+        let l4_total = head.l4_len + group.payload;
         if head.v6 {
-            packet[4..6].copy_from_slice(&(tcp_total as u16).to_be_bytes());
+            packet[4..6].copy_from_slice(&(l4_total as u16).to_be_bytes());
         } else {
-            packet[2..4].copy_from_slice(&((ip_len + tcp_total) as u16).to_be_bytes());
+            packet[2..4].copy_from_slice(&((ip_len + l4_total) as u16).to_be_bytes());
             packet[10..12].fill(0);
             let ip_checksum = !fold(sum(&packet[..ip_len], 0));
             packet[10..12].copy_from_slice(&ip_checksum.to_be_bytes());
@@ -229,13 +289,18 @@ impl Coalescer {
         if group.last_psh {
             packet[ip_len + TCP_FLAGS] |= TCP_PSH;
         }
+        if head.udp {
+            // The whole super-packet's length: the kernel swaps it (in the checksum too) for
+            // each datagram's as it cuts.
+            packet[ip_len + 4..ip_len + 6].copy_from_slice(&(l4_total as u16).to_be_bytes());
+        }
         // A partial checksum, as the kernel keeps one: the pseudo-header's sum, not inverted;
         // the kernel (or the NIC) adds the rest.
         let pseudo = fold(sum(
             &first[head.addresses()],
-            u64::from(PROTO_TCP) + tcp_total as u64,
+            u64::from(head.protocol()) + l4_total as u64,
         ));
-        let at = ip_len + usize::from(TCP_CHECKSUM);
+        let at = ip_len + usize::from(checksum_offset);
         packet[at..at + 2].copy_from_slice(&pseudo.to_be_bytes());
         OFFLOAD_HEADER_LEN + headers
     }
@@ -271,25 +336,25 @@ impl Coalescer {
 /// counts it.
 fn merged_len(head: &Segment, payload: usize) -> usize {
     if head.v6 {
-        head.tcp_len + payload
+        head.l4_len + payload
     } else {
         head.headers() + payload
     }
 }
 
-/// Both are TCP between the same addresses and ports.
+/// Both are TCP, or both UDP, between the same addresses and ports.
 fn same_flow(a: &[u8], sa: &Segment, b: &[u8], sb: &Segment) -> bool {
-    sa.v6 == sb.v6
+    (sa.v6, sa.udp) == (sb.v6, sb.udp)
         && a[sa.addresses()] == b[sb.addresses()]
         && a[sa.ip_len..sa.ip_len + 4] == b[sb.ip_len..sb.ip_len + 4]
 }
 
 /// `b`'s headers equal `a`'s (parsed as `head`) but for what each segment of a super-packet has
-/// of its own: the IP length, identification and checksum, the sequence number, PSH and the
-/// TCP checksum.
+/// of its own: the IP length, identification and checksum; TCP's sequence number, PSH and
+/// checksum; UDP's length and checksum.
 fn same_headers(a: &[u8], head: &Segment, b: &[u8]) -> bool {
     let ip = head.ip_len;
-    let tcp_len = head.tcp_len;
+    let tcp_len = head.l4_len;
     let ip_same = if head.v6 {
         a[..4] == b[..4] && a[6..40] == b[6..40]
     } else {
@@ -297,19 +362,21 @@ fn same_headers(a: &[u8], head: &Segment, b: &[u8]) -> bool {
     };
     // Both hold `ip + tcp_len` bytes of headers (the caller checked their lengths match).
     ip_same
-        // Ports; acknowledgement, header length; window; urgent pointer and options.
+        // Ports; for TCP, acknowledgement, header length; window; urgent pointer and options.
         && a[ip..ip + 4] == b[ip..ip + 4]
-        && a[ip + 8..ip + 13] == b[ip + 8..ip + 13]
+        && (head.udp
+            || a[ip + 8..ip + 13] == b[ip + 8..ip + 13]
         && a[ip + 14..ip + 16] == b[ip + 14..ip + 16]
-        && a[ip + 18..ip + tcp_len] == b[ip + 18..ip + tcp_len]
+                && a[ip + 18..ip + tcp_len] == b[ip + 18..ip + tcp_len])
 }
 
-/// The segment's checksums are right: TCP's, and IPv4's over its header, which the kernel's
-/// own GRO checks too (a merged packet gets a header made anew).
+/// The segment's checksums are right: the transport's, and IPv4's over its header, which the
+/// kernel's own GRO checks too (a merged packet gets a header made anew). A UDP datagram sent
+/// without a checksum (0 over IPv4) fails here and goes alone, as it came.
 fn checksum_ok(pkt: &[u8], s: &Segment) -> bool {
     let pseudo = sum(
         &pkt[s.addresses()],
-        u64::from(PROTO_TCP) + (s.tcp_len + s.payload) as u64,
+        u64::from(s.protocol()) + (s.l4_len + s.payload) as u64,
     );
     (s.v6 || fold(sum(&pkt[..s.ip_len], 0)) == 0xffff)
         && fold(sum(&pkt[s.ip_len..], pseudo)) == 0xffff
@@ -353,6 +420,26 @@ mod tests {
         p
     }
 
+    /// A UDP datagram of flow `flow` with a valid checksum.
+    fn datagram(flow: u8, v6: bool, payload: &[u8]) -> Vec<u8> {
+        let ip = if v6 { 40 } else { 20 };
+        let mut p = ip_packet(v6, PROTO_UDP, ip + UDP_HEADER + payload.len());
+        if !v6 {
+            let c = checksum(&[&p[..20]]);
+            p[10..12].copy_from_slice(&c.to_be_bytes());
+        }
+        p[ip..ip + 2].copy_from_slice(&(50000 + u16::from(flow)).to_be_bytes());
+        p[ip + 2..ip + 4].copy_from_slice(&5201u16.to_be_bytes());
+        let udp_len = (UDP_HEADER + payload.len()) as u16;
+        p[ip + 4..ip + 6].copy_from_slice(&udp_len.to_be_bytes());
+        p[ip + UDP_HEADER..].copy_from_slice(payload);
+        let s = Segment::parse(&p).expect("a UDP datagram");
+        let pseudo = sum(&p[s.addresses()], u64::from(PROTO_UDP) + u64::from(udp_len));
+        let c = !fold(sum(&p[ip..], pseudo));
+        p[ip + 6..ip + 8].copy_from_slice(&(if c == 0 { 0xffff } else { c }).to_be_bytes());
+        p
+    }
+
     /// The packets the kernel makes of each write, in write order: a merged write is cut as
     /// the kernel cuts it (`offload::split` is held to its cut), its checksum finished.
     fn written(c: &Coalescer, pkts: &[Vec<u8>]) -> Vec<Vec<Vec<u8>>> {
@@ -384,7 +471,8 @@ mod tests {
     }
 
     /// Each flow sends data segments of up to `mss` bytes in order; some segments are pure
-    /// ACKs, FINs or carry PSH; flows interleave; UDP datagrams come between.
+    /// ACKs, FINs or carry PSH; flows interleave; UDP datagrams of four flows come between,
+    /// runs of them as long as each other.
     fn batch() -> impl Strategy<Value = Vec<Vec<u8>>> {
         let step = (0u8..4, 0u8..10, 1usize..1400, any::<u8>());
         (
@@ -403,11 +491,8 @@ mod tests {
                             0 => (TCP_ACK, Vec::new()),
                             1 => (TCP_ACK | 0x01, Vec::new()),
                             2 => (TCP_ACK | TCP_PSH, payload),
-                            3 => {
-                                let mut udp = segment(flow, v6, 0, 0, &payload);
-                                udp[if v6 { 6 } else { 9 }] = 17;
-                                return udp;
-                            }
+                            3 => return datagram(flow, v6, &payload),
+                            4 | 5 => return datagram(flow, v6, &vec![fill; mss]),
                             // Mostly full-size segments, as a bulk transfer sends.
                             _ => (TCP_ACK, vec![fill; mss]),
                         };
@@ -461,7 +546,7 @@ mod tests {
                 let whole = OffloadHeader { gso: Gso::None, ..hdr };
                 let mut finished = Vec::new();
                 offload::split(&whole, &mut packet, |h, _| finished = h.to_vec()).expect("finished");
-                let s = Segment::parse(&finished).expect("a TCP super-packet");
+                let s = Segment::parse(&finished).expect("a TCP or UDP super-packet");
                 prop_assert!(checksum_ok(&finished, &s));
                 prop_assert_eq!(finished.len() - s.headers(), c.payloads(k, &pkts).map(<[u8]>::len).sum::<usize>());
             }
@@ -494,6 +579,45 @@ mod tests {
             (0..3).map(|k| c.members(k)).collect::<Vec<_>>(),
             [48, 48, 4]
         );
+    }
+
+    #[test]
+    fn a_udp_stream_merges_and_the_kernel_cuts_it_into_the_same_datagrams() {
+        for v6 in [false, true] {
+            let mut pkts: Vec<Vec<u8>> = (0..80u8).map(|i| datagram(0, v6, &[i; 1000])).collect();
+            // A shorter one ends a write; the next starts another.
+            pkts.insert(70, datagram(0, v6, &[9; 300]));
+            let mut c = Coalescer::default();
+            assert_eq!(c.plan(&pkts), 3);
+            assert_eq!(
+                (0..3).map(|k| c.members(k)).collect::<Vec<_>>(),
+                [MAX_SEGMENTS, 7, 10]
+            );
+            let cut: Vec<Vec<u8>> = written(&c, &pkts).into_iter().flatten().collect();
+            assert_eq!(
+                cut.iter().map(|p| without_ip_id(p)).collect::<Vec<_>>(),
+                pkts.iter().map(|p| without_ip_id(p)).collect::<Vec<_>>()
+            );
+        }
+    }
+
+    #[test]
+    fn udp_datagrams_without_a_checksum_or_of_other_flows_do_not_merge() {
+        let mut unchecked = datagram(0, false, &[1; 1000]);
+        unchecked[26..28].fill(0);
+        let pkts = [
+            datagram(0, false, &[1; 1000]),
+            unchecked,
+            datagram(1, false, &[1; 1000]),
+            datagram(0, false, &[1; 1000]),
+        ];
+        let mut c = Coalescer::default();
+        assert_eq!(c.plan(&pkts), 4);
+        // A device without UDP offloads gets each datagram alone.
+        let stream: Vec<Vec<u8>> = (0..4).map(|_| datagram(0, true, &[1; 1000])).collect();
+        assert_eq!(c.plan(&stream), 1);
+        c.set_udp(false);
+        assert_eq!(c.plan(&stream), 4);
     }
 
     #[test]

@@ -119,8 +119,8 @@ fn a_udp_flood_beyond_what_the_dn_forwards_keeps_the_session() {
     with_lab(LabSpec::default(), |lab| {
         lab.start_client(1, &Credential::Issued("client1".into()))?;
         lab.wait_address(1, UP)?;
-        // 2 Gbit/s of 1200-byte datagrams, which the DN forwards one by one: more than it
-        // can, so its queue fills and the echoes of the client's probes wait behind data.
+        // 2 Gbit/s of 1200-byte datagrams: more than the DN forwards on this machine, so its
+        // queue fills and the echoes of the client's probes wait behind data.
         let flood = traffic::IperfTest {
             udp_rate: Some("2G".into()),
             ..Default::default()
@@ -145,6 +145,78 @@ fn a_udp_flood_beyond_what_the_dn_forwards_keeps_the_session() {
             received == sent,
             "after the flood, lost {} of {sent} pings",
             sent - received
+        );
+        Ok(())
+    });
+}
+
+#[test]
+#[cfg_attr(
+    not(lab_root),
+    ignore = "needs root: the lab builds network namespaces"
+)]
+fn udp_datagrams_merged_on_the_way_arrive_whole_and_in_order() {
+    with_lab(LabSpec::default(), |lab| {
+        lab.start_client(1, &Credential::Issued("client1".into()))?;
+        lab.wait_address(1, UP)?;
+        let count = 20_000u64;
+        let (count_arg, to) = (count.to_string(), format!("{SERVER}:5400"));
+        let hf_udp = lab.bin("hf-udp");
+        let tun_writes = |lab: &Lab| -> Result<u64> {
+            // The kernel counts one received packet per write to the device.
+            let out = lab.net.exec(
+                "dn1",
+                &["cat", "/sys/class/net/holdfast0/statistics/rx_packets"],
+            )?;
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .context("rx_packets of the DN's TUN device")
+        };
+        let before = tun_writes(lab)?;
+        let receiver = lab
+            .net
+            .command(
+                "srv",
+                &[
+                    &hf_udp,
+                    "receive",
+                    "--bind",
+                    &format!("{SERVER}:5400"),
+                    "--count",
+                    &count_arg,
+                ],
+            )
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("cannot start hf-udp receive")?;
+        std::thread::sleep(Duration::from_millis(300));
+        // Bursts of 32 datagrams of 1200 bytes, 1 ms apart: about 300 Mbit/s, which the DN
+        // forwards without loss, in batches it can merge.
+        let sent = lab.net.exec(
+            "en1",
+            &[&hf_udp, "send", "--to", &to, "--count", &count_arg],
+        );
+        // The receiver ends on its own, when the stream is complete or has stopped.
+        let out = receiver.wait_with_output()?;
+        sent?;
+        let got: serde_json::Value =
+            serde_json::from_slice(&out.stdout).context("hf-udp receive printed no JSON")?;
+        let writes = tun_writes(lab)? - before;
+        eprintln!("UDP stream: {got}, {writes} writes to the DN's TUN device");
+        let received = figure(&got, "received")?;
+        ensure!(
+            figure(&got, "corrupt")? == 0 && figure(&got, "out_of_order")? == 0,
+            "datagrams came out changed or reordered: {got}"
+        );
+        ensure!(
+            received * 100 >= count * 99,
+            "{received} of {count} datagrams arrived"
+        );
+        // Merged: fewer writes than datagrams by half at least (one write each before).
+        ensure!(
+            writes * 2 <= received,
+            "{writes} writes for {received} datagrams: the DN did not merge them"
         );
         Ok(())
     });
