@@ -427,8 +427,8 @@ pub fn offload(data: &[u8]) {
 }
 
 /// A batch of packets for one TUN write call, each `length: u16, bytes` (a short last one is
-/// cut to what is there). Every packet is written exactly once; each TCP flow's packets in
-/// their order; a packet alone goes out untouched, and a merged write, cut again as the kernel
+/// cut to what is there). Every packet is written exactly once; each TCP and UDP flow's packets
+/// in their order; a packet alone goes out untouched, and a merged write, cut again as the kernel
 /// cuts it, gives back exactly its packets but for IPv4's identification and header checksum,
 /// which the cut makes anew.
 pub fn coalesce(data: &[u8]) {
@@ -472,7 +472,7 @@ pub fn coalesce(data: &[u8]) {
         }
     }
     assert!(written.iter().all(|&w| w), "a packet not written");
-    let flows: Vec<Option<Vec<u8>>> = pkts.iter().map(|p| tcp_flow(p)).collect();
+    let flows: Vec<Option<Vec<u8>>> = pkts.iter().map(|p| flow(p)).collect();
     for (at, &a) in order.iter().enumerate() {
         for &b in &order[at + 1..] {
             let same = flows[a].is_some() && flows[a] == flows[b];
@@ -493,27 +493,28 @@ pub(crate) fn batch(data: &[u8]) -> Vec<Vec<u8>> {
     pkts
 }
 
-/// Addresses and ports of a well-formed TCP segment: its IP length field says its length and
-/// its TCP header fits.
-fn tcp_flow(p: &[u8]) -> Option<Vec<u8>> {
-    let (ip, addresses) = match p.first()? >> 4 {
-        4 if p.len() >= 20
-            && p[9] == 6
-            && usize::from(u16::from_be_bytes([p[2], p[3]])) == p.len() =>
-        {
-            (usize::from(p[0] & 0x0f) * 4, 12..20)
+/// Protocol, addresses and ports of a well-formed TCP segment (its IP length field says its
+/// length and its TCP header fits) or UDP datagram (its length field agrees).
+fn flow(p: &[u8]) -> Option<Vec<u8>> {
+    let (ip, protocol, addresses) = match p.first()? >> 4 {
+        4 if p.len() >= 20 && usize::from(u16::from_be_bytes([p[2], p[3]])) == p.len() => {
+            (usize::from(p[0] & 0x0f) * 4, p[9], 12..20)
         }
-        6 if p.len() >= 40
-            && p[6] == 6
-            && usize::from(u16::from_be_bytes([p[4], p[5]])) + 40 == p.len() =>
-        {
-            (40, 8..40)
+        6 if p.len() >= 40 && usize::from(u16::from_be_bytes([p[4], p[5]])) + 40 == p.len() => {
+            (40, p[6], 8..40)
         }
         _ => return None,
     };
-    let tcp = p.get(ip..).filter(|t| ip >= 20 && t.len() >= 20)?;
-    let tcp_len = usize::from(tcp[12] >> 4) * 4;
-    (tcp_len >= 20 && tcp_len <= tcp.len()).then(|| [&p[addresses], &tcp[..4]].concat())
+    let transport = p.get(ip..).filter(|t| ip >= 20 && t.len() >= 8)?;
+    let well_formed = match protocol {
+        6 => {
+            let tcp_len = usize::from(transport.get(12)? >> 4) * 4;
+            tcp_len >= 20 && tcp_len <= transport.len()
+        }
+        17 => usize::from(u16::from_be_bytes([transport[4], transport[5]])) == transport.len(),
+        _ => false,
+    };
+    well_formed.then(|| [&[protocol][..], &p[addresses], &transport[..4]].concat())
 }
 
 /// `p` with IPv4's identification and header checksum zeroed.
