@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Context, Result};
-use holdfast_lab::lab::{client_role, with_lab, Credential, Lab, LabSpec, SERVER};
+use holdfast_lab::lab::{
+    client_role, with_lab, Credential, Lab, LabSpec, SERVER, SERVER6, SERVER_NET, SERVER_NET6,
+};
 use holdfast_lab::netns::wait_until;
 use holdfast_lab::traffic;
 use holdfast_proto::lease::{parse_signing_key, LeaseClaim, LeaseTicket};
@@ -156,70 +158,80 @@ fn a_udp_flood_beyond_what_the_dn_forwards_keeps_the_session() {
     ignore = "needs root: the lab builds network namespaces"
 )]
 fn udp_datagrams_merged_on_the_way_arrive_whole_and_in_order() {
-    with_lab(LabSpec::default(), |lab| {
+    let spec = LabSpec {
+        dual_stack: true,
+        client_routes: vec![SERVER_NET.to_owned(), SERVER_NET6.to_owned()],
+        ..LabSpec::default()
+    };
+    with_lab(spec, |lab| {
         lab.start_client(1, &Credential::Issued("client1".into()))?;
         lab.wait_address(1, UP)?;
-        let count = 20_000u64;
-        let (count_arg, to) = (count.to_string(), format!("{SERVER}:5400"));
-        let hf_udp = lab.bin("hf-udp");
-        let tun_writes = |lab: &Lab| -> Result<u64> {
-            // The kernel counts one received packet per write to the device.
-            let out = lab.net.exec(
-                "dn1",
-                &["cat", "/sys/class/net/holdfast0/statistics/rx_packets"],
-            )?;
-            String::from_utf8_lossy(&out.stdout)
-                .trim()
-                .parse()
-                .context("rx_packets of the DN's TUN device")
-        };
-        let before = tun_writes(lab)?;
-        let receiver = lab
-            .net
-            .command(
-                "srv",
-                &[
-                    &hf_udp,
-                    "receive",
-                    "--bind",
-                    &format!("{SERVER}:5400"),
-                    "--count",
-                    &count_arg,
-                ],
-            )
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .context("cannot start hf-udp receive")?;
-        std::thread::sleep(Duration::from_millis(300));
-        // Bursts of 32 datagrams of 1200 bytes, 1 ms apart: about 300 Mbit/s, which the DN
-        // forwards without loss, in batches it can merge.
-        let sent = lab.net.exec(
-            "en1",
-            &[&hf_udp, "send", "--to", &to, "--count", &count_arg],
-        );
-        // The receiver ends on its own, when the stream is complete or has stopped.
-        let out = receiver.wait_with_output()?;
-        sent?;
-        let got: serde_json::Value =
-            serde_json::from_slice(&out.stdout).context("hf-udp receive printed no JSON")?;
-        let writes = tun_writes(lab)? - before;
-        eprintln!("UDP stream: {got}, {writes} writes to the DN's TUN device");
-        let received = figure(&got, "received")?;
-        ensure!(
-            figure(&got, "corrupt")? == 0 && figure(&got, "out_of_order")? == 0,
-            "datagrams came out changed or reordered: {got}"
-        );
-        ensure!(
-            received * 100 >= count * 99,
-            "{received} of {count} datagrams arrived"
-        );
-        // Merged: fewer writes than datagrams by half at least (one write each before).
-        ensure!(
-            writes * 2 <= received,
-            "{writes} writes for {received} datagrams: the DN did not merge them"
-        );
+        wait_until(UP, "the client's IPv6 address", || {
+            lab.en_status(1)
+                .is_ok_and(|s| s["address6"].as_str().is_some())
+        })?;
+        for to in [format!("{SERVER}:5400"), format!("[{SERVER6}]:5400")] {
+            udp_stream_arrives_merged(lab, &to)?;
+        }
         Ok(())
     });
+}
+
+/// 20,000 datagrams to `to` (the server) arrive whole and in order, and the DN wrote them
+/// merged.
+fn udp_stream_arrives_merged(lab: &mut Lab, to: &str) -> Result<()> {
+    let count = 20_000u64;
+    let count_arg = count.to_string();
+    let hf_udp = lab.bin("hf-udp");
+    let tun_writes = |lab: &Lab| -> Result<u64> {
+        // The kernel counts one received packet per write to the device.
+        let out = lab.net.exec(
+            "dn1",
+            &["cat", "/sys/class/net/holdfast0/statistics/rx_packets"],
+        )?;
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .context("rx_packets of the DN's TUN device")
+    };
+    let before = tun_writes(lab)?;
+    let receiver = lab
+        .net
+        .command(
+            "srv",
+            &[&hf_udp, "receive", "--bind", to, "--count", &count_arg],
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot start hf-udp receive")?;
+    std::thread::sleep(Duration::from_millis(300));
+    // Bursts of 32 datagrams of 1200 bytes, 1 ms apart: about 300 Mbit/s, which the DN
+    // forwards without loss, in batches it can merge.
+    let sent = lab
+        .net
+        .exec("en1", &[&hf_udp, "send", "--to", to, "--count", &count_arg]);
+    // The receiver ends on its own, when the stream is complete or has stopped.
+    let out = receiver.wait_with_output()?;
+    sent?;
+    let got: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("hf-udp receive printed no JSON")?;
+    let writes = tun_writes(lab)? - before;
+    eprintln!("UDP stream to {to}: {got}, {writes} writes to the DN's TUN device");
+    let received = figure(&got, "received")?;
+    ensure!(
+        figure(&got, "corrupt")? == 0 && figure(&got, "out_of_order")? == 0,
+        "datagrams to {to} came out changed or reordered: {got}"
+    );
+    ensure!(
+        received * 100 >= count * 99,
+        "{received} of {count} datagrams to {to} arrived"
+    );
+    // Merged: fewer writes than datagrams by half at least (one write each before).
+    ensure!(
+        writes * 2 <= received,
+        "{writes} writes for {received} datagrams to {to}: the DN did not merge them"
+    );
+    Ok(())
 }
 
 /// One figure of a status object (a session's `quic`, a daemon's `udp`).
