@@ -2,18 +2,19 @@
 //! (GRO).
 //!
 //! A TUN device with offloads takes a super-packet behind a header saying how to cut it again
-//! (the same header [`crate::offload`] reads); the receiving TCP stack then runs, and ACKs, once
-//! per super-packet instead of once per segment, and a UDP flow costs the kernel one write and
-//! one trip through routing per super-packet instead of per datagram (it is cut into datagrams
-//! again at the latest where a socket or a link without the offload takes it). [`Coalescer::plan`] groups a batch (it only
-//! reads the packets); the caller writes each group as [`Coalescer::header`] followed by
-//! [`Coalescer::payloads`] in one vectored write, so that no payload byte is copied on the way.
+//! (the same header [`crate::offload`] reads). The receiving TCP stack then runs, and ACKs, once
+//! per super-packet instead of once per segment; a UDP flow costs the kernel one write and one
+//! trip through routing per super-packet instead of per datagram (it is cut into datagrams
+//! again, at the latest where a socket or a link without the offload takes it).
+//! [`Coalescer::plan`] groups a batch (it only reads the packets); the caller writes each group
+//! as [`Coalescer::header`] followed by [`Coalescer::payloads`] in one vectored write, so that
+//! no payload byte is copied on the way.
 //!
 //! Segments merge only where the kernel's cut gives them back as they came: the same flow and
 //! headers, equal sizes but for a shorter last one; for TCP, sequence numbers that follow each
-//! other and nothing but ACK (and PSH on the last). Each merged segment's checksum is checked first: the
-//! kernel trusts a super-packet's checksum to be made fresh, so a segment corrupted before it
-//! reached us is written alone, for the receiver to drop, rather than laundered.
+//! other and nothing but ACK (and PSH on the last). Each merged segment's checksum is checked
+//! first: the kernel trusts a super-packet's checksum to be made fresh, so a segment corrupted
+//! before it reached us is written alone, for the receiver to drop, rather than laundered.
 
 use crate::offload::{Gso, OffloadHeader, OFFLOAD_HEADER_LEN, TCP_FLAGS, TCP_PSH};
 use crate::packet::{fold, sum, PROTO_TCP, PROTO_UDP};
@@ -354,20 +355,20 @@ fn same_flow(a: &[u8], sa: &Segment, b: &[u8], sb: &Segment) -> bool {
 /// checksum; UDP's length and checksum.
 fn same_headers(a: &[u8], head: &Segment, b: &[u8]) -> bool {
     let ip = head.ip_len;
-    let tcp_len = head.l4_len;
+    let l4_len = head.l4_len;
     let ip_same = if head.v6 {
         a[..4] == b[..4] && a[6..40] == b[6..40]
     } else {
         a[..2] == b[..2] && a[6..10] == b[6..10] && a[12..ip] == b[12..ip]
     };
-    // Both hold `ip + tcp_len` bytes of headers (the caller checked their lengths match).
-    ip_same
-        // Ports; for TCP, acknowledgement, header length; window; urgent pointer and options.
-        && a[ip..ip + 4] == b[ip..ip + 4]
-        && (head.udp
-            || a[ip + 8..ip + 13] == b[ip + 8..ip + 13]
-        && a[ip + 14..ip + 16] == b[ip + 14..ip + 16]
-                && a[ip + 18..ip + tcp_len] == b[ip + 18..ip + tcp_len])
+    // Both hold `ip + l4_len` bytes of headers (the caller checked their lengths match).
+    let ports_same = a[ip..ip + 4] == b[ip..ip + 4];
+    // TCP's acknowledgement, header length; window; urgent pointer and options.
+    let tcp_same = head.udp
+        || (a[ip + 8..ip + 13] == b[ip + 8..ip + 13]
+            && a[ip + 14..ip + 16] == b[ip + 14..ip + 16]
+            && a[ip + 18..ip + l4_len] == b[ip + 18..ip + l4_len]);
+    ip_same && ports_same && tcp_same
 }
 
 /// The segment's checksums are right: the transport's, and IPv4's over its header, which the
