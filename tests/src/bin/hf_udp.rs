@@ -22,10 +22,13 @@ struct Cli {
 enum Command {
     /// Send COUNT datagrams of SIZE bytes to ADDRESS:PORT, BURST at a time with a pause between.
     Send {
+        /// Where to send: ADDRESS:PORT (an IPv6 address in brackets).
         #[arg(long)]
         to: SocketAddr,
+        /// Datagrams to send, numbered from 0.
         #[arg(long, default_value_t = 10_000)]
         count: u64,
+        /// Bytes per datagram: its number (8 bytes), then bytes that depend on the number.
         #[arg(long, default_value_t = 1200)]
         size: usize,
         /// Datagrams sent back to back before each pause.
@@ -38,10 +41,13 @@ enum Command {
     /// Receive on ADDRESS:PORT until COUNT datagrams came or none came for IDLE_MS, then print
     /// what arrived as JSON.
     Receive {
+        /// Where to listen: ADDRESS:PORT (an IPv6 address in brackets).
         #[arg(long)]
         bind: SocketAddr,
+        /// Datagrams expected: the stream is complete when this many came.
         #[arg(long, default_value_t = 10_000)]
         count: u64,
+        /// Bytes per datagram, as sent; a datagram of another length counts as corrupt.
         #[arg(long, default_value_t = 1200)]
         size: usize,
         /// Ends the stream when nothing came for this long (after the first datagram, or from
