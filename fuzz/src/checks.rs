@@ -436,7 +436,7 @@ pub fn coalesce(data: &[u8]) {
     let mut c = Coalescer::default();
     let mut written = vec![false; pkts.len()];
     let mut order = Vec::new();
-    for k in 0..c.plan(&pkts) {
+    for k in 0..c.plan(&pkts, true) {
         let members: Vec<usize> = c.indices(k).collect();
         assert_eq!(members.len(), c.members(k));
         for &i in &members {

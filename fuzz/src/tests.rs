@@ -63,7 +63,7 @@ fn seeds_decode_and_verify() {
             }
             "coalesce" => {
                 let pkts = crate::checks::batch(&bytes);
-                let writes = Coalescer::default().plan(&pkts);
+                let writes = Coalescer::default().plan(&pkts, true);
                 assert!(writes < pkts.len(), "{name}: nothing merges");
             }
             _ => {}

@@ -16,7 +16,10 @@
 //! first: the kernel trusts a super-packet's checksum to be made fresh, so a segment corrupted
 //! before it reached us is written alone, for the receiver to drop, rather than laundered.
 
-use crate::offload::{Gso, OffloadHeader, OFFLOAD_HEADER_LEN, TCP_FLAGS, TCP_PSH};
+use crate::offload::{
+    Gso, OffloadHeader, OFFLOAD_HEADER_LEN, TCP_CHECKSUM, TCP_FLAGS, TCP_PSH, UDP_CHECKSUM,
+    UDP_HEADER,
+};
 use crate::packet::{fold, sum, PROTO_TCP, PROTO_UDP};
 
 /// Most segments merged into one write.
@@ -29,9 +32,6 @@ const LOOK_BACK: usize = 8;
 const MAX_IP: usize = 65535;
 const END: u32 = u32::MAX;
 const TCP_ACK: u8 = 0x10;
-const TCP_CHECKSUM: u16 = 16;
-const UDP_HEADER: usize = 8;
-const UDP_CHECKSUM: u16 = 6;
 
 /// What a write needs of a TCP segment or a UDP datagram.
 #[derive(Clone, Copy, Debug)]
@@ -152,36 +152,20 @@ impl Group {
 }
 
 /// Plans the writes of a batch. Keeps its buffers from batch to batch: no allocation once warm.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Coalescer {
     /// For each packet of the batch, the next member of its group, or `END`.
     next: Vec<u32>,
     groups: Vec<Group>,
-    udp: bool,
-}
-
-impl Default for Coalescer {
-    /// Merges TCP and UDP.
-    fn default() -> Self {
-        Self {
-            next: Vec::new(),
-            groups: Vec::new(),
-            udp: true,
-        }
-    }
 }
 
 impl Coalescer {
-    /// Whether UDP datagrams merge too: only where the device takes UDP super-packets (Linux
-    /// 6.2 and later), which would otherwise refuse each such write whole.
-    pub fn set_udp(&mut self, merge: bool) {
-        self.udp = merge;
-    }
-
     /// Groups `pkts` (whole IP packets) into writes and returns how many. Writing the groups in
     /// order keeps every flow's packets in order; packets of different flows may pass each
-    /// other, as they may on any link.
-    pub fn plan<P: AsRef<[u8]>>(&mut self, pkts: &[P]) -> usize {
+    /// other, as they may on any link. UDP datagrams merge only with `udp`: where the device
+    /// takes UDP super-packets (Linux 6.2 and later), which would otherwise refuse each such
+    /// write whole.
+    pub fn plan<P: AsRef<[u8]>>(&mut self, pkts: &[P], udp: bool) -> usize {
         self.groups.clear();
         self.next.clear();
         self.next.resize(pkts.len(), END);
@@ -189,7 +173,7 @@ impl Coalescer {
             let pkt = pkt.as_ref();
             let segment = Segment::parse(pkt);
             if let Some(s) = segment {
-                if let Some(g) = self.joinable(pkts, pkt, &s) {
+                if let Some(g) = self.joinable(pkts, pkt, &s, udp) {
                     let group = &mut self.groups[g];
                     self.next[group.last as usize] = i as u32;
                     group.last = i as u32;
@@ -218,7 +202,13 @@ impl Coalescer {
     /// The group `pkt` (parsed as `s`) may join: the latest one of its flow, if that can take
     /// it. A segment never joins an earlier group of its flow, which would put it ahead of
     /// packets of the flow written between.
-    fn joinable<P: AsRef<[u8]>>(&self, pkts: &[P], pkt: &[u8], s: &Segment) -> Option<usize> {
+    fn joinable<P: AsRef<[u8]>>(
+        &self,
+        pkts: &[P],
+        pkt: &[u8],
+        s: &Segment,
+        udp: bool,
+    ) -> Option<usize> {
         let from = self.groups.len().saturating_sub(LOOK_BACK);
         let g = (from..self.groups.len()).rev().find(|&g| {
             self.groups[g].head.is_some_and(|head| {
@@ -230,7 +220,7 @@ impl Coalescer {
         let first = pkts[group.first as usize].as_ref();
         let fits = head.mergeable
             && s.mergeable
-            && (self.udp || !s.udp)
+            && (udp || !s.udp)
             && group.members < MAX_SEGMENTS
             && !group.last_psh
             // Every segment but the last is as long as the first.
@@ -510,7 +500,7 @@ mod tests {
         #[test]
         fn the_kernel_gets_back_every_packet_in_its_flows_order(pkts in batch()) {
             let mut c = Coalescer::default();
-            let writes = c.plan(&pkts);
+            let writes = c.plan(&pkts, true);
             prop_assert!(writes <= pkts.len());
             let out: Vec<Vec<u8>> = written(&c, &pkts).into_iter().flatten().collect();
             prop_assert_eq!(out.len(), pkts.len());
@@ -531,7 +521,7 @@ mod tests {
         #[test]
         fn merged_headers_are_valid(pkts in batch()) {
             let mut c = Coalescer::default();
-            for k in 0..c.plan(&pkts) {
+            for k in 0..c.plan(&pkts, true) {
                 if c.members(k) < 2 {
                     continue;
                 }
@@ -558,7 +548,7 @@ mod tests {
         fn any_batch_is_planned(pkts in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..120), 0..20)) {
             let mut c = Coalescer::default();
             let mut written = 0;
-            for k in 0..c.plan(&pkts) {
+            for k in 0..c.plan(&pkts, true) {
                 let mut header = [0u8; MAX_WRITE_HEADER];
                 c.header(k, &pkts, &mut header);
                 written += c.payloads(k, &pkts).count();
@@ -575,7 +565,7 @@ mod tests {
             .collect();
         let mut c = Coalescer::default();
         // 65535 bytes hold 48 segments of 1362 behind 52 bytes of headers.
-        assert_eq!(c.plan(&pkts), 3);
+        assert_eq!(c.plan(&pkts, true), 3);
         assert_eq!(
             (0..3).map(|k| c.members(k)).collect::<Vec<_>>(),
             [48, 48, 4]
@@ -589,7 +579,7 @@ mod tests {
             // A shorter one ends a write; the next starts another.
             pkts.insert(70, datagram(0, v6, &[9; 300]));
             let mut c = Coalescer::default();
-            assert_eq!(c.plan(&pkts), 3);
+            assert_eq!(c.plan(&pkts, true), 3);
             assert_eq!(
                 (0..3).map(|k| c.members(k)).collect::<Vec<_>>(),
                 [MAX_SEGMENTS, 7, 10]
@@ -613,12 +603,11 @@ mod tests {
             datagram(0, false, &[1; 1000]),
         ];
         let mut c = Coalescer::default();
-        assert_eq!(c.plan(&pkts), 4);
+        assert_eq!(c.plan(&pkts, true), 4);
         // A device without UDP offloads gets each datagram alone.
         let stream: Vec<Vec<u8>> = (0..4).map(|_| datagram(0, true, &[1; 1000])).collect();
-        assert_eq!(c.plan(&stream), 1);
-        c.set_udp(false);
-        assert_eq!(c.plan(&stream), 4);
+        assert_eq!(c.plan(&stream, true), 1);
+        assert_eq!(c.plan(&stream, false), 4);
     }
 
     #[test]
@@ -630,7 +619,7 @@ mod tests {
         pkts[2][last] ^= 1;
         let mut c = Coalescer::default();
         // The two before merge; the bad one goes alone; the one after cannot follow it.
-        assert_eq!(c.plan(&pkts), 3);
+        assert_eq!(c.plan(&pkts, true), 3);
         assert_eq!((0..3).map(|k| c.members(k)).collect::<Vec<_>>(), [2, 1, 1]);
         let alone: Vec<&[u8]> = c.payloads(1, &pkts).collect();
         assert_eq!(alone, [pkts[2].as_slice()]);
@@ -644,16 +633,16 @@ mod tests {
             segment(0, false, 1000, TCP_ACK, &[1; 500]),
             segment(0, false, 1500, TCP_ACK, &[1; 500]),
         ];
-        assert_eq!(c.plan(&short), 2);
+        assert_eq!(c.plan(&short, true), 2);
         let push = [
             segment(0, false, 0, TCP_ACK | TCP_PSH, &[1; 1000]),
             segment(0, false, 1000, TCP_ACK, &[1; 1000]),
         ];
-        assert_eq!(c.plan(&push), 2);
+        assert_eq!(c.plan(&push, true), 2);
         let gap = [
             segment(0, false, 0, TCP_ACK, &[1; 1000]),
             segment(0, false, 2000, TCP_ACK, &[1; 1000]),
         ];
-        assert_eq!(c.plan(&gap), 2);
+        assert_eq!(c.plan(&gap, true), 2);
     }
 }

@@ -48,6 +48,10 @@ pub(crate) const TCP_FLAGS: usize = 13;
 const TCP_FIN: u8 = 0x01;
 pub(crate) const TCP_PSH: u8 = 0x08;
 const TCP_CWR: u8 = 0x80;
+/// Where TCP's and UDP's headers hold their checksums.
+pub(crate) const TCP_CHECKSUM: u16 = 16;
+pub(crate) const UDP_CHECKSUM: u16 = 6;
+pub(crate) const UDP_HEADER: usize = 8;
 /// Room for the headers each segment repeats: IPv6 with extensions and the largest TCP header.
 const MAX_HEADERS: usize = 256;
 
@@ -158,7 +162,7 @@ pub fn split(
                 .map_or(0, |offset| usize::from(offset >> 4) * 4),
             20,
         ),
-        _ => (8, 8),
+        _ => (UDP_HEADER, UDP_HEADER),
     };
     let headers = ip_len + transport_len;
     let min_ip = if is_v6 { 40 } else { 20 };
@@ -182,7 +186,12 @@ pub fn split(
         packet[ip_len + 7],
     ]);
     let gso_size = usize::from(hdr.gso_size);
-    let checksum_at = ip_len + if protocol == PROTO_TCP { 16 } else { 6 };
+    let checksum_at = ip_len
+        + usize::from(if protocol == PROTO_TCP {
+            TCP_CHECKSUM
+        } else {
+            UDP_CHECKSUM
+        });
     let mut out = [0u8; MAX_HEADERS];
     out[..headers].copy_from_slice(&packet[..headers]);
     let payload = &packet[headers..];

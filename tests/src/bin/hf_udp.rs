@@ -66,7 +66,12 @@ fn fill(seq: u64, buf: &mut [u8]) {
 }
 
 fn main() -> Result<()> {
-    match Cli::parse().command {
+    let command = Cli::parse().command;
+    let (Command::Send { size, .. } | Command::Receive { size, .. }) = command;
+    if size < 8 {
+        bail!("--size must be at least 8 (the sequence number)");
+    }
+    match command {
         Command::Send {
             to,
             count,
@@ -74,9 +79,6 @@ fn main() -> Result<()> {
             burst,
             pause_us,
         } => {
-            if size < 8 {
-                bail!("--size must be at least 8 (the sequence number)");
-            }
             let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
             let socket = UdpSocket::bind(bind).context("cannot bind the sending socket")?;
             let mut buf = vec![0u8; size];
@@ -103,7 +105,7 @@ fn main() -> Result<()> {
             let (mut received, mut corrupt, mut out_of_order) = (0u64, 0u64, 0u64);
             let mut next = 0u64;
             let mut buf = vec![0u8; 65536];
-            let mut expected = vec![0u8; size.max(8)];
+            let mut expected = vec![0u8; size];
             let mut last = Instant::now();
             while received < count && last.elapsed() < Duration::from_millis(idle_ms) {
                 let n = match socket.recv(&mut buf) {
@@ -120,14 +122,13 @@ fn main() -> Result<()> {
                 };
                 last = Instant::now();
                 received += 1;
-                let Some(seq) = buf
-                    .get(..8)
-                    .filter(|_| n == size)
-                    .map(|b| u64::from_be_bytes(b.try_into().unwrap_or_default()))
-                else {
+                if n != size {
                     corrupt += 1;
                     continue;
-                };
+                }
+                let mut number = [0u8; 8];
+                number.copy_from_slice(&buf[..8]);
+                let seq = u64::from_be_bytes(number);
                 fill(seq, &mut expected);
                 if buf[..n] != expected[..] {
                     corrupt += 1;

@@ -213,8 +213,7 @@ impl Writer {
     /// write is vectored: the headers, then the segments' payloads where they lie, so no
     /// payload byte is copied here. Everything else is written as it came.
     pub async fn send(&mut self, tun: &Tun, pkts: &[Bytes]) -> io::Result<()> {
-        self.coalescer.set_udp(tun.udp_offload);
-        let writes = self.coalescer.plan(pkts);
+        let writes = self.coalescer.plan(pkts, tun.udp_offload);
         let mut header = [0u8; MAX_WRITE_HEADER];
         for k in 0..writes {
             let len = self.coalescer.header(k, pkts, &mut header);
