@@ -233,6 +233,19 @@ impl Netns {
         }
         self.namespaces.push(name.clone());
         self.exec(role, &["ip", "link", "set", "lo", "up"])?;
+        // Links made here from now on skip duplicate address detection for their link-local
+        // addresses too (global ones are added with `nodad`): otherwise IPv6 neighbours stay
+        // unresolvable for a second or two after a lab comes up, and what is sent meanwhile
+        // is lost.
+        self.exec(
+            role,
+            &[
+                "sh",
+                "-c",
+                "echo 0 > /proc/sys/net/ipv6/conf/default/accept_dad && \
+                 echo 0 > /proc/sys/net/ipv6/conf/all/accept_dad",
+            ],
+        )?;
         Ok(name)
     }
 
