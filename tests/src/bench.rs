@@ -72,7 +72,8 @@ pub struct Options {
     pub setups: Vec<Setup>,
     /// The UDP test's offered rate (iperf3's `-b`).
     pub udp_rate: String,
-    /// Whole benches to run, each in a fresh lab; the report gives each figure's median.
+    /// Whole benches to run, each in a fresh lab; the report gives each figure's median and
+    /// each ratio's median over the runs.
     pub runs: usize,
 }
 
@@ -483,14 +484,45 @@ impl Report {
         })
     }
 
-    fn figures(&self, setup: Setup) -> Option<&Figures> {
-        self.measured().find(|(s, _)| *s == setup).map(|(_, f)| f)
+    /// `a`'s figure as a percentage of `b`'s, where both were measured (see [`Report::ratio`]).
+    fn percent(&self, a: Setup, b: Setup, figure: fn(&Figures) -> f64) -> Option<f64> {
+        self.ratio(|run| {
+            let (a, b) = (figure(measured_in(run, a)?), figure(measured_in(run, b)?));
+            (b > 0.0).then(|| 100.0 * a / b)
+        })
     }
 
-    /// `a`'s figure as a percentage of `b`'s, where both were measured.
-    fn percent(&self, a: Setup, b: Setup, figure: fn(&Figures) -> f64) -> Option<f64> {
-        let (a, b) = (figure(self.figures(a)?), figure(self.figures(b)?));
-        (b > 0.0).then(|| 100.0 * a / b)
+    /// A ratio taken within each run, and its median over the runs: the two figures of a run
+    /// were measured in one lab a minute apart, while the machine's speed drifts by tens of
+    /// percent between runs, so a ratio of two medians (taken from different runs) would
+    /// carry that drift.
+    fn ratio(&self, of_run: impl Fn(&[(Setup, Outcome)]) -> Option<f64>) -> Option<f64> {
+        let ratios: Vec<f64> = self
+            .per_run
+            .iter()
+            .filter_map(|run| of_run(run))
+            .filter(|r| r.is_finite())
+            .collect();
+        (!ratios.is_empty()).then(|| median_of(&ratios))
+    }
+
+    /// Holdfast's four-stream upload over its one-stream upload.
+    fn streams4_to_one(&self) -> Option<f64> {
+        self.ratio(|run| {
+            let h = measured_in(run, Setup::Holdfast)?;
+            (h.mbps > 0.0).then(|| h.streams4_mbps / h.mbps)
+        })
+    }
+
+    /// Holdfast's `figure` over `peer`'s.
+    fn holdfast_to(&self, peer: Setup, figure: fn(&Figures) -> f64) -> Option<f64> {
+        self.ratio(|run| {
+            let (h, p) = (
+                figure(measured_in(run, Setup::Holdfast)?),
+                figure(measured_in(run, peer)?),
+            );
+            (p > 0.0).then(|| h / p)
+        })
     }
 
     fn chart(
@@ -506,6 +538,14 @@ impl Report {
             .collect();
         crate::plot::bars(path, title, unit, &bars)
     }
+}
+
+/// `setup`'s figures in one run, if it was measured there.
+fn measured_in(run: &[(Setup, Outcome)], setup: Setup) -> Option<&Figures> {
+    run.iter().find_map(|(s, o)| match o {
+        Outcome::Measured(f) if *s == setup => Some(f),
+        _ => None,
+    })
 }
 
 /// `{setup}_{figure}` for every measured setup's figures, and `skipped` with the reasons.
@@ -615,7 +655,6 @@ impl crate::experiment::Report for Report {
     }
 
     fn json(&self) -> serde_json::Value {
-        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
         let mut m = serde_json::Map::new();
         m.insert("seconds".into(), self.seconds.into());
         m.insert("udp_rate".into(), self.udp_rate.clone().into());
@@ -638,19 +677,22 @@ impl crate::experiment::Report for Report {
             "holdfast_reverse_percent_of_veth".into(),
             pct(Setup::Holdfast, Setup::Veth, reverse).into(),
         );
-        if let Some(h) = self.figures(Setup::Holdfast) {
+        // Present whenever their setups were measured (null when a ratio cannot be taken).
+        let measured = |setup| self.measured().any(|(s, _)| s == setup);
+        if measured(Setup::Holdfast) {
             m.insert(
                 "holdfast_streams4_to_one".into(),
-                ratio(h.streams4_mbps, h.mbps).into(),
+                self.streams4_to_one().into(),
             );
-            if let Some(w) = self.figures(Setup::WireguardGo) {
+            if measured(Setup::WireguardGo) {
+                let to_wg = |figure| self.holdfast_to(Setup::WireguardGo, figure);
                 m.insert(
                     "throughput_ratio_holdfast_to_wireguard_go".into(),
-                    ratio(h.mbps, w.mbps).into(),
+                    to_wg(forward).into(),
                 );
                 m.insert(
                     "rtt_p50_ratio_holdfast_to_wireguard_go".into(),
-                    ratio(h.rtt_p50_us, w.rtt_p50_us).into(),
+                    to_wg(|f| f.rtt_p50_us).into(),
                 );
             }
         }
@@ -698,28 +740,26 @@ impl crate::experiment::Report for Report {
             self.seconds, self.udp_rate
         );
         if self.runs > 1 {
-            out += &format!("Each figure is the median of {} runs.\n", self.runs);
+            out += &format!(
+                "Each figure is the median of {} runs; each ratio below the median of the runs' own ratios.\n",
+                self.runs
+            );
         }
         let pct = |figure| self.percent(Setup::Holdfast, Setup::Veth, figure);
         if let (Some(up), Some(down)) = (pct(forward), pct(reverse)) {
             out += &format!("holdfast, one stream: {up:.1}% of veth up, {down:.1}% down\n");
         }
-        if let Some(h) = self.figures(Setup::Holdfast) {
-            if h.mbps > 0.0 {
-                out += &format!(
-                    "holdfast, four streams: x{:.2} of one\n",
-                    h.streams4_mbps / h.mbps
-                );
-            }
+        if let Some(x) = self.streams4_to_one() {
+            out += &format!("holdfast, four streams: x{x:.2} of one\n");
         }
         for peer in [Setup::WireguardGo, Setup::Boringtun] {
-            if let (Some(h), Some(w)) = (self.figures(Setup::Holdfast), self.figures(peer)) {
+            let to = |figure| self.holdfast_to(peer, figure);
+            if let (Some(up), Some(down), Some(rtt)) =
+                (to(forward), to(reverse), to(|f| f.rtt_p50_us))
+            {
                 out += &format!(
-                    "holdfast / {}: throughput x{:.2} up, x{:.2} down, RTT p50 x{:.2}\n",
+                    "holdfast / {}: throughput x{up:.2} up, x{down:.2} down, RTT p50 x{rtt:.2}\n",
                     peer.label(),
-                    h.mbps / w.mbps,
-                    h.reverse_mbps / w.reverse_mbps,
-                    h.rtt_p50_us / w.rtt_p50_us
                 );
             }
         }
@@ -730,5 +770,79 @@ impl crate::experiment::Report for Report {
     /// reported as skipped).
     fn errors(&self) -> &[String] {
         &[]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn figures(mbps: f64, reverse_mbps: f64, streams4_mbps: f64) -> Figures {
+        Figures {
+            mbps,
+            reverse_mbps,
+            streams4_mbps,
+            udp_mbps: 0.0,
+            udp_lost_percent: 0.0,
+            rtt_p50_us: 100.0,
+            rtt_p99_us: 100.0,
+            loaded_rtt_p50_us: 100.0,
+            loaded_rtt_p99_us: 100.0,
+            cpu_s_per_gb: None,
+            reverse_cpu_s_per_gb: None,
+        }
+    }
+
+    /// Runs of (Holdfast up, veth up), in a report as `run_all` makes it.
+    fn report(runs: &[(f64, f64)]) -> Report {
+        let per_run: Vec<Vec<(Setup, Outcome)>> = runs
+            .iter()
+            .map(|&(h, v)| {
+                vec![
+                    (Setup::Holdfast, Outcome::Measured(figures(h, h, 2.0 * h))),
+                    (Setup::Veth, Outcome::Measured(figures(v, v, 4.0 * v))),
+                ]
+            })
+            .collect();
+        let setups = [Setup::Holdfast, Setup::Veth]
+            .into_iter()
+            .enumerate()
+            .map(|(i, setup)| {
+                let all: Vec<Figures> = per_run
+                    .iter()
+                    .filter_map(|run| match &run[i].1 {
+                        Outcome::Measured(f) => Some(f.clone()),
+                        Outcome::Skipped(_) => None,
+                    })
+                    .collect();
+                (setup, Outcome::Measured(Figures::median(&all)))
+            })
+            .collect();
+        Report {
+            seconds: 5,
+            udp_rate: "1G".into(),
+            runs: runs.len(),
+            setups,
+            per_run,
+        }
+    }
+
+    #[test]
+    fn a_share_of_veth_is_the_median_of_each_runs_own_share() {
+        // Shares 12.5%, 30% and 33.3%: their median is 30%; the ratio of the medians
+        // (3000 / 12000 = 25%) would mix figures of different runs.
+        let r = report(&[(2000.0, 16000.0), (3000.0, 10000.0), (4000.0, 12000.0)]);
+        let up = r.percent(Setup::Holdfast, Setup::Veth, forward);
+        assert_eq!(up.map(|p| (p * 10.0).round() / 10.0), Some(30.0));
+        assert_eq!(r.streams4_to_one(), Some(2.0));
+    }
+
+    #[test]
+    fn a_setup_missing_from_a_run_leaves_that_run_out() {
+        let mut r = report(&[(3000.0, 10000.0), (1000.0, 10000.0)]);
+        r.per_run[1].retain(|(s, _)| *s != Setup::Veth);
+        let up = r.percent(Setup::Holdfast, Setup::Veth, forward);
+        assert_eq!(up.map(|p| p.round()), Some(30.0));
+        assert_eq!(r.holdfast_to(Setup::WireguardGo, forward), None);
     }
 }

@@ -90,7 +90,8 @@ enum Command {
         #[arg(long, default_value = "1G")]
         udp_rate: String,
         /// Run the whole bench N times, each in a fresh lab, and report each figure's median
-        /// (`--json` adds every run's figures under `per_run`).
+        /// and each ratio (share of veth, four streams to one, Holdfast to a peer) as the
+        /// median of the runs' own ratios (`--json` adds every run's figures under `per_run`).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
         runs: u64,
         /// Write bench.csv and bar charts (SVG) of throughput and RTT into DIR.
