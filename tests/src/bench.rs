@@ -484,12 +484,17 @@ impl Report {
         })
     }
 
-    /// `a`'s figure as a percentage of `b`'s, where both were measured (see [`Report::ratio`]).
-    fn percent(&self, a: Setup, b: Setup, figure: fn(&Figures) -> f64) -> Option<f64> {
+    /// `a`'s figure over `b`'s, where both were measured (see [`Report::ratio`]).
+    fn between(&self, a: Setup, b: Setup, figure: fn(&Figures) -> f64) -> Option<f64> {
         self.ratio(|run| {
             let (a, b) = (figure(measured_in(run, a)?), figure(measured_in(run, b)?));
-            (b > 0.0).then(|| 100.0 * a / b)
+            (b > 0.0).then(|| a / b)
         })
+    }
+
+    /// `a`'s figure as a percentage of `b`'s.
+    fn percent(&self, a: Setup, b: Setup, figure: fn(&Figures) -> f64) -> Option<f64> {
+        self.between(a, b, figure).map(|r| 100.0 * r)
     }
 
     /// A ratio taken within each run, and its median over the runs: the two figures of a run
@@ -511,17 +516,6 @@ impl Report {
         self.ratio(|run| {
             let h = measured_in(run, Setup::Holdfast)?;
             (h.mbps > 0.0).then(|| h.streams4_mbps / h.mbps)
-        })
-    }
-
-    /// Holdfast's `figure` over `peer`'s.
-    fn holdfast_to(&self, peer: Setup, figure: fn(&Figures) -> f64) -> Option<f64> {
-        self.ratio(|run| {
-            let (h, p) = (
-                figure(measured_in(run, Setup::Holdfast)?),
-                figure(measured_in(run, peer)?),
-            );
-            (p > 0.0).then(|| h / p)
         })
     }
 
@@ -685,7 +679,7 @@ impl crate::experiment::Report for Report {
                 self.streams4_to_one().into(),
             );
             if measured(Setup::WireguardGo) {
-                let to_wg = |figure| self.holdfast_to(Setup::WireguardGo, figure);
+                let to_wg = |figure| self.between(Setup::Holdfast, Setup::WireguardGo, figure);
                 m.insert(
                     "throughput_ratio_holdfast_to_wireguard_go".into(),
                     to_wg(forward).into(),
@@ -753,7 +747,7 @@ impl crate::experiment::Report for Report {
             out += &format!("holdfast, four streams: x{x:.2} of one\n");
         }
         for peer in [Setup::WireguardGo, Setup::Boringtun] {
-            let to = |figure| self.holdfast_to(peer, figure);
+            let to = |figure| self.between(Setup::Holdfast, peer, figure);
             if let (Some(up), Some(down), Some(rtt)) =
                 (to(forward), to(reverse), to(|f| f.rtt_p50_us))
             {
@@ -843,6 +837,9 @@ mod tests {
         r.per_run[1].retain(|(s, _)| *s != Setup::Veth);
         let up = r.percent(Setup::Holdfast, Setup::Veth, forward);
         assert_eq!(up.map(|p| p.round()), Some(30.0));
-        assert_eq!(r.holdfast_to(Setup::WireguardGo, forward), None);
+        assert_eq!(
+            r.between(Setup::Holdfast, Setup::WireguardGo, forward),
+            None
+        );
     }
 }

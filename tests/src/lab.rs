@@ -37,7 +37,7 @@ pub fn dn_pool6(k: usize) -> String {
 }
 
 /// Adds an IPv6 address to `dev` in `role`, usable at once (no duplicate address detection).
-fn add_v6(net: &Netns, role: &str, address: &str, dev: &str) -> Result<()> {
+pub(crate) fn add_v6(net: &Netns, role: &str, address: &str, dev: &str) -> Result<()> {
     net.exec(
         role,
         &["ip", "-6", "addr", "add", address, "dev", dev, "nodad"],

@@ -194,10 +194,7 @@ pub fn run_leak(lab: &mut Lab) -> Result<Leak> {
         (role.as_str(), "fd00:1::10/64", "to-dn"),
         (dn.as_str(), "fd00:1::2/64", "to-en1"),
     ] {
-        lab.net.exec(
-            ns,
-            &["ip", "-6", "addr", "add", address, "dev", dev, "nodad"],
-        )?;
+        crate::lab::add_v6(&lab.net, ns, address, dev)?;
     }
     lab.net.exec(
         &role,

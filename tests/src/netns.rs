@@ -236,15 +236,15 @@ impl Netns {
         // Links made here from now on skip duplicate address detection for their link-local
         // addresses too (global ones are added with `nodad`): otherwise IPv6 neighbours stay
         // unresolvable for a second or two after a lab comes up, and what is sent meanwhile
-        // is lost. A kernel without IPv6 has nothing to turn off.
+        // is lost. A kernel without IPv6 has nothing to turn off (`-e`).
         self.exec(
             role,
             &[
-                "sh",
-                "-c",
-                "[ ! -d /proc/sys/net/ipv6 ] || { \
-                 echo 0 > /proc/sys/net/ipv6/conf/default/accept_dad && \
-                 echo 0 > /proc/sys/net/ipv6/conf/all/accept_dad; }",
+                "sysctl",
+                "-e",
+                "-qw",
+                "net.ipv6.conf.default.accept_dad=0",
+                "net.ipv6.conf.all.accept_dad=0",
             ],
         )?;
         Ok(name)
