@@ -75,6 +75,9 @@ pub struct Options {
     /// Whole benches to run, each in a fresh lab; the report gives each figure's median and
     /// each ratio's median over the runs.
     pub runs: usize,
+    /// Confine the bench (the tunnel's daemons, iperf3 and ping) to this many cores; `None`:
+    /// every core this process may use.
+    pub cores: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -112,6 +115,8 @@ pub struct Report {
     pub udp_rate: String,
     /// Each figure is the median over this many runs.
     pub runs: usize,
+    /// The cores everything ran on.
+    pub cores: usize,
     pub setups: Vec<(Setup, Outcome)>,
     /// Every run's own figures, for the JSON (one entry when `runs` is 1).
     pub per_run: Vec<Vec<(Setup, Outcome)>>,
@@ -443,6 +448,10 @@ fn run_once(o: &Options) -> Result<Vec<(Setup, Outcome)>> {
 
 /// Runs the bench `o.runs` times, each in a fresh lab; the report's figures are the medians.
 pub fn run_all(o: &Options) -> Result<Report> {
+    let cores = match o.cores {
+        Some(n) => confine_to_cores(n)?.len(),
+        None => allowed_cores()?.len(),
+    };
     let runs = o.runs.max(1);
     let mut per_run = Vec::with_capacity(runs);
     for run in 1..=runs {
@@ -471,9 +480,48 @@ pub fn run_all(o: &Options) -> Result<Report> {
         seconds: o.seconds,
         udp_rate: o.udp_rate.clone(),
         runs,
+        cores,
         setups,
         per_run,
     })
+}
+
+/// The cores the calling thread may run on.
+fn allowed_cores() -> Result<Vec<usize>> {
+    // SAFETY: `cpu_set_t` is plain bits, and the kernel writes at most the size it is given.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("cannot read the CPU affinity");
+    }
+    Ok((0..libc::CPU_SETSIZE as usize)
+        .filter(|&core| unsafe { libc::CPU_ISSET(core, &set) })
+        .collect())
+}
+
+/// Confines the calling thread, and so every thread and process it starts from now on (the
+/// lab's daemons, iperf3 and ping), to the first `n` of the cores it may use; returns those.
+/// The same bench on fewer cores shows how each path's figures grow with cores.
+pub fn confine_to_cores(n: usize) -> Result<Vec<usize>> {
+    let allowed = allowed_cores()?;
+    anyhow::ensure!(
+        (1..=allowed.len()).contains(&n),
+        "cannot run on {n} cores: this process may use {} ({allowed:?})",
+        allowed.len()
+    );
+    let chosen = allowed[..n].to_vec();
+    // SAFETY: as in `allowed_cores`; every index is below CPU_SETSIZE.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &core in &chosen {
+        unsafe { libc::CPU_SET(core, &mut set) };
+    }
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("cannot confine the bench to cores {chosen:?}"));
+    }
+    Ok(chosen)
 }
 
 impl Report {
@@ -653,6 +701,7 @@ impl crate::experiment::Report for Report {
         m.insert("seconds".into(), self.seconds.into());
         m.insert("udp_rate".into(), self.udp_rate.clone().into());
         m.insert("runs".into(), self.runs.into());
+        m.insert("cores".into(), self.cores.into());
         m.extend(setups_json(&self.setups));
         if self.runs > 1 {
             let runs: Vec<serde_json::Value> = self
@@ -730,8 +779,12 @@ impl crate::experiment::Report for Report {
         }
         out += &format!(
             "\nTCP runs {} s each (the first omitted), UDP offered at {} in 1200-byte datagrams; \
-             RTT in microseconds, idle (200 pings) and during the upload.\n",
-            self.seconds, self.udp_rate
+             RTT in microseconds, idle (200 pings) and during the upload. Everything ran on {} \
+             core{}.\n",
+            self.seconds,
+            self.udp_rate,
+            self.cores,
+            if self.cores == 1 { "" } else { "s" }
         );
         if self.runs > 1 {
             out += &format!(
@@ -816,9 +869,30 @@ mod tests {
             seconds: 5,
             udp_rate: "1G".into(),
             runs: runs.len(),
+            cores: 2,
             setups,
             per_run,
         }
+    }
+
+    #[test]
+    fn the_bench_confines_itself_to_the_cores_asked_for() {
+        // On a thread of its own: affinity is per thread, and the test harness's others keep theirs.
+        std::thread::spawn(|| {
+            let all = allowed_cores().unwrap();
+            assert!(!all.is_empty());
+            assert!(confine_to_cores(0).is_err());
+            assert!(confine_to_cores(all.len() + 1).is_err());
+            assert_eq!(confine_to_cores(1).unwrap(), all[..1]);
+            assert_eq!(allowed_cores().unwrap(), all[..1]);
+            // What this thread starts inherits it.
+            let child = std::thread::spawn(|| allowed_cores().unwrap())
+                .join()
+                .unwrap();
+            assert_eq!(child, all[..1]);
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

@@ -143,6 +143,12 @@ fn the_bench_writes_its_csv_and_charts() {
     }
     assert!(j["holdfast_cpu_s_per_gb"].as_f64() > Some(0.0), "{j}");
     assert!(j["holdfast_percent_of_veth"].as_f64() > Some(0.0), "{j}");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(
+        j["cores"].as_u64(),
+        Some(cores as u64),
+        "every core by default: {j}"
+    );
     // boringtun is measured where scripts/install-deps.sh could build it, or says why not.
     assert!(
         j["boringtun_mbps"].as_f64() > Some(0.0) || j["skipped"]["boringtun"].is_string(),
@@ -166,7 +172,7 @@ fn the_bench_writes_its_csv_and_charts() {
     not(lab_root),
     ignore = "needs root: the lab builds network namespaces"
 )]
-fn the_bench_reports_each_figures_median_over_its_runs() {
+fn the_bench_reports_each_figures_median_over_its_runs_on_the_cores_asked_for() {
     if !have_root() {
         return;
     }
@@ -178,9 +184,12 @@ fn the_bench_reports_each_figures_median_over_its_runs() {
         "1",
         "--runs",
         "2",
+        "--cores",
+        "1",
         "--json",
     ]);
     assert_eq!(j["runs"], 2, "{j}");
+    assert_eq!(j["cores"], 1, "{j}");
     let runs = j["per_run"].as_array().expect("per_run");
     assert_eq!(runs.len(), 2, "{j}");
     let each: Vec<f64> = runs

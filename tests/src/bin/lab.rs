@@ -94,6 +94,11 @@ enum Command {
         /// median of the runs' own ratios (`--json` adds every run's figures under `per_run`).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
         runs: u64,
+        /// Run everything (the tunnels' daemons, iperf3, ping) on the first N cores this
+        /// process may use (default: all of them). The same bench with --cores 1 and without
+        /// shows how each path's figures grow with cores.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
+        cores: Option<u64>,
         /// Write bench.csv and bar charts (SVG) of throughput and RTT into DIR.
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
@@ -655,6 +660,7 @@ fn main() -> Result<()> {
             setups,
             udp_rate,
             runs,
+            cores,
             out,
             json,
         } => {
@@ -663,6 +669,7 @@ fn main() -> Result<()> {
                 setups,
                 udp_rate,
                 runs: runs as usize,
+                cores: cores.map(|n| n as usize),
             };
             finish(&bench::run_all(&options)?, json, out.as_deref())
         }
