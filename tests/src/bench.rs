@@ -448,10 +448,7 @@ fn run_once(o: &Options) -> Result<Vec<(Setup, Outcome)>> {
 
 /// Runs the bench `o.runs` times, each in a fresh lab; the report's figures are the medians.
 pub fn run_all(o: &Options) -> Result<Report> {
-    let cores = match o.cores {
-        Some(n) => confine_to_cores(n)?.len(),
-        None => allowed_cores()?.len(),
-    };
+    let cores = run_on_cores(o.cores)?;
     let runs = o.runs.max(1);
     let mut per_run = Vec::with_capacity(runs);
     for run in 1..=runs {
@@ -484,6 +481,21 @@ pub fn run_all(o: &Options) -> Result<Report> {
         setups,
         per_run,
     })
+}
+
+/// Confines what the calling thread starts from now on to the first `asked` cores (see
+/// [`confine_to_cores`]), or to every core it may use when `None`; returns how many that is.
+pub(crate) fn run_on_cores(asked: Option<usize>) -> Result<usize> {
+    Ok(match asked {
+        Some(n) => confine_to_cores(n)?.len(),
+        None => allowed_cores()?.len(),
+    })
+}
+
+/// The footer's words for where a measurement ran: "Everything ran on 2 cores."
+pub(crate) fn ran_on(cores: usize) -> String {
+    let plural = if cores == 1 { "" } else { "s" };
+    format!("Everything ran on {cores} core{plural}.")
 }
 
 /// The cores the calling thread may run on.
@@ -779,12 +791,10 @@ impl crate::experiment::Report for Report {
         }
         out += &format!(
             "\nTCP runs {} s each (the first omitted), UDP offered at {} in 1200-byte datagrams; \
-             RTT in microseconds, idle (200 pings) and during the upload. Everything ran on {} \
-             core{}.\n",
+             RTT in microseconds, idle (200 pings) and during the upload. {}\n",
             self.seconds,
             self.udp_rate,
-            self.cores,
-            if self.cores == 1 { "" } else { "s" }
+            ran_on(self.cores)
         );
         if self.runs > 1 {
             out += &format!(

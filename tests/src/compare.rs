@@ -23,6 +23,8 @@ pub struct Options {
     pub candidate: PathBuf,
     pub rounds: usize,
     pub seconds: u32,
+    /// Run both labs on this many cores (see [`bench::confine_to_cores`]); `None`: every core.
+    pub cores: Option<usize>,
 }
 
 /// One figure of one direction: what each build measured, round by round.
@@ -74,6 +76,8 @@ pub struct Report {
     pub baseline: PathBuf,
     pub candidate: PathBuf,
     pub seconds: u32,
+    /// The cores everything ran on.
+    pub cores: usize,
     pub up_mbps: Series,
     pub up_cpu: Series,
     pub down_mbps: Series,
@@ -126,8 +130,9 @@ impl Report {
         }
         let _ = writeln!(
             t,
-            "\nOne iperf3 stream, {} s each way per round through each build's own lab, in turn; medians, and the median of the rounds' paired changes. CPU counts en and dn.",
-            self.seconds
+            "\nOne iperf3 stream, {} s each way per round through each build's own lab, in turn; medians, and the median of the rounds' paired changes. CPU counts en and dn. {}",
+            self.seconds,
+            bench::ran_on(self.cores)
         );
         t
     }
@@ -153,6 +158,7 @@ impl Report {
             "baseline": self.baseline,
             "candidate": self.candidate,
             "seconds": self.seconds,
+            "cores": self.cores,
             "figures": figures,
         })
     }
@@ -188,11 +194,13 @@ impl Side {
 }
 
 pub fn run(o: &Options, progress: impl Fn(&str)) -> Result<Report> {
+    let cores = bench::run_on_cores(o.cores)?;
     let mut sides = [Side::start(&o.baseline)?, Side::start(&o.candidate)?];
     let mut report = Report {
         baseline: o.baseline.clone(),
         candidate: o.candidate.clone(),
         seconds: o.seconds,
+        cores,
         ..Report::default()
     };
     for round in 0..o.rounds {

@@ -226,8 +226,11 @@ fn lab_compare_measures_two_builds_in_turn() {
         "1",
         "--seconds",
         "2",
+        "--cores",
+        "1",
         "--json",
     ]);
+    assert_eq!(j["cores"], 1, "{j}");
     for figure in [
         "up_mbps",
         "up_cpu_s_per_gb",

@@ -131,6 +131,11 @@ enum Command {
         /// Seconds of each iperf3 run (the first is omitted, as in lab bench).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(2..=60))]
         seconds: u32,
+        /// Run both labs (daemons, iperf3) on the first N cores this process may use (default:
+        /// all of them). On one core throughput follows the CPU cost per byte, without the
+        /// two cores taking turns.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
+        cores: Option<u64>,
         /// Print one JSON object instead of the table.
         #[arg(long)]
         json: bool,
@@ -605,6 +610,7 @@ fn main() -> Result<()> {
             candidate,
             rounds,
             seconds,
+            cores,
             json,
         } => {
             let candidate = match candidate {
@@ -616,6 +622,7 @@ fn main() -> Result<()> {
                 candidate,
                 rounds: rounds as usize,
                 seconds,
+                cores: cores.map(|n| n as usize),
             };
             let report = compare::run(&options, |step| eprintln!("lab compare: {step}"))?;
             if json {
