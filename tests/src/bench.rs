@@ -499,7 +499,7 @@ pub(crate) fn ran_on(cores: usize) -> String {
 }
 
 /// The cores the calling thread may run on.
-fn allowed_cores() -> Result<Vec<usize>> {
+pub fn allowed_cores() -> Result<Vec<usize>> {
     // SAFETY: `cpu_set_t` is plain bits, and the kernel writes at most the size it is given.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     let rc =

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use holdfast_lab::bench::allowed_cores;
 use holdfast_lab::lab::bin_dir;
 use holdfast_lab::netns::have_root;
 use serde_json::Value;
@@ -143,7 +144,8 @@ fn the_bench_writes_its_csv_and_charts() {
     }
     assert!(j["holdfast_cpu_s_per_gb"].as_f64() > Some(0.0), "{j}");
     assert!(j["holdfast_percent_of_veth"].as_f64() > Some(0.0), "{j}");
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Every core this process may use (the lab inherits its affinity).
+    let cores = allowed_cores().expect("the CPU affinity").len();
     assert_eq!(
         j["cores"].as_u64(),
         Some(cores as u64),

@@ -94,11 +94,8 @@ enum Command {
         /// median of the runs' own ratios (`--json` adds every run's figures under `per_run`).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
         runs: u64,
-        /// Run everything (the tunnels' daemons, iperf3, ping) on the first N cores this
-        /// process may use (default: all of them). The same bench with --cores 1 and without
-        /// shows how each path's figures grow with cores.
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
-        cores: Option<u64>,
+        #[command(flatten)]
+        cores: Cores,
         /// Write bench.csv and bar charts (SVG) of throughput and RTT into DIR.
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
@@ -131,11 +128,8 @@ enum Command {
         /// Seconds of each iperf3 run (the first is omitted, as in lab bench).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(2..=60))]
         seconds: u32,
-        /// Run both labs (daemons, iperf3) on the first N cores this process may use (default:
-        /// all of them). On one core throughput follows the CPU cost per byte, without the
-        /// two cores taking turns.
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
-        cores: Option<u64>,
+        #[command(flatten)]
+        cores: Cores,
         /// Print one JSON object instead of the table.
         #[arg(long)]
         json: bool,
@@ -264,6 +258,23 @@ enum Experiment {
         #[command(flatten)]
         common: ExperimentOptions,
     },
+}
+
+/// Where a measurement runs (`lab bench`, `lab compare`).
+#[derive(clap::Args)]
+struct Cores {
+    /// Run everything the command starts (the tunnels' daemons, iperf3, ping) on the first N
+    /// cores this process may use (default: all of them). On one core throughput follows the
+    /// CPU cost per byte, without the cores taking turns; the same bench with --cores 1 and
+    /// without shows how each path's figures grow with cores.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    cores: Option<u64>,
+}
+
+impl Cores {
+    fn asked(&self) -> Option<usize> {
+        self.cores.map(|n| n as usize)
+    }
 }
 
 #[derive(clap::Args)]
@@ -622,7 +633,7 @@ fn main() -> Result<()> {
                 candidate,
                 rounds: rounds as usize,
                 seconds,
-                cores: cores.map(|n| n as usize),
+                cores: cores.asked(),
             };
             let report = compare::run(&options, |step| eprintln!("lab compare: {step}"))?;
             if json {
@@ -676,7 +687,7 @@ fn main() -> Result<()> {
                 setups,
                 udp_rate,
                 runs: runs as usize,
-                cores: cores.map(|n| n as usize),
+                cores: cores.asked(),
             };
             finish(&bench::run_all(&options)?, json, out.as_deref())
         }
